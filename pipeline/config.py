@@ -1,0 +1,203 @@
+"""Pydantic models of the YAML configuration.
+
+The defaults are the reference iSeg settings for PASCAL VOC (docs/method.md lists them);
+`configs/voc.yaml` spells them out and `configs/coco.yaml` holds the COCO variant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+VOC_CLASS_NAMES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+# Words the reference writes into the prompt for VOC classes whose dataset name differs,
+# and the words whose tokens carry the class map when not all of them do.
+_VOC_PROMPT_WORDS = {
+    "aeroplane": ("plane", None),
+    "diningtable": ("dining table", None),
+    "pottedplant": ("potted plant", ["plant"]),
+    "tvmonitor": ("tv monitor", ["monitor"]),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClassSpec(_Strict):
+    """One foreground class: its dataset name, its words in the prompt, and which of those
+    words' tokens are averaged into its cross-attention map (all words when `focus` is unset)."""
+
+    name: str
+    prompt: str
+    focus: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _focus_in_prompt(self) -> "ClassSpec":
+        words = self.prompt.split()
+        for word in self.focus or []:
+            if word not in words:
+                raise ValueError(f"class {self.name!r}: focus word {word!r} is not in its prompt {self.prompt!r}")
+        return self
+
+    @property
+    def focus_words(self) -> list[str]:
+        return list(self.focus) if self.focus else self.prompt.split()
+
+
+def voc_classes() -> list[ClassSpec]:
+    specs = []
+    for name in VOC_CLASS_NAMES:
+        prompt, focus = _VOC_PROMPT_WORDS.get(name, (name, None))
+        specs.append(ClassSpec(name=name, prompt=prompt, focus=focus))
+    return specs
+
+
+class CaptureLayer(_Strict):
+    """A transformer block of the UNet, by its attention module's parent name
+    (e.g. `down_blocks.2.attentions.0`), and the heads averaged there (all when unset)."""
+
+    name: str
+    heads: list[int] | None = None
+
+
+def _layers(names_and_heads: list[tuple[str, list[int] | None]]) -> list[CaptureLayer]:
+    return [CaptureLayer(name=n, heads=h) for n, h in names_and_heads]
+
+
+VOC_CROSS_LAYERS = _layers([
+    ("down_blocks.2.attentions.0", [0, 1, 2, 3, 6, 8, 12, 13, 14, 16, 17, 19]),
+    ("down_blocks.2.attentions.1", [0, 2, 4, 7, 8, 10, 12, 13, 14]),
+    ("up_blocks.1.attentions.0", [1, 3, 4, 6, 7, 11, 12, 18, 19]),
+    ("up_blocks.1.attentions.1", [0, 16, 17, 18]),
+    ("up_blocks.1.attentions.2", [1, 3, 7, 8, 13, 14, 16]),
+    ("down_blocks.1.attentions.1", [5, 6, 8]),
+    ("up_blocks.2.attentions.0", [3]),
+    ("up_blocks.2.attentions.1", [1, 2, 5, 7, 8]),
+])
+VOC_SELF_LAYERS = _layers([("up_blocks.3.attentions.1", [1, 2])])
+
+
+class CrossAttentionConfig(_Strict):
+    layers: list[CaptureLayer] = Field(default_factory=lambda: list(VOC_CROSS_LAYERS))
+    # Weight of each map side (pixels per side of the attention map) in the fusion.
+    resolution_weights: dict[int, float] = Field(default_factory=lambda: {16: 0.7, 32: 0.3})
+
+
+class SelfAttentionConfig(_Strict):
+    layers: list[CaptureLayer] = Field(default_factory=lambda: list(VOC_SELF_LAYERS))
+
+
+class ClusterConfig(_Strict):
+    """KL k-means cluster averaging of the fused cross-attention (part of Cat-Cross)."""
+
+    n_clusters: int = Field(32, ge=1)
+    iterations: int = Field(20, ge=1)
+
+
+class BackgroundConfig(_Strict):
+    """`squared`: background = (1 - max class score)^2 (VOC). `threshold`: scores below
+    `threshold` are dropped and pixels left with none are background (COCO)."""
+
+    rule: Literal["squared", "threshold"] = "squared"
+    threshold: float = Field(0.45, ge=0.0, le=1.0)
+
+
+class CrfConfig(_Strict):
+    """Dense CRF post-process. `label`: unary from the hard mask (gt_prob 0.7);
+    `scores`: soft unary from the class scores."""
+
+    enabled: bool = False
+    preset: Literal["label", "scores"] = "label"
+    iterations: int = Field(10, ge=1)
+
+
+class SegmenterConfig(_Strict):
+    """Everything that determines a mask, so its hash identifies a run's results."""
+
+    method: Literal["iseg"] = "iseg"
+    image_size: int = Field(512, ge=64, multiple_of=64)
+    timestep: int = Field(100, ge=0, le=999)
+    noise_seed: int = 1101
+    classes: list[ClassSpec] = Field(default_factory=voc_classes)
+    background_context: str = "ground, land, grass, tree, building, wall, sky, lake, water"
+    # Cat-Cross: token enhancement and KL cluster averaging. Off gives the paper's ablation.
+    cat_cross: bool = True
+    enhancement: float = Field(1.6, gt=0.0)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    cross_attention: CrossAttentionConfig = Field(default_factory=CrossAttentionConfig)
+    self_attention: SelfAttentionConfig = Field(default_factory=SelfAttentionConfig)
+    # Head subsets apply only to models whose per-block head counts are these (SD 2.x);
+    # on any other model every head is averaged.
+    head_layout: list[int] = Field(default_factory=lambda: [5, 10, 20, 20])
+    # Ent-Self: off gives naive iteration with the raw self-attention.
+    ent_self: bool = True
+    ent: float = Field(0.015, ge=0.0)
+    iterations: int = Field(10, ge=0)
+    background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    # Pixels whose winning score is below this become 255 (ignore); None keeps every pixel.
+    ignore_below: float | None = Field(None, ge=0.0, le=1.0)
+    crf: CrfConfig = Field(default_factory=CrfConfig)
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, classes: list[ClassSpec]) -> list[ClassSpec]:
+        names = [c.name for c in classes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"class names must be unique, repeated: {dupes}")
+        if not classes:
+            raise ValueError("at least one class is needed")
+        return classes
+
+    @field_validator("cross_attention")
+    @classmethod
+    def _cross_layers(cls, cross: CrossAttentionConfig) -> CrossAttentionConfig:
+        if not cross.layers:
+            raise ValueError("cross_attention.layers is empty: name at least one layer")
+        return cross
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def class_index(self, name: str) -> int:
+        """0-based index of a class by its dataset name or its prompt words."""
+        for i, spec in enumerate(self.classes):
+            if name in (spec.name, spec.prompt):
+                return i
+        raise ConfigError(
+            f"unknown class name {name!r}: use one of {', '.join(self.class_names)}"
+        )
+
+
+def load_config(path: str | Path | None) -> SegmenterConfig:
+    """Read and validate a YAML config; None gives the built-in VOC defaults."""
+    if path is None:
+        return SegmenterConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file, e.g. configs/voc.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    try:
+        return SegmenterConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise ConfigError(f"config file {path}: key {key}: {first['msg']}") from exc

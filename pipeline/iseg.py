@@ -1,0 +1,177 @@
+"""Pure tensor functions of iSeg (Cat-Cross, Ent-Self, iterative refinement, background rules).
+
+Tensors in, tensors out: no models, no files, no devices chosen here. Every function accepts
+float32 or float64 and returns the same dtype. Pixel axes are flattened row-major
+(N = side * side) unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Guards divisions by an all-zero row or column; far below any value the method produces.
+_TINY = 1e-30
+
+
+def fuse_cross_attention(
+    maps_by_side: dict[int, torch.Tensor], weights: dict[int, float], out_side: int
+) -> torch.Tensor:
+    """Weighted fusion of cross-attention over resolutions.
+
+    maps_by_side: side -> [B, side*side, T] head-averaged probabilities of one resolution.
+    Each token map is normalised to sum 1 over pixels, upsampled bilinearly
+    (align_corners=False) to out_side x out_side and weighted by weights[side].
+    Returns [B, out_side*out_side, T].
+    """
+    fused = None
+    for side, maps in maps_by_side.items():
+        batch, n_pixels, n_tokens = maps.shape
+        if n_pixels != side * side:
+            raise ValueError(f"maps for side {side} have {n_pixels} pixels, expected {side * side}")
+        if side not in weights:
+            raise ValueError(f"no fusion weight for {side}x{side} cross-attention maps")
+        normalised = maps / maps.sum(dim=1, keepdim=True).clamp_min(_TINY)
+        grid = normalised.transpose(1, 2).reshape(batch, n_tokens, side, side)
+        if side != out_side:
+            grid = F.interpolate(grid, size=(out_side, out_side), mode="bilinear", align_corners=False)
+        term = weights[side] * grid
+        fused = term if fused is None else fused + term
+    if fused is None:
+        raise ValueError("no cross-attention maps to fuse")
+    return fused.flatten(2).transpose(1, 2)
+
+
+def _symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float) -> torch.Tensor:
+    """0.5 * (KL(p||q) + KL(q||p)) between rows of points [N, T] and centres [K, T] -> [N, K].
+
+    Logs are taken of (value + eps).
+    """
+    log_p = torch.log(points + eps)
+    log_q = torch.log(centres + eps)
+    p_log_p = (points * log_p).sum(dim=1, keepdim=True)  # [N, 1]
+    q_log_q = (centres * log_q).sum(dim=1)  # [K]
+    kl_pq = p_log_p - points @ log_q.T
+    kl_qp = q_log_q - log_p @ centres.T
+    return 0.5 * (kl_pq + kl_qp)
+
+
+def grid_seed_indices(side: int, n_clusters: int) -> torch.Tensor:
+    """Pixel indices of k-means seeds on a regular grid, stride side // sqrt(n_clusters).
+
+    For side 64 and 32 clusters the stride is 11, giving a 6x6 grid of 36 seeds.
+    """
+    stride = max(1, int(side // math.sqrt(n_clusters)))
+    coords = torch.arange(0, side, stride)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return (rows * side + cols).flatten()
+
+
+def kl_cluster_average(
+    x: torch.Tensor, side: int, n_clusters: int = 32, iterations: int = 20, eps: float = 1e-5
+) -> torch.Tensor:
+    """Replace each pixel vector by the mean of its KL-k-means cluster.
+
+    x: [N, T], N = side*side non-negative pixel vectors (one column per token). Zeros are
+    replaced by 1e-6; seeds are the grid pixels of `grid_seed_indices`; each iteration
+    assigns pixels to the nearest centre by symmetric KL and recomputes centres as means,
+    dropping empty clusters. Returns [N, T].
+    """
+    if x.shape[0] != side * side:
+        raise ValueError(f"x has {x.shape[0]} rows, expected side*side = {side * side}")
+    points = torch.where(x == 0, torch.full_like(x, 1e-6), x)
+    centres = points[grid_seed_indices(side, n_clusters)]
+    for _ in range(iterations):
+        assign = _symmetric_kl(points, centres, eps).argmin(dim=1)
+        members = F.one_hot(assign, centres.shape[0]).to(points.dtype)  # [N, K]
+        counts = members.sum(dim=0)
+        keep = counts > 0
+        centres = (members.T @ points)[keep] / counts[keep, None]
+    assign = _symmetric_kl(points, centres, eps).argmin(dim=1)
+    members = F.one_hot(assign, centres.shape[0]).to(points.dtype)
+    counts = members.sum(dim=0).clamp_min(1)
+    return (members @ ((members.T @ points) / counts[:, None]))
+
+
+def class_maps_from_tokens(token_maps: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
+    """Per-class maps as the mean of each class's token columns.
+
+    token_maps: [N, T]; columns: one list of token positions per class. Returns [N, C].
+    """
+    return torch.stack([token_maps[:, cols].mean(dim=1) for cols in columns], dim=1)
+
+
+def entropy_reduced_self_attention(attn: torch.Tensor, ent: float) -> torch.Tensor:
+    """Ent-Self: reduce the entropy of self-attention by one gradient-descent step.
+
+    attn: [B, N, N], queries on axis 1, keys on axis 2, rows summing to 1 over keys.
+    Each key column is divided by its maximum over queries, then every positive entry moves
+    A <- A + eta * (1 + ln A) with eta = ent / ln 10 (a descent step on -sum A ln A),
+    negatives are clamped to 0 and rows renormalised. Returns the row-stochastic [B, N, N].
+    """
+    refined = attn / attn.amax(dim=1, keepdim=True).clamp_min(_TINY)
+    step = refined.clamp_min(_TINY).log_().add_(1.0).mul_(ent / math.log(10.0))
+    step.masked_fill_(refined <= 0, 0.0)
+    refined.add_(step).clamp_(min=0.0)
+    return refined.div_(refined.sum(dim=2, keepdim=True).clamp_min(_TINY))
+
+
+def shift_and_normalise(maps: torch.Tensor) -> torch.Tensor:
+    """maps [B, N, C]: each class column shifted to minimum 0 and divided by its sum."""
+    shifted = maps - maps.amin(dim=1, keepdim=True)
+    return shifted / shifted.sum(dim=1, keepdim=True).clamp_min(_TINY)
+
+
+def iterative_refinement(cross: torch.Tensor, self_attn: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Refine class maps by repeated propagation through a fixed self-attention.
+
+    cross: [B, N, C] initial class maps; self_attn: [B, N, N] row-stochastic (as returned by
+    `entropy_reduced_self_attention`, or raw for naive iteration). C <- P C, then each
+    column is shifted to min 0 and normalised to sum 1; `iterations` times. Returns [B, N, C].
+    """
+    maps = shift_and_normalise(cross)
+    for _ in range(iterations):
+        maps = shift_and_normalise(torch.bmm(self_attn, maps))
+    return maps
+
+
+def minmax_per_class(scores: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """scores [B, C, H, W] -> each (b, c) map scaled to [0, 1] as (x - min) / (max - min + eps)."""
+    low = scores.amin(dim=(2, 3), keepdim=True)
+    high = scores.amax(dim=(2, 3), keepdim=True)
+    return (scores - low) / (high - low + eps).clamp_min(_TINY)
+
+
+def squared_background_scores(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """VOC rule. scores [B, C, H, W] (any range), present bool [B, C].
+
+    Classes are min-max scaled (+1e-6), absent classes zeroed, and background scored
+    (1 - max over classes)^2. Returns [B, 1 + C, H, W], background first.
+    """
+    scaled = minmax_per_class(scores, eps=1e-6) * present[:, :, None, None].to(scores.dtype)
+    background = (1.0 - scaled.amax(dim=1, keepdim=True)) ** 2
+    return torch.cat([background, scaled], dim=1)
+
+
+def squared_background_labels(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """VOC rule labels: int64 [B, H, W], 0 background, k + 1 for class k."""
+    return squared_background_scores(scores, present).argmax(dim=1)
+
+
+def threshold_background_scores(
+    scores: torch.Tensor, present: torch.Tensor, threshold: float = 0.45
+) -> torch.Tensor:
+    """COCO rule. Min-max scaled class scores below `threshold` are dropped; a pixel left
+    with no class is background, scored 1 - its best class score. Returns [B, 1 + C, H, W]."""
+    scaled = minmax_per_class(scores, eps=1e-6) * present[:, :, None, None].to(scores.dtype)
+    best = scaled.amax(dim=1, keepdim=True)
+    kept = torch.where(scaled >= threshold, scaled, torch.zeros_like(scaled))
+    background = torch.where(best >= threshold, torch.zeros_like(best), 1.0 - best)
+    return torch.cat([background, kept], dim=1)
+
+
+def threshold_background_labels(scores: torch.Tensor, present: torch.Tensor, threshold: float = 0.45) -> torch.Tensor:
+    """COCO rule labels: int64 [B, H, W], 0 background, k + 1 for class k."""
+    return threshold_background_scores(scores, present, threshold).argmax(dim=1)

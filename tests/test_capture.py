@@ -1,0 +1,110 @@
+"""Capture processors: stock outputs unchanged, probabilities right, only named layers touched."""
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from pipeline.capture import AttentionCaptureProcessor, CaptureSpec, CapturedAttention, install_capture
+from pipeline.models import load_model
+
+SELF_LAYER = "up_blocks.3.attentions.1"
+CROSS_LAYER = "down_blocks.2.attentions.0"
+SPECS = [CaptureSpec(CROSS_LAYER, "cross", [0, 3, 19]), CaptureSpec(SELF_LAYER, "self", [1, 2])]
+
+
+@pytest.fixture()
+def fresh_model():
+    return load_model("tiny", device="cpu")
+
+
+def _inputs(batch=2):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(batch, 4, 64, 64, generator=g), torch.tensor([100] * batch),
+            torch.randn(batch, 77, 64, generator=g))
+
+
+def _record_outputs(unet, names):
+    outputs, hooks = {}, []
+    for name in names:
+        module = unet.get_submodule(name)
+        hooks.append(module.register_forward_hook(lambda m, a, k, out, name=name: outputs.__setitem__(name, out.clone()),
+                                                  with_kwargs=True))
+    return outputs, hooks
+
+
+def test_capture_leaves_every_output_bit_identical(fresh_model):
+    unet = fresh_model.unet
+    watched = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
+               "up_blocks.3.attentions.2.transformer_blocks.0.attn2",
+               f"{SELF_LAYER}.transformer_blocks.0.attn1"]
+    latents, t, context = _inputs()
+    with torch.inference_mode():
+        outputs, hooks = _record_outputs(unet, watched)
+        stock = unet(latents, t, encoder_hidden_states=context).sample
+        stock_layers = dict(outputs)
+        handle = install_capture(unet, SPECS)
+        captured = unet(latents, t, encoder_hidden_states=context).sample
+    for h in hooks:
+        h.remove()
+    assert torch.equal(stock, captured)
+    for name in watched:
+        assert torch.equal(stock_layers[name], outputs[name]), name
+    assert set(handle.store.sums) == {f"{CROSS_LAYER}:cross", f"{SELF_LAYER}:self"}
+
+
+def test_only_named_layers_get_capture_processors(fresh_model):
+    handle = install_capture(fresh_model.unet, SPECS)
+    capturing = [n for n, m in fresh_model.unet.named_modules()
+                 if isinstance(m, Attention) and isinstance(m.processor, AttentionCaptureProcessor)]
+    assert capturing == [f"{CROSS_LAYER}.transformer_blocks.0.attn2", f"{SELF_LAYER}.transformer_blocks.0.attn1"]
+    others = [m for m in fresh_model.unet.modules() if isinstance(m, Attention)
+              and not isinstance(m.processor, AttentionCaptureProcessor)]
+    assert others and all(isinstance(m.processor, AttnProcessor2_0) for m in others)
+    handle.remove()
+    assert not any(isinstance(m.processor, AttentionCaptureProcessor)
+                   for m in fresh_model.unet.modules() if isinstance(m, Attention))
+
+
+def test_captured_probabilities_are_the_kept_heads_softmax(fresh_model):
+    unet = fresh_model.unet
+    seen = {}
+    for layer, attr in ((CROSS_LAYER, "attn2"), (SELF_LAYER, "attn1")):
+        module = unet.get_submodule(f"{layer}.transformer_blocks.0.{attr}")
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, key=layer: seen.__setitem__(key, (m, args[0] if args else kwargs["hidden_states"],
+                                                                   kwargs.get("encoder_hidden_states"))),
+            with_kwargs=True)
+    handle = install_capture(unet, SPECS)
+    latents, t, context = _inputs()
+    with torch.inference_mode():
+        unet(latents, t, encoder_hidden_states=context)
+        for spec in SPECS:
+            module, hidden, ctx = seen[spec.layer]
+            ctx = hidden if ctx is None else ctx
+            b, heads = hidden.shape[0], module.heads
+            q = module.to_q(hidden).view(b, -1, heads, module.inner_dim // heads).transpose(1, 2)
+            k = module.to_k(ctx).view(b, -1, heads, module.inner_dim // heads).transpose(1, 2)
+            probs = (q @ k.transpose(-1, -2) * module.scale).softmax(dim=-1)
+            expected = probs[:, spec.heads].mean(dim=1)
+            key = f"{spec.layer}:{spec.kind}"
+            got = handle.store.sums[key] / handle.store.heads[key]
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(got.sum(dim=-1), torch.ones(got.shape[:2]))
+
+
+def test_pooled_by_side_is_the_mean_over_all_kept_heads():
+    store = CapturedAttention()
+    store.add("a", torch.full((1, 4, 3), 6.0), 3)   # three heads summing to 6 -> mean 2
+    store.add("b", torch.full((1, 4, 3), 1.0), 1)   # one head of 1
+    store.add("c", torch.full((1, 16, 3), 4.0), 2)
+    pooled = store.pooled_by_side(["a", "b", "c"])
+    assert sorted(pooled) == [2, 4]
+    torch.testing.assert_close(pooled[2], torch.full((1, 4, 3), 7.0 / 4))
+    torch.testing.assert_close(pooled[4], torch.full((1, 16, 3), 2.0))
+
+
+def test_bad_layer_names_and_heads_are_clear_errors(fresh_model):
+    with pytest.raises(ValueError, match="not in the UNet; layers with attention: .*up_blocks.3.attentions.1"):
+        install_capture(fresh_model.unet, [CaptureSpec("up_blocks.9.attentions.0", "cross")])
+    with pytest.raises(ValueError, match="has 5 heads; head index 7 does not exist"):
+        install_capture(fresh_model.unet, [CaptureSpec(SELF_LAYER, "self", [7])])

@@ -1,0 +1,155 @@
+"""The pure tensor functions against hand-computed cases and properties."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline import iseg
+
+
+def test_entropy_reduced_self_attention_matches_hand_computation():
+    attn = torch.tensor([[[0.5, 0.5], [0.25, 0.75]]], dtype=torch.float64)
+    ent = 0.1 * math.log(10.0)  # eta = 0.1
+    # column max: col0 0.5, col1 0.75 -> [[1, 2/3], [0.5, 1]]; then a + 0.1 * (1 + ln a)
+    step = lambda a: a + 0.1 * (1 + math.log(a))  # noqa: E731
+    row0 = [step(1.0), step(2 / 3)]
+    row1 = [step(0.5), step(1.0)]
+    expected = torch.tensor([[v / sum(row0) for v in row0], [v / sum(row1) for v in row1]], dtype=torch.float64)
+    out = iseg.entropy_reduced_self_attention(attn.clone(), ent)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_entropy_reduced_self_attention_zeroes_weak_responses():
+    # Row 0 attends weakly (0.002) to key 2; after normalisation 0.002/0.9 -> the descent
+    # step drives it negative, so it is clamped to zero.
+    attn = torch.tensor([[[0.598, 0.4, 0.002], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]]])
+    out = iseg.entropy_reduced_self_attention(attn.clone(), 0.015)
+    assert out[0, 0, 2] == 0
+    torch.testing.assert_close(out.sum(dim=2), torch.ones(1, 3))
+    assert (out >= 0).all()
+
+
+def test_entropy_reduced_self_attention_with_zero_ent_only_normalises():
+    attn = torch.rand(2, 16, 16).softmax(dim=2)
+    out = iseg.entropy_reduced_self_attention(attn.clone(), 0.0)
+    colmax = attn / attn.amax(dim=1, keepdim=True)
+    torch.testing.assert_close(out, colmax / colmax.sum(dim=2, keepdim=True))
+
+
+def test_iterative_refinement_hand_case():
+    cross = torch.tensor([[[3.0], [1.0], [2.0]]], dtype=torch.float64)  # one class, 3 pixels
+    p = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    # normalise: [2, 0, 1] / 3; P @ c = [2/3, 1/3, 1/3]; shift min -> [1/3, 0, 0]; /sum -> [1, 0, 0]
+    out = iseg.iterative_refinement(cross, p, 1)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    zero = iseg.iterative_refinement(cross, p, 0)
+    torch.testing.assert_close(zero[0, :, 0], torch.tensor([2 / 3, 0.0, 1 / 3], dtype=torch.float64))
+
+
+def test_iterative_refinement_spreads_within_self_attention_blocks():
+    # Two blocks of 4 pixels that only attend inside their block: a class seeded on one
+    # pixel of block A ends uniform over block A and zero on block B.
+    p = torch.zeros(1, 8, 8)
+    p[0, :4, :4] = 0.25
+    p[0, 4:, 4:] = 0.25
+    cross = torch.zeros(1, 8, 2)
+    cross[0, 1, 0] = 1.0
+    cross[0, 6, 1] = 1.0
+    out = iseg.iterative_refinement(cross, p, 3)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([0.25] * 4 + [0.0] * 4))
+    torch.testing.assert_close(out[0, :, 1], torch.tensor([0.0] * 4 + [0.25] * 4))
+
+
+def test_iterative_refinement_columns_are_distributions():
+    cross = torch.randn(2, 64, 3)
+    p = torch.rand(2, 64, 64).softmax(dim=2)
+    out = iseg.iterative_refinement(cross, p, 5)
+    assert out.shape == (2, 64, 3)
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(2, 3))
+    torch.testing.assert_close(out.amin(dim=1), torch.zeros(2, 3))
+
+
+def test_grid_seeds_for_the_reference_setting():
+    seeds = iseg.grid_seed_indices(64, 32)
+    assert len(seeds) == 36  # stride 64 // sqrt(32) = 11 -> rows/cols 0, 11, ..., 55
+    assert seeds[:3].tolist() == [0, 11, 22]
+    assert seeds[6].item() == 11 * 64
+
+
+def _two_groups(side, noise_scale):
+    a = torch.tensor([0.7, 0.1, 0.1, 0.05, 0.05])
+    b = torch.tensor([0.05, 0.05, 0.1, 0.1, 0.7])
+    top = torch.arange(side * side) < side * side // 2
+    x = torch.where(top[:, None], a, b) + noise_scale * torch.rand(side * side, 5, generator=torch.Generator().manual_seed(0))
+    return x, top
+
+
+def test_kl_cluster_average_drops_duplicate_seeds():
+    # Seeds (0,0),(0,4) fall in the top group and (4,0),(4,4) in the bottom one; identical
+    # seeds leave one cluster of each pair empty, which is dropped.
+    x, top = _two_groups(8, 0.0)
+    out = iseg.kl_cluster_average(x, 8, n_clusters=4, iterations=5)
+    assert len(torch.unique(out, dim=0)) == 2
+    torch.testing.assert_close(out[top], x[top])
+
+
+def test_kl_cluster_average_rows_are_means_of_pure_clusters():
+    x, top = _two_groups(8, 0.05)
+    out = iseg.kl_cluster_average(x, 8, n_clusters=4, iterations=10)
+    assert out.shape == x.shape
+    for row in torch.unique(out, dim=0):
+        members = (out == row).all(dim=1)
+        assert top[members].all() or (~top[members]).all(), "a cluster mixes the two groups"
+        torch.testing.assert_close(row, x[members].mean(dim=0))
+
+
+def test_kl_cluster_average_replaces_zeros():
+    x = torch.zeros(16, 3)
+    out = iseg.kl_cluster_average(x, 4, n_clusters=4, iterations=2)
+    torch.testing.assert_close(out, torch.full((16, 3), 1e-6))
+
+
+def test_fuse_cross_attention_weights_and_normalises():
+    # 2x2 map with all mass on pixel 0 for token 0, and a uniform 4x4 map; output side 4.
+    low = torch.zeros(1, 4, 1)
+    low[0, 0, 0] = 5.0  # normalised to 1 on pixel 0 -> after upsampling, sums to 4 (4x more pixels)
+    high = torch.ones(1, 16, 1)  # normalised to 1/16 everywhere
+    fused = iseg.fuse_cross_attention({2: low, 4: high}, {2: 0.7, 4: 0.3}, out_side=4)
+    assert fused.shape == (1, 16, 1)
+    grid = fused[0, :, 0].reshape(4, 4)
+    # top-left 2x2 block of the upsampled one-hot has bilinear values 1, 0.75, 0.75, 0.5625
+    assert grid[0, 0].item() == pytest.approx(0.7 * 1.0 + 0.3 / 16)
+    assert grid[3, 3].item() == pytest.approx(0.3 / 16)
+    with pytest.raises(ValueError, match="no fusion weight"):
+        iseg.fuse_cross_attention({8: torch.ones(1, 64, 1)}, {16: 1.0}, 16)
+
+
+def test_class_maps_from_tokens_averages_columns():
+    maps = torch.arange(12.0).reshape(3, 4)
+    out = iseg.class_maps_from_tokens(maps, [[1], [2, 3]])
+    torch.testing.assert_close(out, torch.tensor([[1.0, 2.5], [5.0, 6.5], [9.0, 10.5]]))
+
+
+def test_squared_background_labels_hand_case():
+    # 1 x 3 pixels, 3 classes; class 2 absent.
+    scores = torch.tensor([[[[0.0, 0.5, 1.0]], [[1.0, 0.6, 0.0]], [[5.0, 5.0, 5.1]]]])
+    present = torch.tensor([[True, True, False]])
+    # class 0 scaled [0, .5, 1]; class 1 scaled [1, .6, 0]; max [1, .6, 1]; bg = [0, .16, 0]
+    labels = iseg.squared_background_labels(scores, present)
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [[[2, 2, 1]]]
+    only_weak = torch.tensor([[[[0.0, 0.2, 1.0]]]])
+    # scaled [0, .2, 1]: bg [1, .64, 0] -> background, background, class
+    assert iseg.squared_background_labels(only_weak, torch.tensor([[True]])).tolist() == [[[0, 0, 1]]]
+
+
+def test_threshold_background_labels_hand_case():
+    scores = torch.tensor([[[[0.0, 0.3, 0.44, 1.0]], [[0.0, 0.0, 0.0, 0.0]]]])
+    present = torch.tensor([[True, False]])
+    labels = iseg.threshold_background_labels(scores, present, threshold=0.45)
+    # scaled [0, .3, .44, 1] -> only the last reaches 0.45
+    assert labels.tolist() == [[[0, 0, 0, 1]]]
+    full = iseg.threshold_background_scores(scores, present, 0.45)
+    assert full[0, 0, 0, 1].item() == pytest.approx(0.7, abs=1e-5)

@@ -1,0 +1,51 @@
+"""Model loading: the tiny model round-trips through the folder path; clear errors otherwise."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline import models
+from pipeline.models import ModelLoadError, load_model, resolve_model, tiny_model_path
+
+
+def test_tiny_model_is_saved_as_a_diffusers_folder_and_loaded_back(tiny_model):
+    folder = tiny_model_path()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).is_dir()
+    again = load_model(str(folder), device="cpu")  # the same path a user's local folder takes
+    for (name, a), (_, b) in zip(tiny_model.unet.state_dict().items(), again.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert tiny_model.heads_per_block == [5, 10, 20, 20]
+    assert tiny_model.unet.config.use_linear_projection
+    assert tiny_model.unet.config.cross_attention_dim == tiny_model.text_encoder.config.hidden_size
+    assert tiny_model.scheduler.config.beta_schedule == "scaled_linear"
+    assert tiny_model.dtype == torch.float32 and tiny_model.device.type == "cpu"
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a diffusers Stable Diffusion folder"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="neither a local folder nor a hub id"):
+        resolve_model(str(tmp_path / "missing"))
+
+
+def test_unreachable_hub_id_says_how_to_pass_a_local_folder(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="--model /path/to/stable-diffusion-2-1-base, or --model tiny"):
+        load_model("nobody/no-such-model", device="cpu")
+
+
+def test_cached_hub_snapshot_is_used_without_network(monkeypatch, tmp_path):
+    # A hub id whose files are in the local cache loads with no network call at all.
+    from huggingface_hub import constants
+
+    folder = tiny_model_path()
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=5.0: pytest.fail("network was asked"))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kw: str(folder))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model("someone/cached-model") == folder
