@@ -9,7 +9,9 @@ processor: full per-head maps are never stored.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,16 +58,17 @@ class CapturedAttention:
 
 def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[int], scale: float) -> torch.Tensor:
     """query [B, H, Nq, D], key [B, H, Nk, D] -> sum over `heads` of softmax(q k^T * scale),
-    float32 [B, Nq, Nk]."""
+    [B, Nq, Nk] in float32 (float64 for a float64 model)."""
     n_query, n_key = query.shape[2], key.shape[2]
+    dtype = torch.promote_types(query.dtype, torch.float32)
     if n_query * n_key <= _PER_HEAD_ENTRIES:
         q, k = query[:, heads], key[:, heads]
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        return scores.softmax(dim=-1, dtype=torch.float32).sum(dim=1)
+        return scores.softmax(dim=-1, dtype=dtype).sum(dim=1)
     total = None
     for head in heads:
         scores = torch.matmul(query[:, head], key[:, head].transpose(-1, -2)) * scale
-        probs = scores.softmax(dim=-1, dtype=torch.float32)
+        probs = scores.softmax(dim=-1, dtype=dtype)
         total = probs if total is None else total.add_(probs)
     return total
 
@@ -161,3 +164,14 @@ def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec]) -> CaptureH
             module.set_processor(AttentionCaptureProcessor(store, f"{spec.layer}:{spec.kind}", spec.heads))
             modules.append(module)
     return CaptureHandle(modules, store)
+
+
+@contextmanager
+def capturing(unet: torch.nn.Module, specs: list[CaptureSpec]) -> Iterator[CapturedAttention]:
+    """Capture processors on the named layers for the duration of a `with` block; the UNet is
+    back to stock SDPA processors afterwards."""
+    handle = install_capture(unet, specs)
+    try:
+        yield handle.store
+    finally:
+        handle.remove()

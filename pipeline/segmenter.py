@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import iseg
-from .capture import CaptureSpec, install_capture
+from .capture import CapturedAttention, CaptureSpec, capturing
 from .config import SegmenterConfig
 from .models import ModelBundle
 from .prompts import build_class_prompt
@@ -54,7 +54,6 @@ class Segmenter:
                             for l in config.cross_attention.layers]
         self.self_specs = [CaptureSpec(l.name, "self", l.heads if use_subsets else None)
                            for l in config.self_attention.layers]
-        self.capture = install_capture(model.unet, self.cross_specs + self.self_specs)
         self.times = StageTimes()
 
     def _sync(self) -> None:
@@ -127,18 +126,16 @@ class Segmenter:
         start = self._timed("text", start)
         latents = self.encode_images(images)
         start = self._timed("vae", start)
-        self.capture.store.clear()
         timesteps = torch.full((len(images),), self.config.timestep, device=latents.device, dtype=torch.long)
-        self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
+        with capturing(self.model.unet, self.cross_specs + self.self_specs) as store:
+            self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
         start = self._timed("unet", start)
-        scores = self._refine(columns)
-        self.capture.store.clear()
+        scores = self._refine(store, columns)
         self._timed("refine", start)
         return [ClassScores(classes=c, maps=m, refinement_delta=d) for c, (m, d) in zip(class_lists, scores)]
 
-    def _refine(self, columns: list[list[list[int]]]) -> list[tuple[torch.Tensor, float]]:
+    def _refine(self, store: CapturedAttention, columns: list[list[list[int]]]) -> list[tuple[torch.Tensor, float]]:
         """Cat-Cross fusion, Ent-Self and iterative refinement on the captured maps."""
-        store = self.capture.store
         cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs])
         self_by_side = store.pooled_by_side([f"{s.layer}:self" for s in self.self_specs])
         if len(self_by_side) != 1:

@@ -1,0 +1,90 @@
+"""The segmenter on the tiny model: shapes, batch independence, method switches."""
+
+import pytest
+import torch
+
+from conftest import synthetic_image
+from pipeline.capture import capturing
+from pipeline.config import SegmenterConfig
+from pipeline.models import load_model
+from pipeline.postprocess import finish_mask
+from pipeline.segmenter import Segmenter
+
+
+def _tensor(image):
+    return torch.from_numpy(image).permute(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model):
+    return Segmenter(tiny_model, SegmenterConfig())
+
+
+def test_scores_are_one_refined_map_per_class(segmenter):
+    image = synthetic_image(96, 128, seed=1)
+    (scores,) = segmenter.segment([_tensor(image)], [[17, 7, 7]])
+    assert scores.classes == [7, 17]
+    assert scores.maps.shape == (2, 64, 64) and scores.maps.dtype == torch.float32
+    torch.testing.assert_close(scores.maps.sum(dim=(1, 2)), torch.ones(2))
+    assert (scores.maps >= 0).all()
+    assert scores.refinement_delta >= 0
+    assert set(segmenter.times.seconds) == {"text", "vae", "unet", "refine"}
+
+
+def test_an_image_gives_the_same_result_alone_and_in_a_batch_of_four():
+    # float64 so that the only possible difference is a logic one (noise, prompts, class
+    # padding, per-image clustering): batched kernels' float32 rounding (~1e-7) can flip
+    # k-means near-ties on random weights, which says nothing about the pipeline.
+    model64 = load_model("tiny", device="cpu", dtype=torch.float64)
+    segmenter = Segmenter(model64, SegmenterConfig())
+    images = [synthetic_image(96 + 16 * i, 128, seed=i) for i in range(4)]
+    labels = [[7, 17], [0], [10, 15, 19], [14]]
+    (alone,) = segmenter.segment([_tensor(images[2])], [labels[2]])
+    batch = segmenter.segment([_tensor(im) for im in images], labels)
+    assert torch.equal(batch[2].maps, alone.maps)
+    config = segmenter.config
+    mask_alone = finish_mask(alone.maps, alone.classes, images[2], config).labels
+    mask_batch = finish_mask(batch[2].maps, batch[2].classes, images[2], config).labels
+    assert (mask_alone == mask_batch).all()
+    assert [b.classes for b in batch] == [sorted(x) for x in labels]
+
+
+def test_float32_attention_in_a_batch_differs_only_by_rounding(segmenter):
+    images = [_tensor(synthetic_image(80, 80, seed=i)) for i in range(4)]
+    labels = [[1], [2, 3], [4], [5]]
+    with torch.inference_mode():
+        maps = []
+        for batch_images, batch_labels in (([images[1]], [labels[1]]), (images, labels)):
+            latents = segmenter.encode_images(batch_images)
+            embeddings, _ = segmenter.encode_prompts(batch_labels)
+            t = torch.full((len(batch_images),), 100)
+            with capturing(segmenter.model.unet, segmenter.cross_specs + segmenter.self_specs) as store:
+                segmenter.model.unet(latents, t, encoder_hidden_states=embeddings)
+                maps.append({k: v.clone() for k, v in store.sums.items()})
+    alone, batch = maps
+    for key in alone:
+        torch.testing.assert_close(batch[key][1], alone[key][0], rtol=1e-5, atol=1e-6)
+
+
+def test_head_subsets_apply_only_to_the_sd2_head_layout(tiny_model):
+    subset = Segmenter(tiny_model, SegmenterConfig())
+    assert subset.self_specs[0].heads == [1, 2]
+    other = Segmenter(tiny_model, SegmenterConfig(head_layout=[8, 8, 8, 8]))
+    assert all(spec.heads is None for spec in other.cross_specs + other.self_specs)
+
+
+@pytest.mark.parametrize("switch", [{"ent_self": False}, {"cat_cross": False}])
+def test_ablation_switches_change_the_maps(tiny_model, segmenter, switch):
+    image = _tensor(synthetic_image(64, 64, seed=5))
+    (full,) = segmenter.segment([image], [[2, 11]])
+    (ablated,) = Segmenter(tiny_model, SegmenterConfig(**switch)).segment([image], [[2, 11]])
+    assert not torch.allclose(full.maps, ablated.maps)
+    torch.testing.assert_close(ablated.maps.sum(dim=(1, 2)), torch.ones(2))
+
+
+def test_bad_class_lists_are_rejected(segmenter):
+    image = _tensor(synthetic_image(32, 32, seed=0))
+    with pytest.raises(ValueError, match="at least one labelled class"):
+        segmenter.segment([image], [[]])
+    with pytest.raises(ValueError, match="outside 0..19"):
+        segmenter.segment([image], [[20]])
