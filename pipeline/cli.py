@@ -7,12 +7,16 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, SegmenterConfig, load_config
+from .config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config
+from .ledger import JobMismatchError
 from .masks import ImageDecodeError
 from .models import DEFAULT_MODEL, ModelLoadError
 from .prompts import PromptError
+from .runner import InputError
+from .shards import ShardingError
 
-USER_ERRORS = (ConfigError, ModelLoadError, ImageDecodeError, PromptError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelLoadError, ImageDecodeError, PromptError, FileNotFoundError, ShardingError,
+               InputError, JobMismatchError)
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
@@ -68,6 +72,127 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_sharding(report, out_dir) -> None:
+    samples = sum(s["samples"] for s in report.shards)
+    print(f"wrote {len(report.shards)} shard(s), {samples} images, to {out_dir} (manifest.json lists them)")
+    if report.problems:
+        kinds: dict[str, int] = {}
+        for problem in report.problems:
+            kinds[problem["problem"]] = kinds.get(problem["problem"], 0) + 1
+        print("problems (all listed in manifest.json): " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        for problem in report.problems[:10]:
+            print(f"  {problem['id']}: {problem['problem']}: {problem['detail']}")
+
+
+def cmd_shard_voc(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .shards import ShardingReport, voc_sources, write_image_shards
+
+    report = ShardingReport()
+    sources = voc_sources(args.voc_root, args.split, args.labels_file, report)
+    prefix = f"voc-{Path(args.split).stem}"
+    with tqdm(total=len(sources), unit="img", desc="sharding") as bar:
+        write_image_shards(sources, args.out, prefix, args.shard_size, list(VOC_CLASS_NAMES), report, bar)
+    _print_sharding(report, args.out)
+    return 0
+
+
+def cmd_shard_folder(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .shards import ShardingReport, folder_sources, write_image_shards
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not classes:
+        raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
+    report = ShardingReport()
+    sources = folder_sources(args.images, args.labels, report)
+    with tqdm(total=len(sources), unit="img", desc="sharding") as bar:
+        write_image_shards(sources, args.out, args.prefix, args.shard_size, classes, report, bar)
+    _print_sharding(report, args.out)
+    return 0
+
+
+def _run(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, model: str, retry_failed: bool) -> int:
+    from .runner import run_job
+
+    summary = run_job(input_pattern, args.output, config, model, address=args.address, workers=args.workers,
+                      retry_failed=retry_failed, force=getattr(args, "force", False), retries=args.retries,
+                      device=args.device, progress=not args.no_progress)
+    print(summary.line)
+    print(f"masks in {Path(args.output) / 'masks'}, statistics in {Path(args.output) / 'stats'}, "
+          f"ledger in {Path(args.output) / 'ledger'}")
+    return 0 if summary.shards_failed == 0 else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.crf:
+        config = config.model_copy(update={"crf": config.crf.model_copy(update={"enabled": True})})
+    return _run(args, args.input, config, args.model, args.retry_failed)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+
+    job = Ledger(args.output).job()
+    if job is None:
+        raise InputError(f"{args.output} has no job.json: start the job with pseudolabel run")
+    config = SegmenterConfig.model_validate(job["config"])
+    return _run(args, job["input"], config, job["model"], retry_failed=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+
+    ledger = Ledger(args.output)
+    job = ledger.job()
+    if job is None:
+        raise InputError(f"{args.output} has no job.json: no job has run there")
+    entries = ledger.entries()
+    print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {job['input']}")
+    print(f"{'shard':32} {'state':12} {'attempts':>8} {'images':>7} {'failed':>7} {'seconds':>8}  error")
+    for e in entries:
+        print(f"{e.shard:32} {e.state:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} {e.seconds:8.1f}  "
+              f"{e.error or ''}")
+    states = [e.state for e in entries]
+    print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('in_progress')} "
+          f"in progress (interrupted unless a job is running)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from .runner import run_job
+    from .shards import ShardingReport, voc_sources, write_image_shards
+
+    dest = Path(args.dest)
+    sample = Path(str(resources.files("pipeline") / "sample" / "VOC2012"))
+    report = ShardingReport()
+    sources = voc_sources(sample, "train", None, report)
+    shards = dest / "shards"
+    write_image_shards(sources, shards, "voc-sample", 2, list(VOC_CLASS_NAMES), report)
+    print(f"1. sharded {len(sources)} PASCAL VOC sample images into {shards}")
+    config = load_config(args.config)
+    summary = run_job(str(shards), dest / "out", config, args.model, workers=1, device=args.device,
+                      progress=not args.no_progress)
+    print(f"2. ran the job: {summary.line}")
+    print(f"   masks: {dest / 'out' / 'masks'}  statistics: {dest / 'out' / 'stats'}  ledger: {dest / 'out' / 'ledger'}")
+    return 0 if summary.shards_failed == 0 else 1
+
+
+def _job_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: auto, or ray://host:10001 (default: start Ray on this machine)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="segmenter actors (default: one per GPU, or 1 on a CPU-only cluster)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="times a shard is retried on a restarted worker after the worker dies (default 2)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pseudolabel",
@@ -75,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "attention (iSeg).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the whole job on the bundled sample images",
+                          description="Shard the bundled VOC sample images and run the job on them.")
+    demo.add_argument("--dest", default="demo", help="folder for shards and outputs (default: ./demo)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(demo)
+    demo.set_defaults(func=cmd_demo)
 
     seg = sub.add_parser("segment", help="segment one image given its class labels",
                          description="Write the iSeg pseudo mask of one image as a VOC-palette PNG.")
@@ -85,6 +217,52 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     _model_args(seg)
     seg.set_defaults(func=cmd_segment)
+
+    voc = sub.add_parser("shard-voc", help="write WebDataset shards of a VOC split",
+                         description="Write WebDataset image shards (jpg, json labels, gt.png) of a VOC split.")
+    voc.add_argument("--voc-root", required=True, help="the VOC2012 folder (with JPEGImages/)")
+    voc.add_argument("--split", default="train_aug", help="train, train_aug, val, or a file of ids (default train_aug)")
+    voc.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    voc.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    voc.add_argument("--labels-file", default=None,
+                     help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: Annotations/*.xml, "
+                          "else the segmentation masks)")
+    voc.set_defaults(func=cmd_shard_voc)
+
+    folder = sub.add_parser("shard-folder", help="write WebDataset shards of a labelled image folder",
+                            description="Write WebDataset image shards of any image folder with a label file.")
+    folder.add_argument("--images", required=True, help="image folder")
+    folder.add_argument("--labels", required=True,
+                        help="CSV with columns image,labels (labels separated by ';') or JSONL {image, labels}")
+    folder.add_argument("--classes", required=True, help="the class list, comma-separated, in label order")
+    folder.add_argument("--out", required=True, help="output folder")
+    folder.add_argument("--prefix", default="images", help="shard name prefix (default images)")
+    folder.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    folder.set_defaults(func=cmd_shard_folder)
+
+    run = sub.add_parser("run", help="segment every shard on Ray; resumable",
+                         description="Run the job over image shards. Re-running skips shards already done.")
+    run.add_argument("--input", required=True,
+                     help="shards: a brace pattern 'shards/voc-train_aug-{000000..000041}.tar', a glob, "
+                          "or a folder with manifest.json")
+    run.add_argument("--output", required=True, help="output folder (masks/, stats/, ledger/, job.json)")
+    run.add_argument("--crf", action="store_true", help="dense CRF on CPU workers")
+    run.add_argument("--retry-failed", action="store_true", help="also redo shards that failed before")
+    run.add_argument("--force", action="store_true", help="accept an output folder made with another config/model")
+    _model_args(run)
+    _job_args(run)
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="redo the failed and interrupted shards of a job",
+                            description="Resume a job with its recorded input, config and model.")
+    resume.add_argument("output", help="the job's output folder")
+    resume.add_argument("--device", default=None, help="torch device for the workers")
+    _job_args(resume)
+    resume.set_defaults(func=cmd_resume)
+
+    status = sub.add_parser("status", help="print a job's ledger", description="Print a job's per-shard state.")
+    status.add_argument("output", help="the job's output folder")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

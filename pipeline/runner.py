@@ -1,0 +1,217 @@
+"""The batch job on Ray: actors own a model each, the driver streams shards through them.
+
+The driver is the only writer: for each finished shard it writes the mask shard, the Parquet
+statistics and the ledger entry, each by atomic rename. Actors are restarted by Ray when
+their process dies (`max_restarts`), and the shard call they were running is retried on the
+new process (`max_task_retries`); past that the shard is marked failed and the job goes on.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .config import SegmenterConfig
+from .ledger import DONE, FAILED, IN_PROGRESS, Ledger, ShardEntry, atomic_write_bytes, file_sha256
+from .shards import tar_bytes
+from .stats import rows_to_table
+
+
+class InputError(ValueError):
+    """The --input pattern matches no shard."""
+
+
+def expand_input(pattern: str) -> list[str]:
+    """Shard paths from a brace pattern (`shards/voc-{000000..000041}.tar`), a glob, or a
+    folder holding a manifest.json; in order, without duplicates."""
+    from braceexpand import braceexpand
+
+    path = Path(pattern)
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            raise InputError(f"{path} has no manifest.json: pass a shard pattern such as '{path}/*.tar'")
+        return [str(path / s["url"]) for s in json.loads(manifest.read_text())["shards"]]
+    urls: list[str] = []
+    for expanded in braceexpand(pattern):
+        matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+        urls.extend(u for u in matches if u not in urls)
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if not urls:
+        raise InputError(f"--input {pattern!r} matches no shard")
+    if missing:
+        raise InputError(f"--input shard {missing[0]} does not exist ({len(missing)} missing): check the pattern")
+    return urls
+
+
+def shard_name(url: str) -> str:
+    name = url.rstrip("/").split("/")[-1]
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def config_hash(config: SegmenterConfig, model: str) -> str:
+    payload = json.dumps({"config": config.model_dump(mode="json"), "model": model}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class JobSummary:
+    shards_done: int
+    shards_failed: int
+    shards_skipped: int
+    images_ok: int
+    images_failed: int
+    seconds: float
+
+    @property
+    def line(self) -> str:
+        total = self.images_ok + self.images_failed
+        rate = total / self.seconds if self.seconds > 0 else 0.0
+        return (f"{total} images: {self.images_ok} ok, {self.images_failed} failed; "
+                f"shards {self.shards_done} done, {self.shards_failed} failed, {self.shards_skipped} skipped; "
+                f"{self.seconds:.1f} s, {rate:.2f} images/s")
+
+
+def write_shard_outputs(out_dir: Path, result) -> dict[str, str]:
+    """Mask shard and statistics of a ShardResult, atomically; returns path -> sha256."""
+    mask_rel, stats_rel = f"masks/{result.shard}.tar", f"stats/{result.shard}.parquet"
+    atomic_write_bytes(out_dir / mask_rel, tar_bytes(result.mask_samples))
+    buffer = io.BytesIO()
+    pq.write_table(rows_to_table(result.rows), buffer)
+    atomic_write_bytes(out_dir / stats_rel, buffer.getvalue())
+    return {rel: file_sha256(out_dir / rel) for rel in (mask_rel, stats_rel)}
+
+
+def _init_ray(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **kwargs)
+    return ray
+
+
+def _actor_options(ray, workers: int | None, retries: int) -> tuple[int, dict, int]:
+    """(workers, actor options, torch threads per actor): one GPU each where the cluster has
+    GPUs, else CPU slots that leave one CPU per worker for post-processing tasks."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    fault = dict(max_restarts=-1, max_task_retries=retries)
+    if gpus:
+        n = workers or gpus
+        return n, dict(num_gpus=1, num_cpus=1, **fault), 0
+    n = workers or 1
+    per_actor = max(1, (cpus - n) // n)
+    return n, dict(num_cpus=per_actor, **fault), per_actor
+
+
+def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
+            address: str | None = None, workers: int | None = None, retry_failed: bool = False,
+            force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True) -> JobSummary:
+    """Run (or resume) a job: every shard of input_pattern not yet done under this config."""
+    from tqdm import tqdm
+
+    from .worker import ShardWorker
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    urls = expand_input(input_pattern)
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise InputError("two input shards share a file name; output shards are named after them")
+    digest = config_hash(config, model)
+    ledger = Ledger(out_dir)
+    ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
+                  "input": input_pattern}, force=force)
+    plan = ledger.plan(names, digest, retry_failed)
+    by_name = dict(zip(names, urls))
+    todo = list(plan["run"])
+    summary = JobSummary(0, 0, len(plan["done"]) + len(plan["failed"]), 0, 0, 0.0)
+    if plan["failed"]:
+        print(f"{len(plan['failed'])} shard(s) failed before and are skipped: add --retry-failed to redo them")
+    if not todo:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    ray = _init_ray(address)
+    n_workers, options, threads = _actor_options(ray, workers, retries)
+    n_workers = min(n_workers, len(todo))
+    config_json = config.model_dump_json()
+    actor_class = ray.remote(ShardWorker)
+    actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
+    ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+
+    total_images = _count_images(urls, plan["run"], by_name)
+    bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    in_flight: dict = {}
+
+    def dispatch(actor) -> None:
+        if not todo:
+            return
+        name = todo.pop(0)
+        entry = ledger.get(name)
+        attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
+        ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
+                              model=model, attempts=attempts))
+        ref = actor.process_shard.remote(by_name[name], name, remote_finish=True)
+        in_flight[ref] = (name, actor, time.perf_counter(), attempts)
+
+    for actor in actors:
+        dispatch(actor)
+    while in_flight:
+        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+        name, actor, shard_start, attempts = in_flight.pop(ref)
+        entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
+                           attempts=attempts, seconds=time.perf_counter() - shard_start)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
+        except ray.exceptions.RayTaskError as exc:
+            entry.error = _first_line(exc)
+        else:
+            entry.outputs = write_shard_outputs(out_dir, result)
+            entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
+        ledger.put(entry)
+        if entry.state == DONE:
+            summary.shards_done += 1
+            summary.images_ok += entry.samples - entry.failed_samples
+            summary.images_failed += entry.failed_samples
+            bar.update(entry.samples)
+        else:
+            summary.shards_failed += 1
+            bar.write(f"shard {name} failed: {entry.error}")
+        dispatch(actor)
+    bar.close()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _first_line(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _count_images(urls: list[str], names: list[str], by_name: dict[str, str]) -> int | None:
+    """Images in the shards to run, from a manifest beside them when there is one."""
+    counts: dict[str, int] = {}
+    for folder in {str(Path(u).parent) for u in urls if "://" not in u}:
+        manifest = Path(folder) / "manifest.json"
+        if manifest.is_file():
+            for shard in json.loads(manifest.read_text()).get("shards", []):
+                counts[str(Path(folder) / shard["url"])] = shard["samples"]
+    if all(by_name[n] in counts for n in names):
+        return sum(counts[by_name[n]] for n in names)
+    return None

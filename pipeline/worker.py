@@ -1,0 +1,212 @@
+"""One shard through the segmenter: decode -> batch -> segment -> post-process -> samples + rows.
+
+`ShardWorker` is the stateful class that a Ray actor wraps (one per GPU or CPU slot): it loads
+the model once and then processes whole shards. Decoding runs in a prefetch thread and
+post-processing (upsampling, background rule, CRF, PNG encoding, statistics) is handed to a
+`finish` callable (Ray CPU tasks in a job), so the model never waits on either. A bad image or
+label fails that image only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ConfigError, SegmenterConfig
+from .masks import ImageDecodeError, decode_image, encode_mask
+from .postprocess import finish_mask
+from .prompts import PromptError
+from .shards import encode_json, read_shard
+from .stats import failed_row, mask_statistics
+
+
+@dataclass
+class FinishItem:
+    """What post-processing needs for one image (picklable, small)."""
+
+    id: str
+    jpg: bytes
+    maps: np.ndarray  # float32 [C, s, s]
+    classes: list[int]
+    refinement_delta: float
+    model_seconds: float
+
+
+def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list[tuple[str, bytes, dict]]:
+    """Post-process images: (id, mask PNG bytes, statistics row) each."""
+    config = SegmenterConfig.model_validate_json(config_json)
+    out = []
+    for item in items:
+        start = time.perf_counter()
+        image = decode_image(item.jpg, item.id)
+        result = finish_mask(torch.tensor(item.maps), item.classes, image, config)
+        png = encode_mask(result.labels)
+        row = {"id": item.id, "shard": shard, "status": "ok", "error": None,
+               **mask_statistics(result, config.class_names), "refinement_delta": item.refinement_delta}
+        row["seconds"] = item.model_seconds + time.perf_counter() - start
+        out.append((item.id, png, row))
+    return out
+
+
+@dataclass
+class ShardResult:
+    """A processed shard: mask samples (ok images, input order) and one row per image."""
+
+    shard: str
+    mask_samples: list[dict]
+    rows: list[dict]
+
+    @property
+    def failed(self) -> int:
+        return sum(row["status"] != "ok" for row in self.rows)
+
+
+def _prefetch(url: str, depth: int):
+    """Samples of a shard decoded in a background thread: yields (sample, image or exception)."""
+    done = object()
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce():
+        try:
+            for sample in read_shard(url):
+                try:
+                    image = decode_image(sample.get("jpg", b""), f"image {sample['__key__']}")
+                except ImageDecodeError as exc:
+                    image = exc
+                buffer.put((sample, image))
+        except BaseException as exc:  # a broken shard: surface it in the consumer
+            buffer.put(exc)
+        buffer.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item = buffer.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class ShardWorker:
+    """A loaded segmenter that processes whole shards."""
+
+    def __init__(self, model_spec: str, config_json: str, device: str | None = None, threads: int | None = None):
+        from .models import load_model
+        from .segmenter import Segmenter
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config_json = config_json
+        self.config = SegmenterConfig.model_validate_json(config_json)
+        self.model = load_model(model_spec, device=device)
+        self.segmenter = Segmenter(self.model, self.config)
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "device": str(self.model.device)}
+
+    def _labels(self, sample: dict) -> list[int]:
+        if "json" not in sample:
+            raise ConfigError("sample has no .json with its labels: reshard it with pseudolabel shard-voc/shard-folder")
+        try:
+            meta = json.loads(sample["json"])
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
+        names = meta.get("names") or []
+        if not names:
+            raise ConfigError("image has no labels: give it at least one image-level label")
+        return sorted({self.config.class_index(name) for name in names})
+
+    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]]):
+        """Run one batch; when the batch fails on one image's prompt, run images alone so
+        only that image fails. Yields (id, sample, ClassScores or error text, seconds)."""
+        start = time.perf_counter()
+        images = [torch.from_numpy(image).permute(2, 0, 1) for _, _, image, _ in batch]
+        try:
+            scores = self.segmenter.segment(images, [classes for *_, classes in batch])
+        except (PromptError, ValueError) as exc:
+            if len(batch) == 1:
+                key, sample, _, _ = batch[0]
+                yield key, sample, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+                return
+            for one in batch:
+                yield from self._segment([one])
+            return
+        seconds = (time.perf_counter() - start) / len(batch)
+        for (key, sample, _, _), score in zip(batch, scores):
+            yield key, sample, score, seconds
+
+    def _finisher(self, remote: bool) -> Callable:
+        """finish(config_json, shard, items) -> a handle for `resolve`: a Ray CPU task, or in-process."""
+        if not remote:
+            return finish_images
+        if not hasattr(self, "_finish_task"):
+            import ray
+
+            self._finish_task = ray.remote(num_cpus=1)(finish_images)
+        return self._finish_task.remote
+
+    def process_shard(self, url: str, shard: str, remote_finish: bool = False) -> ShardResult:
+        """Process every sample of a shard; post-processing runs as Ray CPU tasks when
+        remote_finish, else in this process."""
+        finish = self._finisher(remote_finish)
+        pending, rows = [], {}
+        order: list[str] = []
+        batch: list[tuple[str, dict, np.ndarray, list[int]]] = []
+
+        def flush():
+            items = []
+            for key, sample, score, seconds in self._segment(batch):
+                if isinstance(score, str):
+                    rows[key] = failed_row(key, shard, score)
+                    continue
+                items.append(FinishItem(key, sample["jpg"], score.maps.numpy(), score.classes,
+                                        score.refinement_delta, seconds))
+            if items:
+                pending.append(finish(self.config_json, shard, items))
+            batch.clear()
+
+        for sample, image in _prefetch(url, depth=2 * self.config.batch_size):
+            key = sample["__key__"]
+            order.append(key)
+            if isinstance(image, Exception):
+                rows[key] = failed_row(key, shard, str(image))
+                continue
+            try:
+                classes = self._labels(sample)
+            except ConfigError as exc:
+                rows[key] = failed_row(key, shard, str(exc), height=image.shape[0], width=image.shape[1])
+                continue
+            batch.append((key, sample, image, classes))
+            if len(batch) == self.config.batch_size:
+                flush()
+        if batch:
+            flush()
+
+        masks = {}
+        for handle in pending:
+            for key, png, row in resolve(handle):
+                masks[key] = png
+                rows[key] = row
+        mask_samples = [{"__key__": k, "png": masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
+        return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order])
+
+
+def resolve(handle):
+    """The value of a finish handle: a Ray ObjectRef or a plain value."""
+    try:
+        import ray
+
+        if isinstance(handle, ray.ObjectRef):
+            return ray.get(handle)
+    except ImportError:
+        pass
+    return handle

@@ -1,0 +1,47 @@
+"""Ledger: resume decisions, job identity, atomic writes."""
+
+import pytest
+
+from pipeline.ledger import DONE, FAILED, IN_PROGRESS, JobMismatchError, Ledger, ShardEntry, atomic_write_bytes, file_sha256
+
+
+def _entry(ledger, shard, state, digest="h1", outputs=None):
+    ledger.put(ShardEntry(shard=shard, url=f"{shard}.tar", state=state, config_hash=digest, model="m",
+                          attempts=1, outputs=outputs or {}))
+
+
+def test_plan_runs_what_is_not_done_under_this_config(tmp_path):
+    ledger = Ledger(tmp_path)
+    atomic_write_bytes(tmp_path / "masks" / "a.tar", b"mask")
+    _entry(ledger, "a", DONE, outputs={"masks/a.tar": file_sha256(tmp_path / "masks" / "a.tar")})
+    _entry(ledger, "b", FAILED)
+    _entry(ledger, "c", IN_PROGRESS)
+    _entry(ledger, "d", DONE, digest="other", outputs={"masks/a.tar": file_sha256(tmp_path / "masks" / "a.tar")})
+    shards = ["a", "b", "c", "d", "e"]
+    assert ledger.plan(shards, "h1", retry_failed=False) == {"run": ["c", "d", "e"], "done": ["a"], "failed": ["b"]}
+    assert ledger.plan(shards, "h1", retry_failed=True)["run"] == ["b", "c", "d", "e"]
+
+
+def test_damaged_outputs_are_redone(tmp_path):
+    ledger = Ledger(tmp_path)
+    atomic_write_bytes(tmp_path / "masks" / "a.tar", b"mask")
+    _entry(ledger, "a", DONE, outputs={"masks/a.tar": file_sha256(tmp_path / "masks" / "a.tar")})
+    (tmp_path / "masks" / "a.tar").write_bytes(b"mas")  # truncated by hand
+    assert ledger.plan(["a"], "h1", False)["run"] == ["a"]
+    (tmp_path / "masks" / "a.tar").unlink()
+    assert ledger.plan(["a"], "h1", False)["run"] == ["a"]
+
+
+def test_job_with_another_config_is_refused_unless_forced(tmp_path):
+    ledger = Ledger(tmp_path)
+    ledger.claim({"config_hash": "h1", "model": "m"}, force=False)
+    ledger.claim({"config_hash": "h1", "model": "m"}, force=False)
+    with pytest.raises(JobMismatchError, match="another config or model .* --force"):
+        ledger.claim({"config_hash": "h2", "model": "m"}, force=False)
+    ledger.claim({"config_hash": "h2", "model": "m"}, force=True)
+    assert ledger.job()["config_hash"] == "h2"
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_bytes(tmp_path / "x" / "f.bin", b"123")
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["f.bin"]

@@ -1,0 +1,176 @@
+"""The batch job on a local Ray: full run, rerun, bad samples, kills and resume (CPU, tiny model)."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.dataset as ds
+import pytest
+from PIL import Image
+
+from conftest import FAST_CONFIG, synthetic_image, two_class_mask, write_voc_folder
+from pipeline.cli import main
+from pipeline.config import VOC_CLASS_NAMES, load_config
+from pipeline.ledger import JobMismatchError, Ledger
+from pipeline.runner import run_job
+from pipeline.shards import ShardingReport, encode_json, read_shard, tar_bytes, voc_sources, write_image_shards
+from pipeline.stats import STATS_SCHEMA
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Three shards of two images; one JPEG is corrupt and one label unknown (in shard 1)."""
+    tmp = tmp_path_factory.mktemp("job")
+    labels = [(8, 18), (12, 0), (15, 0), (1, 15), (7, 0), (20, 16)]
+    images = {f"2010_00000{i}": (synthetic_image(48, 64, seed=i), two_class_mask(48, 64, a, b))
+              for i, (a, b) in enumerate(labels)}
+    root = write_voc_folder(tmp / "VOC2012", images)
+    report = ShardingReport()
+    write_image_shards(voc_sources(root, "train", None, report), tmp / "shards", "voc-train", 2,
+                       list(VOC_CLASS_NAMES), report)
+    # Replace shard 1 by one with a corrupt JPEG and a label no config knows.
+    samples = list(read_shard(str(tmp / "shards" / "voc-train-000001.tar")))
+    samples[0]["jpg"] = samples[0]["jpg"][:200]
+    meta = json.loads(samples[1]["json"])
+    meta["names"] = ["person", "unicorn"]
+    samples[1]["json"] = encode_json(meta)
+    (tmp / "shards" / "voc-train-000001.tar").write_bytes(tar_bytes(samples))
+    return tmp / "shards"
+
+
+def _outputs(out: Path) -> tuple[dict, list[dict]]:
+    """Masks by id (decoded index arrays as bytes) and stats rows without timings, sorted by id."""
+    masks = {}
+    for tar in sorted((out / "masks").glob("*.tar")):
+        for sample in read_shard(str(tar)):
+            assert sample["__key__"] not in masks, "duplicate id"
+            mask = np.array(Image.open(io.BytesIO(sample["png"])))
+            masks[sample["__key__"]] = (mask.shape, mask.tobytes())
+    rows = ds.dataset(out / "stats", format="parquet").to_table().to_pylist()
+    for row in rows:
+        row.pop("seconds")
+    return masks, sorted(rows, key=lambda r: r["id"])
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    summary = run_job(str(shards), out, load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
+    return out, summary
+
+
+def test_full_run_writes_masks_stats_and_ledger(clean_run):
+    out, summary = clean_run
+    assert (summary.shards_done, summary.shards_failed, summary.images_ok, summary.images_failed) == (3, 0, 4, 2)
+    masks, rows = _outputs(out)
+    assert sorted(masks) == ["2010_000000", "2010_000001", "2010_000004", "2010_000005"]
+    assert len(rows) == 6 and len({r["id"] for r in rows}) == 6
+    table = ds.dataset(out / "stats", format="parquet").to_table()
+    assert table.schema.equals(STATS_SCHEMA)
+    by_id = {r["id"]: r for r in rows}
+    for image_id, (shape, data) in masks.items():
+        row, mask = by_id[image_id], np.frombuffer(data, dtype=np.uint8).reshape(shape)
+        assert row["status"] == "ok" and mask.shape == (48, 64)
+        assert set(np.unique(mask)) <= {0, *row["labels"]}
+        assert row["labels"] == sorted(row["labels"])
+        assert abs(sum(row["class_pixel_fraction"]) + row["background_fraction"] - 1) < 1e-5
+    corrupt, unknown = by_id["2010_000002"], by_id["2010_000003"]
+    assert corrupt["status"] == "failed" and "cannot decode image 2010_000002" in corrupt["error"]
+    assert unknown["status"] == "failed" and "unknown class name 'unicorn'" in unknown["error"]
+    entries = Ledger(out).entries()
+    assert [e.state for e in entries] == ["done"] * 3 and all(e.attempts == 1 for e in entries)
+    assert entries[1].failed_samples == 2
+
+
+def test_rerun_does_nothing(clean_run, shards):
+    out, _ = clean_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()}
+    summary = run_job(str(shards), out, load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
+    assert (summary.shards_done, summary.shards_skipped) == (0, 3)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()} == before
+
+
+def test_another_config_on_the_same_output_is_refused(clean_run, shards, capsys):
+    out, _ = clean_run
+    config = load_config(FAST_CONFIG).model_copy(update={"ent": 0.5})
+    with pytest.raises(JobMismatchError):
+        run_job(str(shards), out, config, "tiny", workers=1, progress=False)
+    code = main(["run", "--config", FAST_CONFIG, "--input", str(shards), "--output", str(out), "--model", "tiny",
+                 "--crf", "--no-progress"])
+    assert code == 2 and "--force" in capsys.readouterr().err
+
+
+def _start_cli(shards, out):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", FAST_CONFIG, "--input",
+                             str(shards), "--output", str(out), "--model", "tiny", "--workers", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _wait_for(predicate, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"job ended before the kill point:\n{process.stdout.read()}")
+        time.sleep(0.1)
+    pytest.fail("kill point never reached")
+
+
+def _states(out):
+    return [e.state for e in Ledger(out).entries()]
+
+
+def test_killed_actor_is_replaced_and_its_shard_retried(clean_run, shards, tmp_path):
+    out = tmp_path / "out"
+    job = _start_cli(shards, out)
+
+    def busy_worker():
+        if "in_progress" not in _states(out):
+            return None
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("ShardWorker.process_shard" in part for part in proc.info["cmdline"] or []):
+                return proc
+        return None
+
+    _wait_for(lambda: busy_worker() is not None, job)
+    worker = busy_worker()
+    worker.send_signal(signal.SIGKILL)
+    log = job.communicate(timeout=400)[0]
+    assert job.returncode == 0, log
+    assert _outputs(out) == _outputs(clean_run[0])
+    assert _states(out) == ["done"] * 3
+
+
+def test_killed_driver_then_rerun_gives_the_same_outputs(clean_run, shards, tmp_path):
+    out = tmp_path / "out"
+    job = _start_cli(shards, out)
+    _wait_for(lambda: "done" in _states(out), job)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert "in_progress" in _states(out) or len(_states(out)) < 3
+    rerun = _start_cli(shards, out)
+    log = rerun.communicate(timeout=400)[0]
+    assert rerun.returncode == 0, log
+    assert "0 failed" in log
+    assert _outputs(out) == _outputs(clean_run[0])
+    assert _states(out) == ["done"] * 3
