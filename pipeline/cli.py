@@ -12,11 +12,11 @@ from .ledger import JobMismatchError
 from .masks import ImageDecodeError
 from .models import DEFAULT_MODEL, ModelLoadError
 from .prompts import PromptError
-from .runner import InputError
+from .runner import InputError, WorkerStartError
 from .shards import ShardingError
 
 USER_ERRORS = (ConfigError, ModelLoadError, ImageDecodeError, PromptError, FileNotFoundError, ShardingError,
-               InputError, JobMismatchError)
+               InputError, JobMismatchError, WorkerStartError)
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
@@ -177,10 +177,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"1. sharded {len(sources)} PASCAL VOC sample images into {shards}")
     config = load_config(args.config)
     summary = run_job(str(shards), dest / "out", config, args.model, workers=1, device=args.device,
-                      progress=not args.no_progress)
+                      force=True, progress=not args.no_progress)
     print(f"2. ran the job: {summary.line}")
     print(f"   masks: {dest / 'out' / 'masks'}  statistics: {dest / 'out' / 'stats'}  ledger: {dest / 'out' / 'ledger'}")
+    written = write_overlays(dest / "out" / "masks", sample, dest / "overlays")
+    print(f"3. overlays (image with mask | mask) of {written} images in {dest / 'overlays'}")
     return 0 if summary.shards_failed == 0 else 1
+
+
+def write_overlays(masks_dir: Path, voc_root: Path, dest: Path) -> int:
+    """An overlay PNG per mask of the mask shards in masks_dir, images from voc_root/JPEGImages."""
+    from .masks import decode_mask, overlay, read_image
+    from .shards import read_shard
+
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for tar in sorted(masks_dir.glob("*.tar")):
+        for sample in read_shard(str(tar)):
+            image = read_image(voc_root / "JPEGImages" / f"{sample['__key__']}.jpg")
+            overlay(image, decode_mask(sample["png"])).save(dest / f"{sample['__key__']}.png")
+            count += 1
+    return count
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:

@@ -314,6 +314,28 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def check_model_available(spec: str) -> None:
+    """Raise ModelLoadError now if `spec` could not be loaded (missing folder, or a hub id that
+    is neither cached nor reachable), without loading or downloading anything."""
+    if spec in (TINY_MODEL, SD21_RANDOM_MODEL):
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir() or not _looks_like_hub_id(spec):
+        resolve_model(spec)
+        return
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        snapshot_download(spec, allow_patterns=_HUB_FILES, local_files_only=True)
+    except Exception:
+        if constants.HF_HUB_OFFLINE or not _hub_reachable():
+            raise ModelLoadError(
+                f"model {spec!r} is not in the local cache and the hub ({constants.ENDPOINT}) cannot be reached: "
+                "pass a local diffusers folder with --model /path/to/stable-diffusion-2-1-base, "
+                "or --model tiny for the offline demo"
+            ) from None
+
+
 def _hub_folder(repo_id: str) -> Path:
     """A hub repository's local snapshot: from the cache, else downloaded once."""
     from huggingface_hub import constants, snapshot_download

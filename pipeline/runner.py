@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .config import SegmenterConfig
+from .models import check_model_available
 from .ledger import DONE, FAILED, IN_PROGRESS, Ledger, ShardEntry, atomic_write_bytes, file_sha256
 from .shards import tar_bytes
 from .stats import rows_to_table
@@ -27,6 +28,10 @@ from .stats import rows_to_table
 
 class InputError(ValueError):
     """The --input pattern matches no shard."""
+
+
+class WorkerStartError(RuntimeError):
+    """The segmenter actors failed while loading the model."""
 
 
 def expand_input(pattern: str) -> list[str]:
@@ -130,6 +135,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise InputError("two input shards share a file name; output shards are named after them")
+    check_model_available(model)
     digest = config_hash(config, model)
     ledger = Ledger(out_dir)
     ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
@@ -150,7 +156,10 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     config_json = config.model_dump_json()
     actor_class = ray.remote(ShardWorker)
     actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
-    ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+    try:
+        ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+    except ray.exceptions.RayActorError as exc:
+        raise WorkerStartError(f"segmenter workers could not start: {_first_line(exc)}") from exc
 
     total_images = _count_images(urls, plan["run"], by_name)
     bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)

@@ -174,3 +174,26 @@ def test_killed_driver_then_rerun_gives_the_same_outputs(clean_run, shards, tmp_
     assert "0 failed" in log
     assert _outputs(out) == _outputs(clean_run[0])
     assert _states(out) == ["done"] * 3
+
+
+def test_unreachable_model_fails_before_the_job_is_recorded(shards, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipeline.models import ModelLoadError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="--model tiny"):
+        run_job(str(shards), tmp_path / "out", load_config(FAST_CONFIG), "nobody/missing", progress=False)
+    assert not (tmp_path / "out" / "job.json").exists()
+
+
+def test_input_patterns(shards, tmp_path):
+    from pipeline.runner import InputError, expand_input
+
+    names = [Path(u).name for u in expand_input(str(shards / "voc-train-{000000..000002}.tar"))]
+    assert names == ["voc-train-000000.tar", "voc-train-000001.tar", "voc-train-000002.tar"]
+    assert expand_input(str(shards)) == expand_input(str(shards / "*.tar"))
+    with pytest.raises(InputError, match="voc-train-000009.tar does not exist"):
+        expand_input(str(shards / "voc-train-{000000..000009}.tar"))
+    with pytest.raises(InputError, match="no manifest.json"):
+        expand_input(str(tmp_path))
