@@ -14,9 +14,10 @@ from .models import DEFAULT_MODEL, ModelLoadError
 from .prompts import PromptError
 from .runner import InputError, WorkerStartError
 from .shards import ShardingError
+from .export import ExportError
 
 USER_ERRORS = (ConfigError, ModelLoadError, ImageDecodeError, PromptError, FileNotFoundError, ShardingError,
-               InputError, JobMismatchError, WorkerStartError)
+               InputError, JobMismatchError, WorkerStartError, ExportError)
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
@@ -182,6 +183,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   masks: {dest / 'out' / 'masks'}  statistics: {dest / 'out' / 'stats'}  ledger: {dest / 'out' / 'ledger'}")
     written = write_overlays(dest / "out" / "masks", sample, dest / "overlays")
     print(f"3. overlays (image with mask | mask) of {written} images in {dest / 'overlays'}")
+    from .evaluate import evaluate_job, format_table, write_json
+    from .export import export_voc
+    from .outputs import JobOutput
+    from .report import write_report
+
+    job = JobOutput(dest / "out")
+    exported = export_voc(job, dest / "export", split="train", with_images=True)
+    print(f"4. exported {exported.exported} masks in the VOC layout to {dest / 'export'}")
+    scores, conf = evaluate_job(job)
+    write_json(scores, conf, list(VOC_CLASS_NAMES), dest / "out" / "eval.json")
+    print(f"5. evaluated against the VOC ground truth: mIoU {scores.miou:.1f}, pixel accuracy "
+          f"{scores.pixel_accuracy:.1f}, coverage {scores.coverage:.1f} ({dest / 'out' / 'eval.json'})")
+    if args.model == "tiny":
+        print("   (the tiny model has random weights: these figures only show the wiring)")
+    print(f"6. report: {write_report(job, dest / 'report')}")
     return 0 if summary.shards_failed == 0 else 1
 
 
@@ -198,6 +214,52 @@ def write_overlays(masks_dir: Path, voc_root: Path, dest: Path) -> int:
             overlay(image, decode_mask(sample["png"])).save(dest / f"{sample['__key__']}.png")
             count += 1
     return count
+
+
+def _class_names(out_dir: Path) -> list[str]:
+    import json
+
+    job = Path(out_dir) / "job.json"
+    if job.is_file():
+        return [c["name"] for c in json.loads(job.read_text())["config"]["classes"]]
+    return list(VOC_CLASS_NAMES)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportFilter, export_voc
+    from .outputs import JobOutput
+
+    keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
+                        ignore_below=args.ignore_below)
+    summary = export_voc(JobOutput(args.output), args.dest, split=args.split, keep=keep, with_images=args.images)
+    dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
+    print(f"exported {summary.exported} masks to {Path(args.dest) / 'SegmentationClassPseudo'} "
+          f"(dropped: {dropped}); split list {summary.split_file}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_job, format_table, write_json
+    from .outputs import JobOutput
+
+    scores, conf = evaluate_job(JobOutput(args.output), gt_dir=args.gt)
+    if not scores.images:
+        raise InputError("no image has ground truth: pass --gt with the SegmentationClass(Aug) folder")
+    names = _class_names(args.output)
+    print(format_table(scores, names))
+    json_path = Path(args.json) if args.json else Path(args.output) / "eval.json"
+    write_json(scores, conf, names, json_path)
+    print(f"wrote {json_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .outputs import JobOutput
+    from .report import write_report
+
+    path = write_report(JobOutput(args.output), args.dest)
+    print(f"wrote {path}")
+    return 0
 
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +338,37 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--device", default=None, help="torch device for the workers")
     _job_args(resume)
     resume.set_defaults(func=cmd_resume)
+
+    export = sub.add_parser("export", help="write a job's masks in the VOC layout for training",
+                            description="Write DEST/SegmentationClassPseudo/<id>.png and a split list, as "
+                                        "mmsegmentation's PascalVOCDataset and DeepLab-style loaders read them.")
+    export.add_argument("output", help="the job's output folder")
+    export.add_argument("--format", choices=["voc"], default="voc", help="layout (voc)")
+    export.add_argument("--dest", required=True, help="destination folder")
+    export.add_argument("--split", default="train_aug", help="name of the split list (default train_aug)")
+    export.add_argument("--min-confidence", type=float, default=None,
+                        help="drop images whose mean winning score is below this")
+    export.add_argument("--require-all-labels", action="store_true",
+                        help="drop images where a labelled class received no pixel")
+    export.add_argument("--ignore-below", type=float, default=None,
+                        help="turn pixels whose winning score is below this into 255")
+    export.add_argument("--images", action="store_true", help="also write JPEGImages/ from the input shards")
+    export.set_defaults(func=cmd_export)
+
+    evaluate = sub.add_parser("eval", help="score a job's masks against ground truth",
+                              description="Confusion matrix, per-class IoU, mIoU, pixel accuracy and coverage.")
+    evaluate.add_argument("output", help="the job's output folder")
+    evaluate.add_argument("--gt", default=None,
+                          help="ground-truth folder of <id>.png (default: the gt.png in the input shards)")
+    evaluate.add_argument("--json", default=None, help="where to write the scores (default OUTPUT/eval.json)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="write an HTML quality report of a job",
+                            description="Overlays of the worst, median and best images, plots of the "
+                                        "statistics and the evaluation table, in one HTML file.")
+    report.add_argument("output", help="the job's output folder")
+    report.add_argument("--dest", required=True, help="folder for index.html")
+    report.set_defaults(func=cmd_report)
 
     status = sub.add_parser("status", help="print a job's ledger", description="Print a job's per-shard state.")
     status.add_argument("output", help="the job's output folder")

@@ -66,6 +66,20 @@ def decode_mask(data: bytes) -> np.ndarray:
         return np.array(img, dtype=np.uint8)
 
 
+def encode_confidence(confidence: np.ndarray) -> bytes:
+    """float [H, W] scores in [0, 1] -> 8-bit grey PNG (value = round(255 * score))."""
+    levels = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(levels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_confidence(data: bytes) -> np.ndarray:
+    """Confidence PNG bytes -> float32 [H, W] in [0, 1] (steps of 1/255)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img, dtype=np.float32) / 255.0
+
+
 def write_mask(labels: np.ndarray, path: str | Path) -> None:
     Path(path).write_bytes(encode_mask(labels))
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, SegmenterConfig
-from .masks import ImageDecodeError, decode_image, encode_mask
+from .masks import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from .postprocess import finish_mask
 from .prompts import PromptError
 from .shards import encode_json, read_shard
@@ -40,19 +40,19 @@ class FinishItem:
     model_seconds: float
 
 
-def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list[tuple[str, bytes, dict]]:
-    """Post-process images: (id, mask PNG bytes, statistics row) each."""
+def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list[tuple[str, dict, dict]]:
+    """Post-process images: (id, {"png": mask PNG, "conf.png": confidence PNG}, statistics row) each."""
     config = SegmenterConfig.model_validate_json(config_json)
     out = []
     for item in items:
         start = time.perf_counter()
         image = decode_image(item.jpg, item.id)
         result = finish_mask(torch.tensor(item.maps), item.classes, image, config)
-        png = encode_mask(result.labels)
+        files = {"png": encode_mask(result.labels), "conf.png": encode_confidence(result.confidence)}
         row = {"id": item.id, "shard": shard, "status": "ok", "error": None,
                **mask_statistics(result, config.class_names), "refinement_delta": item.refinement_delta}
         row["seconds"] = item.model_seconds + time.perf_counter() - start
-        out.append((item.id, png, row))
+        out.append((item.id, files, row))
     return out
 
 
@@ -193,10 +193,10 @@ class ShardWorker:
 
         masks = {}
         for handle in pending:
-            for key, png, row in resolve(handle):
-                masks[key] = png
+            for key, files, row in resolve(handle):
+                masks[key] = files
                 rows[key] = row
-        mask_samples = [{"__key__": k, "png": masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
+        mask_samples = [{"__key__": k, **masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
         return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order])
 
 

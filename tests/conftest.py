@@ -61,3 +61,47 @@ def two_class_mask(height, width, left_label, right_label):
     mask[:, : width // 3] = left_label
     mask[:, 2 * width // 3 :] = right_label
     return mask
+
+
+def make_job_output(tmp_path, predict):
+    """A job folder made without the model: VOC-style input shards of 4 synthetic images whose
+    ground truth is two_class_mask, and mask shards holding predict(gt, index) as the masks.
+    Returns (job folder, {id: gt})."""
+    import torch
+
+    from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
+    from pipeline.ledger import Ledger
+    from pipeline.masks import encode_confidence, encode_mask
+    from pipeline.postprocess import MaskResult
+    from pipeline.runner import config_hash, write_shard_outputs
+    from pipeline.shards import ShardingReport, encode_json, voc_sources, write_image_shards
+    from pipeline.stats import mask_statistics
+    from pipeline.worker import ShardResult
+
+    pairs = [(8, 18), (12, 0), (15, 1), (7, 20)]
+    gts = {f"2011_00000{i}": two_class_mask(30, 45, a, b) for i, (a, b) in enumerate(pairs)}
+    root = write_voc_folder(tmp_path / "VOC2012", {k: (synthetic_image(30, 45, seed=i), gt)
+                                                   for i, (k, gt) in enumerate(gts.items())})
+    report = ShardingReport()
+    write_image_shards(voc_sources(root, "train", None, report), tmp_path / "shards", "voc-train", 2,
+                       list(VOC_CLASS_NAMES), report)
+    out = tmp_path / "out"
+    config = SegmenterConfig()
+    Ledger(out).claim({"config": config.model_dump(mode="json"), "config_hash": config_hash(config, "fake"),
+                       "model": "fake", "input": str(tmp_path / "shards")}, force=False)
+    ids = list(gts)
+    for shard_index in range(2):
+        samples, rows = [], []
+        for image_id in ids[2 * shard_index: 2 * shard_index + 2]:
+            index = ids.index(image_id)
+            labels = predict(gts[image_id], index).astype(np.uint8)
+            confidence = np.full(labels.shape, 0.2 + 0.2 * index, dtype=np.float32)
+            classes = sorted(int(v) - 1 for v in np.unique(gts[image_id]) if 0 < v < 255)
+            result = MaskResult(labels=labels, confidence=confidence, scores=np.zeros(1), classes=classes)
+            row = {"id": image_id, "shard": f"voc-train-00000{shard_index}", "status": "ok", "error": None,
+                   **mask_statistics(result, list(VOC_CLASS_NAMES)), "refinement_delta": 0.0, "seconds": 1.0}
+            rows.append(row)
+            samples.append({"__key__": image_id, "png": encode_mask(labels), "conf.png": encode_confidence(confidence),
+                            "json": encode_json(row)})
+        write_shard_outputs(out, ShardResult(f"voc-train-00000{shard_index}", samples, rows))
+    return out, gts

@@ -1,0 +1,84 @@
+"""Export a job's masks in the PASCAL VOC layout that mmsegmentation and DeepLab-style loaders read.
+
+DEST/SegmentationClassPseudo/<id>.png  8-bit palette PNG, indices 0..20, 255 ignore
+DEST/ImageSets/Segmentation/<split>.txt ids exported, one per line
+DEST/JPEGImages/<id>.jpg               the original images, with --images
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .ledger import atomic_write_bytes
+from .masks import encode_mask
+from .postprocess import apply_ignore
+
+MASK_FOLDER = "SegmentationClassPseudo"
+
+
+class ExportError(ValueError):
+    """The job's outputs cannot be exported as asked; the message says why and what to do."""
+
+
+@dataclass
+class ExportFilter:
+    """Which images to keep and how: min_mean_confidence drops images whose mean winning score
+    is lower; require_all_labels drops images where a labelled class got no pixel;
+    ignore_below turns pixels with a lower winning score into 255."""
+
+    min_mean_confidence: float | None = None
+    require_all_labels: bool = False
+    ignore_below: float | None = None
+
+    def rejects(self, stats: dict) -> str | None:
+        """Why an image is dropped, or None."""
+        mean = stats.get("mean_confidence")
+        if self.min_mean_confidence is not None and (mean is None or math.isnan(mean) or mean < self.min_mean_confidence):
+            return "mean confidence"
+        if self.require_all_labels and stats.get("missed_labels"):
+            return "missed label"
+        return None
+
+
+@dataclass
+class ExportSummary:
+    exported: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    split_file: Path | None = None
+
+
+def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilter | None = None,
+               with_images: bool = False) -> ExportSummary:
+    """Write the job's ok masks (those passing `keep`) in the VOC layout under dest."""
+    keep = keep or ExportFilter()
+    dest = Path(dest)
+    summary = ExportSummary()
+    ids: list[str] = []
+    wanted_images: dict[str, set[str]] = {}
+    for record in job.masks():
+        reason = keep.rejects(record.stats)
+        if reason:
+            summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+            continue
+        labels = record.labels
+        if keep.ignore_below is not None:
+            if record.confidence is None:
+                raise ExportError(f"{record.id} has no confidence map (a job from before pseudolabel 0.1 wrote "
+                                  "them): rerun the job into a new output folder to use --ignore-below")
+            labels = apply_ignore(labels, record.confidence, keep.ignore_below)
+        atomic_write_bytes(dest / MASK_FOLDER / f"{record.id}.png", encode_mask(np.asarray(labels, np.uint8)))
+        ids.append(record.id)
+        wanted_images.setdefault(record.shard, set()).add(record.id)
+    if with_images:
+        for shard, wanted in wanted_images.items():
+            for sample in job.input_samples(shard):
+                if sample["__key__"] in wanted:
+                    atomic_write_bytes(dest / "JPEGImages" / f"{sample['__key__']}.jpg", sample["jpg"])
+    summary.exported = len(ids)
+    summary.split_file = dest / "ImageSets" / "Segmentation" / f"{split}.txt"
+    atomic_write_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())
+    return summary

@@ -1,0 +1,63 @@
+"""Reading a finished job's output folder: statistics, masks, and the input shards' images and
+ground truth, joined by id. Used by export, evaluation, the training datasets and the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .masks import decode_confidence, decode_mask
+from .runner import InputError, expand_input, shard_name
+from .shards import read_shard
+
+
+@dataclass
+class MaskRecord:
+    """One image's job output: labels uint8 [H, W]; confidence float32 [H, W] or None; stats dict."""
+
+    id: str
+    shard: str
+    labels: np.ndarray
+    confidence: np.ndarray | None
+    stats: dict
+
+
+class JobOutput:
+    """A job's output folder (masks/, stats/, ledger/, job.json)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        if not (self.out_dir / "masks").is_dir():
+            raise InputError(f"{self.out_dir} has no masks/: pass the --output folder of a pseudolabel run")
+
+    def stats(self) -> pa.Table:
+        """Every image's statistics row (the whole job)."""
+        import pyarrow.dataset as ds
+
+        return ds.dataset(self.out_dir / "stats", format="parquet").to_table()
+
+    def mask_shards(self) -> list[Path]:
+        return sorted((self.out_dir / "masks").glob("*.tar"))
+
+    def masks(self, shards: list[Path] | None = None) -> Iterator[MaskRecord]:
+        for tar in shards or self.mask_shards():
+            for sample in read_shard(str(tar)):
+                confidence = decode_confidence(sample["conf.png"]) if "conf.png" in sample else None
+                yield MaskRecord(id=sample["__key__"], shard=tar.stem, labels=decode_mask(sample["png"]),
+                                 confidence=confidence, stats=json.loads(sample["json"]))
+
+    def input_shards(self) -> dict[str, str]:
+        """Input shard name -> url, from the job's recorded input."""
+        job_path = self.out_dir / "job.json"
+        if not job_path.is_file():
+            raise InputError(f"{self.out_dir} has no job.json: the input shards are unknown")
+        return {shard_name(u): u for u in expand_input(json.loads(job_path.read_text())["input"])}
+
+    def input_samples(self, shard: str) -> Iterator[dict]:
+        """The raw samples (jpg, json, gt.png) of the input shard a mask shard was made from."""
+        yield from read_shard(self.input_shards()[shard])

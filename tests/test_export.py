@@ -1,0 +1,41 @@
+"""Export in the VOC layout, read back the way mmsegmentation reads masks (PIL index values)."""
+
+import numpy as np
+from PIL import Image
+
+from conftest import make_job_output
+from pipeline.cli import main
+
+
+def _read_like_mmseg(path):
+    # mmseg's LoadAnnotations decodes seg maps with pillow, flag 'unchanged': index values.
+    with Image.open(path) as img:
+        return np.array(img)
+
+
+def test_export_writes_masks_split_list_and_images(tmp_path, capsys):
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt)
+    dest = tmp_path / "export"
+    assert main(["export", str(out), "--format", "voc", "--dest", str(dest), "--images"]) == 0
+    assert "exported 4 masks" in capsys.readouterr().out
+    ids = (dest / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    assert ids == sorted(gts)
+    for image_id in ids:
+        mask = _read_like_mmseg(dest / "SegmentationClassPseudo" / f"{image_id}.png")
+        assert mask.dtype == np.uint8 and (mask == gts[image_id]).all()
+        assert Image.open(dest / "SegmentationClassPseudo" / f"{image_id}.png").mode == "P"
+        assert Image.open(dest / "JPEGImages" / f"{image_id}.jpg").size == (45, 30)
+
+
+def test_export_filters_and_ignore(tmp_path, capsys):
+    # image i has confidence 0.2 + 0.2 i; image 1's prediction drops its labelled class 12.
+    out, gts = make_job_output(tmp_path, lambda gt, i: np.where(gt == 12, 0, gt) if i == 1 else gt)
+    dest = tmp_path / "e1"
+    assert main(["export", str(out), "--dest", str(dest), "--min-confidence", "0.5"]) == 0
+    assert (dest / "ImageSets/Segmentation/train_aug.txt").read_text().split() == ["2011_000002", "2011_000003"]
+    assert main(["export", str(out), "--dest", str(tmp_path / "e2"), "--require-all-labels", "--split", "x"]) == 0
+    assert "2011_000001" not in (tmp_path / "e2/ImageSets/Segmentation/x.txt").read_text()
+    assert main(["export", str(out), "--dest", str(tmp_path / "e3"), "--ignore-below", "0.5"]) == 0
+    low = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000000.png")  # confidence 0.2
+    high = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000003.png")  # confidence 0.8
+    assert (low == 255).all() and (high == gts["2011_000003"]).all()

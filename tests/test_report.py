@@ -1,0 +1,27 @@
+"""The HTML report: self-contained, with overlays, plots and the eval table."""
+
+import re
+
+import numpy as np
+
+from conftest import make_job_output
+from pipeline.cli import main
+from pipeline.report import pick_examples
+
+
+def test_report_is_one_self_contained_page(tmp_path, capsys):
+    out, _ = make_job_output(tmp_path, lambda gt, i: np.roll(gt, i, axis=1))
+    assert main(["report", str(out), "--dest", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    images = re.findall(r"<img src='data:image/png;base64,", page)
+    assert len(images) == 3 + 4  # worst, median and best strips (one each of 4 images) and four plots
+    assert "Worst by mean confidence" in page and "mIoU" in page and "Mean confidence per image" in page
+    assert "src='http" not in page and "href=" not in page
+
+
+def test_examples_are_disjoint_groups():
+    rows = [{"id": str(i), "status": "ok", "mean_confidence": i / 10} for i in range(10)]
+    groups = pick_examples(rows + [{"id": "x", "status": "failed", "mean_confidence": None}], 3)
+    ids = {k: [r["id"] for r in v] for k, v in groups.items()}
+    assert ids == {"worst": ["0", "1", "2"], "median": ["4", "5", "6"], "best": ["9", "8", "7"]}
+    assert list(pick_examples(rows[:2], 3)) == ["all"]
