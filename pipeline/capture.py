@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from .methods import goca
+
 # Above this many (query x key) entries per head, heads are reduced one at a time.
 _PER_HEAD_ENTRIES = 1 << 20
 
@@ -74,13 +76,39 @@ def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[in
 
 
 class AttentionCaptureProcessor:
-    """SDPA attention for a transformer block's attn1/attn2 that also records
-    the sum of the kept heads' probabilities into a `CapturedAttention` under `key`."""
+    """SDPA attention for a transformer block's attn1/attn2 that also stores what its spec's
+    records ask for into a `CapturedAttention`."""
 
-    def __init__(self, store: CapturedAttention, key: str, heads: list[int] | None):
+    def __init__(self, store: CapturedAttention, spec: "CaptureSpec"):
         self.store = store
-        self.key = key
-        self.heads = heads
+        self.spec = spec
+        self.key = f"{spec.layer}:{spec.kind}"
+
+    def _record(self, record: "Record", attn: Attention, query: torch.Tensor, key: torch.Tensor,
+                head_outputs: torch.Tensor, head_sums: dict) -> None:
+        """query, key [B, H, N, D]; head_outputs [B, H, Nq, D] (softmax(q k^T) v per head);
+        head_sums caches the head-probability sum between the records of one call."""
+        batch, heads_total, n_query, head_dim = query.shape
+        store_key = record.key.format(layer=self.spec.layer, kind=self.spec.kind, side=int(round(n_query ** 0.5)))
+        heads = self.spec.heads if self.spec.heads is not None else list(range(heads_total))
+        if record.what == "sum":
+            if "sum" not in head_sums:
+                head_sums["sum"] = _head_probability_sum(query, key, heads, attn.scale)
+            total = head_sums["sum"]
+            if record.resize_to is None:
+                self.store.add(store_key, total, len(heads))
+            else:
+                self.store.add(store_key, goca.resize_attention(total / len(heads), record.resize_to), 1)
+        elif record.what == "goca":
+            dtype = torch.promote_types(query.dtype, torch.float32)
+            probs = (torch.matmul(query, key.transpose(-1, -2)) * attn.scale).softmax(dim=-1, dtype=dtype)
+            out_weight = attn.to_out[0].weight.reshape(-1, heads_total, head_dim).permute(1, 0, 2)  # [H, Dm, D]
+            contributions = torch.einsum("bhnd,hmd->bhnm", head_outputs.to(dtype), out_weight.to(dtype))
+            self.store.add(store_key, goca.aggregate_heads(probs, goca.head_weights(contributions)), 1)
+        elif record.what == "queries":
+            self.store.add(store_key, query.transpose(1, 2).reshape(batch, n_query, -1).to(torch.float32), 1)
+        else:
+            raise ValueError(f"unknown capture record {record.what!r}")
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
@@ -104,8 +132,9 @@ class AttentionCaptureProcessor:
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
-        heads = self.heads if self.heads is not None else list(range(attn.heads))
-        self.store.add(self.key, _head_probability_sum(query, key, heads, attn.scale), len(heads))
+        head_sums: dict = {}  # shared by the records of this call
+        for record in self.spec.records:
+            self._record(record, attn, query, key, out, head_sums)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[0](out)
@@ -116,20 +145,37 @@ class AttentionCaptureProcessor:
 
 
 @dataclass(frozen=True)
+class Record:
+    """What a capture processor stores, under which key.
+
+    what: "sum" (sum over the kept heads of the softmax probabilities, with the head count;
+    with resize_to, the head mean resized on both pixel axes to resize_to x resize_to, count 1),
+    "goca" (GoCA's head-weighted aggregation) or "queries" (the layer's queries [B, N, H*D]).
+    key: "{layer}", "{kind}" and "{side}" (the query map's side) are filled in at run time, so
+    layers of one resolution can share a key and be pooled as they run.
+    """
+
+    what: str = "sum"
+    key: str = "{layer}:{kind}"
+    resize_to: int | None = None
+
+
+@dataclass(frozen=True)
 class CaptureSpec:
     """Which attention to capture: transformer-block parent name, attn1 (self) or attn2
-    (cross), and kept heads (None = all)."""
+    (cross), kept heads (None = all), and what to store."""
 
     layer: str
     kind: str  # "self" or "cross"
     heads: list[int] | None = None
+    records: tuple[Record, ...] = (Record(),)
 
 
 def _attention_modules(unet: torch.nn.Module, spec: CaptureSpec) -> list[tuple[str, Attention]]:
     try:
         parent = unet.get_submodule(spec.layer)
     except AttributeError:
-        names = sorted(n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["attentions"])
+        names = sorted(attention_layers(unet))
         raise ValueError(f"layer {spec.layer!r} is not in the UNet; layers with attention: {', '.join(names)}") from None
     attr = "attn1" if spec.kind == "self" else "attn2"
     found = [(f"{spec.layer}.{name}", m) for name, m in parent.named_modules()
@@ -154,6 +200,12 @@ class CaptureHandle:
             module.set_processor(AttnProcessor2_0())
 
 
+def attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Names of every transformer (attention) block of the UNet, e.g. `down_blocks.0.attentions.0`
+    (16 in SD 1.x/2.x)."""
+    return [n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["attentions"]]
+
+
 def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec]) -> CaptureHandle:
     """Put capturing processors on the named layers; each spec's layer key in the store is
     `<layer>:<kind>`. All transformer blocks under a named layer are pooled into that key."""
@@ -161,7 +213,7 @@ def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec]) -> CaptureH
     modules = []
     for spec in specs:
         for _, module in _attention_modules(unet, spec):
-            module.set_processor(AttentionCaptureProcessor(store, f"{spec.layer}:{spec.kind}", spec.heads))
+            module.set_processor(AttentionCaptureProcessor(store, spec))
             modules.append(module)
     return CaptureHandle(modules, store)
 

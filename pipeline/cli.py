@@ -55,7 +55,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     segmenter = Segmenter(model, config)
     loaded = time.perf_counter()
     scores = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [classes])[0]
-    result = finish_mask(scores.maps, scores.classes, image, config)
+    result = finish_mask(scores.maps, scores.classes, image, config, scores.background)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_mask(result.labels, args.out)
     if args.overlay:

@@ -124,10 +124,40 @@ class CrfConfig(_Strict):
     iterations: int = Field(10, ge=1)
 
 
+class DiffSegConfig(_Strict):
+    """DiffSeg: KL merging of self-attention aggregated over all transformer blocks."""
+
+    timestep: int = Field(300, ge=0, le=999)
+    tau: float = Field(1.0, gt=0.0)  # KL merge threshold (1.1 COCO-Stuff, 0.9 Cityscapes, 1.0 in the wild)
+    merge_iterations: int = Field(3, ge=1)
+    anchors: int = Field(16, ge=1)  # anchors per side: 16 x 16 = 256 proposals
+
+
+class GocaConfig(_Strict):
+    """GoCA: head- and layer-wise auto aggregation of cross-attention, per-pixel rescaling."""
+
+    timestep: int = Field(100, ge=0, le=999)
+    reference_layer: str = "up_blocks.2.attentions.1"  # its queries build the pseudo global attention
+    blur_kernel: int = Field(5, ge=1)
+    blur_sigma: float = Field(1.0, gt=0.0)
+    propagation_power: int = Field(2, ge=0)  # self-attention affinity power of the post-processing
+
+
+class DiffSegmenterConfig(_Strict):
+    """DiffSegmenter: multi-resolution cross-attention, completed once by self-attention."""
+
+    timestep: int = Field(100, ge=0, le=999)
+    resolution_weights: dict[int, float] = Field(default_factory=lambda: {8: 0.3, 16: 0.5, 32: 0.1, 64: 0.1})
+    filter_ratio: float = Field(0.3, ge=0.0, le=1.0)  # classes whose peak is below ratio x the strongest are dropped
+
+
+METHODS = ("iseg", "diffseg", "goca", "diffsegmenter")
+
+
 class SegmenterConfig(_Strict):
     """Everything that determines a mask, so its hash identifies a run's results."""
 
-    method: Literal["iseg"] = "iseg"
+    method: Literal["iseg", "diffseg", "goca", "diffsegmenter"] = "iseg"
     image_size: int = Field(512, ge=64, multiple_of=64)
     timestep: int = Field(100, ge=0, le=999)
     noise_seed: int = 1101
@@ -151,6 +181,14 @@ class SegmenterConfig(_Strict):
     ignore_below: float | None = Field(None, ge=0.0, le=1.0)
     crf: CrfConfig = Field(default_factory=CrfConfig)
     batch_size: int = Field(4, ge=1)
+    diffseg: DiffSegConfig = Field(default_factory=DiffSegConfig)
+    goca: GocaConfig = Field(default_factory=GocaConfig)
+    diffsegmenter: DiffSegmenterConfig = Field(default_factory=DiffSegmenterConfig)
+
+    @property
+    def method_timestep(self) -> int:
+        """The timestep of the chosen method's single UNet forward."""
+        return self.timestep if self.method == "iseg" else getattr(self, self.method).timestep
 
     @field_validator("classes")
     @classmethod

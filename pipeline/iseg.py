@@ -44,7 +44,7 @@ def fuse_cross_attention(
     return fused.flatten(2).transpose(1, 2)
 
 
-def _symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float) -> torch.Tensor:
+def symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float) -> torch.Tensor:
     """0.5 * (KL(p||q) + KL(q||p)) between rows of points [N, T] and centres [K, T] -> [N, K].
 
     Logs are taken of (value + eps).
@@ -84,12 +84,12 @@ def kl_cluster_average(
     points = torch.where(x == 0, torch.full_like(x, 1e-6), x)
     centres = points[grid_seed_indices(side, n_clusters)]
     for _ in range(iterations):
-        assign = _symmetric_kl(points, centres, eps).argmin(dim=1)
+        assign = symmetric_kl(points, centres, eps).argmin(dim=1)
         members = F.one_hot(assign, centres.shape[0]).to(points.dtype)  # [N, K]
         counts = members.sum(dim=0)
         keep = counts > 0
         centres = (members.T @ points)[keep] / counts[keep, None]
-    assign = _symmetric_kl(points, centres, eps).argmin(dim=1)
+    assign = symmetric_kl(points, centres, eps).argmin(dim=1)
     members = F.one_hot(assign, centres.shape[0]).to(points.dtype)
     counts = members.sum(dim=0).clamp_min(1)
     return (members @ ((members.T @ points) / counts[:, None]))

@@ -42,12 +42,23 @@ def upsample_class_maps(maps: torch.Tensor, model_size: int, out_hw: tuple[int, 
 
 
 def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[int, int], model_size: int,
-                         background: BackgroundConfig) -> MaskResult:
-    """One image's refined class maps [C, s, s] for 0-based `classes` -> MaskResult of size out_hw.
+                         background: BackgroundConfig, background_map: torch.Tensor | None = None) -> MaskResult:
+    """One image's class maps [C, s, s] for 0-based `classes` -> MaskResult of size out_hw.
 
     Only the image's classes are scored: absent classes are zero under both background rules,
-    so they can never win a pixel.
+    so they can never win a pixel. With a background_map [s, s] (methods that score the
+    background themselves) the label is the argmax over background and classes, and the
+    confidence the winner's share of the scores at the pixel.
     """
+    if background_map is not None:
+        grid = torch.cat([background_map[None], maps]).float()[None]
+        grid = F.interpolate(grid, size=(model_size, model_size), mode="bilinear", align_corners=False)
+        full = F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0].clamp_min(0)
+        full = full / full.sum(dim=0, keepdim=True).clamp_min(1e-30)
+        confidence, winner = full.max(dim=0)
+        lookup = torch.tensor([0] + [c + 1 for c in classes], dtype=torch.uint8)
+        return MaskResult(labels=lookup[winner].numpy(), confidence=confidence.numpy().astype(np.float32),
+                          scores=full.numpy().astype(np.float32), classes=classes)
     scores = upsample_class_maps(maps, model_size, out_hw)[None]
     present = torch.ones(1, len(classes), dtype=torch.bool)
     if background.rule == "squared":
@@ -67,10 +78,12 @@ def apply_ignore(labels: np.ndarray, confidence: np.ndarray, ignore_below: float
     return np.where(confidence < ignore_below, np.uint8(IGNORE_INDEX), labels).astype(np.uint8)
 
 
-def finish_mask(maps: torch.Tensor, classes: list[int], image: np.ndarray, config: SegmenterConfig) -> MaskResult:
+def finish_mask(maps: torch.Tensor, classes: list[int], image: np.ndarray, config: SegmenterConfig,
+                background_map: torch.Tensor | None = None) -> MaskResult:
     """The whole CPU post-process of one image: mask at the size of image (uint8 [H, W, 3]),
     the dense CRF when enabled, then the ignore region."""
-    result = class_scores_to_mask(maps, classes, image.shape[:2], config.image_size, config.background)
+    result = class_scores_to_mask(maps, classes, image.shape[:2], config.image_size, config.background,
+                                  background_map)
     if config.crf.enabled:
         refined = crf_refine(image, result, config.crf)
         result.crf_changed = float(np.mean(refined != result.labels))

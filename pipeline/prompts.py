@@ -5,7 +5,7 @@ Positions are computed from the tokenizer itself, word by word, never from a han
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import ClassSpec
 
@@ -14,27 +14,39 @@ class PromptError(ValueError):
     """A prompt cannot carry the requested classes (e.g. it is longer than the text encoder)."""
 
 
+# Words whose tokens carry no content (GoCA's per-pixel rescaling leaves them out).
+STOP_WORDS = frozenset({"a", "an", "the", "of", "and", "other", "with", "in", "on"})
+
+
 @dataclass(frozen=True)
 class ClassPrompt:
-    """A prompt for one image.
+    """A prompt for one image. Positions are in the padded token sequence (start token at 0).
 
-    text: the prompt; columns[i]: positions (in the padded token sequence, start token at 0)
-    of the tokens whose cross-attention is averaged into the map of the i-th class given.
+    text: the prompt; columns[i]: the tokens averaged into the map of the i-th class given;
+    background_columns: the tokens of "background" and the background-context words;
+    content_columns: every token of the prompt but the start/end tokens, stop words and
+    punctuation.
     """
 
     text: str
     columns: list[list[int]]
+    background_columns: list[int] = field(default_factory=list)
+    content_columns: list[int] = field(default_factory=list)
 
     @property
     def all_columns(self) -> list[int]:
         return sorted({c for cols in self.columns for c in cols})
 
 
-def prompt_words(classes: list[ClassSpec], background_context: str) -> list[tuple[str, int | None, bool]]:
-    """The prompt as words: (word, index into `classes` or None, whether the word is a focus word).
+BACKGROUND = -1  # word role: background or a background-context word
+
+
+def prompt_words(classes: list[ClassSpec], background_context: str | None) -> list[tuple[str, int | None, bool]]:
+    """The prompt as words: (word, index into `classes`, BACKGROUND or None, whether the word
+    is a focus word of its class).
 
     "a photograph of " + " and ".join(class prompts) + " and other object and background, "
-    + background_context.
+    + background_context; with background_context None the prompt stops after the classes.
     """
     words: list[tuple[str, int | None, bool]] = [(w, None, False) for w in "a photograph of".split()]
     for i, spec in enumerate(classes):
@@ -42,12 +54,14 @@ def prompt_words(classes: list[ClassSpec], background_context: str) -> list[tupl
             words.append(("and", None, False))
         focus = set(spec.focus_words)
         words.extend((w, i, w in focus) for w in spec.prompt.split())
-    tail = "and other object and background, " + background_context
-    words.extend((w, None, False) for w in tail.split())
+    if background_context is not None:
+        words.extend((w, None, False) for w in "and other object and".split())
+        tail = ("background, " + background_context).split()
+        words.extend((w, BACKGROUND, False) for w in tail)
     return words
 
 
-def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: str) -> ClassPrompt:
+def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: str | None) -> ClassPrompt:
     """Prompt text and token columns for `classes` (in the order given: ascending class index).
 
     Raises PromptError when a class token would fall beyond the text encoder's length; the
@@ -57,11 +71,20 @@ def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: 
     text = " ".join(w for w, _, _ in words)
     position = 1  # after the start token
     columns: list[list[int]] = [[] for _ in classes]
+    background: list[int] = []
+    content: list[int] = []
     all_ids: list[int] = []
-    for word, cls, focus in words:
+    for word, role, focus in words:
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if cls is not None and focus:
-            columns[cls].extend(range(position, position + len(ids)))
+        core = word.strip(",.;:")
+        core_ids = tokenizer(core, add_special_tokens=False)["input_ids"] if core and core != word else ids
+        core_span = list(range(position, position + len(core_ids))) if core else []
+        if role is not None and role >= 0 and focus:
+            columns[role].extend(range(position, position + len(ids)))
+        if role == BACKGROUND:
+            background.extend(core_span)
+        if core and core.lower() not in STOP_WORDS:
+            content.extend(core_span)
         all_ids.extend(ids)
         position += len(ids)
     whole = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -70,6 +93,8 @@ def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: 
             "the tokenizer does not split the prompt word by word, so token positions cannot be located"
         )
     limit = tokenizer.model_max_length - 1  # the last slot holds the end token
+    background = [c for c in background if c < limit]
+    content = [c for c in content if c < limit]
     last = max(c for cols in columns for c in cols)
     if last >= limit:
         names = ", ".join(c.name for c in classes)
@@ -77,4 +102,4 @@ def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: 
             f"the prompt for classes [{names}] needs {last + 2} tokens but the text encoder takes "
             f"{tokenizer.model_max_length}: give fewer labels per image or shorter class prompts"
         )
-    return ClassPrompt(text=text, columns=columns)
+    return ClassPrompt(text=text, columns=columns, background_columns=background, content_columns=content)

@@ -185,8 +185,11 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                            attempts=attempts, seconds=time.perf_counter() - shard_start)
         try:
             result = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+        except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
+            # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
+            # restarted worker before sending it more: a call sent mid-restart would fail too.
             entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
+            actor = _wait_until_ready(ray, actor, actor_class, options, (model, config_json, device, threads))
         except ray.exceptions.RayTaskError as exc:
             entry.error = _first_line(exc)
         else:
@@ -205,6 +208,22 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     bar.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, timeout: float = 300.0):
+    """The same actor once Ray has restarted it, or a new one if it is dead for good."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            ray.get(actor.ready.remote())
+            return actor
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(1.0)
+        except ray.exceptions.RayActorError:
+            break
+    actor = actor_class.options(**options).remote(*init_args)
+    ray.get(actor.ready.remote())
+    return actor
 
 
 def _first_line(exc: Exception) -> str:

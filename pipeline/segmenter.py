@@ -1,7 +1,9 @@
 """Batch of (image, labels) -> per-class score maps, with one VAE encode and one UNet forward.
 
-Uses the model bundle (models.py), the capture processors (capture.py), the prompts
-(prompts.py) and the pure method (iseg.py). Knows nothing of files or Ray.
+One segmenter serves every method of the config (`iseg`, `diffseg`, `goca`, `diffsegmenter`):
+a method is a *plan* that says what to capture, how to prompt, and how to turn the captured
+attention into class maps with the pure functions of iseg.py and methods/. Model loading,
+capture, batching and the output format are shared. Knows nothing of files or Ray.
 """
 
 from __future__ import annotations
@@ -13,24 +15,28 @@ import torch
 import torch.nn.functional as F
 
 from . import iseg
-from .capture import CapturedAttention, CaptureSpec, capturing
+from .capture import CapturedAttention, CaptureSpec, Record, attention_layers, capturing
 from .config import SegmenterConfig
+from .methods import diffseg, diffsegmenter, goca
 from .models import ModelBundle
-from .prompts import build_class_prompt
+from .prompts import ClassPrompt, build_class_prompt
 
 
 @dataclass
 class ClassScores:
     """Method output for one image.
 
-    classes: 0-based class indices, ascending; maps: float32 [C, side, side] on CPU, one
-    refined map per class (each sums to 1 over pixels); refinement_delta: mean absolute
-    change of the maps in the last refinement iteration.
+    classes: 0-based class indices, ascending; maps: float32 [C, side, side] on CPU, one map
+    per class; background: float32 [side, side] for methods that score the background
+    themselves (the mask is then the argmax over background and classes), else None (the
+    config's background rule applies); refinement_delta: mean absolute change of the maps in
+    the last refinement iteration (0 for methods without iterations).
     """
 
     classes: list[int]
     maps: torch.Tensor
     refinement_delta: float
+    background: torch.Tensor | None = None
 
 
 @dataclass
@@ -43,25 +49,192 @@ class StageTimes:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
-class Segmenter:
-    """iSeg over a loaded model. `segment(images, class_lists)` runs one batch."""
+def _single_side(maps_by_side: dict[int, torch.Tensor], what: str) -> tuple[int, torch.Tensor]:
+    if len(maps_by_side) != 1:
+        raise ValueError(f"{what} layers must share one resolution, got sides {sorted(maps_by_side)}")
+    return next(iter(maps_by_side.items()))
+
+
+def _token_maps(tokens: torch.Tensor, prompt: ClassPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [N, T] -> (class maps [N, C] mean over each class's columns, background [N] mean
+    over the background words' columns)."""
+    return iseg.class_maps_from_tokens(tokens, prompt.columns), tokens[:, prompt.background_columns].mean(dim=1)
+
+
+class IsegPlan:
+    """iSeg: Cat-Cross, Ent-Self, iterative refinement (and its ablations via the config)."""
+
+    enhance = True
+    background_context = True
 
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
-        self.model = model
         self.config = config
         use_subsets = model.heads_per_block == list(config.head_layout)
         self.cross_specs = [CaptureSpec(l.name, "cross", l.heads if use_subsets else None)
                             for l in config.cross_attention.layers]
         self.self_specs = [CaptureSpec(l.name, "self", l.heads if use_subsets else None)
                            for l in config.self_attention.layers]
+        self.specs = self.cross_specs + self.self_specs
+
+    def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
+        config = self.config
+        cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs])
+        side, self_attn = _single_side(store.pooled_by_side([f"{s.layer}:self" for s in self.self_specs]), "self")
+        fused = iseg.fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
+        class_maps = []
+        for row, prompt in enumerate(prompts):
+            tokens = fused[row]
+            if config.cat_cross:
+                tokens = iseg.kl_cluster_average(tokens, side, config.cluster.n_clusters, config.cluster.iterations)
+            class_maps.append(iseg.class_maps_from_tokens(tokens, prompt.columns))
+        n_max = max(m.shape[1] for m in class_maps)
+        padded = torch.stack([F.pad(m, (0, n_max - m.shape[1])) for m in class_maps])  # [B, N, Cmax]
+        propagation = iseg.entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
+        iterations = config.iterations
+        before = iseg.iterative_refinement(padded, propagation, max(iterations - 1, 0))
+        after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
+        results = []
+        for row, m in enumerate(class_maps):
+            n = m.shape[1]
+            delta = (after[row, :, :n] - before[row, :, :n]).abs().mean().item() if iterations else 0.0
+            results.append((after[row, :, :n], None, delta, side))
+        return results
+
+
+class DiffSegPlan:
+    """DiffSeg: self-attention of every block aggregated and merged by KL into segments; each
+    segment named by the cross-attention of the label tokens (or the background words)."""
+
+    enhance = False
+    background_context = True
+
+    def __init__(self, model: ModelBundle, config: SegmenterConfig):
+        self.config = config
+        self.specs = [CaptureSpec(layer, "self", records=(Record("sum", "self:{side}"),))
+                      for layer in attention_layers(model.unet)]
+        self.specs += [CaptureSpec(l.name, "cross", records=(Record("sum", "cross:{side}"),))
+                       for l in config.cross_attention.layers]
+
+    def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
+        settings = self.config.diffseg
+        self_by_side = store.pooled_by_side([k for k in store.sums if k.startswith("self:")])
+        side = max(self_by_side)
+        aggregated = diffseg.aggregate_self_attention(self_by_side, side)
+        cross = iseg.fuse_cross_attention(store.pooled_by_side([k for k in store.sums if k.startswith("cross:")]),
+                                          self.config.cross_attention.resolution_weights, side)
+        results = []
+        for row, prompt in enumerate(prompts):
+            proposals = diffseg.merge_proposals(aggregated[row], side, settings.anchors, settings.tau,
+                                                settings.merge_iterations)
+            classes, background = _token_maps(cross[row], prompt)
+            candidates = torch.cat([background[:, None], classes], dim=1)
+            low, high = candidates.amin(dim=0), candidates.amax(dim=0)
+            candidates = (candidates - low) / (high - low).clamp_min(1e-30)
+            names = diffseg.name_segments(diffseg.segment_labels(proposals), len(proposals), candidates)
+            named = diffseg.named_maps(proposals, names, candidates.shape[1])  # [1 + C, N]
+            results.append((named[1:].T, named[0], 0.0, side))
+        return results
+
+
+class GocaPlan:
+    """GoCA: head-weighted cross-attention of every block, layer weights from the similarity of
+    each block's self-attention to a pseudo global attention, per-pixel rescaling over content
+    tokens, blur and min-max, propagation through the self-attention affinity."""
+
+    enhance = False
+    background_context = True
+
+    def __init__(self, model: ModelBundle, config: SegmenterConfig):
+        self.config = config
+        self.layers = attention_layers(model.unet)
+        settings = config.goca
+        if settings.reference_layer not in self.layers:
+            raise ValueError(f"goca.reference_layer {settings.reference_layer!r} is not a UNet attention layer")
+        self.reference_side = config.image_size // 8 // 2  # the reference map side (32 for 512 px)
+        self.specs = [CaptureSpec(layer, "cross", records=(Record("goca", "{layer}:cross"),)) for layer in self.layers]
+        for layer in self.layers:
+            records = [Record("sum", "{layer}:selfref", self.reference_side), Record("sum", "self:{side}")]
+            if layer == settings.reference_layer:
+                records.append(Record("queries", "reference"))
+            self.specs.append(CaptureSpec(layer, "self", records=tuple(records)))
+
+    def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
+        settings = self.config.goca
+        reference = goca.resize_attention(goca.pseudo_global_attention(store.sums["reference"]), self.reference_side)
+        self_ref = torch.stack([store.sums[f"{layer}:selfref"] for layer in self.layers])  # [L, B, M, M]
+        weights = goca.layer_weights(self_ref, reference)  # [L, B]
+        side, affinity = max(store.pooled_by_side([k for k in store.sums if k.startswith("self:")]).items())
+        fused = None
+        for index, layer in enumerate(self.layers):
+            maps = store.sums[f"{layer}:cross"]  # [B, n, T]
+            n_side = int(round(maps.shape[1] ** 0.5))
+            grid = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], n_side, n_side)
+            if n_side != side:
+                grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
+            term = weights[index][:, None, None] * grid.flatten(2).transpose(1, 2)
+            fused = term if fused is None else fused + term
+        results = []
+        for row, prompt in enumerate(prompts):
+            content = goca.rescale_per_pixel(fused[row], prompt.content_columns)
+            content = goca.blur_and_minmax(content, side, settings.blur_kernel, settings.blur_sigma)
+            content = goca.propagate(content[None], affinity[row : row + 1], settings.propagation_power)[0]
+            tokens = torch.zeros_like(fused[row])
+            tokens[:, prompt.content_columns] = content
+            classes, background = _token_maps(tokens, prompt)
+            results.append((classes, background, 0.0, side))
+        return results
+
+
+class DiffSegmenterPlan:
+    """DiffSegmenter: cross-attention of every block fused over resolutions (each map min-max
+    scaled), completed once by the averaged full-resolution self-attention, weak classes dropped."""
+
+    enhance = False
+    background_context = False
+
+    def __init__(self, model: ModelBundle, config: SegmenterConfig):
+        self.config = config
+        layers = attention_layers(model.unet)
+        self.specs = [CaptureSpec(layer, "cross", records=(Record("sum", "cross:{side}"),)) for layer in layers]
+        self.specs += [CaptureSpec(layer, "self", records=(Record("sum", "self:{side}"),)) for layer in layers]
+
+    def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
+        settings = self.config.diffsegmenter
+        side, self_attn = max(store.pooled_by_side([k for k in store.sums if k.startswith("self:")]).items())
+        cross = diffsegmenter.fuse_minmax(store.pooled_by_side([k for k in store.sums if k.startswith("cross:")]),
+                                          settings.resolution_weights, side)
+        results = []
+        for row, prompt in enumerate(prompts):
+            classes = iseg.class_maps_from_tokens(cross[row], prompt.columns)
+            keep = diffsegmenter.keep_strong_classes(classes, settings.filter_ratio)
+            completed = diffsegmenter.complete_with_self_attention(classes[None], self_attn[row : row + 1])[0]
+            results.append((completed * keep.to(completed.dtype), None, 0.0, side))
+        return results
+
+
+PLANS = {"iseg": IsegPlan, "diffseg": DiffSegPlan, "goca": GocaPlan, "diffsegmenter": DiffSegmenterPlan}
+
+
+class Segmenter:
+    """The configured method over a loaded model. `segment(images, class_lists)` runs one batch."""
+
+    def __init__(self, model: ModelBundle, config: SegmenterConfig):
+        self.model = model
+        self.config = config
+        self.plan = PLANS[config.method](model, config)
         self.times = StageTimes()
 
-    def _sync(self) -> None:
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
+    @property
+    def cross_specs(self) -> list[CaptureSpec]:
+        return [s for s in self.plan.specs if s.kind == "cross"]
+
+    @property
+    def self_specs(self) -> list[CaptureSpec]:
+        return [s for s in self.plan.specs if s.kind == "self"]
 
     def _timed(self, stage: str, start: float) -> float:
-        self._sync()
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
         now = time.perf_counter()
         self.times.add(stage, now - start)
         return now
@@ -70,12 +243,11 @@ class Segmenter:
         """The same seeded noise for every image (as the reference), so an image's result
         does not depend on its batch."""
         generator = torch.Generator().manual_seed(self.config.noise_seed)
-        one = torch.randn(shape, generator=generator, dtype=torch.float32)
-        return one.expand(batch, *shape)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).expand(batch, *shape)
 
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """images: uint8 [3, H, W] -> noised latents [B, 4, S/8, S/8] at the configured timestep."""
+        """images: uint8 [3, H, W] -> noised latents [B, 4, S/8, S/8] at the method's timestep."""
         size = self.config.image_size
         pixels = torch.stack([
             F.interpolate(img[None].to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
@@ -85,27 +257,25 @@ class Segmenter:
         vae = self.model.vae
         latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
         noise = self._noise(len(images), tuple(latents.shape[1:])).to(latents.device, latents.dtype)
-        timesteps = torch.full((len(images),), self.config.timestep, device=latents.device, dtype=torch.long)
+        timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
         return self.model.scheduler.add_noise(latents, noise, timesteps)
 
     @torch.inference_mode()
-    def encode_prompts(self, class_lists: list[list[int]]) -> tuple[torch.Tensor, list[list[list[int]]]]:
-        """Cat-Cross text embeddings [B, 77, D] (class tokens enhanced) and per image the
-        token columns of each class."""
+    def encode_prompts(self, class_lists: list[list[int]]) -> tuple[torch.Tensor, list[ClassPrompt]]:
+        """Text embeddings [B, 77, D] (class tokens enhanced for iSeg's Cat-Cross) and the prompts."""
         tokenizer = self.model.tokenizer
-        prompts = [
-            build_class_prompt(tokenizer, [self.config.classes[c] for c in classes], self.config.background_context)
-            for classes in class_lists
-        ]
+        context = self.config.background_context if self.plan.background_context else None
+        prompts = [build_class_prompt(tokenizer, [self.config.classes[c] for c in classes], context)
+                   for classes in class_lists]
         ids = tokenizer([p.text for p in prompts], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt")["input_ids"].to(self.model.device)
         embeddings = self.model.text_encoder(ids)[0]
-        if self.config.cat_cross:
+        if self.plan.enhance and self.config.cat_cross:
             gain = torch.ones(embeddings.shape[:2], device=embeddings.device, dtype=embeddings.dtype)
             for row, prompt in enumerate(prompts):
                 gain[row, prompt.all_columns] = self.config.enhancement
             embeddings = embeddings * gain[:, :, None]
-        return embeddings, [p.columns for p in prompts]
+        return embeddings, prompts
 
     @torch.inference_mode()
     def segment(self, images: list[torch.Tensor], class_lists: list[list[int]]) -> list[ClassScores]:
@@ -122,48 +292,18 @@ class Segmenter:
                 raise ValueError(f"class indices {bad} are outside 0..{len(self.config.classes) - 1}")
 
         start = time.perf_counter()
-        embeddings, columns = self.encode_prompts(class_lists)
+        embeddings, prompts = self.encode_prompts(class_lists)
         start = self._timed("text", start)
         latents = self.encode_images(images)
         start = self._timed("vae", start)
-        timesteps = torch.full((len(images),), self.config.timestep, device=latents.device, dtype=torch.long)
-        with capturing(self.model.unet, self.cross_specs + self.self_specs) as store:
+        timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
+        with capturing(self.model.unet, self.plan.specs) as store:
             self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
         start = self._timed("unet", start)
-        scores = self._refine(store, columns)
-        self._timed("refine", start)
-        return [ClassScores(classes=c, maps=m, refinement_delta=d) for c, (m, d) in zip(class_lists, scores)]
-
-    def _refine(self, store: CapturedAttention, columns: list[list[list[int]]]) -> list[tuple[torch.Tensor, float]]:
-        """Cat-Cross fusion, Ent-Self and iterative refinement on the captured maps."""
-        cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs])
-        self_by_side = store.pooled_by_side([f"{s.layer}:self" for s in self.self_specs])
-        if len(self_by_side) != 1:
-            raise ValueError(f"self-attention layers must share one resolution, got sides {sorted(self_by_side)}")
-        side, self_attn = next(iter(self_by_side.items()))
-        fused = iseg.fuse_cross_attention(cross_by_side, self.config.cross_attention.resolution_weights, side)
-
-        class_maps = []
-        for row, image_columns in enumerate(columns):
-            tokens = fused[row]
-            if self.config.cat_cross:
-                tokens = iseg.kl_cluster_average(tokens, side, self.config.cluster.n_clusters,
-                                                 self.config.cluster.iterations)
-            class_maps.append(iseg.class_maps_from_tokens(tokens, image_columns))
-        n_max = max(m.shape[1] for m in class_maps)
-        padded = torch.stack([F.pad(m, (0, n_max - m.shape[1])) for m in class_maps])  # [B, N, Cmax]
-
-        if self.config.ent_self:
-            propagation = iseg.entropy_reduced_self_attention(self_attn, self.config.ent)
-        else:
-            propagation = self_attn
-        iterations = self.config.iterations
-        before = iseg.iterative_refinement(padded, propagation, max(iterations - 1, 0))
-        after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
         results = []
-        for row, m in enumerate(class_maps):
-            n = m.shape[1]
-            maps = after[row, :, :n].T.reshape(n, side, side).float().cpu()
-            delta = (after[row, :, :n] - before[row, :, :n]).abs().mean().item() if iterations else 0.0
-            results.append((maps, delta))
+        for classes, (maps, background, delta, side) in zip(class_lists, self.plan.scores(store, prompts)):
+            grid = maps.T.reshape(len(classes), side, side).float().cpu()
+            bg = background.reshape(side, side).float().cpu() if background is not None else None
+            results.append(ClassScores(classes=classes, maps=grid, refinement_delta=delta, background=bg))
+        self._timed("refine", start)
         return results

@@ -38,6 +38,7 @@ class FinishItem:
     classes: list[int]
     refinement_delta: float
     model_seconds: float
+    background: np.ndarray | None = None  # float32 [s, s] for methods that score the background
 
 
 def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list[tuple[str, dict, dict]]:
@@ -47,7 +48,8 @@ def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list
     for item in items:
         start = time.perf_counter()
         image = decode_image(item.jpg, item.id)
-        result = finish_mask(torch.tensor(item.maps), item.classes, image, config)
+        background = torch.tensor(item.background) if item.background is not None else None
+        result = finish_mask(torch.tensor(item.maps), item.classes, image, config, background)
         files = {"png": encode_mask(result.labels), "conf.png": encode_confidence(result.confidence)}
         row = {"id": item.id, "shard": shard, "status": "ok", "error": None,
                **mask_statistics(result, config.class_names), "refinement_delta": item.refinement_delta}
@@ -156,7 +158,19 @@ class ShardWorker:
 
     def process_shard(self, url: str, shard: str, remote_finish: bool = False) -> ShardResult:
         """Process every sample of a shard; post-processing runs as Ray CPU tasks when
-        remote_finish, else in this process."""
+        remote_finish, else in this process. Under Ray, a device failure (CUDA error, out of
+        memory) ends this process, so that Ray restarts the worker and retries the shard on a
+        fresh device context."""
+        try:
+            return self._process_shard(url, shard, remote_finish)
+        except Exception as exc:
+            if remote_finish and is_device_failure(exc):
+                print(f"worker {os.getpid()}: {type(exc).__name__} on shard {shard}; exiting for a restart",
+                      flush=True)
+                os._exit(1)
+            raise
+
+    def _process_shard(self, url: str, shard: str, remote_finish: bool) -> ShardResult:
         finish = self._finisher(remote_finish)
         pending, rows = [], {}
         order: list[str] = []
@@ -168,8 +182,9 @@ class ShardWorker:
                 if isinstance(score, str):
                     rows[key] = failed_row(key, shard, score)
                     continue
+                background = score.background.numpy() if score.background is not None else None
                 items.append(FinishItem(key, sample["jpg"], score.maps.numpy(), score.classes,
-                                        score.refinement_delta, seconds))
+                                        score.refinement_delta, seconds, background))
             if items:
                 pending.append(finish(self.config_json, shard, items))
             batch.clear()
@@ -198,6 +213,17 @@ class ShardWorker:
                 rows[key] = row
         mask_samples = [{"__key__": k, **masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
         return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order])
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether an exception leaves the accelerator unusable for this process (out of memory,
+    CUDA / accelerator errors)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and ("CUDA error" in str(exc) or "CUBLAS_STATUS" in str(exc))
 
 
 def resolve(handle):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 import pyarrow.dataset as ds
 import pytest
 from PIL import Image
@@ -140,17 +141,21 @@ def _states(out):
     return [e.state for e in Ledger(out).entries()]
 
 
+def _busy_worker_on_first_shard(out):
+    """The worker process while it runs the first shard (so a kill always hits a shard that
+    still has to finish, never the moment after the last one returned)."""
+    if _states(out) != ["in_progress"]:
+        return None
+    return next((p for p in psutil.process_iter(["cmdline"])
+                 if any("ShardWorker.process_shard" in part for part in p.info["cmdline"] or [])), None)
+
+
 def test_killed_actor_is_replaced_and_its_shard_retried(clean_run, shards, tmp_path):
     out = tmp_path / "out"
     job = _start_cli(shards, out)
 
     def busy_worker():
-        if "in_progress" not in _states(out):
-            return None
-        for proc in psutil.process_iter(["cmdline"]):
-            if any("ShardWorker.process_shard" in part for part in proc.info["cmdline"] or []):
-                return proc
-        return None
+        return _busy_worker_on_first_shard(out)
 
     _wait_for(lambda: busy_worker() is not None, job)
     worker = busy_worker()
@@ -197,3 +202,39 @@ def test_input_patterns(shards, tmp_path):
         expand_input(str(shards / "voc-train-{000000..000009}.tar"))
     with pytest.raises(InputError, match="no manifest.json"):
         expand_input(str(tmp_path))
+
+
+def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, shards, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", FAST_CONFIG, "--input",
+                            str(shards), "--output", str(out), "--model", "tiny", "--workers", "1", "--retries", "0",
+                            "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def busy_worker():
+        return _busy_worker_on_first_shard(out)
+
+    _wait_for(lambda: busy_worker() is not None, job)
+    busy_worker().send_signal(signal.SIGKILL)
+    log = job.communicate(timeout=400)[0]
+    assert job.returncode == 1, log
+    assert sorted(_states(out)) == ["done", "done", "failed"]
+    failed = next(e for e in Ledger(out).entries() if e.state == "failed")
+    assert "worker died" in failed.error and "failed:" in log
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out)], capture_output=True, text=True)
+    assert "2 done, 1 failed" in status.stdout
+    resume = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=env, timeout=400)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    assert _states(out) == ["done"] * 3
+    assert next(e for e in Ledger(out).entries() if e.shard == failed.shard).attempts == 2
+    assert _outputs(out) == _outputs(clean_run[0])
+
+
+def test_device_failures_are_recognised():
+    from pipeline.worker import is_device_failure
+
+    assert is_device_failure(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_device_failure(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_failure(RuntimeError("shape mismatch"))
+    assert not is_device_failure(ValueError("CUDA error"))
