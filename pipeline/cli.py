@@ -262,6 +262,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .compare import compare_methods, format_comparison, parse_methods
+    from .models import load_model
+
+    methods = parse_methods(args.methods)
+    config = load_config(args.config)
+    model = load_model(args.model, device=args.device)
+    with tqdm(unit="img", desc="compare", disable=args.no_progress) as bar:
+        tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.limit, progress=bar)
+    print(format_comparison(tallies))
+    if args.model in ("tiny", "sd21-random"):
+        print("(random weights: the figures show the wiring and the cost, not the quality)")
+    return 0
+
+
 def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join: auto, or ray://host:10001 (default: start Ray on this machine)")
@@ -369,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output", help="the job's output folder")
     report.add_argument("--dest", required=True, help="folder for index.html")
     report.set_defaults(func=cmd_report)
+
+    compare = sub.add_parser("compare", help="run several methods on the same shards and print one table",
+                             description="Compare segmenter methods on the same shards with one model load: "
+                                         "mIoU (where ground truth exists), mean confidence, seconds per image.")
+    compare.add_argument("--methods", default="iseg,diffseg,goca,diffsegmenter",
+                         help="comma-separated: iseg, iseg-naive, iseg-no-cat-cross, diffseg, goca, diffsegmenter")
+    compare.add_argument("--input", required=True, help="shards: brace pattern, glob, or folder with manifest.json")
+    compare.add_argument("--gt", default=None, help="ground-truth folder of <id>.png (default: the shards' gt.png)")
+    compare.add_argument("--limit", type=int, default=None, help="compare on the first N usable images only")
+    compare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_args(compare)
+    compare.set_defaults(func=cmd_compare)
 
     status = sub.add_parser("status", help="print a job's ledger", description="Print a job's per-shard state.")
     status.add_argument("output", help="the job's output folder")

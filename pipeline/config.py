@@ -185,6 +185,17 @@ class SegmenterConfig(_Strict):
     goca: GocaConfig = Field(default_factory=GocaConfig)
     diffsegmenter: DiffSegmenterConfig = Field(default_factory=DiffSegmenterConfig)
 
+    @model_validator(mode="after")
+    def _weights_match_map_sides(self) -> "SegmenterConfig":
+        sides = {self.image_size // factor for factor in (8, 16, 32, 64)}
+        for name, weights in (("cross_attention.resolution_weights", self.cross_attention.resolution_weights),
+                              ("diffsegmenter.resolution_weights", self.diffsegmenter.resolution_weights)):
+            wrong = sorted(set(weights) - sides)
+            if wrong:
+                raise ValueError(f"{name} has sides {wrong}, but at image_size {self.image_size} the attention "
+                                 f"maps are {sorted(sides)} pixels wide")
+        return self
+
     @property
     def method_timestep(self) -> int:
         """The timestep of the chosen method's single UNet forward."""
@@ -238,4 +249,5 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"config file {path}: key {key}: {first['msg']}") from exc
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"config file {path}: key {key}: {message}") from exc
