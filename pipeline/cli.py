@@ -279,6 +279,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_report, run_benchmark
+    from .models import load_model
+
+    config = load_config(args.config)
+    model = load_model(args.model, device=args.device)
+    sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
+    if not sizes or min(sizes) < 1:
+        raise ConfigError("--batch-sizes takes positive integers, e.g. 1,2,4")
+    result = run_benchmark(model, args.model, config, args.images, sizes, args.device,
+                           with_pipeline=not args.no_pipeline)
+    print(format_report(result, args.model, model.device, args.images))
+    return 0
+
+
 def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join: auto, or ray://host:10001 (default: start Ray on this machine)")
@@ -398,6 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(compare)
     compare.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser("bench", help="throughput of the bare model, the segmenter and the pipeline",
+                           description="Images/s of the bare model (VAE + UNet), the segmenter in-process and "
+                                       "the pipeline over shards, on the same images and model. The last line "
+                                       "is `segmenter/bare=R1 pipeline/bare=R2`.")
+    bench.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
+    bench.add_argument("--batch-sizes", default="1,2,4", help="bare-model batch sizes to try (default 1,2,4)")
+    bench.add_argument("--no-pipeline", action="store_true", help="skip the pipeline measurements (no Ray)")
+    bench.add_argument("--model", default="tiny", help="tiny (default), sd21-random (full size, random weights) or a path")
+    bench.add_argument("--config", default=None, help="YAML config (default: built-in VOC settings)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench.set_defaults(func=cmd_bench)
 
     status = sub.add_parser("status", help="print a job's ledger", description="Print a job's per-shard state.")
     status.add_argument("output", help="the job's output folder")

@@ -75,6 +75,9 @@ class JobSummary:
     images_ok: int
     images_failed: int
     seconds: float
+    processing_seconds: float = 0.0  # from the workers being ready to the last shard written
+    peak_worker_rss_mb: float = 0.0
+    peak_worker_device_mb: float = 0.0
 
     @property
     def line(self) -> str:
@@ -161,6 +164,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     except ray.exceptions.RayActorError as exc:
         raise WorkerStartError(f"segmenter workers could not start: {_first_line(exc)}") from exc
 
+    processing_start = time.perf_counter()
     total_images = _count_images(urls, plan["run"], by_name)
     bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
     in_flight: dict = {}
@@ -195,6 +199,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         else:
             entry.outputs = write_shard_outputs(out_dir, result)
             entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
+            summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
+            summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
         ledger.put(entry)
         if entry.state == DONE:
             summary.shards_done += 1
@@ -206,6 +212,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             bar.write(f"shard {name} failed: {entry.error}")
         dispatch(actor)
     bar.close()
+    summary.processing_seconds = time.perf_counter() - processing_start
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -212,6 +212,9 @@ class DiffSegmenterPlan:
         return results
 
 
+# Distinct prompts whose text embeddings are kept (one per class set: VOC train_aug has a few hundred).
+_TEXT_CACHE_SIZE = 4096
+
 PLANS = {"iseg": IsegPlan, "diffseg": DiffSegPlan, "goca": GocaPlan, "diffsegmenter": DiffSegmenterPlan}
 
 
@@ -223,6 +226,7 @@ class Segmenter:
         self.config = config
         self.plan = PLANS[config.method](model, config)
         self.times = StageTimes()
+        self._text_cache: dict[str, torch.Tensor] = {}  # prompt text -> text-encoder output [77, D]
 
     @property
     def cross_specs(self) -> list[CaptureSpec]:
@@ -267,9 +271,14 @@ class Segmenter:
         context = self.config.background_context if self.plan.background_context else None
         prompts = [build_class_prompt(tokenizer, [self.config.classes[c] for c in classes], context)
                    for classes in class_lists]
-        ids = tokenizer([p.text for p in prompts], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")["input_ids"].to(self.model.device)
-        embeddings = self.model.text_encoder(ids)[0]
+        missing = sorted({p.text for p in prompts} - set(self._text_cache))
+        if missing:
+            if len(self._text_cache) + len(missing) > _TEXT_CACHE_SIZE:
+                self._text_cache.clear()
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt")["input_ids"].to(self.model.device)
+            self._text_cache.update(zip(missing, self.model.text_encoder(ids)[0]))
+        embeddings = torch.stack([self._text_cache[p.text] for p in prompts])
         if self.plan.enhance and self.config.cat_cross:
             gain = torch.ones(embeddings.shape[:2], device=embeddings.device, dtype=embeddings.dtype)
             for row, prompt in enumerate(prompts):

@@ -65,6 +65,8 @@ class ShardResult:
     shard: str
     mask_samples: list[dict]
     rows: list[dict]
+    peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
+    peak_device_mb: float = 0.0  # the worker's peak accelerator memory so far (0 on CPU)
 
     @property
     def failed(self) -> int:
@@ -212,7 +214,20 @@ class ShardWorker:
                 masks[key] = files
                 rows[key] = row
         mask_samples = [{"__key__": k, **masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
-        return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order])
+        return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order],
+                           peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(self.model.device))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_device_mb(device: torch.device) -> float:
+    """Peak memory allocated by torch on a CUDA device in MiB (0 elsewhere)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
 def is_device_failure(exc: BaseException) -> bool:

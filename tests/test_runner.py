@@ -141,13 +141,22 @@ def _states(out):
     return [e.state for e in Ledger(out).entries()]
 
 
-def _busy_worker_on_first_shard(out):
-    """The worker process while it runs the first shard (so a kill always hits a shard that
-    still has to finish, never the moment after the last one returned)."""
+def _busy_worker_on_first_shard(job, out):
+    """The job's own worker process (a descendant of the job's driver: Ray started under it)
+    while it runs the first shard, so a kill always hits a shard that still has to finish."""
     if _states(out) != ["in_progress"]:
         return None
-    return next((p for p in psutil.process_iter(["cmdline"])
-                 if any("ShardWorker.process_shard" in part for part in p.info["cmdline"] or [])), None)
+    try:
+        descendants = psutil.Process(job.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for proc in descendants:
+        try:
+            if any("ShardWorker.process_shard" in part for part in proc.cmdline()):
+                return proc
+        except psutil.Error:
+            continue
+    return None
 
 
 def test_killed_actor_is_replaced_and_its_shard_retried(clean_run, shards, tmp_path):
@@ -155,7 +164,7 @@ def test_killed_actor_is_replaced_and_its_shard_retried(clean_run, shards, tmp_p
     job = _start_cli(shards, out)
 
     def busy_worker():
-        return _busy_worker_on_first_shard(out)
+        return _busy_worker_on_first_shard(job, out)
 
     _wait_for(lambda: busy_worker() is not None, job)
     worker = busy_worker()
@@ -212,7 +221,7 @@ def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, sh
                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def busy_worker():
-        return _busy_worker_on_first_shard(out)
+        return _busy_worker_on_first_shard(job, out)
 
     _wait_for(lambda: busy_worker() is not None, job)
     busy_worker().send_signal(signal.SIGKILL)

@@ -1,0 +1,190 @@
+"""Throughput benchmark: the bare model (VAE encode + one UNet forward, stock attention) against
+the segmenter (the full iSeg path in-process) and the pipeline (`run` over shards: decode, Ray,
+post-process, writing), on the same images and the same model.
+
+Every measurement runs one untimed warm-up batch first. Pipeline figures are taken from the
+workers being ready to the last shard written (Ray start and model load excluded: they are paid
+once per job, not per image); the end-to-end wall time is printed beside them.
+"""
+
+from __future__ import annotations
+
+import io
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import VOC_CLASS_NAMES, SegmenterConfig
+from .models import ModelBundle
+from .segmenter import Segmenter
+
+
+def benchmark_images(n: int, seed: int = 0) -> list[tuple[np.ndarray, list[int]]]:
+    """n VOC-sized (500 x 375 or 375 x 500) textured images with 1-3 labels each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        height, width = (375, 500) if i % 3 else (500, 375)
+        base = rng.integers(0, 255, size=(height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+        image = np.array(Image.fromarray(base).resize((width, height), Image.BILINEAR))
+        labels = sorted(rng.choice(20, size=1 + i % 3, replace=False).tolist())
+        out.append((image, labels))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class BenchResult:
+    bare_images_per_s: float = 0.0
+    bare_batch_size: int = 0
+    bare_by_batch: dict[int, float] = field(default_factory=dict)
+    segmenter_images_per_s: float = 0.0
+    segmenter_stages: dict[str, float] = field(default_factory=dict)  # seconds per image
+    pipeline_images_per_s: float = 0.0
+    pipeline_crf_images_per_s: float = 0.0
+    pipeline_wall_s: float = 0.0
+    peak_device_mb: float = 0.0
+    peak_worker_rss_mb: float = 0.0
+    peak_worker_device_mb: float = 0.0
+
+    @property
+    def ratio_line(self) -> str:
+        seg = self.segmenter_images_per_s / self.bare_images_per_s if self.bare_images_per_s else 0.0
+        pipe = self.pipeline_images_per_s / self.bare_images_per_s if self.bare_images_per_s else 0.0
+        return f"segmenter/bare={seg:.2f} pipeline/bare={pipe:.2f}"
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.inference_mode()
+def bare_model(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor], batch_size: int) -> float:
+    """images/s of VAE encode + one UNet forward with stock attention (text embeddings given)."""
+    segmenter = Segmenter(model, config)  # only for its image preprocessing and noise
+    context = torch.zeros(batch_size, model.tokenizer.model_max_length, model.text_encoder.config.hidden_size,
+                          device=model.device, dtype=model.dtype)
+
+    def run(batch):
+        latents = segmenter.encode_images(batch)
+        t = torch.full((len(batch),), config.timestep, device=model.device, dtype=torch.long)
+        model.unet(latents, t, encoder_hidden_states=context[: len(batch)])
+
+    run(images[:batch_size])
+    _sync(model.device)
+    start = time.perf_counter()
+    for batch in _batches(images, batch_size):
+        run(batch)
+    _sync(model.device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
+                   labels: list[list[int]], batch_size: int) -> tuple[float, dict[str, float]]:
+    """images/s of the full method in-process, and seconds per image per stage."""
+    segmenter = Segmenter(model, config)
+    segmenter.segment(images[:batch_size], labels[:batch_size])
+    segmenter.times.seconds.clear()
+    _sync(model.device)
+    start = time.perf_counter()
+    for index in range(0, len(images), batch_size):
+        segmenter.segment(images[index : index + batch_size], labels[index : index + batch_size])
+    _sync(model.device)
+    elapsed = time.perf_counter() - start
+    return len(images) / elapsed, {k: v / len(images) for k, v in segmenter.times.seconds.items()}
+
+
+def pipeline_path(model_spec: str, config: SegmenterConfig, samples: list[tuple[np.ndarray, list[int]]],
+                  workdir: Path, device: str | None, crf: bool):
+    """JobSummary of `run` over shards of these images (CRF on or off)."""
+    from .runner import run_job
+    from .shards import encode_json, tar_bytes
+
+    shards = workdir / ("shards-crf" if crf else "shards")
+    shards.mkdir(parents=True, exist_ok=True)
+    per_shard = max(config.batch_size, len(samples) // 2 or 1)
+    for number, start in enumerate(range(0, len(samples), per_shard)):
+        entries = []
+        for index, (image, labels) in enumerate(samples[start : start + per_shard], start):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+            names = [VOC_CLASS_NAMES[c] for c in labels]
+            meta = {"id": f"bench_{index:06d}", "names": names, "labels": [c + 1 for c in labels],
+                    "width": image.shape[1], "height": image.shape[0]}
+            entries.append({"__key__": f"bench_{index:06d}", "jpg": buffer.getvalue(), "json": encode_json(meta)})
+        (shards / f"bench-{number:06d}.tar").write_bytes(tar_bytes(entries))
+    job_config = config.model_copy(update={"crf": config.crf.model_copy(update={"enabled": crf})})
+    return run_job(str(shards / "bench-*.tar"), workdir / ("out-crf" if crf else "out"), job_config, model_spec,
+                   workers=1, device=device, progress=False)
+
+
+def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, n_images: int,
+                  batch_sizes: list[int], device: str | None, with_pipeline: bool = True, log=print) -> BenchResult:
+    samples = benchmark_images(n_images)
+    images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
+    labels = [lab for _, lab in samples]
+    result = BenchResult()
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    for size in batch_sizes:
+        result.bare_by_batch[size] = bare_model(model, config, images, size)
+        log(f"bare model, batch {size}: {result.bare_by_batch[size]:.3f} images/s")
+    result.bare_batch_size = max(result.bare_by_batch, key=result.bare_by_batch.get)
+    result.bare_images_per_s = result.bare_by_batch[result.bare_batch_size]
+    seg_config = config.model_copy(update={"batch_size": result.bare_batch_size})
+    result.segmenter_images_per_s, result.segmenter_stages = segmenter_path(
+        model, seg_config, images, labels, result.bare_batch_size)
+    log(f"segmenter, batch {result.bare_batch_size}: {result.segmenter_images_per_s:.3f} images/s")
+    if model.device.type == "cuda":
+        result.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
+    if with_pipeline:
+        with tempfile.TemporaryDirectory(prefix="pseudolabel-bench-") as tmp:
+            for crf in (False, True):
+                summary = pipeline_path(model_spec, seg_config, samples, Path(tmp), device, crf)
+                rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
+                log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s "
+                    f"({summary.seconds:.1f} s end to end with Ray start and model load)")
+                if crf:
+                    result.pipeline_crf_images_per_s = rate
+                else:
+                    result.pipeline_images_per_s, result.pipeline_wall_s = rate, summary.seconds
+                result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, summary.peak_worker_rss_mb)
+                result.peak_worker_device_mb = max(result.peak_worker_device_mb, summary.peak_worker_device_mb)
+    return result
+
+
+def format_report(result: BenchResult, model_spec: str, device: torch.device, n_images: int) -> str:
+    host_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    lines = [
+        f"model {model_spec} on {device}, {n_images} images (500x375 / 375x500)",
+        f"bare model    {result.bare_images_per_s:8.3f} images/s (VAE encode + UNet forward, batch {result.bare_batch_size}; "
+        + ", ".join(f"batch {b}: {v:.3f}" for b, v in result.bare_by_batch.items()) + ")",
+        f"segmenter     {result.segmenter_images_per_s:8.3f} images/s (full iSeg path in-process)",
+    ]
+    if result.pipeline_images_per_s:
+        lines += [
+            f"pipeline      {result.pipeline_images_per_s:8.3f} images/s (run over shards, CRF off; "
+            f"{result.pipeline_wall_s:.1f} s end to end)",
+            f"pipeline+CRF  {result.pipeline_crf_images_per_s:8.3f} images/s (run over shards, CRF on)",
+        ]
+    lines.append("segmenter stages, seconds per image: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in result.segmenter_stages.items()))
+    memory = f"peak host RSS {host_rss:.0f} MiB (benchmark process)"
+    if result.peak_worker_rss_mb:
+        memory += f", {result.peak_worker_rss_mb:.0f} MiB (pipeline worker)"
+    if device.type == "cuda":
+        memory += (f"; peak GPU memory {result.peak_device_mb:.0f} MiB in-process, "
+                   f"{result.peak_worker_device_mb:.0f} MiB per pipeline actor")
+    lines.append(memory)
+    lines.append(result.ratio_line)
+    return "\n".join(lines)
