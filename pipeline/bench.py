@@ -123,7 +123,7 @@ def pipeline_path(model_spec: str, config: SegmenterConfig, samples: list[tuple[
                     "width": image.shape[1], "height": image.shape[0]}
             entries.append({"__key__": f"bench_{index:06d}", "jpg": buffer.getvalue(), "json": encode_json(meta)})
         (shards / f"bench-{number:06d}.tar").write_bytes(tar_bytes(entries))
-    job_config = config.model_copy(update={"crf": config.crf.model_copy(update={"enabled": crf})})
+    job_config = config.with_crf(crf)
     return run_job(str(shards / "bench-*.tar"), workdir / ("out-crf" if crf else "out"), job_config, model_spec,
                    workers=1, device=device, progress=False)
 

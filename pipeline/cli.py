@@ -47,7 +47,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.crf:
-        config = config.model_copy(update={"crf": config.crf.model_copy(update={"enabled": True})})
+        config = config.with_crf(True)
     classes = parse_labels(args.labels, config)
     image = read_image(args.image)
     started = time.perf_counter()
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.crf:
-        config = config.model_copy(update={"crf": config.crf.model_copy(update={"enabled": True})})
+        config = config.with_crf(True)
     return _run(args, args.input, config, args.model, args.retry_failed)
 
 

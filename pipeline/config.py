@@ -196,6 +196,10 @@ class SegmenterConfig(_Strict):
                                  f"maps are {sorted(sides)} pixels wide")
         return self
 
+    def with_crf(self, enabled: bool) -> "SegmenterConfig":
+        """A copy with the dense CRF on or off."""
+        return self.model_copy(update={"crf": self.crf.model_copy(update={"enabled": enabled})})
+
     @property
     def method_timestep(self) -> int:
         """The timestep of the chosen method's single UNet forward."""

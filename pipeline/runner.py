@@ -112,7 +112,9 @@ def _init_ray(address: str | None):
 
 def _actor_options(ray, workers: int | None, retries: int) -> tuple[int, dict, int]:
     """(workers, actor options, torch threads per actor): one GPU each where the cluster has
-    GPUs, else CPU slots that leave one CPU per worker for post-processing tasks."""
+    GPUs, else CPU slots. A CPU worker reserves its share of the CPUs minus one slot left for
+    the post-processing tasks, but runs torch on its whole share: the reservation schedules
+    Ray tasks, it does not pin cores, and the model is idle while its results are post-processed."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     fault = dict(max_restarts=-1, max_task_retries=retries)
@@ -120,8 +122,8 @@ def _actor_options(ray, workers: int | None, retries: int) -> tuple[int, dict, i
         n = workers or gpus
         return n, dict(num_gpus=1, num_cpus=1, **fault), 0
     n = workers or 1
-    per_actor = max(1, (cpus - n) // n)
-    return n, dict(num_cpus=per_actor, **fault), per_actor
+    reserved = max(1, (cpus - n) // n)
+    return n, dict(num_cpus=reserved, **fault), max(1, cpus // n)
 
 
 def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,

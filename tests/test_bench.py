@@ -1,0 +1,25 @@
+"""The benchmark command prints its figures and the tracked last line (no speed is asserted)."""
+
+import re
+
+from pipeline.bench import BenchResult, benchmark_images
+from pipeline.cli import main
+
+
+def test_bench_prints_figures_and_the_tracked_last_line(capsys):
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--images", "2", "--batch-sizes", "1,2",
+                 "--no-pipeline"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"segmenter/bare=\d+\.\d\d pipeline/bare=0\.00", lines[-1])
+    report = "\n".join(lines)
+    assert re.search(r"bare model +\d+\.\d+ images/s .*batch 1: \d+\.\d+, batch 2: \d+\.\d+", report)
+    assert re.search(r"segmenter stages, seconds per image: text [\d.]+, vae [\d.]+, unet [\d.]+, refine [\d.]+", report)
+    assert "peak host RSS" in report
+
+
+def test_ratio_line_format_and_images():
+    result = BenchResult(bare_images_per_s=2.0, segmenter_images_per_s=1.8, pipeline_images_per_s=1.7)
+    assert result.ratio_line == "segmenter/bare=0.90 pipeline/bare=0.85"
+    images = benchmark_images(3)
+    assert [img.shape for img, _ in images] == [(500, 375, 3), (375, 500, 3), (375, 500, 3)]
+    assert [len(labels) for _, labels in images] == [1, 2, 3]
