@@ -105,14 +105,15 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
 
 
 def pipeline_path(model_spec: str, config: SegmenterConfig, samples: list[tuple[np.ndarray, list[int]]],
-                  workdir: Path, device: str | None, crf: bool):
-    """JobSummary of `run` over shards of these images (CRF on or off)."""
+                  workdir: Path, device: str | None, crf: bool, per_shard: int | None = None):
+    """JobSummary of `run` over shards of these images (CRF on or off); two shards unless
+    per_shard is given."""
     from .runner import run_job
     from .shards import encode_json, tar_bytes
 
     shards = workdir / ("shards-crf" if crf else "shards")
     shards.mkdir(parents=True, exist_ok=True)
-    per_shard = max(config.batch_size, len(samples) // 2 or 1)
+    per_shard = per_shard or max(config.batch_size, len(samples) // 2 or 1)
     for number, start in enumerate(range(0, len(samples), per_shard)):
         entries = []
         for index, (image, labels) in enumerate(samples[start : start + per_shard], start):

@@ -1,0 +1,52 @@
+"""Driver and worker memory as a job runs over many shards (is host memory flat?).
+
+Usage: python jobs/measure_host_memory.py [--shards 24] [--per-shard 2] [--model tiny] [--config CONFIG]
+Writes synthetic shards to a temporary folder, runs the job, samples the driver's RSS every
+0.5 s and prints it per quarter of the run, with the workers' peak RSS.
+"""
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from pipeline.bench import benchmark_images, pipeline_path
+from pipeline.config import load_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=24)
+    parser.add_argument("--per-shard", type=int, default=2)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--config", default=None)
+    args = parser.parse_args()
+    config = load_config(args.config).model_copy(update={"batch_size": args.per_shard})
+    samples = benchmark_images(args.shards * args.per_shard)
+    driver = psutil.Process()
+    trace: list[tuple[float, float]] = []
+    running = True
+
+    def sample() -> None:
+        while running:
+            trace.append((time.perf_counter(), driver.memory_info().rss / 2**20))
+            time.sleep(0.5)
+
+    threading.Thread(target=sample, daemon=True).start()
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = pipeline_path(args.model, config, samples, Path(tmp), device=None, crf=False, per_shard=args.per_shard)
+    running = False
+    start, end = trace[0][0], trace[-1][0]
+    print(f"{summary.line}")
+    for quarter in range(4):
+        lo, hi = start + quarter * (end - start) / 4, start + (quarter + 1) * (end - start) / 4
+        values = [rss for t, rss in trace if lo <= t <= hi]
+        print(f"quarter {quarter + 1}: driver RSS max {max(values):.0f} MiB")
+    print(f"worker peak RSS {summary.peak_worker_rss_mb:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
