@@ -322,34 +322,40 @@ def check_model_available(spec: str) -> None:
     path = Path(spec).expanduser()
     if path.is_dir() or not _looks_like_hub_id(spec):
         resolve_model(spec)
-        return
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        snapshot_download(spec, allow_patterns=_HUB_FILES, local_files_only=True)
-    except Exception:
-        if constants.HF_HUB_OFFLINE or not _hub_reachable():
-            raise ModelLoadError(
-                f"model {spec!r} is not in the local cache and the hub ({constants.ENDPOINT}) cannot be reached: "
-                "pass a local diffusers folder with --model /path/to/stable-diffusion-2-1-base, "
-                "or --model tiny for the offline demo"
-            ) from None
+    elif _cached_hub_folder(spec) is None:
+        _require_hub(spec)
 
 
-def _hub_folder(repo_id: str) -> Path:
-    """A hub repository's local snapshot: from the cache, else downloaded once."""
-    from huggingface_hub import constants, snapshot_download
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    """The repository's snapshot in the local Hugging Face cache, or None."""
+    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
-    except Exception:  # not cached: any hub error means "download it"
-        pass
+    except Exception:  # not cached: any hub error means "not here"
+        return None
+
+
+def _require_hub(repo_id: str) -> None:
+    """Raise ModelLoadError unless the hub can be reached to download repo_id."""
+    from huggingface_hub import constants
+
     if constants.HF_HUB_OFFLINE or not _hub_reachable():
         raise ModelLoadError(
             f"model {repo_id!r} is not in the local cache and the hub ({constants.ENDPOINT}) cannot be reached: "
             "pass a local diffusers folder with --model /path/to/stable-diffusion-2-1-base, "
             "or --model tiny for the offline demo"
         )
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """A hub repository's local snapshot: from the cache, else downloaded once."""
+    from huggingface_hub import snapshot_download
+
+    cached = _cached_hub_folder(repo_id)
+    if cached is not None:
+        return cached
+    _require_hub(repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
     except Exception as exc:
