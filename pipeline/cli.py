@@ -183,7 +183,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   masks: {dest / 'out' / 'masks'}  statistics: {dest / 'out' / 'stats'}  ledger: {dest / 'out' / 'ledger'}")
     written = write_overlays(dest / "out" / "masks", sample, dest / "overlays")
     print(f"3. overlays (image with mask | mask) of {written} images in {dest / 'overlays'}")
-    from .evaluate import evaluate_job, format_table, write_json
+    from .evaluate import evaluate_job, write_json
     from .export import export_voc
     from .outputs import JobOutput
     from .report import write_report
@@ -216,15 +216,6 @@ def write_overlays(masks_dir: Path, voc_root: Path, dest: Path) -> int:
     return count
 
 
-def _class_names(out_dir: Path) -> list[str]:
-    import json
-
-    job = Path(out_dir) / "job.json"
-    if job.is_file():
-        return [c["name"] for c in json.loads(job.read_text())["config"]["classes"]]
-    return list(VOC_CLASS_NAMES)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import ExportFilter, export_voc
     from .outputs import JobOutput
@@ -242,10 +233,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_job, format_table, write_json
     from .outputs import JobOutput
 
-    scores, conf = evaluate_job(JobOutput(args.output), gt_dir=args.gt)
+    job = JobOutput(args.output)
+    scores, conf = evaluate_job(job, gt_dir=args.gt)
     if not scores.images:
         raise InputError("no image has ground truth: pass --gt with the SegmentationClass(Aug) folder")
-    names = _class_names(args.output)
+    names = job.class_names
     print(format_table(scores, names))
     json_path = Path(args.json) if args.json else Path(args.output) / "eval.json"
     write_json(scores, conf, names, json_path)

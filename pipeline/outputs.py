@@ -11,6 +11,8 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
+from .config import VOC_CLASS_NAMES
+from .ledger import Ledger
 from .masks import decode_confidence, decode_mask
 from .runner import InputError, expand_input, shard_name
 from .shards import read_shard
@@ -51,12 +53,22 @@ class JobOutput:
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, labels=decode_mask(sample["png"]),
                                  confidence=confidence, stats=json.loads(sample["json"]))
 
+    def job(self) -> dict:
+        """The job's record (config, config hash, model, input); {} without job.json."""
+        return Ledger(self.out_dir).job() or {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """The job's class names (VOC's when the job left no record)."""
+        classes = self.job().get("config", {}).get("classes")
+        return [c["name"] for c in classes] if classes else list(VOC_CLASS_NAMES)
+
     def input_shards(self) -> dict[str, str]:
         """Input shard name -> url, from the job's recorded input."""
-        job_path = self.out_dir / "job.json"
-        if not job_path.is_file():
+        job = self.job()
+        if not job:
             raise InputError(f"{self.out_dir} has no job.json: the input shards are unknown")
-        return {shard_name(u): u for u in expand_input(json.loads(job_path.read_text())["input"])}
+        return {shard_name(u): u for u in expand_input(job["input"])}
 
     def input_samples(self, shard: str) -> Iterator[dict]:
         """The raw samples (jpg, json, gt.png) of the input shard a mask shard was made from."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -124,8 +123,8 @@ def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
     rows = job.stats().to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
-    job_info = json.loads((job.out_dir / "job.json").read_text()) if (job.out_dir / "job.json").is_file() else {}
-    class_names = [c["name"] for c in job_info.get("config", {}).get("classes", [])]
+    job_info = job.job()
+    class_names = job.class_names
 
     sections = [f"<h1>Pseudo-mask report</h1><p>{len(rows)} images: {len(ok)} ok, {len(failed)} failed · "
                 f"model <code>{html.escape(str(job_info.get('model', '?')))}</code> · config "

@@ -67,7 +67,6 @@ def make_job_output(tmp_path, predict):
     """A job folder made without the model: VOC-style input shards of 4 synthetic images whose
     ground truth is two_class_mask, and mask shards holding predict(gt, index) as the masks.
     Returns (job folder, {id: gt})."""
-    import torch
 
     from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
     from pipeline.ledger import Ledger
