@@ -57,6 +57,11 @@ class CapturedAttention:
             counts[side] = counts.get(side, 0) + self.heads[key]
         return {side: sums[side] / counts[side] for side in sorted(sums)}
 
+    def pooled_by_prefix(self, prefix: str) -> dict[int, torch.Tensor]:
+        """`pooled_by_side` over every key starting with prefix (e.g. "self:" for the
+        per-resolution keys "self:{side}")."""
+        return self.pooled_by_side([k for k in self.sums if k.startswith(prefix)])
+
 
 def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[int], scale: float) -> torch.Tensor:
     """query [B, H, Nq, D], key [B, H, Nk, D] -> sum over `heads` of softmax(q k^T * scale),

@@ -117,10 +117,10 @@ class DiffSegPlan:
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         settings = self.config.diffseg
-        self_by_side = store.pooled_by_side([k for k in store.sums if k.startswith("self:")])
+        self_by_side = store.pooled_by_prefix("self:")
         side = max(self_by_side)
         aggregated = diffseg.aggregate_self_attention(self_by_side, side)
-        cross = iseg.fuse_cross_attention(store.pooled_by_side([k for k in store.sums if k.startswith("cross:")]),
+        cross = iseg.fuse_cross_attention(store.pooled_by_prefix("cross:"),
                                           self.config.cross_attention.resolution_weights, side)
         results = []
         for row, prompt in enumerate(prompts):
@@ -163,7 +163,7 @@ class GocaPlan:
         reference = goca.resize_attention(goca.pseudo_global_attention(store.sums["reference"]), self.reference_side)
         self_ref = torch.stack([store.sums[f"{layer}:selfref"] for layer in self.layers])  # [L, B, M, M]
         weights = goca.layer_weights(self_ref, reference)  # [L, B]
-        side, affinity = max(store.pooled_by_side([k for k in store.sums if k.startswith("self:")]).items())
+        side, affinity = max(store.pooled_by_prefix("self:").items())
         fused = None
         for index, layer in enumerate(self.layers):
             maps = store.sums[f"{layer}:cross"]  # [B, n, T]
@@ -200,8 +200,8 @@ class DiffSegmenterPlan:
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         settings = self.config.diffsegmenter
-        side, self_attn = max(store.pooled_by_side([k for k in store.sums if k.startswith("self:")]).items())
-        cross = diffsegmenter.fuse_minmax(store.pooled_by_side([k for k in store.sums if k.startswith("cross:")]),
+        side, self_attn = max(store.pooled_by_prefix("self:").items())
+        cross = diffsegmenter.fuse_minmax(store.pooled_by_prefix("cross:"),
                                           settings.resolution_weights, side)
         results = []
         for row, prompt in enumerate(prompts):
