@@ -4,7 +4,6 @@ a sample-sized decision aid, not the production job."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from .postprocess import finish_mask
 from .runner import expand_input
 from .segmenter import Segmenter
 from .shards import read_shard
+from .worker import sample_classes
 
 # Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
 VARIANTS = {
@@ -49,20 +49,17 @@ def parse_methods(text: str) -> list[str]:
 
 
 def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
-    """(id, image, classes, gt bytes or None) of every usable sample; skipped ones counted."""
-    skipped, count = 0, 0
+    """(id, image, classes, gt bytes or None) of every usable sample; unusable ones are
+    reported and skipped."""
+    count = 0
     for url in expand_input(input_pattern):
         for sample in read_shard(url):
             if limit is not None and count >= limit:
                 return
             try:
                 image = decode_image(sample.get("jpg", b""), sample["__key__"])
-                names = json.loads(sample["json"]).get("names") or []
-                classes = sorted({config.class_index(n) for n in names})
-                if not classes:
-                    raise ConfigError("no labels")
-            except (ImageDecodeError, ConfigError, KeyError, json.JSONDecodeError) as exc:
-                skipped += 1
+                classes = sample_classes(sample, config)
+            except (ImageDecodeError, ConfigError) as exc:
                 print(f"skipped {sample['__key__']}: {exc}")
                 continue
             count += 1

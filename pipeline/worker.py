@@ -100,6 +100,21 @@ def _prefetch(url: str, depth: int):
         yield item
 
 
+def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
+    """A shard sample's labelled classes as sorted 0-based indices of config's classes; a
+    ConfigError names what is wrong (no .json, bad JSON, no labels, an unknown class)."""
+    if "json" not in sample:
+        raise ConfigError("sample has no .json with its labels: reshard it with pseudolabel shard-voc/shard-folder")
+    try:
+        meta = json.loads(sample["json"])
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
+    names = meta.get("names") or []
+    if not names:
+        raise ConfigError("image has no labels: give it at least one image-level label")
+    return sorted({config.class_index(name) for name in names})
+
+
 class ShardWorker:
     """A loaded segmenter that processes whole shards."""
 
@@ -116,18 +131,6 @@ class ShardWorker:
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.model.device)}
-
-    def _labels(self, sample: dict) -> list[int]:
-        if "json" not in sample:
-            raise ConfigError("sample has no .json with its labels: reshard it with pseudolabel shard-voc/shard-folder")
-        try:
-            meta = json.loads(sample["json"])
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
-        names = meta.get("names") or []
-        if not names:
-            raise ConfigError("image has no labels: give it at least one image-level label")
-        return sorted({self.config.class_index(name) for name in names})
 
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
@@ -198,7 +201,7 @@ class ShardWorker:
                 rows[key] = failed_row(key, shard, str(image))
                 continue
             try:
-                classes = self._labels(sample)
+                classes = sample_classes(sample, self.config)
             except ConfigError as exc:
                 rows[key] = failed_row(key, shard, str(exc), height=image.shape[0], width=image.shape[1])
                 continue
