@@ -167,7 +167,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         raise WorkerStartError(f"segmenter workers could not start: {_first_line(exc)}") from exc
 
     processing_start = time.perf_counter()
-    total_images = _count_images(urls, plan["run"], by_name)
+    total_images = _count_images([by_name[name] for name in todo])
     bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
     in_flight: dict = {}
 
@@ -241,14 +241,14 @@ def _first_line(exc: Exception) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def _count_images(urls: list[str], names: list[str], by_name: dict[str, str]) -> int | None:
-    """Images in the shards to run, from a manifest beside them when there is one."""
+def _count_images(urls: list[str]) -> int | None:
+    """Images in these shards, from the manifest beside them when every one is listed there."""
     counts: dict[str, int] = {}
-    for folder in {str(Path(u).parent) for u in urls if "://" not in u}:
-        manifest = Path(folder) / "manifest.json"
+    for folder in {Path(u).parent for u in urls if "://" not in u}:
+        manifest = folder / "manifest.json"
         if manifest.is_file():
             for shard in json.loads(manifest.read_text()).get("shards", []):
-                counts[str(Path(folder) / shard["url"])] = shard["samples"]
-    if all(by_name[n] in counts for n in names):
-        return sum(counts[by_name[n]] for n in names)
+                counts[str(folder / shard["url"])] = shard["samples"]
+    if all(u in counts for u in urls):
+        return sum(counts[u] for u in urls)
     return None
