@@ -45,16 +45,14 @@ def fuse_cross_attention(
 
 
 def symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float) -> torch.Tensor:
-    """0.5 * (KL(p||q) + KL(q||p)) between rows of points [N, T] and centres [K, T] -> [N, K].
-
-    Logs are taken of (value + eps).
-    """
+    """0.5 * (KL(p||q) + KL(q||p)) between rows of points [..., N, T] and centres [..., K, T]
+    -> [..., N, K] (leading batch axes shared). Logs are taken of (value + eps)."""
     log_p = torch.log(points + eps)
     log_q = torch.log(centres + eps)
-    p_log_p = (points * log_p).sum(dim=1, keepdim=True)  # [N, 1]
-    q_log_q = (centres * log_q).sum(dim=1)  # [K]
-    kl_pq = p_log_p - points @ log_q.T
-    kl_qp = q_log_q - log_p @ centres.T
+    p_log_p = (points * log_p).sum(dim=-1, keepdim=True)  # [..., N, 1]
+    q_log_q = (centres * log_q).sum(dim=-1).unsqueeze(-2)  # [..., 1, K]
+    kl_pq = p_log_p - points @ log_q.transpose(-1, -2)
+    kl_qp = q_log_q - log_p @ centres.transpose(-1, -2)
     return 0.5 * (kl_pq + kl_qp)
 
 
@@ -74,25 +72,34 @@ def kl_cluster_average(
 ) -> torch.Tensor:
     """Replace each pixel vector by the mean of its KL-k-means cluster.
 
-    x: [N, T], N = side*side non-negative pixel vectors (one column per token). Zeros are
-    replaced by 1e-6; seeds are the grid pixels of `grid_seed_indices`; each iteration
-    assigns pixels to the nearest centre by symmetric KL and recomputes centres as means,
-    dropping empty clusters. Returns [N, T].
+    x: [N, T] or a batch [B, N, T], N = side*side non-negative pixel vectors (one column per
+    token); images of a batch are clustered independently, in one chain of batched kernels.
+    Zeros are replaced by 1e-6; seeds are the grid pixels of `grid_seed_indices`; each
+    iteration assigns pixels to the nearest centre by symmetric KL and recomputes centres as
+    means. A cluster that loses all its pixels is dropped for good (it is never chosen again;
+    ties go to the lowest seed index, as if dropped clusters were removed). Returns x's shape.
     """
-    if x.shape[0] != side * side:
-        raise ValueError(f"x has {x.shape[0]} rows, expected side*side = {side * side}")
+    if x.shape[-2] != side * side:
+        raise ValueError(f"x has {x.shape[-2]} rows, expected side*side = {side * side}")
     points = torch.where(x == 0, torch.full_like(x, 1e-6), x)
-    centres = points[grid_seed_indices(side, n_clusters)]
+    if points.ndim == 2:
+        points = points[None]
+    centres = points[:, grid_seed_indices(side, n_clusters).to(points.device)]  # [B, K, T]
+    alive = torch.ones(centres.shape[:2], dtype=torch.bool, device=points.device)  # [B, K]
+
+    def nearest() -> torch.Tensor:
+        distance = symmetric_kl(points, centres, eps).masked_fill(~alive[:, None, :], math.inf)
+        return F.one_hot(distance.argmin(dim=2), centres.shape[1]).to(points.dtype)  # [B, N, K]
+
     for _ in range(iterations):
-        assign = symmetric_kl(points, centres, eps).argmin(dim=1)
-        members = F.one_hot(assign, centres.shape[0]).to(points.dtype)  # [N, K]
-        counts = members.sum(dim=0)
-        keep = counts > 0
-        centres = (members.T @ points)[keep] / counts[keep, None]
-    assign = symmetric_kl(points, centres, eps).argmin(dim=1)
-    members = F.one_hot(assign, centres.shape[0]).to(points.dtype)
-    counts = members.sum(dim=0).clamp_min(1)
-    return (members @ ((members.T @ points) / counts[:, None]))
+        members = nearest()
+        counts = members.sum(dim=1)  # [B, K]
+        alive = alive & (counts > 0)
+        centres = (members.transpose(1, 2) @ points) / counts.clamp_min(1)[:, :, None]
+    members = nearest()
+    counts = members.sum(dim=1).clamp_min(1)
+    out = members @ ((members.transpose(1, 2) @ points) / counts[:, :, None])
+    return out.reshape(x.shape)
 
 
 def class_maps_from_tokens(token_maps: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:

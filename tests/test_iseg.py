@@ -111,6 +111,32 @@ def test_kl_cluster_average_replaces_zeros():
     torch.testing.assert_close(out, torch.full((16, 3), 1e-6))
 
 
+def _kl_cluster_reference(x, side, n_clusters, iterations, eps=1e-5):
+    """One image, empty clusters removed from the centre list (the reference's formulation)."""
+    points = torch.where(x == 0, torch.full_like(x, 1e-6), x)
+    centres = points[iseg.grid_seed_indices(side, n_clusters)]
+    for _ in range(iterations):
+        members = torch.nn.functional.one_hot(iseg.symmetric_kl(points, centres, eps).argmin(1), len(centres))
+        counts = members.sum(0)
+        centres = (members.T.to(x.dtype) @ points)[counts > 0] / counts[counts > 0, None]
+    members = torch.nn.functional.one_hot(iseg.symmetric_kl(points, centres, eps).argmin(1), len(centres)).to(x.dtype)
+    return members @ ((members.T @ points) / members.sum(0).clamp_min(1)[:, None])
+
+
+def test_kl_cluster_average_batch_matches_per_image_reference_with_dropped_clusters():
+    generator = torch.Generator().manual_seed(3)
+    # 6 distinct rows per image for 16 seeds: identical seeds, so clusters empty out and are dropped.
+    palette = torch.rand(4, 6, 5, generator=generator, dtype=torch.float64).softmax(dim=-1)
+    pick = torch.randint(0, 6, (4, 144), generator=generator)
+    batch = torch.stack([palette[b, pick[b]] for b in range(4)])  # [4, 144, 5]
+    out = iseg.kl_cluster_average(batch, 12, n_clusters=16, iterations=6)
+    assert out.shape == batch.shape
+    for b in range(4):
+        expected = _kl_cluster_reference(batch[b], 12, 16, 6)
+        torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(iseg.kl_cluster_average(batch[b], 12, 16, 6), expected, rtol=0, atol=1e-12)
+
+
 def test_fuse_cross_attention_weights_and_normalises():
     # 2x2 map with all mass on pixel 0 for token 0, and a uniform 4x4 map; output side 4.
     low = torch.zeros(1, 4, 1)
