@@ -81,24 +81,19 @@ class IsegPlan:
         cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs])
         side, self_attn = _single_side(store.pooled_by_side([f"{s.layer}:self" for s in self.self_specs]), "self")
         fused = iseg.fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
-        class_maps = []
-        for row, prompt in enumerate(prompts):
-            tokens = fused[row]
-            if config.cat_cross:
-                tokens = iseg.kl_cluster_average(tokens, side, config.cluster.n_clusters, config.cluster.iterations)
-            class_maps.append(iseg.class_maps_from_tokens(tokens, prompt.columns))
+        if config.cat_cross:
+            fused = iseg.kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations)
+        class_maps = [iseg.class_maps_from_tokens(fused[row], prompt.columns) for row, prompt in enumerate(prompts)]
         n_max = max(m.shape[1] for m in class_maps)
         padded = torch.stack([F.pad(m, (0, n_max - m.shape[1])) for m in class_maps])  # [B, N, Cmax]
         propagation = iseg.entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
         iterations = config.iterations
         before = iseg.iterative_refinement(padded, propagation, max(iterations - 1, 0))
         after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
-        results = []
-        for row, m in enumerate(class_maps):
-            n = m.shape[1]
-            delta = (after[row, :, :n] - before[row, :, :n]).abs().mean().item() if iterations else 0.0
-            results.append((after[row, :, :n], None, delta, side))
-        return results
+        widths = [m.shape[1] for m in class_maps]
+        deltas = torch.stack([(after[row, :, :n] - before[row, :, :n]).abs().mean() for row, n in enumerate(widths)])
+        deltas = deltas.tolist() if iterations else [0.0] * len(widths)
+        return [(after[row, :, :n], None, delta, side) for row, (n, delta) in enumerate(zip(widths, deltas))]
 
 
 class DiffSegPlan:
@@ -227,6 +222,7 @@ class Segmenter:
         self.plan = PLANS[config.method](model, config)
         self.times = StageTimes()
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt text -> text-encoder output [77, D]
+        self._prompt_cache: dict[tuple[int, ...], ClassPrompt] = {}  # class indices -> prompt
 
     @property
     def cross_specs(self) -> list[CaptureSpec]:
@@ -252,12 +248,12 @@ class Segmenter:
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """images: uint8 [3, H, W] -> noised latents [B, 4, S/8, S/8] at the method's timestep."""
-        size = self.config.image_size
-        pixels = torch.stack([
-            F.interpolate(img[None].to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
-                          align_corners=False, antialias=True)[0]
+        size, device = self.config.image_size, self.model.device
+        pixels = torch.stack([  # uint8 crosses to the device; resizing runs there
+            F.interpolate(img.to(device, non_blocking=True)[None].to(torch.float32) / 255.0, size=(size, size),
+                          mode="bilinear", align_corners=False, antialias=True)[0]
             for img in images
-        ]).to(self.model.device, self.model.dtype)
+        ]).to(self.model.dtype)
         vae = self.model.vae
         latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
         noise = self._noise(len(images), tuple(latents.shape[1:])).to(latents.device, latents.dtype)
@@ -269,21 +265,25 @@ class Segmenter:
         """Text embeddings [B, 77, D] (class tokens enhanced for iSeg's Cat-Cross) and the prompts."""
         tokenizer = self.model.tokenizer
         context = self.config.background_context if self.plan.background_context else None
-        prompts = [build_class_prompt(tokenizer, [self.config.classes[c] for c in classes], context)
-                   for classes in class_lists]
+        for classes in class_lists:
+            if tuple(classes) not in self._prompt_cache:
+                self._prompt_cache[tuple(classes)] = build_class_prompt(
+                    tokenizer, [self.config.classes[c] for c in classes], context)
+        prompts = [self._prompt_cache[tuple(classes)] for classes in class_lists]
         missing = sorted({p.text for p in prompts} - set(self._text_cache))
         if missing:
             if len(self._text_cache) + len(missing) > _TEXT_CACHE_SIZE:
                 self._text_cache.clear()
+                self._prompt_cache.clear()
             ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")["input_ids"].to(self.model.device)
             self._text_cache.update(zip(missing, self.model.text_encoder(ids)[0]))
         embeddings = torch.stack([self._text_cache[p.text] for p in prompts])
         if self.plan.enhance and self.config.cat_cross:
-            gain = torch.ones(embeddings.shape[:2], device=embeddings.device, dtype=embeddings.dtype)
+            gain = torch.ones(embeddings.shape[:2], dtype=embeddings.dtype)
             for row, prompt in enumerate(prompts):
                 gain[row, prompt.all_columns] = self.config.enhancement
-            embeddings = embeddings * gain[:, :, None]
+            embeddings = embeddings * gain.to(embeddings.device)[:, :, None]
         return embeddings, prompts
 
     @torch.inference_mode()
@@ -309,10 +309,14 @@ class Segmenter:
         with capturing(self.model.unet, self.plan.specs) as store:
             self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
         start = self._timed("unet", start)
+        planned = self.plan.scores(store, prompts)
+        # One device-to-host copy for the whole batch: maps (and backgrounds) flattened end to end.
+        parts = [p for maps, background, _, _ in planned for p in (maps.T, background) if p is not None]
+        host = iter(torch.cat([p.reshape(-1).float() for p in parts]).cpu().split([p.numel() for p in parts]))
         results = []
-        for classes, (maps, background, delta, side) in zip(class_lists, self.plan.scores(store, prompts)):
-            grid = maps.T.reshape(len(classes), side, side).float().cpu()
-            bg = background.reshape(side, side).float().cpu() if background is not None else None
+        for classes, (_, background, delta, side) in zip(class_lists, planned):
+            grid = next(host).reshape(len(classes), side, side)
+            bg = next(host).reshape(side, side) if background is not None else None
             results.append(ClassScores(classes=classes, maps=grid, refinement_delta=delta, background=bg))
         self._timed("refine", start)
         return results
