@@ -386,12 +386,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
                dtype: torch.dtype | None = None) -> ModelBundle:
     """Load a model by hub id, local diffusers folder, `tiny` or `sd21-random`.
 
-    Device defaults to CUDA when available; dtype to fp16 on CUDA, fp32 on CPU.
+    Device defaults to CUDA when available; dtype to fp16 on CUDA, fp32 on CPU. (The
+    channels-last layout was measured slower on an H100: docs/performance.md.)
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if spec == SD21_RANDOM_MODEL:
-        components = _build_random_components(SD21_RANDOM_MODEL, cache_dir() / "sd21-random")
+        with device:  # random init on the target device: seconds on a GPU instead of a minute on CPU
+            components = _build_random_components(SD21_RANDOM_MODEL, cache_dir() / "sd21-random")
     else:
         folder = resolve_model(spec)
         try:
