@@ -12,6 +12,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -110,29 +111,43 @@ def _init_ray(address: str | None):
     return ray
 
 
-def _actor_options(ray, workers: int | None, retries: int) -> tuple[int, dict, int]:
+# Shards in flight on each worker: the next shard is queued (and its decoding under way) while
+# the last one's post-processing finishes, so the model does not wait between shards.
+SHARDS_PER_WORKER = 2
+
+
+def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | None = None,
+                   device: str | None = None) -> tuple[int, dict, int]:
     """(workers, actor options, torch threads per actor): one GPU each where the cluster has
-    GPUs, else CPU slots. A CPU worker reserves its share of the CPUs minus one slot left for
-    the post-processing tasks, but runs torch on its whole share: the reservation schedules
-    Ray tasks, it does not pin cores, and the model is idle while its results are post-processed."""
+    GPUs (unless device is "cpu"), else CPU slots. CPU workers together reserve all but at
+    least one CPU (fractions allowed), so post-processing tasks can always be scheduled; the
+    reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
+    cpu_threads threads, by default on its whole share of the CPUs: the model is idle while
+    its results are post-processed."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    fault = dict(max_restarts=-1, max_task_retries=retries)
-    if gpus:
+    fault = dict(max_restarts=-1, max_task_retries=retries, max_concurrency=SHARDS_PER_WORKER)
+    if gpus and device != "cpu":
         n = workers or gpus
+        if n > gpus:
+            raise InputError(f"--workers {n} asks for one GPU each but the cluster has {gpus}: "
+                             f"use --workers {gpus} or fewer, or --device cpu for CPU workers")
         return n, dict(num_gpus=1, num_cpus=1, **fault), 0
     n = workers or 1
-    reserved = max(1, (cpus - n) // n)
-    return n, dict(num_cpus=reserved, **fault), max(1, cpus // n)
+    share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
+    reserved = min(cpu_threads, share) if cpu_threads else share
+    return n, dict(num_cpus=math.floor(reserved * 100) / 100, **fault), cpu_threads or max(1, cpus // n)
 
 
 def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
             address: str | None = None, workers: int | None = None, retry_failed: bool = False,
-            force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True) -> JobSummary:
-    """Run (or resume) a job: every shard of input_pattern not yet done under this config."""
+            force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True,
+            cpu_threads: int | None = None) -> JobSummary:
+    """Run (or resume) a job: every shard of input_pattern not yet done under this config.
+    cpu_threads: torch threads of each CPU worker (default: its share of the machine)."""
     from tqdm import tqdm
 
-    from .worker import ShardWorker
+    from .worker import ShardWorker, start_post_processing_worker
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -156,11 +171,15 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         return summary
 
     ray = _init_ray(address)
-    n_workers, options, threads = _actor_options(ray, workers, retries)
+    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device)
     n_workers = min(n_workers, len(todo))
     config_json = config.model_dump_json()
     actor_class = ray.remote(ShardWorker)
     actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
+    # Post-processing workers import torch while the model loads (not waited for).
+    starter = ray.remote(num_cpus=1)(start_post_processing_worker)
+    for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+        starter.remote()
     try:
         ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
     except ray.exceptions.RayActorError as exc:
@@ -171,22 +190,24 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
     in_flight: dict = {}
 
-    def dispatch(actor) -> None:
+    def dispatch(slot: int) -> None:
         if not todo:
             return
+        actor = actors[slot]
         name = todo.pop(0)
         entry = ledger.get(name)
         attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
         ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
                               model=model, attempts=attempts))
         ref = actor.process_shard.remote(by_name[name], name, remote_finish=True)
-        in_flight[ref] = (name, actor, time.perf_counter(), attempts)
+        in_flight[ref] = (name, slot, time.perf_counter(), attempts)
 
-    for actor in actors:
-        dispatch(actor)
+    for _ in range(SHARDS_PER_WORKER):
+        for slot in range(len(actors)):
+            dispatch(slot)
     while in_flight:
         (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-        name, actor, shard_start, attempts = in_flight.pop(ref)
+        name, slot, shard_start, attempts = in_flight.pop(ref)
         entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
                            attempts=attempts, seconds=time.perf_counter() - shard_start)
         try:
@@ -195,7 +216,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
             # restarted worker before sending it more: a call sent mid-restart would fail too.
             entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
-            actor = _wait_until_ready(ray, actor, actor_class, options, (model, config_json, device, threads))
+            actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
+                                             (model, config_json, device, threads))
         except ray.exceptions.RayTaskError as exc:
             entry.error = _first_line(exc)
         else:
@@ -212,7 +234,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         else:
             summary.shards_failed += 1
             bar.write(f"shard {name} failed: {entry.error}")
-        dispatch(actor)
+        dispatch(slot)
     bar.close()
     summary.processing_seconds = time.perf_counter() - processing_start
     summary.seconds = time.perf_counter() - started

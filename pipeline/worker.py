@@ -3,7 +3,9 @@
 `ShardWorker` is the stateful class that a Ray actor wraps (one per GPU or CPU slot): it loads
 the model once and then processes whole shards. Decoding runs in a prefetch thread and
 post-processing (upsampling, background rule, CRF, PNG encoding, statistics) is handed to a
-`finish` callable (Ray CPU tasks in a job), so the model never waits on either. A bad image or
+`finish` callable (Ray CPU tasks in a job), so the model never waits on either. A job runs
+two shards at a time on each worker (a threaded actor): while one waits for its post-processing
+the other feeds the model; a lock keeps the segmenter to one batch at a time. A bad image or
 label fails that image only.
 """
 
@@ -26,6 +28,11 @@ from .postprocess import finish_mask
 from .prompts import PromptError
 from .shards import encode_json, read_shard
 from .stats import failed_row, mask_statistics
+
+
+# Images per post-processing task: with CRF on (about a second of CPU per image) a batch's
+# images spread over that many tasks, and so over the CPUs.
+FINISH_CHUNK = 4
 
 
 @dataclass
@@ -56,6 +63,13 @@ def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list
         row["seconds"] = item.model_seconds + time.perf_counter() - start
         out.append((item.id, files, row))
     return out
+
+
+def start_post_processing_worker() -> int:
+    """A no-op whose only effect is that the Ray worker running it imports this module (and
+    torch) now, while the segmenter workers load their model, instead of during the first
+    post-processing task. Returns the worker's pid."""
+    return os.getpid()
 
 
 @dataclass
@@ -128,6 +142,7 @@ class ShardWorker:
         self.config = SegmenterConfig.model_validate_json(config_json)
         self.model = load_model(model_spec, device=device)
         self.segmenter = Segmenter(self.model, self.config)
+        self._model_lock = threading.Lock()  # one batch at a time when shards run concurrently
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.model.device)}
@@ -135,10 +150,11 @@ class ShardWorker:
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
         only that image fails. Yields (id, sample, ClassScores or error text, seconds)."""
-        start = time.perf_counter()
         images = [torch.from_numpy(image).permute(2, 0, 1) for _, _, image, _ in batch]
         try:
-            scores = self.segmenter.segment(images, [classes for *_, classes in batch])
+            with self._model_lock:
+                start = time.perf_counter()
+                scores = self.segmenter.segment(images, [classes for *_, classes in batch])
         except (PromptError, ValueError) as exc:
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
@@ -190,8 +206,8 @@ class ShardWorker:
                 background = score.background.numpy() if score.background is not None else None
                 items.append(FinishItem(key, sample["jpg"], score.maps.numpy(), score.classes,
                                         score.refinement_delta, seconds, background))
-            if items:
-                pending.append(finish(self.config_json, shard, items))
+            for index in range(0, len(items), FINISH_CHUNK):  # small tasks spread CRF over the CPUs
+                pending.append(finish(self.config_json, shard, items[index : index + FINISH_CHUNK]))
             batch.clear()
 
         for sample, image in _prefetch(url, depth=2 * self.config.batch_size):

@@ -143,8 +143,10 @@ def _states(out):
 
 def _busy_worker_on_first_shard(job, out):
     """The job's own worker process (a descendant of the job's driver: Ray started under it)
-    while it runs the first shard, so a kill always hits a shard that still has to finish."""
-    if _states(out) != ["in_progress"]:
+    while it runs the first shard (two healthy images, the slowest), so a kill always hits a
+    shard that still has to finish."""
+    entries = Ledger(out).entries()
+    if not entries or entries[0].shard != "voc-train-000000" or entries[0].state != "in_progress":
         return None
     try:
         descendants = psutil.Process(job.pid).children(recursive=True)
@@ -152,7 +154,8 @@ def _busy_worker_on_first_shard(job, out):
         return None
     for proc in descendants:
         try:
-            if any("ShardWorker.process_shard" in part for part in proc.cmdline()):
+            # a threaded actor's title is "ray::ShardWorker" while its shards run
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::ShardWorker"):
                 return proc
         except psutil.Error:
             continue
@@ -227,16 +230,17 @@ def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, sh
     busy_worker().send_signal(signal.SIGKILL)
     log = job.communicate(timeout=400)[0]
     assert job.returncode == 1, log
-    assert sorted(_states(out)) == ["done", "done", "failed"]
-    failed = next(e for e in Ledger(out).entries() if e.state == "failed")
-    assert "worker died" in failed.error and "failed:" in log
+    # Every shard in flight on the killed worker (it runs two at a time) failed; the rest are done.
+    failed = [e for e in Ledger(out).entries() if e.state == "failed"]
+    assert 1 <= len(failed) <= 2 and _states(out).count("done") == 3 - len(failed)
+    assert all("worker died" in e.error for e in failed) and "failed:" in log
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out)], capture_output=True, text=True)
-    assert "2 done, 1 failed" in status.stdout
+    assert f"{3 - len(failed)} done, {len(failed)} failed" in status.stdout
     resume = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(out), "--no-progress"],
                             capture_output=True, text=True, env=env, timeout=400)
     assert resume.returncode == 0, resume.stdout + resume.stderr
     assert _states(out) == ["done"] * 3
-    assert next(e for e in Ledger(out).entries() if e.shard == failed.shard).attempts == 2
+    assert all(e.attempts == 2 for e in Ledger(out).entries() if e.shard in {f.shard for f in failed})
     assert _outputs(out) == _outputs(clean_run[0])
 
 
@@ -247,3 +251,34 @@ def test_device_failures_are_recognised():
     assert is_device_failure(RuntimeError("CUDA error: device-side assert triggered"))
     assert not is_device_failure(RuntimeError("shape mismatch"))
     assert not is_device_failure(ValueError("CUDA error"))
+
+
+class _Cluster:
+    def __init__(self, **resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+@pytest.mark.parametrize("cpus,workers,threads", [(2, 1, None), (2, 2, None), (2, 2, 1), (16, 2, 4), (16, 3, None),
+                                                  (5, 3, 2)])
+def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threads):
+    from pipeline.runner import _actor_options
+
+    n, options, torch_threads = _actor_options(_Cluster(CPU=cpus), workers, 2, threads)
+    assert n == workers and options["max_concurrency"] == 2
+    assert 0 < options["num_cpus"] and cpus - n * options["num_cpus"] >= 1
+    assert torch_threads == (threads or max(1, cpus // workers))
+    if threads:
+        assert options["num_cpus"] <= threads
+
+
+def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slots():
+    from pipeline.runner import InputError, _actor_options
+
+    assert _actor_options(_Cluster(CPU=16, GPU=1), None, 2)[:1] == (1,)
+    with pytest.raises(InputError, match="--workers 2 asks for one GPU each but the cluster has 1"):
+        _actor_options(_Cluster(CPU=16, GPU=1), 2, 2)
+    n, options, _ = _actor_options(_Cluster(CPU=16, GPU=1), 2, 2, 4, device="cpu")
+    assert n == 2 and "num_gpus" not in options and options["num_cpus"] == 4
