@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.bench import benchmark_images, pipeline_path
+from pipeline.bench import pipeline_path
 from pipeline.config import load_config
 
 
@@ -25,7 +25,6 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     args = parser.parse_args()
     config = load_config(args.config).model_copy(update={"batch_size": args.per_shard})
-    samples = benchmark_images(args.shards * args.per_shard)
     driver = psutil.Process()
     trace: list[tuple[float, float]] = []
     running = True
@@ -37,7 +36,8 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     with tempfile.TemporaryDirectory() as tmp:
-        summary = pipeline_path(args.model, config, samples, Path(tmp), device=None, crf=False, per_shard=args.per_shard)
+        summary = pipeline_path(args.model, config, args.shards * args.per_shard, Path(tmp), device=None, crf=False,
+                                per_shard=args.per_shard)
     running = False
     start, end = trace[0][0], trace[-1][0]
     print(f"{summary.line}")

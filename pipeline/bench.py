@@ -25,17 +25,39 @@ from .models import ModelBundle
 from .segmenter import Segmenter
 
 
+def benchmark_image(index: int, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """One VOC-sized textured image (375 x 500, every third one 500 x 375) with 1-3 labels
+    (1 + index % 3); the same for the same (index, seed)."""
+    rng = np.random.default_rng([seed, index])
+    height, width = (375, 500) if index % 3 else (500, 375)
+    base = rng.integers(0, 255, size=(height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+    image = np.array(Image.fromarray(base).resize((width, height), Image.BILINEAR))
+    labels = sorted(rng.choice(20, size=1 + index % 3, replace=False).tolist())
+    return image, labels
+
+
 def benchmark_images(n: int, seed: int = 0) -> list[tuple[np.ndarray, list[int]]]:
-    """n VOC-sized (500 x 375 or 375 x 500) textured images with 1-3 labels each."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        height, width = (375, 500) if i % 3 else (500, 375)
-        base = rng.integers(0, 255, size=(height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
-        image = np.array(Image.fromarray(base).resize((width, height), Image.BILINEAR))
-        labels = sorted(rng.choice(20, size=1 + i % 3, replace=False).tolist())
-        out.append((image, labels))
-    return out
+    """The first n benchmark images with their labels."""
+    return [benchmark_image(i, seed) for i in range(n)]
+
+
+def write_benchmark_shards(folder: Path, n_images: int, per_shard: int) -> str:
+    """Shards of the first n_images benchmark images (JPEG, VOC label names), written one shard
+    at a time so that memory does not grow with n_images; returns their input pattern."""
+    from .shards import encode_json, tar_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, start in enumerate(range(0, n_images, per_shard)):
+        entries = []
+        for index in range(start, min(start + per_shard, n_images)):
+            image, labels = benchmark_image(index)
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+            meta = {"id": f"bench_{index:06d}", "names": [VOC_CLASS_NAMES[c] for c in labels],
+                    "labels": [c + 1 for c in labels], "width": image.shape[1], "height": image.shape[0]}
+            entries.append({"__key__": f"bench_{index:06d}", "jpg": buffer.getvalue(), "json": encode_json(meta)})
+        (folder / f"bench-{number:06d}.tar").write_bytes(tar_bytes(entries))
+    return str(folder / "bench-*.tar")
 
 
 def _sync(device: torch.device) -> None:
@@ -104,33 +126,24 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
     return len(images) / elapsed, {k: v / len(images) for k, v in segmenter.times.seconds.items()}
 
 
-def pipeline_path(model_spec: str, config: SegmenterConfig, samples: list[tuple[np.ndarray, list[int]]],
-                  workdir: Path, device: str | None, crf: bool, per_shard: int | None = None):
-    """JobSummary of `run` over shards of these images (CRF on or off); two shards unless
-    per_shard is given."""
+def pipeline_path(model_spec: str, config: SegmenterConfig, n_images: int, workdir: Path, device: str | None,
+                  crf: bool, per_shard: int, workers: int | None = None, cpu_threads: int | None = None):
+    """JobSummary of `run` over shards of the first n_images benchmark images (CRF on or off)."""
     from .runner import run_job
-    from .shards import encode_json, tar_bytes
 
-    shards = workdir / ("shards-crf" if crf else "shards")
-    shards.mkdir(parents=True, exist_ok=True)
-    per_shard = per_shard or max(config.batch_size, len(samples) // 2 or 1)
-    for number, start in enumerate(range(0, len(samples), per_shard)):
-        entries = []
-        for index, (image, labels) in enumerate(samples[start : start + per_shard], start):
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="JPEG", quality=90)
-            names = [VOC_CLASS_NAMES[c] for c in labels]
-            meta = {"id": f"bench_{index:06d}", "names": names, "labels": [c + 1 for c in labels],
-                    "width": image.shape[1], "height": image.shape[0]}
-            entries.append({"__key__": f"bench_{index:06d}", "jpg": buffer.getvalue(), "json": encode_json(meta)})
-        (shards / f"bench-{number:06d}.tar").write_bytes(tar_bytes(entries))
-    job_config = config.with_crf(crf)
-    return run_job(str(shards / "bench-*.tar"), workdir / ("out-crf" if crf else "out"), job_config, model_spec,
-                   workers=1, device=device, progress=False)
+    tag = "crf" if crf else "plain"
+    pattern = write_benchmark_shards(workdir / f"shards-{tag}", n_images, per_shard)
+    return run_job(pattern, workdir / f"out-{tag}-{workers or 'auto'}", config.with_crf(crf), model_spec,
+                   workers=workers, device=device, progress=False, cpu_threads=cpu_threads)
 
 
 def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, n_images: int,
-                  batch_sizes: list[int], device: str | None, with_pipeline: bool = True, log=print) -> BenchResult:
+                  batch_sizes: list[int], device: str | None, with_pipeline: bool = True,
+                  pipeline_images: int | None = None, shard_size: int | None = None,
+                  crf_modes: tuple[bool, ...] = (False, True), workers: int | None = None,
+                  cpu_threads: int | None = None, log=print) -> BenchResult:
+    """bare and segmenter on n_images in-process; the pipeline over pipeline_images (default
+    n_images) in shards of shard_size (default half of them), once per CRF mode."""
     samples = benchmark_images(n_images)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]
@@ -149,12 +162,15 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
     if model.device.type == "cuda":
         result.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
     if with_pipeline:
+        pipeline_images = pipeline_images or n_images
+        per_shard = shard_size or max(seg_config.batch_size, pipeline_images // 2 or 1)
         with tempfile.TemporaryDirectory(prefix="pseudolabel-bench-") as tmp:
-            for crf in (False, True):
-                summary = pipeline_path(model_spec, seg_config, samples, Path(tmp), device, crf)
+            for crf in crf_modes:
+                summary = pipeline_path(model_spec, seg_config, pipeline_images, Path(tmp), device, crf,
+                                        per_shard, workers, cpu_threads)
                 rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
-                log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s "
-                    f"({summary.seconds:.1f} s end to end with Ray start and model load)")
+                log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s over {pipeline_images} images "
+                    f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start and model load)")
                 if crf:
                     result.pipeline_crf_images_per_s = rate
                 else:
@@ -176,8 +192,9 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
         lines += [
             f"pipeline      {result.pipeline_images_per_s:8.3f} images/s (run over shards, CRF off; "
             f"{result.pipeline_wall_s:.1f} s end to end)",
-            f"pipeline+CRF  {result.pipeline_crf_images_per_s:8.3f} images/s (run over shards, CRF on)",
         ]
+    if result.pipeline_crf_images_per_s:
+        lines.append(f"pipeline+CRF  {result.pipeline_crf_images_per_s:8.3f} images/s (run over shards, CRF on)")
     lines.append("segmenter stages, seconds per image: "
                  + ", ".join(f"{k} {v:.4f}" for k, v in result.segmenter_stages.items()))
     memory = f"peak host RSS {host_rss:.0f} MiB (benchmark process)"

@@ -118,9 +118,11 @@ def cmd_shard_folder(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, model: str, retry_failed: bool) -> int:
     from .runner import run_job
 
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        raise ConfigError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
     summary = run_job(input_pattern, args.output, config, model, address=args.address, workers=args.workers,
                       retry_failed=retry_failed, force=getattr(args, "force", False), retries=args.retries,
-                      device=args.device, progress=not args.no_progress)
+                      device=args.device, progress=not args.no_progress, cpu_threads=args.cpu_threads)
     print(summary.line)
     print(f"masks in {Path(args.output) / 'masks'}, statistics in {Path(args.output) / 'stats'}, "
           f"ledger in {Path(args.output) / 'ledger'}")
@@ -276,12 +278,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .models import load_model
 
     config = load_config(args.config)
-    model = load_model(args.model, device=args.device)
     sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     if not sizes or min(sizes) < 1:
         raise ConfigError("--batch-sizes takes positive integers, e.g. 1,2,4")
+    for name in ("pipeline_images", "shard_size", "workers", "cpu_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    model = load_model(args.model, device=args.device)
+    crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.crf]
     result = run_benchmark(model, args.model, config, args.images, sizes, args.device,
-                           with_pipeline=not args.no_pipeline)
+                           with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_images,
+                           shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,
+                           cpu_threads=args.cpu_threads)
     print(format_report(result, args.model, model.device, args.images))
     return 0
 
@@ -294,6 +302,12 @@ def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=2,
                         help="times a shard is retried on a restarted worker after the worker dies (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _cpu_threads_arg(parser)
+
+
+def _cpu_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch threads of each CPU worker (default: its share of the machine's CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=8, help="images per measurement (default 8)")
     bench.add_argument("--batch-sizes", default="1,2,4", help="bare-model batch sizes to try (default 1,2,4)")
     bench.add_argument("--no-pipeline", action="store_true", help="skip the pipeline measurements (no Ray)")
+    bench.add_argument("--pipeline-images", type=int, default=None,
+                       help="images for the pipeline measurement (default: --images)")
+    bench.add_argument("--shard-size", type=int, default=None,
+                       help="images per shard in the pipeline measurement (default: half of them)")
+    bench.add_argument("--crf", choices=("both", "off", "on"), default="both",
+                       help="pipeline measured with CRF off, on, or both (default both)")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="pipeline workers (default: one per GPU, else one)")
+    _cpu_threads_arg(bench)
     bench.add_argument("--model", default="tiny", help="tiny (default), sd21-random (full size, random weights) or a path")
     bench.add_argument("--config", default=None, help="YAML config (default: built-in VOC settings)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -23,3 +23,20 @@ def test_ratio_line_format_and_images():
     images = benchmark_images(3)
     assert [img.shape for img, _ in images] == [(500, 375, 3), (375, 500, 3), (375, 500, 3)]
     assert [len(labels) for _, labels in images] == [1, 2, 3]
+
+
+def test_benchmark_shards_stream_the_same_images(tmp_path):
+    from pipeline.bench import write_benchmark_shards
+    from pipeline.shards import read_shard
+
+    pattern = write_benchmark_shards(tmp_path / "shards", 5, 2)
+    tars = sorted((tmp_path / "shards").glob("bench-*.tar"))
+    assert pattern.endswith("bench-*.tar") and [len(list(read_shard(str(t)))) for t in tars] == [2, 2, 1]
+    first = next(iter(read_shard(str(tars[0]))))
+    assert first["__key__"] == "bench_000000"
+    assert benchmark_images(1)[0][0].shape == (500, 375, 3)
+
+
+def test_bench_rejects_bad_pipeline_sizes(capsys):
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--pipeline-images", "0"]) == 2
+    assert "--pipeline-images must be at least 1" in capsys.readouterr().err

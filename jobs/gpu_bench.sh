@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# GPU figures for docs/performance.md, on an offline GPU machine whose python3 already has torch.
+#
+# Usage: WHEELS=.whl RESULTS=results bash jobs/gpu_bench.sh STEP...
+#   install   put the wheels of WHEELS into SITE (ray may come as a .tar.xz of its unpacked wheel,
+#             pydensecrf2 as its sdist, built here); skipped when SITE already has them
+#   profile   stage times and top CUDA operators of one segmenter batch (jobs/profile_segmenter.py)
+#   bench     pseudolabel bench on sd21-random: batch sizes 1-32, pipeline CRF off and on (CRF=off|on|both)
+#   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
+#             configs/voc.yaml with batch_size 16
+#   scaling   the pipeline with 1 and then 2 CPU workers of fixed threads (tiny model, CPU slots)
+# Each step writes RESULTS/<step>.txt; the figures go to docs/performance.md by hand.
+set -uo pipefail
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/pseudolabel-site}
+RESULTS=${RESULTS:-gpu-results}
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PSEUDOLABEL_CACHE=${PSEUDOLABEL_CACHE:-/tmp/pseudolabel-cache}
+mkdir -p "$RESULTS"
+PL="python3 -m pipeline.cli"
+
+install() {
+    if [ -f "$SITE/.installed" ]; then return; fi
+    mkdir -p "$SITE"
+    for archive in "$WHEELS"/ray-*.tar.xz; do [ -f "$archive" ] && tar -xJf "$archive" -C "$SITE"; done
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+    local sdist
+    sdist=$(ls "$WHEELS"/pydensecrf2-*.tar.gz 2>/dev/null | head -1)
+    if [ -n "$sdist" ]; then
+        rm -rf /tmp/pydensecrf-build && mkdir -p /tmp/pydensecrf-build && tar -xzf "$sdist" -C /tmp/pydensecrf-build
+        # built in the background while the first steps run; `bench` waits for it
+        (cd /tmp/pydensecrf-build/pydensecrf2-* && sed -i '/setup_requires/d' setup.py \
+            && python3 setup.py -q build_ext --inplace && cp -r pydensecrf "$SITE/") \
+            > "$RESULTS/pydensecrf-build.txt" 2>&1 &
+    fi
+    touch "$SITE/.installed"
+    python3 -c "import torch, ray, diffusers, transformers, webdataset, pydantic, pyarrow; \
+print('torch', torch.__version__, torch.cuda.get_device_name(0), '| ray', ray.__version__, '| diffusers', \
+diffusers.__version__, '| transformers', transformers.__version__)"
+}
+
+profile() {
+    python3 jobs/profile_segmenter.py --model sd21-random --device cuda --batch 16 --rows 30 2>&1 | tee "$RESULTS/profile.txt"
+}
+
+bench() {
+    wait  # for the CRF build
+    python3 -c "import pydensecrf.densecrf" || echo "pydensecrf did not build: see pydensecrf-build.txt"
+    $PL bench --model sd21-random --device cuda --images 128 --batch-sizes 1,4,8,16,32 \
+        --pipeline-images 1024 --shard-size 128 --crf "${CRF:-both}" 2>&1 | tee "$RESULTS/bench.txt"
+}
+
+trainaug() {
+    local work=/tmp/pseudolabel-trainaug
+    rm -rf "$work"
+    python3 -c "from pathlib import Path; from pipeline.bench import write_benchmark_shards; \
+write_benchmark_shards(Path('$work/shards'), 10582, 256)"
+    local start end
+    start=$(date +%s.%N)
+    sed 's/^batch_size: .*/batch_size: 16/' configs/voc.yaml > "$work/voc-batch16.yaml"
+    $PL run --config "$work/voc-batch16.yaml" --input "$work/shards/bench-*.tar" --output "$work/job" \
+        --model sd21-random --no-progress 2>&1 \
+        | tee "$RESULTS/trainaug.txt"
+    end=$(date +%s.%N)
+    $PL status "$work/job" 2>&1 | tee -a "$RESULTS/trainaug.txt"
+    echo "train_aug-sized job: $(python3 -c "print(f'{$end - $start:.1f}')") s wall, Ray start and model load included" \
+        | tee -a "$RESULTS/trainaug.txt"
+}
+
+scaling() {
+    for workers in 1 2; do
+        $PL bench --model tiny --device cpu --config tests/fast.yaml --images 4 --batch-sizes 4 --crf off \
+            --pipeline-images 96 --shard-size 8 --workers $workers --cpu-threads 4 2>&1 \
+            | grep "pipeline, CRF" | sed "s/^/workers $workers: /" | tee -a "$RESULTS/scaling.txt"
+    done
+}
+
+nvidia-smi -L 2>/dev/null || true
+for step in "$@"; do
+    echo "== $step"
+    "$step"
+done
