@@ -207,7 +207,7 @@ class DiffSegmenterPlan:
         return results
 
 
-# Distinct prompts whose text embeddings are kept (one per class set: VOC train_aug has a few hundred).
+# Distinct prompts whose text embeddings are kept (one per class set of the images seen).
 _TEXT_CACHE_SIZE = 4096
 
 PLANS = {"iseg": IsegPlan, "diffseg": DiffSegPlan, "goca": GocaPlan, "diffsegmenter": DiffSegmenterPlan}
