@@ -115,11 +115,18 @@ def cmd_shard_folder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_positive(args: argparse.Namespace, *names: str) -> None:
+    """ConfigError naming the first of these optional integer options that is set below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def _run(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, model: str, retry_failed: bool) -> int:
     from .runner import run_job
 
-    if args.cpu_threads is not None and args.cpu_threads < 1:
-        raise ConfigError(f"--cpu-threads must be at least 1, got {args.cpu_threads}")
+    _require_positive(args, "cpu_threads")
     summary = run_job(input_pattern, args.output, config, model, address=args.address, workers=args.workers,
                       retry_failed=retry_failed, force=getattr(args, "force", False), retries=args.retries,
                       device=args.device, progress=not args.no_progress, cpu_threads=args.cpu_threads)
@@ -281,9 +288,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     if not sizes or min(sizes) < 1:
         raise ConfigError("--batch-sizes takes positive integers, e.g. 1,2,4")
-    for name in ("pipeline_images", "shard_size", "workers", "cpu_threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    _require_positive(args, "pipeline_images", "shard_size", "workers", "cpu_threads")
     model = load_model(args.model, device=args.device)
     crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.crf]
     result = run_benchmark(model, args.model, config, args.images, sizes, args.device,

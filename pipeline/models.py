@@ -386,8 +386,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
                dtype: torch.dtype | None = None) -> ModelBundle:
     """Load a model by hub id, local diffusers folder, `tiny` or `sd21-random`.
 
-    Device defaults to CUDA when available; dtype to fp16 on CUDA, fp32 on CPU. (The
-    channels-last layout was measured slower on an H100: docs/performance.md.)
+    Device defaults to CUDA when available; dtype to fp16 on CUDA, fp32 on CPU.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

@@ -84,15 +84,14 @@ class IsegPlan:
         if config.cat_cross:
             fused = iseg.kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations)
         class_maps = [iseg.class_maps_from_tokens(fused[row], prompt.columns) for row, prompt in enumerate(prompts)]
-        n_max = max(m.shape[1] for m in class_maps)
-        padded = torch.stack([F.pad(m, (0, n_max - m.shape[1])) for m in class_maps])  # [B, N, Cmax]
+        widths = [m.shape[1] for m in class_maps]
+        padded = torch.stack([F.pad(m, (0, max(widths) - m.shape[1])) for m in class_maps])  # [B, N, Cmax]
         propagation = iseg.entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
         iterations = config.iterations
         before = iseg.iterative_refinement(padded, propagation, max(iterations - 1, 0))
         after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
-        widths = [m.shape[1] for m in class_maps]
-        deltas = torch.stack([(after[row, :, :n] - before[row, :, :n]).abs().mean() for row, n in enumerate(widths)])
-        deltas = deltas.tolist() if iterations else [0.0] * len(widths)
+        deltas = (torch.stack([(after[row, :, :n] - before[row, :, :n]).abs().mean() for row, n in enumerate(widths)])
+                  .tolist() if iterations else [0.0] * len(widths))  # one host sync for the batch
         return [(after[row, :, :n], None, delta, side) for row, (n, delta) in enumerate(zip(widths, deltas))]
 
 
