@@ -86,9 +86,15 @@ def kl_cluster_average(
         points = points[None]
     centres = points[:, grid_seed_indices(side, n_clusters).to(points.device)]  # [B, K, T]
     alive = torch.ones(centres.shape[:2], dtype=torch.bool, device=points.device)  # [B, K]
+    log_p = torch.log(points + eps)
+    p_log_p = (points * log_p).sum(dim=-1, keepdim=True)  # [B, N, 1], fixed over the iterations
 
     def nearest() -> torch.Tensor:
-        distance = symmetric_kl(points, centres, eps).masked_fill(~alive[:, None, :], math.inf)
+        # symmetric_kl(points, centres, eps) with the point terms computed once
+        log_q = torch.log(centres + eps)
+        q_log_q = (centres * log_q).sum(dim=-1).unsqueeze(-2)
+        distance = 0.5 * ((p_log_p - points @ log_q.transpose(-1, -2)) + (q_log_q - log_p @ centres.transpose(-1, -2)))
+        distance = distance.masked_fill(~alive[:, None, :], math.inf)
         return F.one_hot(distance.argmin(dim=2), centres.shape[1]).to(points.dtype)  # [B, N, K]
 
     for _ in range(iterations):
@@ -117,11 +123,16 @@ def entropy_reduced_self_attention(attn: torch.Tensor, ent: float) -> torch.Tens
     Each key column is divided by its maximum over queries, then every positive entry moves
     A <- A + eta * (1 + ln A) with eta = ent / ln 10 (a descent step on -sum A ln A),
     negatives are clamped to 0 and rows renormalised. Returns the row-stochastic [B, N, N].
+
+    Computed as e*A + e*eta*ln(e*A) = e*(A + eta*(1 + ln A)): the factor e cancels in the row
+    normalisation, which saves the passes that add 1 and mask zeros (ln 0 = -inf, clamped to
+    0) over the N x N tensor; attn itself is left unchanged.
     """
-    refined = attn / attn.amax(dim=1, keepdim=True).clamp_min(_TINY)
-    step = refined.clamp_min(_TINY).log_().add_(1.0).mul_(ent / math.log(10.0))
-    step.masked_fill_(refined <= 0, 0.0)
-    refined.add_(step).clamp_(min=0.0)
+    if ent == 0:
+        refined = attn / attn.amax(dim=1, keepdim=True).clamp_min(_TINY)
+    else:
+        refined = attn * (math.e / attn.amax(dim=1, keepdim=True).clamp_min(_TINY))  # e * A
+        refined.add_(torch.log(refined), alpha=math.e * ent / math.log(10.0)).clamp_(min=0.0)
     return refined.div_(refined.sum(dim=2, keepdim=True).clamp_min(_TINY))
 
 

@@ -38,6 +38,29 @@ def test_entropy_reduced_self_attention_with_zero_ent_only_normalises():
     torch.testing.assert_close(out, colmax / colmax.sum(dim=2, keepdim=True))
 
 
+def test_entropy_reduced_self_attention_matches_the_literal_formula():
+    # The implementation folds the "+1" into a factor e; compare with the formula as written
+    # (column max, A + eta * (1 + ln A) on positive entries, clamp, row-normalise), on rows
+    # with exact zeros and entries far below the clamp point. The input must not change.
+    generator = torch.Generator().manual_seed(3)
+    attn = (4 * torch.randn(3, 64, 64, generator=generator, dtype=torch.float64)).softmax(dim=2)
+    attn[:, :, 5] = 0.0
+    attn[0, 7, 9] = 1e-40
+    attn = attn / attn.sum(dim=2, keepdim=True)
+    before = attn.clone()
+    for ent in (0.015, 0.1):
+        eta = ent / math.log(10.0)
+        scaled = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-30)
+        stepped = torch.where(scaled > 0, scaled + eta * (1 + torch.log(scaled.clamp_min(1e-30))), scaled)
+        stepped = stepped.clamp_min(0)
+        expected = stepped / stepped.sum(dim=2, keepdim=True)
+        out = iseg.entropy_reduced_self_attention(attn, ent)
+        torch.testing.assert_close(out, expected)
+        assert torch.isfinite(out).all()
+        assert (out[:, :, 5] == 0).all()
+    assert torch.equal(attn, before)
+
+
 def test_iterative_refinement_hand_case():
     cross = torch.tensor([[[3.0], [1.0], [2.0]]], dtype=torch.float64)  # one class, 3 pixels
     p = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
