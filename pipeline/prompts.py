@@ -69,15 +69,19 @@ def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: 
     """
     words = prompt_words(classes, background_context)
     text = " ".join(w for w, _, _ in words)
+    # One tokenizer call for every word, its punctuation-stripped core and the whole text.
+    distinct = sorted({w for w, _, _ in words} | {w.strip(",.;:") for w, _, _ in words} - {""})
+    *word_ids, whole = tokenizer(distinct + [text], add_special_tokens=False)["input_ids"]
+    ids_of = dict(zip(distinct, word_ids))
     position = 1  # after the start token
     columns: list[list[int]] = [[] for _ in classes]
     background: list[int] = []
     content: list[int] = []
     all_ids: list[int] = []
     for word, role, focus in words:
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        ids = ids_of[word]
         core = word.strip(",.;:")
-        core_ids = tokenizer(core, add_special_tokens=False)["input_ids"] if core and core != word else ids
+        core_ids = ids_of[core] if core else ids
         core_span = list(range(position, position + len(core_ids))) if core else []
         if role is not None and role >= 0 and focus:
             columns[role].extend(range(position, position + len(ids)))
@@ -87,7 +91,6 @@ def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: 
             content.extend(core_span)
         all_ids.extend(ids)
         position += len(ids)
-    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
     if whole != all_ids:
         raise PromptError(
             "the tokenizer does not split the prompt word by word, so token positions cannot be located"
