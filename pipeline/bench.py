@@ -2,7 +2,10 @@
 the segmenter (the full iSeg path in-process) and the pipeline (`run` over shards: decode, Ray,
 post-process, writing), on the same images and the same model.
 
-Every measurement runs one untimed warm-up batch first. Pipeline figures are taken from the
+Every measurement runs one untimed warm-up batch first. The segmenter's prompts are encoded
+before its timed pass, once per label set, and their cost is reported on its own line: a job
+encodes each label set once per worker (the worker keeps the text embeddings), so that cost
+grows with the number of distinct label sets, not with the number of images. Pipeline figures are taken from the
 workers being ready to the last shard written (Ray start and model load excluded: they are paid
 once per job, not per image); the end-to-end wall time is printed beside them.
 """
@@ -72,6 +75,8 @@ class BenchResult:
     bare_by_batch: dict[int, float] = field(default_factory=dict)
     segmenter_images_per_s: float = 0.0
     segmenter_stages: dict[str, float] = field(default_factory=dict)  # seconds per image
+    prompt_sets: int = 0  # distinct label sets whose prompts were encoded before the timed pass
+    prompt_seconds_per_set: float = 0.0
     pipeline_images_per_s: float = 0.0
     pipeline_crf_images_per_s: float = 0.0
     pipeline_wall_s: float = 0.0
@@ -112,18 +117,28 @@ def bare_model(model: ModelBundle, config: SegmenterConfig, images: list[torch.T
 
 
 def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
-                   labels: list[list[int]], batch_size: int) -> tuple[float, dict[str, float]]:
-    """images/s of the full method in-process, and seconds per image per stage."""
+                   labels: list[list[int]], batch_size: int) -> tuple[float, dict[str, float], int, float]:
+    """images/s of the full method in-process, seconds per image per stage, and the number of
+    label sets encoded before the timed pass with the seconds each took (after the warm-up
+    batch, so the text encoder is warm)."""
     segmenter = Segmenter(model, config)
     segmenter.segment(images[:batch_size], labels[:batch_size])
-    segmenter.times.seconds.clear()
+    label_sets = sorted({tuple(sorted(set(classes))) for classes in labels[batch_size:]}
+                        - {tuple(sorted(set(classes))) for classes in labels[:batch_size]})
     _sync(model.device)
+    start = time.perf_counter()
+    if label_sets:
+        segmenter.encode_prompts([list(classes) for classes in label_sets])
+    _sync(model.device)
+    per_set = (time.perf_counter() - start) / len(label_sets) if label_sets else 0.0
+    segmenter.times.seconds.clear()
     start = time.perf_counter()
     for index in range(0, len(images), batch_size):
         segmenter.segment(images[index : index + batch_size], labels[index : index + batch_size])
     _sync(model.device)
     elapsed = time.perf_counter() - start
-    return len(images) / elapsed, {k: v / len(images) for k, v in segmenter.times.seconds.items()}
+    stages = {k: v / len(images) for k, v in segmenter.times.seconds.items()}
+    return len(images) / elapsed, stages, len(label_sets), per_set
 
 
 def pipeline_path(model_spec: str, config: SegmenterConfig, n_images: int, workdir: Path, device: str | None,
@@ -156,8 +171,8 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
     result.bare_batch_size = max(result.bare_by_batch, key=result.bare_by_batch.get)
     result.bare_images_per_s = result.bare_by_batch[result.bare_batch_size]
     seg_config = config.model_copy(update={"batch_size": result.bare_batch_size})
-    result.segmenter_images_per_s, result.segmenter_stages = segmenter_path(
-        model, seg_config, images, labels, result.bare_batch_size)
+    (result.segmenter_images_per_s, result.segmenter_stages, result.prompt_sets,
+     result.prompt_seconds_per_set) = segmenter_path(model, seg_config, images, labels, result.bare_batch_size)
     log(f"segmenter, batch {result.bare_batch_size}: {result.segmenter_images_per_s:.3f} images/s")
     if model.device.type == "cuda":
         result.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
@@ -187,6 +202,8 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
         f"bare model    {result.bare_images_per_s:8.3f} images/s (VAE encode + UNet forward, batch {result.bare_batch_size}; "
         + ", ".join(f"batch {b}: {v:.3f}" for b, v in result.bare_by_batch.items()) + ")",
         f"segmenter     {result.segmenter_images_per_s:8.3f} images/s (full iSeg path in-process)",
+        f"prompts       {result.prompt_sets} label sets encoded before the timed pass, "
+        f"{result.prompt_seconds_per_set * 1e3:.1f} ms each (paid once per label set per worker)",
     ]
     if result.pipeline_images_per_s:
         lines += [
