@@ -8,7 +8,7 @@
 #   bench     pseudolabel bench on sd21-random: batch sizes 1-32, pipeline CRF off and on (CRF=off|on|both)
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
 #             configs/voc.yaml with batch_size 16
-#   scaling   the pipeline with 1 and then 2 CPU workers of fixed threads (tiny model, CPU slots)
+#   scaling   the pipeline with 1 and then 2 CPU workers of 4 threads each (tiny model, CPU slots)
 # Each step writes RESULTS/<step>.txt; the figures go to docs/performance.md by hand.
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
@@ -68,11 +68,8 @@ write_benchmark_shards(Path('$work/shards'), 10582, 256)"
 }
 
 scaling() {
-    for workers in 1 2; do
-        $PL bench --model tiny --device cpu --config tests/fast.yaml --images 4 --batch-sizes 4 --crf off \
-            --pipeline-images 96 --shard-size 8 --workers $workers --cpu-threads 4 2>&1 \
-            | grep "pipeline, CRF" | sed "s/^/workers $workers: /" | tee -a "$RESULTS/scaling.txt"
-    done
+    python3 jobs/measure_scaling.py --model tiny --config tests/fast.yaml --device cpu --images 96 \
+        --per-shard 8 --workers 2 --cpu-threads 4 2>&1 | grep -v WARNING | tee "$RESULTS/scaling.txt"
 }
 
 nvidia-smi -L 2>/dev/null || true
