@@ -5,9 +5,10 @@ post-process, writing), on the same images and the same model.
 Every measurement runs one untimed warm-up batch first. The segmenter's prompts are encoded
 before its timed pass, once per label set, and their cost is reported on its own line: a job
 encodes each label set once per worker (the worker keeps the text embeddings), so that cost
-grows with the number of distinct label sets, not with the number of images. Pipeline figures are taken from the
-workers being ready to the last shard written (Ray start and model load excluded: they are paid
-once per job, not per image); the end-to-end wall time is printed beside them.
+grows with the number of distinct label sets, not with the number of images. Pipeline
+figures are taken from the workers being ready to the last shard written (Ray start and
+model load excluded: they are paid once per job, not per image); the end-to-end wall time is
+printed beside them.
 """
 
 from __future__ import annotations

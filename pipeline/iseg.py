@@ -44,16 +44,22 @@ def fuse_cross_attention(
     return fused.flatten(2).transpose(1, 2)
 
 
-def symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float) -> torch.Tensor:
+def symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float,
+                 point_terms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """0.5 * (KL(p||q) + KL(q||p)) between rows of points [..., N, T] and centres [..., K, T]
-    -> [..., N, K] (leading batch axes shared). Logs are taken of (value + eps)."""
-    log_p = torch.log(points + eps)
-    log_q = torch.log(centres + eps)
-    p_log_p = (points * log_p).sum(dim=-1, keepdim=True)  # [..., N, 1]
-    q_log_q = (centres * log_q).sum(dim=-1).unsqueeze(-2)  # [..., 1, K]
+    -> [..., N, K] (leading batch axes shared). Logs are taken of (value + eps).
+    point_terms: `kl_terms(points, eps)` when already computed (k-means reuses them)."""
+    log_p, p_log_p = point_terms if point_terms is not None else kl_terms(points, eps)
+    log_q, q_log_q = kl_terms(centres, eps)
     kl_pq = p_log_p - points @ log_q.transpose(-1, -2)
-    kl_qp = q_log_q - log_p @ centres.transpose(-1, -2)
+    kl_qp = q_log_q.transpose(-1, -2) - log_p @ centres.transpose(-1, -2)
     return 0.5 * (kl_pq + kl_qp)
+
+
+def kl_terms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., M, T] -> (log(x + eps) [..., M, T], sum over T of x * log(x + eps) [..., M, 1])."""
+    log_x = torch.log(x + eps)
+    return log_x, (x * log_x).sum(dim=-1, keepdim=True)
 
 
 def grid_seed_indices(side: int, n_clusters: int) -> torch.Tensor:
@@ -86,15 +92,10 @@ def kl_cluster_average(
         points = points[None]
     centres = points[:, grid_seed_indices(side, n_clusters).to(points.device)]  # [B, K, T]
     alive = torch.ones(centres.shape[:2], dtype=torch.bool, device=points.device)  # [B, K]
-    log_p = torch.log(points + eps)
-    p_log_p = (points * log_p).sum(dim=-1, keepdim=True)  # [B, N, 1], fixed over the iterations
+    point_terms = kl_terms(points, eps)  # fixed over the iterations
 
     def nearest() -> torch.Tensor:
-        # symmetric_kl(points, centres, eps) with the point terms computed once
-        log_q = torch.log(centres + eps)
-        q_log_q = (centres * log_q).sum(dim=-1).unsqueeze(-2)
-        distance = 0.5 * ((p_log_p - points @ log_q.transpose(-1, -2)) + (q_log_q - log_p @ centres.transpose(-1, -2)))
-        distance = distance.masked_fill(~alive[:, None, :], math.inf)
+        distance = symmetric_kl(points, centres, eps, point_terms).masked_fill(~alive[:, None, :], math.inf)
         return F.one_hot(distance.argmin(dim=2), centres.shape[1]).to(points.dtype)  # [B, N, K]
 
     for _ in range(iterations):

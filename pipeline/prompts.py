@@ -70,7 +70,7 @@ def build_class_prompt(tokenizer, classes: list[ClassSpec], background_context: 
     words = prompt_words(classes, background_context)
     text = " ".join(w for w, _, _ in words)
     # One tokenizer call for every word, its punctuation-stripped core and the whole text.
-    distinct = sorted({w for w, _, _ in words} | {w.strip(",.;:") for w, _, _ in words} - {""})
+    distinct = sorted(({w for w, _, _ in words} | {w.strip(",.;:") for w, _, _ in words}) - {""})
     *word_ids, whole = tokenizer(distinct + [text], add_special_tokens=False)["input_ids"]
     ids_of = dict(zip(distinct, word_ids))
     position = 1  # after the start token
