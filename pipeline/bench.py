@@ -29,23 +29,29 @@ from .models import ModelBundle
 from .segmenter import Segmenter
 
 
-def benchmark_image(index: int, seed: int = 0) -> tuple[np.ndarray, list[int]]:
-    """One VOC-sized textured image (375 x 500, every third one 500 x 375) with 1-3 labels
-    (1 + index % 3); the same for the same (index, seed)."""
+# Distinct label sets among the benchmark images (cycled): a job encodes each label set's prompt
+# once per worker, so its text cost depends on how many sets a dataset has, not on its size.
+LABEL_SETS = 100
+
+
+def benchmark_image(index: int, seed: int = 0, label_sets: int = LABEL_SETS) -> tuple[np.ndarray, list[int]]:
+    """One VOC-sized textured image (375 x 500, every third one 500 x 375) and its labels: label
+    set number index % label_sets, of 1-3 VOC classes; the same for the same arguments."""
     rng = np.random.default_rng([seed, index])
     height, width = (375, 500) if index % 3 else (500, 375)
     base = rng.integers(0, 255, size=(height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
     image = np.array(Image.fromarray(base).resize((width, height), Image.BILINEAR))
-    labels = sorted(rng.choice(20, size=1 + index % 3, replace=False).tolist())
-    return image, labels
+    set_number = index % label_sets
+    labels = np.random.default_rng([seed, set_number, 1]).choice(20, size=1 + set_number % 3, replace=False)
+    return image, sorted(labels.tolist())
 
 
-def benchmark_images(n: int, seed: int = 0) -> list[tuple[np.ndarray, list[int]]]:
+def benchmark_images(n: int, seed: int = 0, label_sets: int = LABEL_SETS) -> list[tuple[np.ndarray, list[int]]]:
     """The first n benchmark images with their labels."""
-    return [benchmark_image(i, seed) for i in range(n)]
+    return [benchmark_image(i, seed, label_sets) for i in range(n)]
 
 
-def write_benchmark_shards(folder: Path, n_images: int, per_shard: int) -> str:
+def write_benchmark_shards(folder: Path, n_images: int, per_shard: int, label_sets: int = LABEL_SETS) -> str:
     """Shards of the first n_images benchmark images (JPEG, VOC label names), written one shard
     at a time so that memory does not grow with n_images; returns their input pattern."""
     from .shards import encode_json, tar_bytes
@@ -54,7 +60,7 @@ def write_benchmark_shards(folder: Path, n_images: int, per_shard: int) -> str:
     for number, start in enumerate(range(0, n_images, per_shard)):
         entries = []
         for index in range(start, min(start + per_shard, n_images)):
-            image, labels = benchmark_image(index)
+            image, labels = benchmark_image(index, label_sets=label_sets)
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, format="JPEG", quality=90)
             meta = {"id": f"bench_{index:06d}", "names": [VOC_CLASS_NAMES[c] for c in labels],
@@ -143,12 +149,13 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
 
 
 def pipeline_path(model_spec: str, config: SegmenterConfig, n_images: int, workdir: Path, device: str | None,
-                  crf: bool, per_shard: int, workers: int | None = None, cpu_threads: int | None = None):
+                  crf: bool, per_shard: int, workers: int | None = None, cpu_threads: int | None = None,
+                  label_sets: int = LABEL_SETS):
     """JobSummary of `run` over shards of the first n_images benchmark images (CRF on or off)."""
     from .runner import run_job
 
     tag = "crf" if crf else "plain"
-    pattern = write_benchmark_shards(workdir / f"shards-{tag}", n_images, per_shard)
+    pattern = write_benchmark_shards(workdir / f"shards-{tag}", n_images, per_shard, label_sets)
     return run_job(pattern, workdir / f"out-{tag}-{workers or 'auto'}", config.with_crf(crf), model_spec,
                    workers=workers, device=device, progress=False, cpu_threads=cpu_threads)
 
@@ -157,10 +164,11 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                   batch_sizes: list[int], device: str | None, with_pipeline: bool = True,
                   pipeline_images: int | None = None, shard_size: int | None = None,
                   crf_modes: tuple[bool, ...] = (False, True), workers: int | None = None,
-                  cpu_threads: int | None = None, log=print) -> BenchResult:
+                  cpu_threads: int | None = None, label_sets: int = LABEL_SETS, log=print) -> BenchResult:
     """bare and segmenter on n_images in-process; the pipeline over pipeline_images (default
-    n_images) in shards of shard_size (default half of them), once per CRF mode."""
-    samples = benchmark_images(n_images)
+    n_images) in shards of shard_size (default half of them), once per CRF mode; the images
+    carry label_sets distinct label sets, cycled."""
+    samples = benchmark_images(n_images, label_sets=label_sets)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]
     result = BenchResult()
@@ -183,7 +191,7 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
         with tempfile.TemporaryDirectory(prefix="pseudolabel-bench-") as tmp:
             for crf in crf_modes:
                 summary = pipeline_path(model_spec, seg_config, pipeline_images, Path(tmp), device, crf,
-                                        per_shard, workers, cpu_threads)
+                                        per_shard, workers, cpu_threads, label_sets)
                 rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
                 log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s over {pipeline_images} images "
                     f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start and model load)")
@@ -196,10 +204,12 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
     return result
 
 
-def format_report(result: BenchResult, model_spec: str, device: torch.device, n_images: int) -> str:
+def format_report(result: BenchResult, model_spec: str, device: torch.device, n_images: int,
+                  label_sets: int = LABEL_SETS) -> str:
     host_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     lines = [
-        f"model {model_spec} on {device}, {n_images} images (500x375 / 375x500)",
+        f"model {model_spec} on {device}, {n_images} images (500x375 / 375x500; "
+        f"up to {label_sets} distinct label sets, cycled)",
         f"bare model    {result.bare_images_per_s:8.3f} images/s (VAE encode + UNet forward, batch {result.bare_batch_size}; "
         + ", ".join(f"batch {b}: {v:.3f}" for b, v in result.bare_by_batch.items()) + ")",
         f"segmenter     {result.segmenter_images_per_s:8.3f} images/s (full iSeg path in-process)",

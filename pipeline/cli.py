@@ -281,21 +281,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import format_report, run_benchmark
+    from .bench import LABEL_SETS, format_report, run_benchmark
     from .models import load_model
 
     config = load_config(args.config)
     sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
     if not sizes or min(sizes) < 1:
         raise ConfigError("--batch-sizes takes positive integers, e.g. 1,2,4")
-    _require_positive(args, "pipeline_images", "shard_size", "workers", "cpu_threads")
+    _require_positive(args, "pipeline_images", "shard_size", "workers", "cpu_threads", "label_sets")
+    label_sets = args.label_sets or LABEL_SETS
     model = load_model(args.model, device=args.device)
     crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.crf]
     result = run_benchmark(model, args.model, config, args.images, sizes, args.device,
                            with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_images,
                            shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,
-                           cpu_threads=args.cpu_threads)
-    print(format_report(result, args.model, model.device, args.images))
+                           cpu_threads=args.cpu_threads, label_sets=label_sets)
+    print(format_report(result, args.model, model.device, args.images, label_sets))
     return 0
 
 
@@ -440,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pipeline measured with CRF off, on, or both (default both)")
     bench.add_argument("--workers", type=int, default=None,
                        help="pipeline workers (default: one per GPU, else one)")
+    bench.add_argument("--label-sets", type=int, default=None,
+                       help="distinct label sets among the images, cycled (default 100); a worker encodes "
+                            "each set's prompt once, at the cost the `prompts` line prints")
     _cpu_threads_arg(bench)
     bench.add_argument("--model", default="tiny", help="tiny (default), sd21-random (full size, random weights) or a path")
     bench.add_argument("--config", default=None, help="YAML config (default: built-in VOC settings)")

@@ -12,6 +12,7 @@ def test_bench_prints_figures_and_the_tracked_last_line(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"segmenter/bare=\d+\.\d\d pipeline/bare=0\.00", lines[-1])
     report = "\n".join(lines)
+    assert "2 images (500x375 / 375x500; up to 100 distinct label sets, cycled)" in report
     assert re.search(r"bare model +\d+\.\d+ images/s .*batch 1: \d+\.\d+, batch 2: \d+\.\d+", report)
     assert re.search(r"segmenter stages, seconds per image: text [\d.]+, vae [\d.]+, unet [\d.]+, refine [\d.]+", report)
     assert re.search(r"prompts +\d+ label sets encoded before the timed pass, [\d.]+ ms each", report)
@@ -41,3 +42,18 @@ def test_benchmark_shards_stream_the_same_images(tmp_path):
 def test_bench_rejects_bad_pipeline_sizes(capsys):
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--pipeline-images", "0"]) == 2
     assert "--pipeline-images must be at least 1" in capsys.readouterr().err
+
+
+def test_benchmark_label_sets_cycle():
+    images = benchmark_images(12, label_sets=5)
+    labels = [tuple(lab) for _, lab in images]
+    assert len(set(labels)) <= 5 and len(set(labels)) >= 3
+    assert all(labels[i] == labels[i + 5] for i in range(7))
+    assert not all(images[i][0].shape == images[i + 5][0].shape and (images[i][0] == images[i + 5][0]).all()
+                   for i in range(7))  # images themselves are not repeated
+    assert all(1 <= len(lab) <= 3 and list(lab) == sorted(lab) for lab in labels)
+
+
+def test_bench_rejects_bad_label_sets(capsys):
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--label-sets", "0"]) == 2
+    assert "--label-sets must be at least 1" in capsys.readouterr().err
