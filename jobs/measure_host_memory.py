@@ -1,8 +1,9 @@
 """Driver and worker memory as a job runs over many shards (is host memory flat?).
 
 Usage: python jobs/measure_host_memory.py [--shards 24] [--per-shard 2] [--model tiny] [--config CONFIG]
-Writes synthetic shards to a temporary folder, runs the job, samples the driver's RSS every
-0.5 s and prints it per quarter of the run, with the workers' peak RSS.
+Writes synthetic shards to a temporary folder, runs the job, samples the RSS of the driver and
+of the largest segmenter worker every 0.5 s and prints their maximum per quarter of the run
+(the first quarter includes the worker's model load), with the workers' peak RSS.
 """
 
 import argparse
@@ -26,12 +27,19 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config).model_copy(update={"batch_size": args.per_shard})
     driver = psutil.Process()
-    trace: list[tuple[float, float]] = []
+    trace: list[tuple[float, float, float]] = []  # (time, driver RSS, largest segmenter worker RSS) MiB
     running = True
+
+    def worker_rss() -> float:
+        rss = 0.0
+        for process in psutil.process_iter(["cmdline", "memory_info"]):
+            if (process.info["cmdline"] or [""])[0].startswith("ray::ShardWorker") and process.info["memory_info"]:
+                rss = max(rss, process.info["memory_info"].rss / 2**20)
+        return rss
 
     def sample() -> None:
         while running:
-            trace.append((time.perf_counter(), driver.memory_info().rss / 2**20))
+            trace.append((time.perf_counter(), driver.memory_info().rss / 2**20, worker_rss()))
             time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -43,8 +51,9 @@ def main() -> None:
     print(f"{summary.line}")
     for quarter in range(4):
         lo, hi = start + quarter * (end - start) / 4, start + (quarter + 1) * (end - start) / 4
-        values = [rss for t, rss in trace if lo <= t <= hi]
-        print(f"quarter {quarter + 1}: driver RSS max {max(values):.0f} MiB")
+        window = [(driver_rss, rss) for t, driver_rss, rss in trace if lo <= t <= hi]
+        print(f"quarter {quarter + 1}: driver RSS max {max(d for d, _ in window):.0f} MiB, "
+              f"segmenter worker RSS max {max(w for _, w in window):.0f} MiB")
     print(f"worker peak RSS {summary.peak_worker_rss_mb:.0f} MiB")
 
 
