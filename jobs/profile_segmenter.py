@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model, device=args.device)
     config = load_config(args.config).model_copy(update={"batch_size": args.batch})
-    segmenter = Segmenter(model, config)
+    segmenter = Segmenter(model, config, time_stages=True)
     samples = benchmark_images(args.batch)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]

@@ -28,7 +28,14 @@ def test_scores_are_one_refined_map_per_class(segmenter):
     torch.testing.assert_close(scores.maps.sum(dim=(1, 2)), torch.ones(2))
     assert (scores.maps >= 0).all()
     assert scores.refinement_delta >= 0
-    assert set(segmenter.times.seconds) == {"text", "vae", "unet", "refine"}
+    assert segmenter.times.seconds == {}  # stage timing is off unless asked for
+
+
+def test_stage_timing_records_every_stage_when_asked(tiny_model):
+    timed = Segmenter(tiny_model, SegmenterConfig(), time_stages=True)
+    timed.segment([_tensor(synthetic_image(64, 64, seed=2))], [[3]])
+    assert set(timed.times.seconds) == {"text", "vae", "unet", "refine"}
+    assert all(seconds > 0 for seconds in timed.times.seconds.values())
 
 
 def test_an_image_gives_the_same_result_alone_and_in_a_batch_of_four():
