@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.bench import pipeline_path
+from pipeline.bench import pipeline_path, write_benchmark_shards
 from pipeline.config import load_config
 
 
@@ -44,8 +44,8 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     with tempfile.TemporaryDirectory() as tmp:
-        summary = pipeline_path(args.model, config, args.shards * args.per_shard, Path(tmp), device=None, crf=False,
-                                per_shard=args.per_shard)
+        pattern = write_benchmark_shards(Path(tmp) / "shards", args.shards * args.per_shard, args.per_shard)
+        summary = pipeline_path(args.model, config, pattern, Path(tmp) / "out", device=None, crf=False)
     running = False
     start, end = trace[0][0], trace[-1][0]
     print(f"{summary.line}")

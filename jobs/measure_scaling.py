@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pipeline.bench import pipeline_path
+from pipeline.bench import pipeline_path, write_benchmark_shards
 from pipeline.config import load_config
 
 
@@ -29,9 +29,10 @@ def main() -> None:
     config = load_config(args.config).model_copy(update={"batch_size": args.per_shard})
     rates = {}
     with tempfile.TemporaryDirectory(prefix="pseudolabel-scaling-") as tmp:
+        pattern = write_benchmark_shards(Path(tmp) / "shards", args.images, args.per_shard)
         for workers in (1, args.workers):
-            summary = pipeline_path(args.model, config, args.images, Path(tmp), args.device, crf=False,
-                                    per_shard=args.per_shard, workers=workers, cpu_threads=args.cpu_threads)
+            summary = pipeline_path(args.model, config, pattern, Path(tmp) / f"out-{workers}", args.device,
+                                    crf=False, workers=workers, cpu_threads=args.cpu_threads)
             done = summary.images_ok + summary.images_failed
             rates[workers] = done / summary.processing_seconds
             print(f"workers {workers}: {rates[workers]:.4f} images/s over {done} images "

@@ -152,16 +152,13 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
     return len(images) / elapsed, stages, len(label_sets), per_set
 
 
-def pipeline_path(model_spec: str, config: SegmenterConfig, n_images: int, workdir: Path, device: str | None,
-                  crf: bool, per_shard: int, workers: int | None = None, cpu_threads: int | None = None,
-                  label_sets: int = LABEL_SETS):
-    """JobSummary of `run` over shards of the first n_images benchmark images (CRF on or off)."""
+def pipeline_path(model_spec: str, config: SegmenterConfig, pattern: str, out_dir: Path, device: str | None,
+                  crf: bool, workers: int | None = None, cpu_threads: int | None = None):
+    """JobSummary of `run` over the shards of pattern into out_dir (CRF on or off)."""
     from .runner import run_job
 
-    tag = "crf" if crf else "plain"
-    pattern = write_benchmark_shards(workdir / f"shards-{tag}", n_images, per_shard, label_sets)
-    return run_job(pattern, workdir / f"out-{tag}-{workers or 'auto'}", config.with_crf(crf), model_spec,
-                   workers=workers, device=device, progress=False, cpu_threads=cpu_threads)
+    return run_job(pattern, out_dir, config.with_crf(crf), model_spec, workers=workers, device=device,
+                   progress=False, cpu_threads=cpu_threads)
 
 
 def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, n_images: int,
@@ -193,9 +190,10 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
         pipeline_images = pipeline_images or n_images
         per_shard = shard_size or max(seg_config.batch_size, pipeline_images // 2 or 1)
         with tempfile.TemporaryDirectory(prefix="pseudolabel-bench-") as tmp:
+            pattern = write_benchmark_shards(Path(tmp) / "shards", pipeline_images, per_shard, label_sets)
             for crf in crf_modes:
-                summary = pipeline_path(model_spec, seg_config, pipeline_images, Path(tmp), device, crf,
-                                        per_shard, workers, cpu_threads, label_sets)
+                summary = pipeline_path(model_spec, seg_config, pattern, Path(tmp) / f"out-crf-{crf}", device,
+                                        crf, workers, cpu_threads)
                 rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
                 log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s over {pipeline_images} images "
                     f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start and model load)")
