@@ -4,7 +4,7 @@
 # Usage: WHEELS=.whl RESULTS=results bash jobs/gpu_bench.sh STEP...
 #   install   put the wheels of WHEELS into SITE (ray may come as a .tar.xz of its unpacked wheel,
 #             pydensecrf2 as its sdist, built here); skipped when SITE already has them
-#   profile   stage times and top CUDA operators of one segmenter batch (jobs/profile_segmenter.py)
+#   profile   stage times and top CUDA operators of one segmenter batch of BATCH (default 32)
 #   bench     pseudolabel bench on sd21-random: batch sizes 1-32, pipeline CRF off and on (CRF=off|on|both)
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
 #             configs/voc.yaml with batch_size 16
@@ -40,7 +40,7 @@ diffusers.__version__, '| transformers', transformers.__version__)"
 }
 
 profile() {
-    python3 jobs/profile_segmenter.py --model sd21-random --device cuda --batch 16 --rows 30 2>&1 | tee "$RESULTS/profile.txt"
+    python3 jobs/profile_segmenter.py --model sd21-random --device cuda --batch "${BATCH:-32}" --rows 30 2>&1 | tee "$RESULTS/profile.txt"
 }
 
 bench() {

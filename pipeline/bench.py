@@ -8,8 +8,8 @@ more batch that does. Its prompts are encoded before the timed pass, once per la
 their cost is reported on its own line: a job encodes each label set once per worker (the
 worker keeps the text embeddings), so that cost grows with the number of distinct label
 sets, not with the number of images. Pipeline figures are taken from the workers being ready
-to the last shard written (Ray start and model load excluded: they are paid once per job,
-not per image); the end-to-end wall time is printed beside them.
+to the last shard written (Ray start, model load and a GPU worker's warm-up batch excluded:
+they are paid once per job, not per image); the end-to-end wall time is printed beside them.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class BenchResult:
     pipeline_images_per_s: float = 0.0
     pipeline_crf_images_per_s: float = 0.0
     pipeline_wall_s: float = 0.0
+    pipeline_model_busy: float = 0.0  # fraction of the CRF-off pipeline's processing time the model ran
     peak_device_mb: float = 0.0
     peak_worker_rss_mb: float = 0.0
     peak_worker_device_mb: float = 0.0
@@ -196,11 +197,13 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                                         crf, workers, cpu_threads)
                 rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
                 log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s over {pipeline_images} images "
-                    f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start and model load)")
+                    f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start, model load and warm-up; "
+                    f"model busy {summary.model_busy:.0%} of the processing time)")
                 if crf:
                     result.pipeline_crf_images_per_s = rate
                 else:
                     result.pipeline_images_per_s, result.pipeline_wall_s = rate, summary.seconds
+                    result.pipeline_model_busy = summary.model_busy
                 result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, summary.peak_worker_rss_mb)
                 result.peak_worker_device_mb = max(result.peak_worker_device_mb, summary.peak_worker_device_mb)
     return result
@@ -221,7 +224,7 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
     if result.pipeline_images_per_s:
         lines += [
             f"pipeline      {result.pipeline_images_per_s:8.3f} images/s (run over shards, CRF off; "
-            f"{result.pipeline_wall_s:.1f} s end to end)",
+            f"{result.pipeline_wall_s:.1f} s end to end; model busy {result.pipeline_model_busy:.0%})",
         ]
     if result.pipeline_crf_images_per_s:
         lines.append(f"pipeline+CRF  {result.pipeline_crf_images_per_s:8.3f} images/s (run over shards, CRF on)")

@@ -76,9 +76,18 @@ class JobSummary:
     images_ok: int
     images_failed: int
     seconds: float
-    processing_seconds: float = 0.0  # from the workers being ready to the last shard written
+    processing_seconds: float = 0.0  # from the workers being ready (model loaded, GPU warmed up) to the end
     peak_worker_rss_mb: float = 0.0
     peak_worker_device_mb: float = 0.0
+    workers: int = 0
+    model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
+
+    @property
+    def model_busy(self) -> float:
+        """Fraction of the processing time the workers' models were running batches (1.0: the
+        model never waited for decoding, post-processing or writing)."""
+        wall = self.processing_seconds * self.workers
+        return self.model_seconds / wall if wall else 0.0
 
     @property
     def line(self) -> str:
@@ -86,7 +95,8 @@ class JobSummary:
         rate = total / self.seconds if self.seconds > 0 else 0.0
         return (f"{total} images: {self.images_ok} ok, {self.images_failed} failed; "
                 f"shards {self.shards_done} done, {self.shards_failed} failed, {self.shards_skipped} skipped; "
-                f"{self.seconds:.1f} s, {rate:.2f} images/s")
+                f"{self.seconds:.1f} s, {rate:.2f} images/s"
+                + (f"; model busy {self.model_busy:.0%} of the processing time" if self.model_seconds else ""))
 
 
 def write_shard_outputs(out_dir: Path, result) -> dict[str, str]:
@@ -173,6 +183,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     ray = _init_ray(address)
     n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device)
     n_workers = min(n_workers, len(todo))
+    summary.workers = n_workers
     config_json = config.model_dump_json()
     actor_class = ray.remote(ShardWorker)
     actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
@@ -225,6 +236,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
             summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
             summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
+            summary.model_seconds += result.model_seconds
         ledger.put(entry)
         if entry.state == DONE:
             summary.shards_done += 1

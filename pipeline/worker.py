@@ -81,6 +81,7 @@ class ShardResult:
     rows: list[dict]
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
     peak_device_mb: float = 0.0  # the worker's peak accelerator memory so far (0 on CPU)
+    model_seconds: float = 0.0  # wall time the segmenter ran this shard's batches
 
     @property
     def failed(self) -> int:
@@ -147,21 +148,25 @@ class ShardWorker:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.model.device)}
 
-    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]]):
+    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], busy: list[float]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
-        only that image fails. Yields (id, sample, ClassScores or error text, seconds)."""
+        only that image fails. Yields (id, sample, ClassScores or error text, seconds); adds
+        the seconds the model ran to busy[0]."""
         images = [torch.from_numpy(image).permute(2, 0, 1) for _, _, image, _ in batch]
         try:
             with self._model_lock:
                 start = time.perf_counter()
-                scores = self.segmenter.segment(images, [classes for *_, classes in batch])
+                try:
+                    scores = self.segmenter.segment(images, [classes for *_, classes in batch])
+                finally:
+                    busy[0] += time.perf_counter() - start
         except (PromptError, ValueError) as exc:
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
                 yield key, sample, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
                 return
             for one in batch:
-                yield from self._segment([one])
+                yield from self._segment([one], busy)
             return
         seconds = (time.perf_counter() - start) / len(batch)
         for (key, sample, _, _), score in zip(batch, scores):
@@ -196,10 +201,11 @@ class ShardWorker:
         pending, rows = [], {}
         order: list[str] = []
         batch: list[tuple[str, dict, np.ndarray, list[int]]] = []
+        busy = [0.0]  # seconds the model ran this shard's batches
 
         def flush():
             items = []
-            for key, sample, score, seconds in self._segment(batch):
+            for key, sample, score, seconds in self._segment(batch, busy):
                 if isinstance(score, str):
                     rows[key] = failed_row(key, shard, score)
                     continue
@@ -234,7 +240,8 @@ class ShardWorker:
                 rows[key] = row
         mask_samples = [{"__key__": k, **masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
         return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order],
-                           peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(self.model.device))
+                           peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(self.model.device),
+                           model_seconds=busy[0])
 
 
 def peak_rss_mb() -> float:
