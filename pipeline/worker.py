@@ -144,9 +144,28 @@ class ShardWorker:
         self.model = load_model(model_spec, device=device)
         self.segmenter = Segmenter(self.model, self.config)
         self._model_lock = threading.Lock()  # one batch at a time when shards run concurrently
+        self.warm_up_seconds = self.warm_up() if self.model.device.type == "cuda" else 0.0
+
+    def warm_up(self) -> float:
+        """Run one batch of blank images at the configured batch size and return its seconds.
+
+        A GPU pays one-time costs on its first batch (kernel loading, convolution and
+        attention plan selection: seconds); paid here, they belong to the worker's start
+        like the model load, and a batch size the device cannot hold fails the start with a
+        clear error instead of failing shards. CPU workers skip it: they have no such costs
+        and a full-size batch takes a minute there."""
+        blank = torch.full((3, 375, 500), 128, dtype=torch.uint8)
+        size = self.config.batch_size
+        start = time.perf_counter()
+        try:
+            self.segmenter.segment([blank] * size, [[0]] * size)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(f"batch_size {size} does not fit in the memory of {self.model.device}: "
+                               f"lower batch_size in the config") from exc
+        return time.perf_counter() - start
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.model.device)}
+        return {"pid": os.getpid(), "device": str(self.model.device), "warm_up_seconds": self.warm_up_seconds}
 
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], busy: list[float]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so

@@ -1,0 +1,42 @@
+"""ShardWorker on its own (no Ray): the warm-up batch a GPU worker runs at start (CPU, tiny model)."""
+
+import pytest
+import torch
+
+from conftest import FAST_CONFIG, synthetic_image
+from pipeline.config import load_config
+from pipeline.worker import ShardWorker
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model):
+    return ShardWorker("tiny", load_config(FAST_CONFIG).model_dump_json(), device="cpu")
+
+
+def _maps(worker):
+    images = [torch.from_numpy(synthetic_image(48, 64, seed)).permute(2, 0, 1) for seed in (1, 2)]
+    return [s.maps for s in worker.segmenter.segment(images, [[7, 17], [11]])]
+
+
+def test_cpu_worker_starts_without_warm_up_and_warm_up_runs_one_full_batch(worker, monkeypatch):
+    assert worker.warm_up_seconds == 0.0 and worker.ready()["warm_up_seconds"] == 0.0
+    before = _maps(worker)
+    batches = []
+    segment = worker.segmenter.segment
+    monkeypatch.setattr(worker.segmenter, "segment", lambda images, labels: batches.append(len(images))
+                        or segment(images, labels))
+    assert worker.warm_up() > 0.0
+    assert batches == [worker.config.batch_size]
+    monkeypatch.undo()
+    for a, b in zip(before, _maps(worker)):  # the warm-up changes no later result
+        assert torch.equal(a, b)
+
+
+def test_batch_size_the_device_cannot_hold_fails_the_start_with_the_fix(worker, monkeypatch):
+    def out_of_memory(images, labels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(worker.segmenter, "segment", out_of_memory)
+    with pytest.raises(RuntimeError, match=r"batch_size 2 does not fit .*: lower batch_size in the config"):
+        worker.warm_up()
+
