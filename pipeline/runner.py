@@ -194,7 +194,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     try:
         ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
     except ray.exceptions.RayActorError as exc:
-        raise WorkerStartError(f"segmenter workers could not start: {_first_line(exc)}") from exc
+        raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
 
     processing_start = time.perf_counter()
     total_images = _count_images([by_name[name] for name in todo])
@@ -273,6 +273,15 @@ def _first_line(exc: Exception) -> str:
     cause = getattr(exc, "cause", None)
     text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _start_error(exc: Exception) -> str:
+    """The error a worker raised while starting (the last line of the traceback Ray reports
+    for a failed actor constructor), else the first line of exc."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and "creation task" in lines[0]:
+        return lines[-1]
+    return _first_line(exc)
 
 
 def _count_images(urls: list[str]) -> int | None:

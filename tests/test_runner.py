@@ -206,6 +206,20 @@ def test_unreachable_model_fails_before_the_job_is_recorded(shards, tmp_path, mo
     assert not (tmp_path / "out" / "job.json").exists()
 
 
+def test_worker_start_failure_names_the_cause(ray_local, shards, tmp_path):
+    from pipeline.runner import WorkerStartError
+
+    broken = tmp_path / "broken-model"
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        (broken / part).mkdir(parents=True)  # passes the driver's check, fails the worker's load
+    (broken / "model_index.json").write_text("{}")
+    with pytest.raises(WorkerStartError) as error:
+        run_job(str(shards), tmp_path / "out", load_config(FAST_CONFIG), str(broken), workers=1, progress=False)
+    message = str(error.value)
+    assert message.startswith("segmenter workers could not start: ") and "\n" not in message
+    assert "creation task" not in message and "Error" in message, message
+
+
 def test_input_patterns(shards, tmp_path):
     from pipeline.runner import InputError, expand_input
 
