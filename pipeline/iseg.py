@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -115,6 +116,21 @@ def class_maps_from_tokens(token_maps: torch.Tensor, columns: list[list[int]]) -
     token_maps: [N, T]; columns: one list of token positions per class. Returns [N, C].
     """
     return torch.stack([token_maps[:, cols].mean(dim=1) for cols in columns], dim=1)
+
+
+def class_maps_from_token_batch(token_maps: torch.Tensor, columns: list[list[list[int]]]) -> torch.Tensor:
+    """`class_maps_from_tokens` for a batch in one matmul.
+
+    token_maps: [B, N, T]; columns: per image, one list of token positions per class.
+    Returns [B, N, Cmax], Cmax the most classes of an image; an image's columns past its own
+    classes are zero.
+    """
+    batch, _, n_tokens = token_maps.shape
+    weights = np.zeros((batch, n_tokens, max(len(c) for c in columns)))  # built on the host, one copy over
+    for row, per_class in enumerate(columns):
+        for index, cols in enumerate(per_class):
+            weights[row, cols, index] = 1.0 / len(cols)
+    return torch.bmm(token_maps, torch.from_numpy(weights).to(token_maps.device, token_maps.dtype))
 
 
 def entropy_reduced_self_attention(attn: torch.Tensor, ent: float) -> torch.Tensor:

@@ -83,15 +83,16 @@ class IsegPlan:
         fused = iseg.fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
         if config.cat_cross:
             fused = iseg.kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations)
-        class_maps = [iseg.class_maps_from_tokens(fused[row], prompt.columns) for row, prompt in enumerate(prompts)]
-        widths = [m.shape[1] for m in class_maps]
-        padded = torch.stack([F.pad(m, (0, max(widths) - m.shape[1])) for m in class_maps])  # [B, N, Cmax]
+        widths = [len(prompt.columns) for prompt in prompts]
+        padded = iseg.class_maps_from_token_batch(fused, [prompt.columns for prompt in prompts])  # [B, N, Cmax]
         propagation = iseg.entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
         iterations = config.iterations
         before = iseg.iterative_refinement(padded, propagation, max(iterations - 1, 0))
         after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
-        deltas = (torch.stack([(after[row, :, :n] - before[row, :, :n]).abs().mean() for row, n in enumerate(widths)])
-                  .tolist() if iterations else [0.0] * len(widths))  # one host sync for the batch
+        deltas = [0.0] * len(widths)
+        if iterations:  # mean over each image's own columns; padding columns stay zero in both
+            counts = torch.tensor(widths, dtype=after.dtype, device=after.device) * after.shape[1]
+            deltas = ((after - before).abs().sum(dim=(1, 2)) / counts).tolist()  # one host sync for the batch
         return [(after[row, :, :n], None, delta, side) for row, (n, delta) in enumerate(zip(widths, deltas))]
 
 

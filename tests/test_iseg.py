@@ -181,6 +181,16 @@ def test_class_maps_from_tokens_averages_columns():
     torch.testing.assert_close(out, torch.tensor([[1.0, 2.5], [5.0, 6.5], [9.0, 10.5]]))
 
 
+def test_class_maps_from_token_batch_matches_each_image_and_zero_pads():
+    maps = torch.rand(2, 5, 7, dtype=torch.float64)
+    columns = [[[1], [2, 3], [4, 5, 6]], [[6]]]
+    out = iseg.class_maps_from_token_batch(maps, columns)
+    assert out.shape == (2, 5, 3) and out.dtype == torch.float64
+    torch.testing.assert_close(out[0], iseg.class_maps_from_tokens(maps[0], columns[0]))
+    torch.testing.assert_close(out[1, :, :1], iseg.class_maps_from_tokens(maps[1], columns[1]))
+    assert not out[1, :, 1:].any()
+
+
 def test_squared_background_labels_hand_case():
     # 1 x 3 pixels, 3 classes; class 2 absent.
     scores = torch.tensor([[[[0.0, 0.5, 1.0]], [[1.0, 0.6, 0.0]], [[5.0, 5.0, 5.1]]]])
