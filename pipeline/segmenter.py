@@ -257,11 +257,15 @@ class Segmenter:
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """images: uint8 [3, H, W] -> noised latents [B, 4, S/8, S/8] at the method's timestep."""
         size, device = self.config.image_size, self.model.device
-        pixels = torch.stack([  # uint8 crosses to the device; resizing runs there
-            F.interpolate(img.to(device, non_blocking=True)[None].to(torch.float32) / 255.0, size=(size, size),
-                          mode="bilinear", align_corners=False, antialias=True)[0]
-            for img in images
-        ]).to(self.model.dtype)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, img in enumerate(images):
+            by_shape.setdefault(tuple(img.shape), []).append(index)
+        pixels = torch.empty(len(images), 3, size, size, dtype=self.model.dtype, device=device)
+        for indices in by_shape.values():  # images of one size cross (as uint8) and resize together
+            same = torch.stack([images[i] for i in indices]).to(device, non_blocking=True)
+            resized = F.interpolate(same.to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
+                                    align_corners=False, antialias=True)
+            pixels.index_copy_(0, torch.tensor(indices, device=device), resized.to(self.model.dtype))
         vae = self.model.vae
         latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
         noise = self._noise(len(images), tuple(latents.shape[1:])).to(latents.device, latents.dtype)
