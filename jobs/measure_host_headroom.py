@@ -1,0 +1,107 @@
+"""How close the segmenter is to being bound by the host (the Python thread that launches its
+kernels), on a GPU.
+
+Usage: python jobs/measure_host_headroom.py [--model sd21-random] [--device cuda] [--batch 32] [--images 256]
+Prints the in-process segmenter's images/s alone and with threads decoding JPEGs beside it
+(as fast as they can, and at a pipeline's pace), and, for a few batches, how long the host
+takes to launch the text encoder, VAE and UNet against when the device finishes them. When
+launching takes nearly as long as the device's work, anything else on the worker's cores
+slows the model. On a CPU the figures only check that the script runs.
+"""
+
+import argparse
+import io
+import threading
+import time
+
+import torch
+from PIL import Image
+
+from pipeline.bench import benchmark_images
+from pipeline.capture import capturing
+from pipeline.config import load_config
+from pipeline.masks import decode_image
+from pipeline.models import load_model
+from pipeline.segmenter import Segmenter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd21-random")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--paced", type=float, default=60.0, help="images/s of each paced decoding thread")
+    args = parser.parse_args()
+    model = load_model(args.model, device=args.device)
+    config = load_config(None).model_copy(update={"batch_size": args.batch})
+    segmenter = Segmenter(model, config)
+    samples = benchmark_images(args.images)
+    images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
+    labels = [classes for _, classes in samples]
+    jpegs = []
+    for image, _ in samples:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    segmenter.encode_prompts(labels)  # text embeddings cached: every pass below measures the same work
+    segmenter.segment(images[: args.batch], labels[: args.batch])
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    def images_per_s() -> float:
+        sync()
+        start = time.perf_counter()
+        for index in range(0, len(images), args.batch):
+            segmenter.segment(images[index : index + args.batch], labels[index : index + args.batch])
+        sync()
+        return len(images) / (time.perf_counter() - start)
+
+    print(f"{args.model} on {model.device}, batch {args.batch}: segmenter alone {images_per_s():.1f} images/s")
+    for threads, pace in ((1, None), (2, None), (2, args.paced)):
+        stop, decoded = threading.Event(), [0]
+
+        def decode() -> None:
+            while not stop.is_set():
+                for data in jpegs:
+                    if stop.is_set():
+                        break
+                    decode_image(data)
+                    decoded[0] += 1
+                    if pace:
+                        time.sleep(1.0 / pace)
+
+        workers = [threading.Thread(target=decode) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        start = time.perf_counter()
+        rate = images_per_s()
+        elapsed = time.perf_counter() - start
+        stop.set()
+        for worker in workers:
+            worker.join()
+        how = f"at {pace:.0f} images/s each" if pace else "as fast as they can"
+        print(f"with {threads} thread(s) decoding JPEGs {how} ({decoded[0] / elapsed:.0f} images/s decoded): "
+              f"{rate:.1f} images/s")
+
+    batch, classes = images[: args.batch], labels[: args.batch]
+    with torch.inference_mode():
+        for _ in range(3):
+            sync()
+            start = time.perf_counter()
+            embeddings, prompts = segmenter.encode_prompts(classes)
+            latents = segmenter.encode_images(batch)
+            timesteps = torch.full((len(batch),), config.method_timestep, device=model.device, dtype=torch.long)
+            with capturing(model.unet, segmenter.plan.specs):
+                model.unet(latents, timesteps, encoder_hidden_states=embeddings)
+            launched = time.perf_counter()
+            sync()
+            done = time.perf_counter()
+            print(f"text + VAE + UNet of one batch: launched by the host in {1e3 * (launched - start):.0f} ms, "
+                  f"finished by the device at {1e3 * (done - start):.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
