@@ -144,7 +144,8 @@ class ShardWorker:
         self.model = load_model(model_spec, device=device)
         self.segmenter = Segmenter(self.model, self.config)
         self._model_lock = threading.Lock()  # one batch at a time when shards run concurrently
-        self.warm_up_seconds = self.warm_up() if self.model.device.type == "cuda" else 0.0
+        if self.model.device.type == "cuda":
+            self.warm_up()
 
     def warm_up(self) -> float:
         """Run one batch of blank images at the configured batch size and return its seconds.
@@ -165,7 +166,7 @@ class ShardWorker:
         return time.perf_counter() - start
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.model.device), "warm_up_seconds": self.warm_up_seconds}
+        return {"pid": os.getpid(), "device": str(self.model.device)}
 
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], busy: list[float]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so

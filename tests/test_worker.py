@@ -18,8 +18,14 @@ def _maps(worker):
     return [s.maps for s in worker.segmenter.segment(images, [[7, 17], [11]])]
 
 
-def test_cpu_worker_starts_without_warm_up_and_warm_up_runs_one_full_batch(worker, monkeypatch):
-    assert worker.warm_up_seconds == 0.0 and worker.ready()["warm_up_seconds"] == 0.0
+def test_cpu_worker_starts_without_warm_up(tiny_model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ShardWorker, "warm_up", lambda self: calls.append(self))
+    ShardWorker("tiny", load_config(FAST_CONFIG).model_dump_json(), device="cpu")
+    assert calls == []
+
+
+def test_warm_up_runs_one_full_batch_and_changes_no_later_result(worker, monkeypatch):
     before = _maps(worker)
     batches = []
     segment = worker.segmenter.segment
