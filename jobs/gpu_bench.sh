@@ -9,6 +9,8 @@
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
 #             configs/voc.yaml with batch_size 16
 #   scaling   the pipeline with 1 and then 2 CPU workers of 4 threads each (tiny model, CPU slots)
+#   headroom  how close the segmenter is to host-bound: images/s beside decoding threads, and the
+#             host's launch time of a batch against the GPU's (jobs/measure_host_headroom.py)
 # Each step writes RESULTS/<step>.txt; the figures go to docs/performance.md by hand.
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
@@ -70,6 +72,11 @@ write_benchmark_shards(Path('$work/shards'), 10582, 256)"
 scaling() {
     python3 jobs/measure_scaling.py --model tiny --config tests/fast.yaml --device cpu --images 96 \
         --per-shard 8 --workers 2 --cpu-threads 4 2>&1 | grep -v WARNING | tee "$RESULTS/scaling.txt"
+}
+
+headroom() {
+    python3 jobs/measure_host_headroom.py --model sd21-random --device cuda --batch "${BATCH:-32}" 2>&1 \
+        | tee "$RESULTS/headroom.txt"
 }
 
 nvidia-smi -L 2>/dev/null || true
