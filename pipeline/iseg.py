@@ -115,7 +115,7 @@ def class_maps_from_tokens(token_maps: torch.Tensor, columns: list[list[int]]) -
 
     token_maps: [N, T]; columns: one list of token positions per class. Returns [N, C].
     """
-    return torch.stack([token_maps[:, cols].mean(dim=1) for cols in columns], dim=1)
+    return class_maps_from_token_batch(token_maps[None], [columns])[0]
 
 
 def class_maps_from_token_batch(token_maps: torch.Tensor, columns: list[list[list[int]]]) -> torch.Tensor:
