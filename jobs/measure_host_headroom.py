@@ -17,7 +17,7 @@ import time
 import torch
 from PIL import Image
 
-from pipeline.bench import benchmark_images
+from pipeline.bench import benchmark_images, sync_device
 from pipeline.capture import capturing
 from pipeline.config import load_config
 from pipeline.masks import decode_image
@@ -47,16 +47,12 @@ def main() -> None:
     segmenter.encode_prompts(labels)  # text embeddings cached: every pass below measures the same work
     segmenter.segment(images[: args.batch], labels[: args.batch])
 
-    def sync() -> None:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-
     def images_per_s() -> float:
-        sync()
+        sync_device(model.device)
         start = time.perf_counter()
         for index in range(0, len(images), args.batch):
             segmenter.segment(images[index : index + args.batch], labels[index : index + args.batch])
-        sync()
+        sync_device(model.device)
         return len(images) / (time.perf_counter() - start)
 
     print(f"{args.model} on {model.device}, batch {args.batch}: segmenter alone {images_per_s():.1f} images/s")
@@ -89,7 +85,7 @@ def main() -> None:
     batch, classes = images[: args.batch], labels[: args.batch]
     with torch.inference_mode():
         for _ in range(3):
-            sync()
+            sync_device(model.device)
             start = time.perf_counter()
             embeddings, prompts = segmenter.encode_prompts(classes)
             latents = segmenter.encode_images(batch)
@@ -97,7 +93,7 @@ def main() -> None:
             with capturing(model.unet, segmenter.plan.specs):
                 model.unet(latents, timesteps, encoder_hidden_states=embeddings)
             launched = time.perf_counter()
-            sync()
+            sync_device(model.device)
             done = time.perf_counter()
             print(f"text + VAE + UNet of one batch: launched by the host in {1e3 * (launched - start):.0f} ms, "
                   f"finished by the device at {1e3 * (done - start):.0f} ms")

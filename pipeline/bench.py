@@ -71,7 +71,8 @@ def write_benchmark_shards(folder: Path, n_images: int, per_shard: int, label_se
     return str(folder / "bench-*.tar")
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -117,11 +118,11 @@ def bare_model(model: ModelBundle, config: SegmenterConfig, images: list[torch.T
         model.unet(latents, t, encoder_hidden_states=context[: len(batch)])
 
     run(images[:batch_size])
-    _sync(model.device)
+    sync_device(model.device)
     start = time.perf_counter()
     for batch in _batches(images, batch_size):
         run(batch)
-    _sync(model.device)
+    sync_device(model.device)
     return len(images) / (time.perf_counter() - start)
 
 
@@ -135,16 +136,16 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
     segmenter.segment(images[:batch_size], labels[:batch_size])
     label_sets = sorted({tuple(sorted(set(classes))) for classes in labels[batch_size:]}
                         - {tuple(sorted(set(classes))) for classes in labels[:batch_size]})
-    _sync(model.device)
+    sync_device(model.device)
     start = time.perf_counter()
     if label_sets:
         segmenter.encode_prompts([list(classes) for classes in label_sets])
-    _sync(model.device)
+    sync_device(model.device)
     per_set = (time.perf_counter() - start) / len(label_sets) if label_sets else 0.0
     start = time.perf_counter()
     for index in range(0, len(images), batch_size):
         segmenter.segment(images[index : index + batch_size], labels[index : index + batch_size])
-    _sync(model.device)
+    sync_device(model.device)
     elapsed = time.perf_counter() - start
     segmenter.time_stages = True
     first = images[:batch_size]
