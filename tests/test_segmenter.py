@@ -56,6 +56,21 @@ def test_an_image_gives_the_same_result_alone_and_in_a_batch_of_four():
     assert [b.classes for b in batch] == [sorted(x) for x in labels]
 
 
+def test_decoded_and_channel_first_images_encode_to_the_same_latents(segmenter):
+    # Decoded images are channel-first views of [H, W, 3] arrays and are uploaded in that
+    # memory order; a caller's own contiguous [3, H, W] tensors take the other path.
+    images = [synthetic_image(72, 96, seed=i) for i in range(3)]
+    views = [_tensor(image) for image in images]
+    assert not views[0].is_contiguous()
+    with torch.inference_mode():
+        from_views = segmenter.encode_images(views)
+        from_contiguous = segmenter.encode_images([view.contiguous() for view in views])
+        mixed = segmenter.encode_images([views[0], views[1].contiguous(), views[2]])
+    assert torch.equal(from_views, from_contiguous)
+    assert torch.equal(mixed, from_views)
+    assert not torch.equal(from_views[0], from_views[1])
+
+
 def test_float32_attention_in_a_batch_differs_only_by_rounding(segmenter):
     images = [_tensor(synthetic_image(80, 80, seed=i)) for i in range(4)]
     labels = [[1], [2, 3], [4], [5]]
