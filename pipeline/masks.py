@@ -31,6 +31,11 @@ def voc_palette() -> np.ndarray:
 
 _PALETTE = voc_palette()
 
+# zlib level of confidence PNGs, against PIL's default 6: on VOC-sized confidence maps
+# (upsampled attention maps) 6.2 ms per image instead of 15.4 for 3% more bytes, on one core.
+# Mask PNGs keep level 6: on VOC masks level 3 saves only 0.3 ms for 43% more bytes.
+CONFIDENCE_PNG_LEVEL = 3
+
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     """Encoded image bytes -> uint8 RGB [H, W, 3]; ImageDecodeError names `name` otherwise."""
@@ -70,7 +75,7 @@ def encode_confidence(confidence: np.ndarray) -> bytes:
     """float [H, W] scores in [0, 1] -> 8-bit grey PNG (value = round(255 * score))."""
     levels = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(levels, mode="L").save(buffer, format="PNG")
+    Image.fromarray(levels, mode="L").save(buffer, format="PNG", compress_level=CONFIDENCE_PNG_LEVEL)
     return buffer.getvalue()
 
 
