@@ -143,9 +143,13 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
     sync_device(model.device)
     per_set = (time.perf_counter() - start) / len(label_sets) if label_sets else 0.0
     start = time.perf_counter()
-    for index in range(0, len(images), batch_size):
-        segmenter.segment(images[index : index + batch_size], labels[index : index + batch_size])
-    sync_device(model.device)
+    pending = None
+    for index in range(0, len(images), batch_size):  # as a worker: the next batch is queued before waiting
+        launched = segmenter.launch(images[index : index + batch_size], labels[index : index + batch_size])
+        if pending is not None:
+            pending.wait()
+        pending = launched
+    pending.wait()
     elapsed = time.perf_counter() - start
     segmenter.time_stages = True
     first = images[:batch_size]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -63,6 +64,13 @@ class CapturedAttention:
         return self.pooled_by_side([k for k in self.sums if k.startswith(prefix)])
 
 
+@lru_cache(maxsize=None)
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The kept heads as an index tensor on device, made once per process: indexing a GPU
+    tensor with a Python list copies the list to the GPU and synchronises, at every call."""
+    return torch.tensor(heads, device=device)
+
+
 def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[int], scale: float) -> torch.Tensor:
     """query [B, H, Nq, D], key [B, H, Nk, D] -> sum over `heads` of softmax(q k^T * scale),
     [B, Nq, Nk] in float32 (float64 for a float64 model). The scale is applied to the queries
@@ -71,7 +79,8 @@ def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[in
     n_query, n_key = query.shape[2], key.shape[2]
     dtype = torch.promote_types(query.dtype, torch.float32)
     if n_query * n_key <= _PER_HEAD_ENTRIES:
-        q, k = query[:, heads] * scale, key[:, heads]
+        index = _head_index(tuple(heads), query.device)
+        q, k = query.index_select(1, index) * scale, key.index_select(1, index)
         return torch.matmul(q, k.transpose(-1, -2)).softmax(dim=-1, dtype=dtype).sum(dim=1)
     total = None
     for head in heads:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from .config import SegmenterConfig
 from .methods import diffseg, diffsegmenter, goca
 from .models import ModelBundle
 from .prompts import ClassPrompt, build_class_prompt
+from .transfer import start_copy_to_host, to_device
 
 
 @dataclass
@@ -104,8 +106,8 @@ class IsegPlan:
         after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
         deltas = [0.0] * len(widths)
         if iterations:  # mean over each image's own columns; padding columns stay zero in both
-            counts = torch.tensor(widths, dtype=after.dtype, device=after.device) * after.shape[1]
-            deltas = ((after - before).abs().sum(dim=(1, 2)) / counts).tolist()  # one host sync for the batch
+            counts = to_device(torch.tensor(widths, dtype=after.dtype) * after.shape[1], after.device)
+            deltas = list((after - before).abs().sum(dim=(1, 2)) / counts)  # 0-d tensors, still on the device
         return [(after[row, :, :n], None, delta, side) for row, (n, delta) in enumerate(zip(widths, deltas))]
 
 
@@ -242,6 +244,7 @@ class Segmenter:
         self.times = StageTimes()
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt text -> text-encoder output [77, D]
         self._prompt_cache: dict[tuple[int, ...], ClassPrompt] = {}  # class indices -> prompt
+        self._noise_cache: dict[tuple, torch.Tensor] = {}  # (shape, device, dtype) -> the method's noise
 
     @property
     def cross_specs(self) -> list[CaptureSpec]:
@@ -260,11 +263,15 @@ class Segmenter:
         self.times.add(stage, now - start)
         return now
 
-    def _noise(self, batch: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _noise(self, batch: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The same seeded noise for every image (as the reference), so an image's result
-        does not depend on its batch."""
-        generator = torch.Generator().manual_seed(self.config.noise_seed)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).expand(batch, *shape)
+        does not depend on its batch: [batch, *shape], an expanded view of one noise tensor
+        drawn on the host and moved to device once."""
+        key = (shape, device, dtype)
+        if key not in self._noise_cache:
+            generator = torch.Generator().manual_seed(self.config.noise_seed)
+            self._noise_cache[key] = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        return self._noise_cache[key].expand(batch, *shape)
 
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -278,10 +285,10 @@ class Segmenter:
             same = _stack_on_device([images[i] for i in indices], device)
             resized = F.interpolate(same.to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
                                     align_corners=False, antialias=True)
-            pixels.index_copy_(0, torch.tensor(indices, device=device), resized.to(self.model.dtype))
+            pixels.index_copy_(0, to_device(torch.tensor(indices), device), resized.to(self.model.dtype))
         vae = self.model.vae
         latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
-        noise = self._noise(len(images), tuple(latents.shape[1:])).to(latents.device, latents.dtype)
+        noise = self._noise(len(images), tuple(latents.shape[1:]), latents.device, latents.dtype)
         timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
         return self.model.scheduler.add_noise(latents, noise, timesteps)
 
@@ -301,20 +308,28 @@ class Segmenter:
                 self._text_cache.clear()
                 self._prompt_cache.clear()
             ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt")["input_ids"].to(self.model.device)
+                            truncation=True, return_tensors="pt")["input_ids"]
+            ids = to_device(ids, self.model.device)
             self._text_cache.update(zip(missing, self.model.text_encoder(ids)[0]))
         embeddings = torch.stack([self._text_cache[p.text] for p in prompts])
         if self.plan.enhance and self.config.cat_cross:
             gain = torch.ones(embeddings.shape[:2], dtype=embeddings.dtype)
             for row, prompt in enumerate(prompts):
                 gain[row, prompt.all_columns] = self.config.enhancement
-            embeddings = embeddings * gain.to(embeddings.device)[:, :, None]
+            embeddings = embeddings * to_device(gain, embeddings.device)[:, :, None]
         return embeddings, prompts
 
-    @torch.inference_mode()
     def segment(self, images: list[torch.Tensor], class_lists: list[list[int]]) -> list[ClassScores]:
         """images: uint8 [3, H, W] tensors; class_lists: per image the 0-based indices of its
         labelled classes (non-empty). Returns one ClassScores per image."""
+        return self.launch(images, class_lists).wait()
+
+    @torch.inference_mode()
+    def launch(self, images: list[torch.Tensor], class_lists: list[list[int]]) -> "PendingScores":
+        """`segment` without waiting for the device: queues the batch and the copy of its
+        results to the host, and returns a handle whose wait() gives the ClassScores. On a GPU
+        the host can queue the next batch while this one runs; on a CPU the work is done when
+        this returns. Nothing in the batch makes the host wait for the GPU (see transfer.py)."""
         if len(images) != len(class_lists):
             raise ValueError("one class list per image is needed")
         class_lists = [sorted(set(classes)) for classes in class_lists]
@@ -335,13 +350,40 @@ class Segmenter:
             self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
         start = self._timed("unet", start)
         planned = self.plan.scores(store, prompts)
-        # One device-to-host copy for the whole batch: maps (and backgrounds) flattened end to end.
-        parts = [p for maps, background, _, _ in planned for p in (maps.T, background) if p is not None]
-        host = iter(torch.cat([p.reshape(-1).float() for p in parts]).cpu().split([p.numel() for p in parts]))
-        results = []
-        for classes, (_, background, delta, side) in zip(class_lists, planned):
-            grid = next(host).reshape(len(classes), side, side)
-            bg = next(host).reshape(side, side) if background is not None else None
-            results.append(ClassScores(classes=classes, maps=grid, refinement_delta=delta, background=bg))
+        # One device-to-host copy for the whole batch: maps, backgrounds and refinement deltas
+        # still on the device, flattened end to end.
+        parts = [p for maps, background, delta, _ in planned
+                 for p in (maps.T, background, delta) if isinstance(p, torch.Tensor)]
+        host, wait = start_copy_to_host(torch.cat([p.reshape(-1).float() for p in parts]))
+        images_layout = [(classes, side, background is not None, None if isinstance(delta, torch.Tensor) else delta)
+                         for classes, (_, background, delta, side) in zip(class_lists, planned)]
         self._timed("refine", start)
+        return PendingScores(host, images_layout, wait)
+
+
+@dataclass
+class PendingScores:
+    """A launched batch (`Segmenter.launch`); wait() gives its ClassScores once the device is done.
+
+    host: float32 [total], every image's maps [C, side*side], then its background [side*side]
+    if any, then its refinement delta [1] if it was computed on the device; layout: per image
+    (classes, side, has a background, delta: a float, or None when it is in host)."""
+
+    host: torch.Tensor
+    layout: list[tuple[list[int], int, bool, float | None]]
+    wait_for_copy: Callable[[], None]
+
+    def wait(self) -> list[ClassScores]:
+        self.wait_for_copy()
+        results, offset = [], 0
+        for classes, side, has_background, delta in self.layout:
+            n = side * side
+            grid = self.host[offset : offset + len(classes) * n].reshape(len(classes), side, side)
+            offset += len(classes) * n
+            background = None
+            if has_background:
+                background, offset = self.host[offset : offset + n].reshape(side, side), offset + n
+            if delta is None:
+                delta, offset = float(self.host[offset]), offset + 1
+            results.append(ClassScores(classes=classes, maps=grid, refinement_delta=delta, background=background))
         return results

@@ -5,8 +5,9 @@ the model once and then processes whole shards. Decoding runs in a prefetch thre
 post-processing (upsampling, background rule, CRF, PNG encoding, statistics) is handed to a
 `finish` callable (Ray CPU tasks in a job), so the model never waits on either. A job runs
 two shards at a time on each worker (a threaded actor): while one waits for its post-processing
-the other feeds the model; a lock keeps the segmenter to one batch at a time. A bad image or
-label fails that image only.
+the other feeds the model; a lock keeps the segmenter to launching one batch at a time, and a
+batch is waited for outside it, so one shard's batch runs on the GPU while the other shard's
+next batch is queued behind it. A bad image or label fails that image only.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class ShardResult:
     rows: list[dict]
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
     peak_device_mb: float = 0.0  # the worker's peak accelerator memory so far (0 on CPU)
-    model_seconds: float = 0.0  # wall time the segmenter ran this shard's batches
+    model_seconds: float = 0.0  # wall time the segmenter ran this shard's batches (overlaps counted once)
 
     @property
     def failed(self) -> int:
@@ -143,7 +144,9 @@ class ShardWorker:
         self.config = SegmenterConfig.model_validate_json(config_json)
         self.model = load_model(model_spec, device=device)
         self.segmenter = Segmenter(self.model, self.config)
-        self._model_lock = threading.Lock()  # one batch at a time when shards run concurrently
+        self._model_lock = threading.Lock()  # one batch launched at a time when shards run concurrently
+        self._busy_lock = threading.Lock()
+        self._busy_until = 0.0  # when the last batch waited for finished (perf_counter seconds)
         if self.model.device.type == "cuda":
             self.warm_up()
 
@@ -171,15 +174,18 @@ class ShardWorker:
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], busy: list[float]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
         only that image fails. Yields (id, sample, ClassScores or error text, seconds); adds
-        the seconds the model ran to busy[0]."""
+        the seconds the model ran to busy[0].
+
+        The batch is launched under the model lock and waited for outside it: on a GPU the
+        other shard's thread queues its next batch while this one runs, so the device does
+        not idle between batches while the host prepares and launches the next one."""
         images = [torch.from_numpy(image).permute(2, 0, 1) for _, _, image, _ in batch]
         try:
             with self._model_lock:
                 start = time.perf_counter()
-                try:
-                    scores = self.segmenter.segment(images, [classes for *_, classes in batch])
-                finally:
-                    busy[0] += time.perf_counter() - start
+                pending = self.segmenter.launch(images, [classes for *_, classes in batch])
+            scores = pending.wait()
+            busy[0] += self._busy_seconds(start, time.perf_counter())
         except (PromptError, ValueError) as exc:
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
@@ -191,6 +197,14 @@ class ShardWorker:
         seconds = (time.perf_counter() - start) / len(batch)
         for (key, sample, _, _), score in zip(batch, scores):
             yield key, sample, score, seconds
+
+    def _busy_seconds(self, start: float, end: float) -> float:
+        """Seconds of [start, end] (a batch from its launch to its results) not already counted
+        for an earlier batch: batches of the two shards in flight overlap on the device."""
+        with self._busy_lock:
+            seconds = max(0.0, end - max(start, self._busy_until))
+            self._busy_until = max(self._busy_until, end)
+        return seconds
 
     def _finisher(self, remote: bool) -> Callable:
         """finish(config_json, shard, items) -> a handle for `resolve`: a Ray CPU task, or in-process."""

@@ -71,6 +71,21 @@ def test_decoded_and_channel_first_images_encode_to_the_same_latents(segmenter):
     assert not torch.equal(from_views[0], from_views[1])
 
 
+def test_batches_launched_ahead_and_waited_out_of_order_give_their_own_results(segmenter):
+    # A worker launches the next batch before waiting for the last one (two shards in flight).
+    first = ([_tensor(synthetic_image(64, 80, seed=i)) for i in range(2)], [[2, 9], [4]])
+    second = ([_tensor(synthetic_image(80, 64, seed=10 + i)) for i in range(3)], [[1], [5, 6, 18], [12]])
+    expected = [segmenter.segment(*first), segmenter.segment(*second)]
+    pending = [segmenter.launch(*first), segmenter.launch(*second)]
+    got = [pending[1].wait(), pending[0].wait()][::-1]
+    for want_batch, got_batch in zip(expected, got):
+        assert [s.classes for s in got_batch] == [s.classes for s in want_batch]
+        for want, have in zip(want_batch, got_batch):
+            assert torch.equal(have.maps, want.maps)
+            assert have.refinement_delta == want.refinement_delta > 0.0
+    assert not torch.equal(got[0][0].maps[0], got[1][0].maps[0])
+
+
 def test_float32_attention_in_a_batch_differs_only_by_rounding(segmenter):
     images = [_tensor(synthetic_image(80, 80, seed=i)) for i in range(4)]
     labels = [[1], [2, 3], [4], [5]]

@@ -46,3 +46,12 @@ def test_batch_size_the_device_cannot_hold_fails_the_start_with_the_fix(worker, 
     with pytest.raises(RuntimeError, match=r"batch_size 2 does not fit .*: lower batch_size in the config"):
         worker.warm_up()
 
+
+
+def test_busy_time_counts_overlapping_batches_once(worker):
+    worker._busy_until = 0.0
+    # a batch from its launch to its results; the second overlaps the first by one second
+    assert worker._busy_seconds(10.0, 12.0) == 2.0
+    assert worker._busy_seconds(11.0, 13.0) == 1.0
+    assert worker._busy_seconds(12.5, 12.8) == 0.0  # inside time already counted
+    assert worker._busy_seconds(20.0, 21.5) == 1.5  # after an idle gap
