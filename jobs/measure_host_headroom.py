@@ -4,21 +4,22 @@ kernels), on a GPU.
 Usage: python jobs/measure_host_headroom.py [--model sd21-random] [--device cuda] [--batch 32] [--images 256]
 Prints the in-process segmenter's images/s alone and with threads decoding JPEGs beside it
 (as fast as they can, and at a pipeline's pace), and, for a few batches, how long the host
-takes to launch the text encoder, VAE and UNet against when the device finishes them. When
-launching takes nearly as long as the device's work, anything else on the worker's cores
-slows the model. On a CPU the figures only check that the script runs.
+takes to queue a whole batch against when its results are on the host. When queueing takes
+nearly as long as the device's work, anything else on the worker's cores slows the model. On
+a GPU it also lists the calls that make the host wait for the device while it queues a batch
+(there should be none). On a CPU the figures only check that the script runs.
 """
 
 import argparse
 import io
 import threading
 import time
+import warnings
 
 import torch
 from PIL import Image
 
 from pipeline.bench import benchmark_images, sync_device
-from pipeline.capture import capturing
 from pipeline.config import load_config
 from pipeline.masks import decode_image
 from pipeline.models import load_model
@@ -50,9 +51,13 @@ def main() -> None:
     def images_per_s() -> float:
         sync_device(model.device)
         start = time.perf_counter()
-        for index in range(0, len(images), args.batch):
-            segmenter.segment(images[index : index + args.batch], labels[index : index + args.batch])
-        sync_device(model.device)
+        pending = None
+        for index in range(0, len(images), args.batch):  # the next batch queued before waiting, as a worker
+            launched = segmenter.launch(images[index : index + args.batch], labels[index : index + args.batch])
+            if pending is not None:
+                pending.wait()
+            pending = launched
+        pending.wait()
         return len(images) / (time.perf_counter() - start)
 
     print(f"{args.model} on {model.device}, batch {args.batch}: segmenter alone {images_per_s():.1f} images/s")
@@ -83,21 +88,26 @@ def main() -> None:
               f"{rate:.1f} images/s")
 
     batch, classes = images[: args.batch], labels[: args.batch]
-    with torch.inference_mode():
-        for _ in range(3):
-            sync_device(model.device)
-            start = time.perf_counter()
-            embeddings, prompts = segmenter.encode_prompts(classes)
-            latents = segmenter.encode_images(batch)
-            timesteps = torch.full((len(batch),), config.method_timestep, device=model.device, dtype=torch.long)
-            with capturing(model.unet, segmenter.plan.specs):
-                model.unet(latents, timesteps, encoder_hidden_states=embeddings)
-            launched = time.perf_counter()
-            sync_device(model.device)
-            done = time.perf_counter()
-            print(f"text + VAE + UNet of one batch: launched by the host in {1e3 * (launched - start):.0f} ms, "
-                  f"finished by the device at {1e3 * (done - start):.0f} ms")
-
+    for _ in range(3):
+        sync_device(model.device)
+        start = time.perf_counter()
+        pending = segmenter.launch(batch, classes)
+        launched = time.perf_counter()
+        pending.wait()
+        done = time.perf_counter()
+        print(f"one batch (text, VAE, UNet with capture, method, results' copy): queued by the host in "
+              f"{1e3 * (launched - start):.0f} ms, results on the host at {1e3 * (done - start):.0f} ms")
+    if model.device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            segmenter.launch(batch, classes)
+        torch.cuda.set_sync_debug_mode("default")
+        sync_device(model.device)
+        waits = [str(w.message).strip().splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        print(f"calls that made the host wait for the device while it queued a batch: {len(waits)}")
+        for line in sorted(set(waits)):
+            print(f"  {waits.count(line)} x {line}")
 
 if __name__ == "__main__":
     main()
