@@ -9,8 +9,9 @@
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
 #             configs/voc.yaml with batch_size 16
 #   scaling   the pipeline with 1 and then 2 CPU workers of 4 threads each (tiny model, CPU slots)
-#   headroom  how close the segmenter is to host-bound: images/s beside decoding threads, and the
-#             host's launch time of a batch against the GPU's (jobs/measure_host_headroom.py)
+#   headroom  how close the segmenter is to host-bound: images/s beside decoding threads, the
+#             host's time to queue a batch against when its results arrive, and the calls that
+#             made the host wait for the GPU while queueing (jobs/measure_host_headroom.py)
 # Each step writes RESULTS/<step>.txt; the figures go to docs/performance.md by hand.
 set -uo pipefail
 WHEELS=${WHEELS:-.whl}
