@@ -173,8 +173,8 @@ class ShardWorker:
 
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], busy: list[float]):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
-        only that image fails. Yields (id, sample, ClassScores or error text, seconds); adds
-        the seconds the model ran to busy[0].
+        only that image fails. Yields (id, sample, ClassScores or error text, seconds: the
+        image's share of the batch's model time); adds the batch's model time to busy[0].
 
         The batch is launched under the model lock and waited for outside it: on a GPU the
         other shard's thread queues its next batch while this one runs, so the device does
@@ -185,7 +185,8 @@ class ShardWorker:
                 start = time.perf_counter()
                 pending = self.segmenter.launch(images, [classes for *_, classes in batch])
             scores = pending.wait()
-            busy[0] += self._busy_seconds(start, time.perf_counter())
+            model_seconds = self._busy_seconds(start, time.perf_counter())
+            busy[0] += model_seconds
         except (PromptError, ValueError) as exc:
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
@@ -194,9 +195,8 @@ class ShardWorker:
             for one in batch:
                 yield from self._segment([one], busy)
             return
-        seconds = (time.perf_counter() - start) / len(batch)
         for (key, sample, _, _), score in zip(batch, scores):
-            yield key, sample, score, seconds
+            yield key, sample, score, model_seconds / len(batch)
 
     def _busy_seconds(self, start: float, end: float) -> float:
         """Seconds of [start, end] (a batch from its launch to its results) not already counted
