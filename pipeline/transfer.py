@@ -31,5 +31,5 @@ def start_copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[],
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(tensor.device))  # the stream the copy went to, on its device
     return host, copied.synchronize
