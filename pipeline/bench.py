@@ -90,6 +90,7 @@ class BenchResult:
     pipeline_crf_images_per_s: float = 0.0
     pipeline_wall_s: float = 0.0
     pipeline_model_busy: float = 0.0  # fraction of the CRF-off pipeline's processing time the model ran
+    pipeline_host_queueing: float = 0.0  # fraction of that model time the worker's host spent queueing batches
     peak_device_mb: float = 0.0
     peak_worker_rss_mb: float = 0.0
     peak_worker_device_mb: float = 0.0
@@ -203,12 +204,14 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                 rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
                 log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s over {pipeline_images} images "
                     f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start, model load and warm-up; "
-                    f"model busy {summary.model_busy:.0%} of the processing time)")
+                    f"model busy {summary.model_busy:.0%} of the processing time, the host queueing batches "
+                    f"{summary.host_queueing:.0%} of the model time)")
                 if crf:
                     result.pipeline_crf_images_per_s = rate
                 else:
                     result.pipeline_images_per_s, result.pipeline_wall_s = rate, summary.seconds
                     result.pipeline_model_busy = summary.model_busy
+                    result.pipeline_host_queueing = summary.host_queueing
                 result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, summary.peak_worker_rss_mb)
                 result.peak_worker_device_mb = max(result.peak_worker_device_mb, summary.peak_worker_device_mb)
     return result
@@ -229,7 +232,8 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
     if result.pipeline_images_per_s:
         lines += [
             f"pipeline      {result.pipeline_images_per_s:8.3f} images/s (run over shards, CRF off; "
-            f"{result.pipeline_wall_s:.1f} s end to end; model busy {result.pipeline_model_busy:.0%})",
+            f"{result.pipeline_wall_s:.1f} s end to end; model busy {result.pipeline_model_busy:.0%}, "
+            f"host queueing {result.pipeline_host_queueing:.0%} of it)",
         ]
     if result.pipeline_crf_images_per_s:
         lines.append(f"pipeline+CRF  {result.pipeline_crf_images_per_s:8.3f} images/s (run over shards, CRF on)")

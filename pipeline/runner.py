@@ -81,6 +81,7 @@ class JobSummary:
     peak_worker_device_mb: float = 0.0
     workers: int = 0
     model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
+    queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
 
     @property
     def model_busy(self) -> float:
@@ -88,6 +89,12 @@ class JobSummary:
         model never waited for decoding, post-processing or writing)."""
         wall = self.processing_seconds * self.workers
         return self.model_seconds / wall if wall else 0.0
+
+    @property
+    def host_queueing(self) -> float:
+        """Fraction of the model time the workers' host threads spent queueing batches: near
+        1.0 on a GPU, the host sets the pace (on a CPU the work is done while queueing)."""
+        return self.queueing_seconds / self.model_seconds if self.model_seconds else 0.0
 
     @property
     def line(self) -> str:
@@ -237,6 +244,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
             summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
             summary.model_seconds += result.model_seconds
+            summary.queueing_seconds += result.queueing_seconds
         ledger.put(entry)
         if entry.state == DONE:
             summary.shards_done += 1

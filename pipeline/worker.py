@@ -83,10 +83,21 @@ class ShardResult:
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory so far
     peak_device_mb: float = 0.0  # the worker's peak accelerator memory so far (0 on CPU)
     model_seconds: float = 0.0  # wall time the segmenter ran this shard's batches (overlaps counted once)
+    queueing_seconds: float = 0.0  # of which the host spent queueing them (all of it on a CPU)
 
     @property
     def failed(self) -> int:
         return sum(row["status"] != "ok" for row in self.rows)
+
+
+@dataclass
+class ModelClock:
+    """Seconds of a shard's batches: model, from launch to results (overlaps with the other
+    shard's batches counted once); queueing, the host launching them (Segmenter.launch). On
+    a GPU, queueing close to model means the host, not the GPU, sets the pace."""
+
+    model: float = 0.0
+    queueing: float = 0.0
 
 
 def _prefetch(url: str, depth: int):
@@ -171,10 +182,10 @@ class ShardWorker:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.model.device)}
 
-    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], busy: list[float]):
+    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], clock: "ModelClock"):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
         only that image fails. Yields (id, sample, ClassScores or error text, seconds: the
-        image's share of the batch's model time); adds the batch's model time to busy[0].
+        image's share of the batch's model time); adds the batch's times to clock.
 
         The batch is launched under the model lock and waited for outside it: on a GPU the
         other shard's thread queues its next batch while this one runs, so the device does
@@ -184,16 +195,17 @@ class ShardWorker:
             with self._model_lock:
                 start = time.perf_counter()
                 pending = self.segmenter.launch(images, [classes for *_, classes in batch])
+                clock.queueing += time.perf_counter() - start
             scores = pending.wait()
             model_seconds = self._busy_seconds(start, time.perf_counter())
-            busy[0] += model_seconds
+            clock.model += model_seconds
         except (PromptError, ValueError) as exc:
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
                 yield key, sample, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
                 return
             for one in batch:
-                yield from self._segment([one], busy)
+                yield from self._segment([one], clock)
             return
         for (key, sample, _, _), score in zip(batch, scores):
             yield key, sample, score, model_seconds / len(batch)
@@ -235,11 +247,11 @@ class ShardWorker:
         pending, rows = [], {}
         order: list[str] = []
         batch: list[tuple[str, dict, np.ndarray, list[int]]] = []
-        busy = [0.0]  # seconds the model ran this shard's batches
+        clock = ModelClock()
 
         def flush():
             items = []
-            for key, sample, score, seconds in self._segment(batch, busy):
+            for key, sample, score, seconds in self._segment(batch, clock):
                 if isinstance(score, str):
                     rows[key] = failed_row(key, shard, score)
                     continue
@@ -275,7 +287,7 @@ class ShardWorker:
         mask_samples = [{"__key__": k, **masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
         return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order],
                            peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(self.model.device),
-                           model_seconds=busy[0])
+                           model_seconds=clock.model, queueing_seconds=clock.queueing)
 
 
 def peak_rss_mb() -> float:
