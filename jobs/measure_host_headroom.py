@@ -19,7 +19,7 @@ import warnings
 import torch
 from PIL import Image
 
-from pipeline.bench import benchmark_images, sync_device
+from pipeline.bench import benchmark_images, segment_queued, sync_device
 from pipeline.config import load_config
 from pipeline.masks import decode_image
 from pipeline.models import load_model
@@ -51,13 +51,7 @@ def main() -> None:
     def images_per_s() -> float:
         sync_device(model.device)
         start = time.perf_counter()
-        pending = None
-        for index in range(0, len(images), args.batch):  # the next batch queued before waiting, as a worker
-            launched = segmenter.launch(images[index : index + args.batch], labels[index : index + args.batch])
-            if pending is not None:
-                pending.wait()
-            pending = launched
-        pending.wait()
+        segment_queued(segmenter, images, labels, args.batch)
         return len(images) / (time.perf_counter() - start)
 
     print(f"{args.model} on {model.device}, batch {args.batch}: segmenter alone {images_per_s():.1f} images/s")
@@ -108,6 +102,7 @@ def main() -> None:
         print(f"calls that made the host wait for the device while it queued a batch: {len(waits)}")
         for line in sorted(set(waits)):
             print(f"  {waits.count(line)} x {line}")
+
 
 if __name__ == "__main__":
     main()

@@ -127,6 +127,20 @@ def bare_model(model: ModelBundle, config: SegmenterConfig, images: list[torch.T
     return len(images) / (time.perf_counter() - start)
 
 
+def segment_queued(segmenter: Segmenter, images: list[torch.Tensor], labels: list[list[int]],
+                   batch_size: int) -> None:
+    """Segment images in batches as a worker does: each batch is queued before the last one's
+    results are waited for; returns once the last results are on the host."""
+    pending = None
+    for index in range(0, len(images), batch_size):
+        launched = segmenter.launch(images[index : index + batch_size], labels[index : index + batch_size])
+        if pending is not None:
+            pending.wait()
+        pending = launched
+    if pending is not None:
+        pending.wait()
+
+
 def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
                    labels: list[list[int]], batch_size: int) -> tuple[float, dict[str, float], int, float]:
     """images/s of the full method in-process, seconds per image per stage, and the number of
@@ -144,13 +158,7 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
     sync_device(model.device)
     per_set = (time.perf_counter() - start) / len(label_sets) if label_sets else 0.0
     start = time.perf_counter()
-    pending = None
-    for index in range(0, len(images), batch_size):  # as a worker: the next batch is queued before waiting
-        launched = segmenter.launch(images[index : index + batch_size], labels[index : index + batch_size])
-        if pending is not None:
-            pending.wait()
-        pending = launched
-    pending.wait()
+    segment_queued(segmenter, images, labels, batch_size)
     elapsed = time.perf_counter() - start
     segmenter.time_stages = True
     first = images[:batch_size]

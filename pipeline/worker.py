@@ -182,7 +182,7 @@ class ShardWorker:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.model.device)}
 
-    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], clock: "ModelClock"):
+    def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], clock: ModelClock):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
         only that image fails. Yields (id, sample, ClassScores or error text, seconds: the
         image's share of the batch's model time); adds the batch's times to clock.
