@@ -4,6 +4,9 @@
 # Usage: WHEELS=.whl RESULTS=results bash jobs/gpu_bench.sh STEP...
 #   install   put the wheels of WHEELS into SITE (ray may come as a .tar.xz of its unpacked wheel,
 #             pydensecrf2 as its sdist, built here); skipped when SITE already has them
+#   cudatests the tests of the CUDA-only paths (tests/test_cuda.py: pinned copies, a batch queued
+#             with no host-device sync, GPU against CPU results, a job on a GPU worker); WHEELS
+#             needs pytest and its dependencies (pluggy, iniconfig, packaging, pygments)
 #   profile   stage times and top CUDA operators of one segmenter batch of BATCH (default 32)
 #   bench     pseudolabel bench on sd21-random: batch sizes 1-32, pipeline CRF off and on (CRF=off|on|both)
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
@@ -40,6 +43,10 @@ install() {
     python3 -c "import torch, ray, diffusers, transformers, webdataset, pydantic, pyarrow; \
 print('torch', torch.__version__, torch.cuda.get_device_name(0), '| ray', ray.__version__, '| diffusers', \
 diffusers.__version__, '| transformers', transformers.__version__)"
+}
+
+cudatests() {
+    python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$RESULTS/cudatests.txt"
 }
 
 profile() {

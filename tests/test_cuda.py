@@ -1,0 +1,113 @@
+"""The CUDA-only paths: pinned copies, the results' event, a batch queued without the host
+waiting, a job on a GPU worker. Skipped without a GPU; on a GPU machine run them with
+`jobs/gpu_bench.sh cudatests` (or `python -m pytest tests/test_cuda.py`)."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import FAST_CONFIG, synthetic_image
+from pipeline.config import SegmenterConfig, load_config
+from pipeline.models import load_model
+from pipeline.segmenter import Segmenter
+from pipeline.transfer import start_copy_to_host, to_device
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _tensor(image):
+    return torch.from_numpy(image).permute(2, 0, 1)
+
+
+def _batch():
+    """Five decoded-like images of two sizes with 1-3 labels each."""
+    sizes = [(96, 128), (128, 96), (96, 128), (128, 96), (96, 128)]
+    images = [_tensor(synthetic_image(h, w, seed=i)) for i, (h, w) in enumerate(sizes)]
+    return images, [[7, 17], [0], [10, 15, 19], [14], [3, 8]]
+
+
+def test_small_tensors_reach_the_device_and_results_come_back_through_pinned_memory():
+    device = torch.device("cuda")
+    indices = torch.arange(1000, dtype=torch.int64)
+    assert torch.equal(to_device(indices, device).cpu(), indices)
+    square = torch.randn(4096, 4096, device=device)
+    result = (square @ square).sum(dim=0)  # queued work the copy has to wait for
+    host, wait = start_copy_to_host(result)
+    assert host.device.type == "cpu" and host.is_pinned()
+    wait()
+    torch.testing.assert_close(host, result.cpu())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_the_results_event_waits_for_a_copy_from_a_device_that_is_not_the_current_one():
+    with torch.cuda.device(0):
+        square = torch.randn(4096, 4096, device="cuda:1")
+        result = (square @ square).sum(dim=0)
+        host, wait = start_copy_to_host(result)
+        wait()
+    torch.testing.assert_close(host, result.cpu())
+
+
+@pytest.fixture(scope="module")
+def cuda_segmenter():
+    return Segmenter(load_model("tiny", device="cuda", dtype=torch.float32), SegmenterConfig())
+
+
+def test_a_batch_is_queued_without_the_host_waiting_for_the_gpu(cuda_segmenter):
+    images, labels = _batch()
+    # prompts, noise and kept-head indices are made once per process, in the first batch
+    expected = cuda_segmenter.segment(images, labels)
+    torch.cuda.set_sync_debug_mode("error")  # any call that synchronises raises
+    try:
+        pending = cuda_segmenter.launch(images, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = pending.wait()
+    for want, have in zip(expected, got):
+        assert have.classes == want.classes
+        torch.testing.assert_close(have.maps, want.maps)
+
+
+def test_batches_launched_ahead_on_the_gpu_give_their_own_results(cuda_segmenter):
+    images, labels = _batch()
+    first, second = (images[:2], labels[:2]), (images[2:], labels[2:])
+    expected = [cuda_segmenter.segment(*first), cuda_segmenter.segment(*second)]
+    pending = [cuda_segmenter.launch(*first), cuda_segmenter.launch(*second)]
+    got = [pending[1].wait(), pending[0].wait()][::-1]
+    for want_batch, got_batch in zip(expected, got):
+        for want, have in zip(want_batch, got_batch):
+            assert have.classes == want.classes
+            torch.testing.assert_close(have.maps, want.maps)
+            assert have.refinement_delta == pytest.approx(want.refinement_delta, rel=1e-5)
+
+
+def test_the_gpu_gives_the_cpu_results_in_float64():
+    # float64 so that the only differences are rounding far below k-means' near-ties
+    images, labels = _batch()
+    on_cpu = Segmenter(load_model("tiny", device="cpu", dtype=torch.float64), SegmenterConfig())
+    on_gpu = Segmenter(load_model("tiny", device="cuda", dtype=torch.float64), SegmenterConfig())
+    for want, have in zip(on_cpu.segment(images, labels), on_gpu.segment(images, labels)):
+        assert have.classes == want.classes
+        torch.testing.assert_close(have.maps, want.maps, rtol=1e-4, atol=1e-7)
+        assert have.refinement_delta == pytest.approx(want.refinement_delta, rel=1e-4)
+
+
+def test_a_job_on_a_gpu_worker_writes_every_mask(tmp_path):
+    import ray
+
+    from pipeline.bench import write_benchmark_shards
+    from pipeline.runner import run_job
+
+    pattern = write_benchmark_shards(tmp_path / "shards", 12, 4)
+    ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        summary = run_job(pattern, tmp_path / "out", load_config(FAST_CONFIG), "tiny",
+                          workers=1, progress=False)
+    finally:
+        ray.shutdown()
+    assert (summary.images_ok, summary.images_failed, summary.shards_done) == (12, 0, 3)
+    assert 0.0 < summary.model_seconds <= summary.processing_seconds
+    assert 0.0 < summary.queueing_seconds <= summary.model_seconds * 1.05
+    assert summary.peak_worker_device_mb > 0  # the worker's model was on the GPU
+    assert len(list((tmp_path / "out" / "masks").glob("*.tar"))) == 3
