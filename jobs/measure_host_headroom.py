@@ -4,9 +4,9 @@ kernels), on a GPU.
 Usage: python jobs/measure_host_headroom.py [--model sd21-random] [--device cuda] [--batch 32] [--images 256]
 Prints the in-process segmenter's images/s alone and with threads decoding JPEGs beside it
 (as fast as they can, and at a pipeline's pace), and, for a few batches, how long the host
-takes to queue a whole batch against when its results are on the host. When queueing takes
-nearly as long as the device's work, anything else on the worker's cores slows the model. On
-a GPU it also lists the calls that make the host wait for the device while it queues a batch
+takes to queue a whole batch against when its results are on the host, alone and behind a
+running batch (as a worker launches them). When queueing takes nearly as long as the
+device's work, anything else on the worker's cores slows the model. On a GPU it also lists the calls that make the host wait for the device while it queues a batch
 (there should be none). On a CPU the figures only check that the script runs.
 """
 
@@ -91,6 +91,17 @@ def main() -> None:
         done = time.perf_counter()
         print(f"one batch (text, VAE, UNet with capture, method, results' copy): queued by the host in "
               f"{1e3 * (launched - start):.0f} ms, results on the host at {1e3 * (done - start):.0f} ms")
+    sync_device(model.device)
+    running = segmenter.launch(batch, classes)
+    start = time.perf_counter()
+    behind = segmenter.launch(batch, classes)
+    queued = time.perf_counter() - start
+    running.wait()
+    running_done = time.perf_counter() - start
+    behind.wait()
+    print(f"a batch launched behind a running one: queued in {1e3 * queued:.0f} ms, the running one's "
+          f"results on the host {1e3 * running_done:.0f} ms after that launch began (queued later than "
+          f"that: the launch waited for the running batch)")
     if model.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:

@@ -21,7 +21,7 @@ from .config import SegmenterConfig
 from .methods import diffseg, diffsegmenter, goca
 from .models import ModelBundle
 from .prompts import ClassPrompt, build_class_prompt
-from .transfer import start_copy_to_host, to_device
+from .transfer import stack_to_device, start_copy_to_host, to_device
 
 
 @dataclass
@@ -71,9 +71,9 @@ def _stack_on_device(images: list[torch.Tensor], device: torch.device) -> torch.
     core, in the thread that launches the model's kernels); they are stacked in their own
     memory order instead (a plain copy) and transposed on the device."""
     if all(image.permute(1, 2, 0).is_contiguous() for image in images):
-        stacked = torch.stack([image.permute(1, 2, 0) for image in images]).to(device, non_blocking=True)
+        stacked = stack_to_device([image.permute(1, 2, 0) for image in images], device)
         return stacked.permute(0, 3, 1, 2).contiguous()
-    return torch.stack(images).to(device, non_blocking=True)
+    return stack_to_device(images, device)
 
 
 class IsegPlan:

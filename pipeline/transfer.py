@@ -22,6 +22,19 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def stack_to_device(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """torch.stack(tensors) of same-shape host tensors, on device. On CUDA the stack is written
+    into pinned memory and crosses with a non-blocking copy: the driver stages a copy from
+    pageable memory through its own pinned buffers and may wait for the stream's queued
+    kernels to do so (CUDA's "API synchronization behavior"), so a batch queued behind a
+    running one could wait for that one to finish."""
+    if device.type != "cuda":
+        return torch.stack(tensors).to(device)
+    host = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    torch.stack(tensors, out=host)
+    return host.to(device, non_blocking=True)
+
+
 def start_copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:
     """Queue a copy of tensor to the host: (host tensor, wait). The host tensor holds the data
     once wait() has returned. On CUDA the copy goes to pinned memory behind an event, so the

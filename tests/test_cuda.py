@@ -11,7 +11,7 @@ from conftest import FAST_CONFIG, synthetic_image
 from pipeline.config import SegmenterConfig, load_config
 from pipeline.models import load_model
 from pipeline.segmenter import Segmenter
-from pipeline.transfer import start_copy_to_host, to_device
+from pipeline.transfer import stack_to_device, start_copy_to_host, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,6 +27,14 @@ def _batch():
     return images, [[7, 17], [0], [10, 15, 19], [14], [3, 8]]
 
 
+def _queue_seconds_of_gpu_work() -> None:
+    """Queue about two seconds of matmuls on the current stream (a fraction of a ms of host time)."""
+    square = torch.randn(8192, 8192, device="cuda")
+    product = torch.empty_like(square)
+    for _ in range(100):
+        torch.matmul(square, square, out=product)
+
+
 def test_small_tensors_reach_the_device_and_results_come_back_through_pinned_memory():
     device = torch.device("cuda")
     indices = torch.arange(1000, dtype=torch.int64)
@@ -37,6 +45,16 @@ def test_small_tensors_reach_the_device_and_results_come_back_through_pinned_mem
     assert host.device.type == "cpu" and host.is_pinned()
     wait()
     torch.testing.assert_close(host, result.cpu())
+
+
+def test_images_cross_to_the_device_without_waiting_for_queued_work():
+    images = [torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8) for _ in range(32)]  # 18 MB
+    stack_to_device(images, torch.device("cuda"))  # the pinned block is allocated once
+    torch.cuda.synchronize()
+    _queue_seconds_of_gpu_work()
+    stacked = stack_to_device(images, torch.device("cuda"))
+    assert not torch.cuda.current_stream().query(), "the host waited for the queued matmuls"
+    assert torch.equal(stacked.cpu(), torch.stack(images))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
@@ -67,6 +85,18 @@ def test_a_batch_is_queued_without_the_host_waiting_for_the_gpu(cuda_segmenter):
     for want, have in zip(expected, got):
         assert have.classes == want.classes
         torch.testing.assert_close(have.maps, want.maps)
+
+
+def test_a_batch_is_queued_behind_running_work_without_waiting_for_it(cuda_segmenter):
+    # what a worker does: the next batch is launched while the last one runs; copies staged by
+    # the driver (pageable memory) could wait without counting as a sync in the debug mode
+    images, labels = _batch()
+    cuda_segmenter.segment(images, labels)
+    torch.cuda.synchronize()
+    _queue_seconds_of_gpu_work()
+    pending = cuda_segmenter.launch(images, labels)
+    assert not torch.cuda.current_stream().query(), "launch waited for the work queued before it"
+    assert [s.classes for s in pending.wait()] == [sorted(set(x)) for x in labels]
 
 
 def test_batches_launched_ahead_on_the_gpu_give_their_own_results(cuda_segmenter):
