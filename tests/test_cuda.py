@@ -27,24 +27,26 @@ def _batch():
     return images, [[7, 17], [0], [10, 15, 19], [14], [3, 8]]
 
 
-def _queue_seconds_of_gpu_work() -> None:
-    """Queue about two seconds of matmuls on the current stream (a fraction of a ms of host time)."""
-    square = torch.randn(8192, 8192, device="cuda")
+def _queue_seconds_of_gpu_work(device: str = "cuda") -> torch.Tensor:
+    """Queue about two seconds of matmuls on device's current stream (a fraction of a ms of
+    host time); returns their last product, [8192, 8192], ready when they are done."""
+    square = torch.randn(8192, 8192, device=device) / 8192**0.5
     product = torch.empty_like(square)
     for _ in range(100):
         torch.matmul(square, square, out=product)
+    return product
 
 
 def test_small_tensors_reach_the_device_and_results_come_back_through_pinned_memory():
     device = torch.device("cuda")
     indices = torch.arange(1000, dtype=torch.int64)
     assert torch.equal(to_device(indices, device).cpu(), indices)
-    square = torch.randn(4096, 4096, device=device)
-    result = (square @ square).sum(dim=0)  # queued work the copy has to wait for
+    result = _queue_seconds_of_gpu_work().sum(dim=0)  # the copy has to wait for the matmuls
     host, wait = start_copy_to_host(result)
     assert host.device.type == "cpu" and host.is_pinned()
     wait()
-    torch.testing.assert_close(host, result.cpu())
+    got = host.clone()  # before anything else waits for the device
+    torch.testing.assert_close(got, result.cpu())
 
 
 def test_images_cross_to_the_device_without_waiting_for_queued_work():
@@ -60,11 +62,11 @@ def test_images_cross_to_the_device_without_waiting_for_queued_work():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_the_results_event_waits_for_a_copy_from_a_device_that_is_not_the_current_one():
     with torch.cuda.device(0):
-        square = torch.randn(4096, 4096, device="cuda:1")
-        result = (square @ square).sum(dim=0)
+        result = _queue_seconds_of_gpu_work("cuda:1").sum(dim=0)
         host, wait = start_copy_to_host(result)
         wait()
-    torch.testing.assert_close(host, result.cpu())
+        got = host.clone()  # before anything else waits for cuda:1
+    torch.testing.assert_close(got, result.cpu())
 
 
 @pytest.fixture(scope="module")
