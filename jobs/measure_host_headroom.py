@@ -6,8 +6,9 @@ Prints the in-process segmenter's images/s alone and with threads decoding JPEGs
 (as fast as they can, and at a pipeline's pace), and, for a few batches, how long the host
 takes to queue a whole batch against when its results are on the host, alone and behind a
 running batch (as a worker launches them). When queueing takes nearly as long as the
-device's work, anything else on the worker's cores slows the model. On a GPU it also lists the calls that make the host wait for the device while it queues a batch
-(there should be none). On a CPU the figures only check that the script runs.
+device's work, anything else on the worker's cores slows the model. On a GPU it also lists
+the calls that make the host wait for the device while it queues a batch (there should be
+none). On a CPU the figures only check that the script runs.
 """
 
 import argparse
@@ -100,8 +101,8 @@ def main() -> None:
     running_done = time.perf_counter() - start
     behind.wait()
     print(f"a batch launched behind a running one: queued in {1e3 * queued:.0f} ms, the running one's "
-          f"results on the host {1e3 * running_done:.0f} ms after that launch began (queued later than "
-          f"that: the launch waited for the running batch)")
+          f"results on the host {1e3 * running_done:.0f} ms after that launch began (about equal on a "
+          f"GPU: the launch waited for the running batch)")
     if model.device.type == "cuda":
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
