@@ -32,6 +32,13 @@ def synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def image_tensor(image: np.ndarray):
+    """uint8 [H, W, 3] array -> the [3, H, W] view of it that the worker gives the segmenter."""
+    import torch
+
+    return torch.from_numpy(image).permute(2, 0, 1)
+
+
 FAST_CONFIG = os.path.join(os.path.dirname(__file__), "fast.yaml")
 
 

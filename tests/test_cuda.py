@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import FAST_CONFIG, synthetic_image
+from conftest import FAST_CONFIG, image_tensor, synthetic_image
 from pipeline.config import SegmenterConfig, load_config
 from pipeline.models import load_model
 from pipeline.segmenter import Segmenter
@@ -16,14 +16,10 @@ from pipeline.transfer import stack_to_device, start_copy_to_host, to_device
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def _tensor(image):
-    return torch.from_numpy(image).permute(2, 0, 1)
-
-
 def _batch():
     """Five decoded-like images of two sizes with 1-3 labels each."""
     sizes = [(96, 128), (128, 96), (96, 128), (128, 96), (96, 128)]
-    images = [_tensor(synthetic_image(h, w, seed=i)) for i, (h, w) in enumerate(sizes)]
+    images = [image_tensor(synthetic_image(h, w, seed=i)) for i, (h, w) in enumerate(sizes)]
     return images, [[7, 17], [0], [10, 15, 19], [14], [3, 8]]
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import synthetic_image
+from conftest import image_tensor, synthetic_image
 from pipeline.config import SegmenterConfig
 from pipeline.methods import diffseg, diffsegmenter, goca
 from pipeline.postprocess import finish_mask
@@ -146,7 +146,7 @@ def test_method_end_to_end(tiny_model, method):
     config = SegmenterConfig(method=method)
     segmenter = Segmenter(tiny_model, config)
     image = synthetic_image(48, 64, seed=3)
-    (scores,) = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [[7, 17]])
+    (scores,) = segmenter.segment([image_tensor(image)], [[7, 17]])
     assert scores.classes == [7, 17] and scores.maps.shape == (2, 64, 64)
     assert (scores.background is not None) == (method in ("diffseg", "goca"))
     result = finish_mask(scores.maps, scores.classes, image, config, scores.background)

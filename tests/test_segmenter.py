@@ -3,16 +3,12 @@
 import pytest
 import torch
 
-from conftest import synthetic_image
+from conftest import image_tensor, synthetic_image
 from pipeline.capture import capturing
 from pipeline.config import SegmenterConfig
 from pipeline.models import load_model
 from pipeline.postprocess import finish_mask
 from pipeline.segmenter import Segmenter
-
-
-def _tensor(image):
-    return torch.from_numpy(image).permute(2, 0, 1)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +18,7 @@ def segmenter(tiny_model):
 
 def test_scores_are_one_refined_map_per_class(segmenter):
     image = synthetic_image(96, 128, seed=1)
-    (scores,) = segmenter.segment([_tensor(image)], [[17, 7, 7]])
+    (scores,) = segmenter.segment([image_tensor(image)], [[17, 7, 7]])
     assert scores.classes == [7, 17]
     assert scores.maps.shape == (2, 64, 64) and scores.maps.dtype == torch.float32
     torch.testing.assert_close(scores.maps.sum(dim=(1, 2)), torch.ones(2))
@@ -33,7 +29,7 @@ def test_scores_are_one_refined_map_per_class(segmenter):
 
 def test_stage_timing_records_every_stage_when_asked(tiny_model):
     timed = Segmenter(tiny_model, SegmenterConfig(), time_stages=True)
-    timed.segment([_tensor(synthetic_image(64, 64, seed=2))], [[3]])
+    timed.segment([image_tensor(synthetic_image(64, 64, seed=2))], [[3]])
     assert set(timed.times.seconds) == {"text", "vae", "unet", "refine"}
     assert all(seconds > 0 for seconds in timed.times.seconds.values())
 
@@ -46,8 +42,8 @@ def test_an_image_gives_the_same_result_alone_and_in_a_batch_of_four():
     segmenter = Segmenter(model64, SegmenterConfig())
     images = [synthetic_image(96 + 16 * (i % 2), 128, seed=i) for i in range(4)]  # two sizes, resized in groups
     labels = [[7, 17], [0], [10, 15, 19], [14]]
-    (alone,) = segmenter.segment([_tensor(images[2])], [labels[2]])
-    batch = segmenter.segment([_tensor(im) for im in images], labels)
+    (alone,) = segmenter.segment([image_tensor(images[2])], [labels[2]])
+    batch = segmenter.segment([image_tensor(im) for im in images], labels)
     assert torch.equal(batch[2].maps, alone.maps)
     config = segmenter.config
     mask_alone = finish_mask(alone.maps, alone.classes, images[2], config).labels
@@ -60,7 +56,7 @@ def test_decoded_and_channel_first_images_encode_to_the_same_latents(segmenter):
     # Decoded images are channel-first views of [H, W, 3] arrays and are uploaded in that
     # memory order; a caller's own contiguous [3, H, W] tensors take the other path.
     images = [synthetic_image(72, 96, seed=i) for i in range(3)]
-    views = [_tensor(image) for image in images]
+    views = [image_tensor(image) for image in images]
     assert not views[0].is_contiguous()
     with torch.inference_mode():
         from_views = segmenter.encode_images(views)
@@ -73,8 +69,8 @@ def test_decoded_and_channel_first_images_encode_to_the_same_latents(segmenter):
 
 def test_batches_launched_ahead_and_waited_out_of_order_give_their_own_results(segmenter):
     # A worker launches the next batch before waiting for the last one (two shards in flight).
-    first = ([_tensor(synthetic_image(64, 80, seed=i)) for i in range(2)], [[2, 9], [4]])
-    second = ([_tensor(synthetic_image(80, 64, seed=10 + i)) for i in range(3)], [[1], [5, 6, 18], [12]])
+    first = ([image_tensor(synthetic_image(64, 80, seed=i)) for i in range(2)], [[2, 9], [4]])
+    second = ([image_tensor(synthetic_image(80, 64, seed=10 + i)) for i in range(3)], [[1], [5, 6, 18], [12]])
     expected = [segmenter.segment(*first), segmenter.segment(*second)]
     pending = [segmenter.launch(*first), segmenter.launch(*second)]
     got = [pending[1].wait(), pending[0].wait()][::-1]
@@ -87,7 +83,7 @@ def test_batches_launched_ahead_and_waited_out_of_order_give_their_own_results(s
 
 
 def test_float32_attention_in_a_batch_differs_only_by_rounding(segmenter):
-    images = [_tensor(synthetic_image(80, 80, seed=i)) for i in range(4)]
+    images = [image_tensor(synthetic_image(80, 80, seed=i)) for i in range(4)]
     labels = [[1], [2, 3], [4], [5]]
     with torch.inference_mode():
         maps = []
@@ -112,7 +108,7 @@ def test_head_subsets_apply_only_to_the_sd2_head_layout(tiny_model):
 
 @pytest.mark.parametrize("switch", [{"ent_self": False}, {"cat_cross": False}])
 def test_ablation_switches_change_the_maps(tiny_model, segmenter, switch):
-    image = _tensor(synthetic_image(64, 64, seed=5))
+    image = image_tensor(synthetic_image(64, 64, seed=5))
     (full,) = segmenter.segment([image], [[2, 11]])
     (ablated,) = Segmenter(tiny_model, SegmenterConfig(**switch)).segment([image], [[2, 11]])
     assert not torch.allclose(full.maps, ablated.maps)
@@ -120,7 +116,7 @@ def test_ablation_switches_change_the_maps(tiny_model, segmenter, switch):
 
 
 def test_bad_class_lists_are_rejected(segmenter):
-    image = _tensor(synthetic_image(32, 32, seed=0))
+    image = image_tensor(synthetic_image(32, 32, seed=0))
     with pytest.raises(ValueError, match="at least one labelled class"):
         segmenter.segment([image], [[]])
     with pytest.raises(ValueError, match="outside 0..19"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAST_CONFIG, synthetic_image
+from conftest import FAST_CONFIG, image_tensor, synthetic_image
 from pipeline.config import load_config
 from pipeline.worker import ShardWorker
 
@@ -14,7 +14,7 @@ def worker(tiny_model):
 
 
 def _maps(worker):
-    images = [torch.from_numpy(synthetic_image(48, 64, seed)).permute(2, 0, 1) for seed in (1, 2)]
+    images = [image_tensor(synthetic_image(48, 64, seed)) for seed in (1, 2)]
     return [s.maps for s in worker.segmenter.segment(images, [[7, 17], [11]])]
 
 
