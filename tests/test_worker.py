@@ -47,7 +47,6 @@ def test_batch_size_the_device_cannot_hold_fails_the_start_with_the_fix(worker, 
         worker.warm_up()
 
 
-
 def test_busy_time_counts_overlapping_batches_once(worker):
     worker._busy_until = 0.0
     # a batch from its launch to its results; the second overlaps the first by one second
