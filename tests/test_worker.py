@@ -1,11 +1,19 @@
-"""ShardWorker on its own (no Ray): the warm-up batch a GPU worker runs at start (CPU, tiny model)."""
+"""ShardWorker on its own (no Ray): the warm-up batch a GPU worker runs at start, busy time,
+and the heap it hands back after each shard (CPU, tiny model)."""
 
+import platform
+import threading
+
+import numpy as np
+import psutil
 import pytest
 import torch
 
 from conftest import FAST_CONFIG, image_tensor, synthetic_image
+from pipeline import worker as worker_module
+from pipeline.bench import write_benchmark_shards
 from pipeline.config import load_config
-from pipeline.worker import ShardWorker
+from pipeline.worker import ShardWorker, release_free_memory
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +62,32 @@ def test_busy_time_counts_overlapping_batches_once(worker):
     assert worker._busy_seconds(11.0, 13.0) == 1.0
     assert worker._busy_seconds(12.5, 12.8) == 0.0  # inside time already counted
     assert worker._busy_seconds(20.0, 21.5) == 1.5  # after an idle gap
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_free_memory_hands_a_threads_freed_heap_back_to_the_system():
+    # A thread fills its malloc arena with 64 KiB arrays (256 MiB) and frees every other one:
+    # glibc keeps such holes, counted in the resident size, until the heap is trimmed.
+    kept = []
+
+    def fill():
+        arrays = [np.ones(16384, np.float32) for _ in range(4096)]
+        kept.extend(arrays[1::2])
+
+    thread = threading.Thread(target=fill)
+    thread.start()
+    thread.join()
+    before = psutil.Process().memory_info().rss
+    assert release_free_memory()
+    assert before - psutil.Process().memory_info().rss > 64 * 2**20  # most of the 128 MiB freed
+
+
+def test_worker_releases_free_memory_after_every_shard_it_ran(worker, tmp_path, monkeypatch):
+    releases = []
+    monkeypatch.setattr(worker_module, "release_free_memory", lambda: releases.append(True))
+    pattern = write_benchmark_shards(tmp_path, n_images=2, per_shard=2)
+    result = worker.process_shard(pattern.replace("*", "000000"), "bench-000000")
+    assert [row["status"] for row in result.rows] == ["ok", "ok"] and releases == [True]
+    with pytest.raises(FileNotFoundError):
+        worker.process_shard(str(tmp_path / "missing.tar"), "missing")
+    assert releases == [True, True]  # a failed shard's memory too
