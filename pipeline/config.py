@@ -105,6 +105,9 @@ class ClusterConfig(_Strict):
 
     n_clusters: int = Field(32, ge=1)
     iterations: int = Field(20, ge=1)
+    # Precision of the KL distance. float16 is the official code's (its rounding decides ties
+    # between centres, so it decides clusters); float32 is the exact distance, a deviation.
+    distance_dtype: Literal["float16", "float32"] = "float16"
 
 
 class BackgroundConfig(_Strict):

@@ -8,12 +8,16 @@ float32 or float64 and returns the same dtype. Pixel axes are flattened row-majo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .transfer import to_device
+
+if TYPE_CHECKING:
+    from .config import SegmenterConfig
 
 # Guards divisions by an all-zero row or column; far below any value the method produces.
 _TINY = 1e-30
@@ -77,40 +81,96 @@ def grid_seed_indices(side: int, n_clusters: int, device: torch.device | str = "
     return (rows * side + cols).flatten()
 
 
+# Elements of one [batch, centres, pixels, tokens] block of the float16 distance: bounds its
+# temporaries (about 64 MiB each) whatever the batch size.
+_HALF_KL_BLOCK = 1 << 25
+
+
+def symmetric_kl_half(centres: torch.Tensor, points: torch.Tensor, eps: float) -> torch.Tensor:
+    """The official iSeg code's KL distance, op for op in float16: centres [B, K, T], points
+    [B, N, T] -> float16 [B, K, N].
+
+    Both sides are cast to float16 and eps added there; then 0.5 * sum_T a (ln a - ln b)
+    - 0.5 * sum_T b (ln a - ln b), every intermediate rounded to float16 as the reference
+    computes it. float16 distances tie often, and k-means then keeps the lowest centre, so the
+    rounding itself decides clusters: a float32 distance moves 16-24% of pixels on random
+    weights. Computed in blocks of centres so the [B, K, N, T] difference never exists whole.
+    """
+    a = centres.to(torch.float16) + eps
+    b = points.to(torch.float16) + eps
+    log_a, log_b = torch.log(a), torch.log(b)
+    batch, n_centres, n_tokens = a.shape
+    n_points = b.shape[1]
+    step = max(1, _HALF_KL_BLOCK // max(1, batch * n_points * n_tokens))
+    out = torch.empty(batch, n_centres, n_points, dtype=torch.float16, device=a.device)
+    for k in range(0, n_centres, step):
+        quotient = log_a[:, k : k + step, None, :] - log_b[:, None, :, :]  # [B, k, N, T]
+        forward = torch.sum(a[:, k : k + step, None, :] * quotient, dim=-1) * 0.5
+        backward = -torch.sum(b[:, None, :, :] * quotient, dim=-1) * 0.5
+        out[:, k : k + step] = forward + backward
+    return out
+
+
+def _member_means(points: torch.Tensor, nearest: torch.Tensor, members: torch.Tensor,
+                  counts: torch.Tensor) -> torch.Tensor:
+    """Cluster centres [B, K, T]: the mean of each cluster's points [B, N, T] (nearest [B, N]
+    the cluster of each point, members its one-hot [B, N, K], counts [B, K]); rows of empty
+    clusters are 0.
+
+    On the CPU each mean is torch's own mean over the gathered members, as the official code
+    computes it: a one-hot matmul sums in another order, and near-flat attention (random
+    weights) turns those last-bit differences into other clusters within a few rounds. On a
+    GPU no reduction order matches the CPU reference anyway, so the means come from one
+    matmul, which keeps the batch free of host synchronisation.
+    """
+    if points.device.type != "cpu":
+        return (members.transpose(1, 2) @ points) / counts.clamp_min(1)[:, :, None]
+    centres = torch.zeros(members.shape[0], members.shape[2], points.shape[2], dtype=points.dtype)
+    for image, (image_points, image_nearest) in enumerate(zip(points, nearest)):
+        for cluster in torch.unique(image_nearest).tolist():
+            centres[image, cluster] = image_points[image_nearest == cluster].mean(dim=0)
+    return centres
+
+
 def kl_cluster_average(
-    x: torch.Tensor, side: int, n_clusters: int = 32, iterations: int = 20, eps: float = 1e-5
+    x: torch.Tensor, side: int, n_clusters: int = 32, iterations: int = 20, eps: float = 1e-5,
+    distance_dtype: torch.dtype = torch.float16,
 ) -> torch.Tensor:
-    """Replace each pixel vector by the mean of its KL-k-means cluster.
+    """Replace each pixel vector by the mean of its KL-k-means cluster (Cat-Cross).
 
     x: [N, T] or a batch [B, N, T], N = side*side non-negative pixel vectors (one column per
     token); images of a batch are clustered independently, in one chain of batched kernels.
-    Zeros are replaced by 1e-6; seeds are the grid pixels of `grid_seed_indices`; each
-    iteration assigns pixels to the nearest centre by symmetric KL and recomputes centres as
-    means. A cluster that loses all its pixels is dropped for good (it is never chosen again;
-    ties go to the lowest seed index, as if dropped clusters were removed). Returns x's shape.
+    As the official code: zeros become 1e-6 for the clustering; seeds are the grid pixels of
+    `grid_seed_indices`; each of `iterations` rounds assigns pixels to the nearest centre by
+    symmetric KL (`symmetric_kl_half` for float16, `symmetric_kl` for float32) and moves the
+    centres to their members' means. The result keeps the last round's assignment (no extra
+    assignment after the last move) and averages the raw values of x, not the substituted
+    ones. A cluster that loses all its pixels is dropped for good (ties go to the lowest seed
+    index, as if dropped clusters were removed). Returns x's shape and dtype.
     """
     if x.shape[-2] != side * side:
         raise ValueError(f"x has {x.shape[-2]} rows, expected side*side = {side * side}")
-    points = torch.where(x == 0, torch.full_like(x, 1e-6), x)
-    if points.ndim == 2:
-        points = points[None]
+    if iterations < 1:
+        raise ValueError("kl_cluster_average needs at least one iteration")
+    raw = x[None] if x.ndim == 2 else x
+    points = torch.where(raw == 0, torch.full_like(raw, 1e-6), raw)
     centres = points[:, grid_seed_indices(side, n_clusters, points.device)]  # [B, K, T]
+    n_centres = centres.shape[1]
     alive = torch.ones(centres.shape[:2], dtype=torch.bool, device=points.device)  # [B, K]
-    point_terms = kl_terms(points, eps)  # fixed over the iterations
-
-    def nearest() -> torch.Tensor:
-        distance = symmetric_kl(points, centres, eps, point_terms).masked_fill(~alive[:, None, :], math.inf)
-        return F.one_hot(distance.argmin(dim=2), centres.shape[1]).to(points.dtype)  # [B, N, K]
-
+    point_terms = kl_terms(points, eps) if distance_dtype == torch.float32 else None
     for _ in range(iterations):
-        members = nearest()
+        if distance_dtype == torch.float16:
+            distance = symmetric_kl_half(centres, points, eps)  # [B, K, N]
+            nearest = distance.masked_fill(~alive[:, :, None], math.inf).argmin(dim=1)
+        else:
+            distance = symmetric_kl(points, centres, eps, point_terms)  # [B, N, K]
+            nearest = distance.masked_fill(~alive[:, None, :], math.inf).argmin(dim=2)
+        members = F.one_hot(nearest, n_centres).to(points.dtype)  # [B, N, K]
         counts = members.sum(dim=1)  # [B, K]
         alive = alive & (counts > 0)
-        centres = (members.transpose(1, 2) @ points) / counts.clamp_min(1)[:, :, None]
-    members = nearest()
-    counts = members.sum(dim=1).clamp_min(1)
-    out = members @ ((members.transpose(1, 2) @ points) / counts[:, :, None])
-    return out.reshape(x.shape)
+        centres = _member_means(points, nearest, members, counts)
+    means = (members.transpose(1, 2) @ raw) / counts.clamp_min(1)[:, :, None]
+    return (members @ means).reshape(x.shape)
 
 
 def class_maps_from_tokens(token_maps: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
@@ -213,3 +273,31 @@ def threshold_background_scores(
 def threshold_background_labels(scores: torch.Tensor, present: torch.Tensor, threshold: float = 0.45) -> torch.Tensor:
     """COCO rule labels: int64 [B, H, W], 0 background, k + 1 for class k."""
     return threshold_background_scores(scores, present, threshold).argmax(dim=1)
+
+
+def iseg_class_maps(cross_by_side: dict[int, torch.Tensor], self_attn: torch.Tensor,
+                    columns: list[list[list[int]]], config: "SegmenterConfig") -> tuple[torch.Tensor, list]:
+    """The whole of iSeg after the UNet, for a batch: head-averaged cross-attention by side
+    (side -> [B, side*side, T]) and self-attention [B, N, N] (N = side*side of the self layer)
+    -> refined class maps [B, N, Cmax] (an image's columns past its own classes are zero) and
+    per image the refinement delta (mean absolute change in the last iteration; a 0-d tensor
+    on the maps' device, or 0.0 without iterations).
+
+    Fusion, Cat-Cross KL cluster averaging (config.cat_cross), class columns, Ent-Self
+    (config.ent_self) and `config.iterations` rounds of refinement, with the config's constants.
+    """
+    side = int(round(self_attn.shape[1] ** 0.5))
+    fused = fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
+    if config.cat_cross:
+        fused = kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations,
+                                   distance_dtype=getattr(torch, config.cluster.distance_dtype))
+    padded = class_maps_from_token_batch(fused, columns)  # [B, N, Cmax]
+    propagation = entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
+    iterations = config.iterations
+    before = iterative_refinement(padded, propagation, max(iterations - 1, 0))
+    after = iterative_refinement(before, propagation, 1) if iterations else before
+    if not iterations:
+        return after, [0.0] * len(columns)
+    # mean over each image's own columns; padding columns stay zero in both
+    widths = torch.tensor([len(c) for c in columns], dtype=after.dtype) * after.shape[1]
+    return after, list((after - before).abs().sum(dim=(1, 2)) / to_device(widths, after.device))

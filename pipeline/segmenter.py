@@ -76,6 +76,14 @@ def _stack_on_device(images: list[torch.Tensor], device: torch.device) -> torch.
     return stack_to_device(images, device)
 
 
+def resize_to_model(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [n, 3, H, W] -> float32 [n, 3, size, size] in [0, 1]: bilinear, half-pixel
+    centres, no antialiasing, as the official code's OpenCV resize (cv2.INTER_LINEAR). Images
+    wider than `size` (COCO's 640 px) are sampled, not low-pass filtered first."""
+    return F.interpolate(images.to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
+                         align_corners=False, antialias=False)
+
+
 class IsegPlan:
     """iSeg: Cat-Cross, Ent-Self, iterative refinement (and its ablations via the config)."""
 
@@ -92,23 +100,12 @@ class IsegPlan:
         self.specs = self.cross_specs + self.self_specs
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
-        config = self.config
         cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs])
         side, self_attn = _single_side(store.pooled_by_side([f"{s.layer}:self" for s in self.self_specs]), "self")
-        fused = iseg.fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
-        if config.cat_cross:
-            fused = iseg.kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations)
-        widths = [len(prompt.columns) for prompt in prompts]
-        padded = iseg.class_maps_from_token_batch(fused, [prompt.columns for prompt in prompts])  # [B, N, Cmax]
-        propagation = iseg.entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
-        iterations = config.iterations
-        before = iseg.iterative_refinement(padded, propagation, max(iterations - 1, 0))
-        after = iseg.iterative_refinement(before, propagation, 1) if iterations else before
-        deltas = [0.0] * len(widths)
-        if iterations:  # mean over each image's own columns; padding columns stay zero in both
-            counts = to_device(torch.tensor(widths, dtype=after.dtype) * after.shape[1], after.device)
-            deltas = list((after - before).abs().sum(dim=(1, 2)) / counts)  # 0-d tensors, still on the device
-        return [(after[row, :, :n], None, delta, side) for row, (n, delta) in enumerate(zip(widths, deltas))]
+        maps, deltas = iseg.iseg_class_maps(cross_by_side, self_attn, [prompt.columns for prompt in prompts],
+                                            self.config)
+        return [(maps[row, :, :len(prompt.columns)], None, delta, side)
+                for row, (prompt, delta) in enumerate(zip(prompts, deltas))]
 
 
 class DiffSegPlan:
@@ -282,9 +279,7 @@ class Segmenter:
             by_shape.setdefault(tuple(img.shape), []).append(index)
         pixels = torch.empty(len(images), 3, size, size, dtype=self.model.dtype, device=device)
         for indices in by_shape.values():  # images of one size cross (as uint8) and resize together
-            same = _stack_on_device([images[i] for i in indices], device)
-            resized = F.interpolate(same.to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
-                                    align_corners=False, antialias=True)
+            resized = resize_to_model(_stack_on_device([images[i] for i in indices], device), size)
             pixels.index_copy_(0, to_device(torch.tensor(indices), device), resized.to(self.model.dtype))
         vae = self.model.vae
         latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor

@@ -128,22 +128,82 @@ def test_kl_cluster_average_rows_are_means_of_pure_clusters():
         torch.testing.assert_close(row, x[members].mean(dim=0))
 
 
-def test_kl_cluster_average_replaces_zeros():
-    x = torch.zeros(16, 3)
-    out = iseg.kl_cluster_average(x, 4, n_clusters=4, iterations=2)
-    torch.testing.assert_close(out, torch.full((16, 3), 1e-6))
+def test_kl_cluster_average_means_raw_values_not_substituted_zeros():
+    # Zeros become 1e-6 for the distance only; a cluster's mean is of the raw values
+    # (the official code multiplies its cluster matrix by the unsubstituted maps).
+    out = iseg.kl_cluster_average(torch.zeros(16, 3), 4, n_clusters=4, iterations=2)
+    torch.testing.assert_close(out, torch.zeros(16, 3), rtol=0, atol=0)
+    x = torch.tensor([[0.0, 1.0]] * 8 + [[0.5, 0.5]] * 8)
+    out = iseg.kl_cluster_average(x, 4, n_clusters=4, iterations=3)
+    assert out[:8, 0].eq(0).all(), "the mean of raw zeros is zero, not 1e-6"
+
+
+def _two_token_rows(values):
+    return torch.tensor([[v, 1.0 - v] for v in values], dtype=torch.float64)
+
+
+def test_kl_cluster_average_keeps_the_last_rounds_assignment():
+    # Side 4, 4 clusters: seeds at pixels 0, 2, 8, 10. Pixel 1 (0.59) starts nearer the seed
+    # 0.5 than 0.7; eleven pixels at 0.3 pull that centre to 0.34 in the first update, after
+    # which 0.59 is nearer 0.7. The official code keeps the assignment of its last round, so
+    # with one round pixel 1 stays in cluster 0; assigning once more would move it.
+    values = [0.3] * 16
+    values[0], values[1], values[2], values[8], values[10] = 0.5, 0.59, 0.7, 0.99, 0.97
+    x = _two_token_rows(values)
+    for dtype in (torch.float16, torch.float32):
+        out = iseg.kl_cluster_average(x, 4, n_clusters=4, iterations=1, distance_dtype=dtype)
+        cluster0 = [v for i, v in enumerate(values) if i not in (2, 8, 10)]
+        torch.testing.assert_close(out[1], _two_token_rows([sum(cluster0) / len(cluster0)])[0])
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+        torch.testing.assert_close(out[2], x[2], rtol=0, atol=0)
+
+
+def test_symmetric_kl_half_rounds_as_the_official_float16_distance():
+    # A point that is nearer centre 1 in exact arithmetic but whose float16 distances (every
+    # step rounded to float16, as the official kl_dis) put centre 0 first.
+    c0 = [0.1633262038230896, 0.22011446952819824, 0.6165593862533569]
+    c1 = [0.16320425271987915, 0.2209121733903885, 0.6158835291862488]
+    p = [0.15303784608840942, 0.22137115895748138, 0.625590980052948]
+    centres, point = torch.tensor([[c0, c1]]), torch.tensor([[p]])
+    half = iseg.symmetric_kl_half(centres, point, 1e-5)[0, :, 0]
+    exact = iseg.symmetric_kl(point, centres, 1e-5)[0, 0]
+    assert half.dtype == torch.float16
+    assert half.argmin() == 0 and exact.argmin() == 1
+    # By hand, in float16: a, b cast with eps added; q = ln a - ln b; 0.5*sum(a q) - 0.5*sum(b q).
+    a, b = torch.tensor(c0).half() + 1e-5, torch.tensor(p).half() + 1e-5
+    q = torch.log(a) - torch.log(b)
+    assert half[0] == torch.sum(a * q) * 0.5 + (-torch.sum(b * q) * 0.5)
+    # The clustering follows the distance it is given: pixels 1, 3.. (all p) join centre 0
+    # (pixel 0) under float16 and centre 1 (pixel 2) under float32.
+    rows = [p] * 16
+    rows[0], rows[2], rows[8], rows[10] = c0, c1, [0.9, 0.05, 0.05], [0.05, 0.05, 0.9]
+    x = torch.tensor(rows)
+    half_out = iseg.kl_cluster_average(x, 4, n_clusters=4, iterations=1, distance_dtype=torch.float16)
+    exact_out = iseg.kl_cluster_average(x, 4, n_clusters=4, iterations=1, distance_dtype=torch.float32)
+    assert torch.equal(half_out[1], half_out[0]) and not torch.equal(half_out[1], half_out[2])
+    assert torch.equal(exact_out[1], exact_out[2]) and not torch.equal(exact_out[1], exact_out[0])
+
+
+def test_symmetric_kl_half_blocks_agree_with_one_block(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    points = torch.rand(3, 50, 7, generator=generator).softmax(dim=-1)
+    centres = points[:, :9]
+    whole = iseg.symmetric_kl_half(centres, points, 1e-5)
+    monkeypatch.setattr(iseg, "_HALF_KL_BLOCK", 50 * 7 * 3 * 2)  # two centres per block
+    assert torch.equal(iseg.symmetric_kl_half(centres, points, 1e-5), whole)
 
 
 def _kl_cluster_reference(x, side, n_clusters, iterations, eps=1e-5):
-    """One image, empty clusters removed from the centre list (the reference's formulation)."""
+    """One image, the official formulation: empty clusters removed from the centre list, the
+    last round's assignment kept, raw values averaged; float32 distance."""
     points = torch.where(x == 0, torch.full_like(x, 1e-6), x)
     centres = points[iseg.grid_seed_indices(side, n_clusters)]
     for _ in range(iterations):
         members = torch.nn.functional.one_hot(iseg.symmetric_kl(points, centres, eps).argmin(1), len(centres))
         counts = members.sum(0)
         centres = (members.T.to(x.dtype) @ points)[counts > 0] / counts[counts > 0, None]
-    members = torch.nn.functional.one_hot(iseg.symmetric_kl(points, centres, eps).argmin(1), len(centres)).to(x.dtype)
-    return members @ ((members.T @ points) / members.sum(0).clamp_min(1)[:, None])
+    members = members[:, counts > 0].to(x.dtype)
+    return members @ ((members.T @ x) / members.sum(0)[:, None])
 
 
 def test_kl_cluster_average_batch_matches_per_image_reference_with_dropped_clusters():
@@ -152,12 +212,14 @@ def test_kl_cluster_average_batch_matches_per_image_reference_with_dropped_clust
     palette = torch.rand(4, 6, 5, generator=generator, dtype=torch.float64).softmax(dim=-1)
     pick = torch.randint(0, 6, (4, 144), generator=generator)
     batch = torch.stack([palette[b, pick[b]] for b in range(4)])  # [4, 144, 5]
-    out = iseg.kl_cluster_average(batch, 12, n_clusters=16, iterations=6)
+    out = iseg.kl_cluster_average(batch, 12, n_clusters=16, iterations=6, distance_dtype=torch.float32)
     assert out.shape == batch.shape
     for b in range(4):
         expected = _kl_cluster_reference(batch[b], 12, 16, 6)
         torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-12)
-        torch.testing.assert_close(iseg.kl_cluster_average(batch[b], 12, 16, 6), expected, rtol=0, atol=1e-12)
+        single = iseg.kl_cluster_average(batch[b], 12, 16, 6, distance_dtype=torch.float32)
+        torch.testing.assert_close(single, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(iseg.kl_cluster_average(batch[b], 12, 16, 6), out[b], rtol=0, atol=1e-12)
 
 
 def test_fuse_cross_attention_weights_and_normalises():

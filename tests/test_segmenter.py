@@ -8,7 +8,7 @@ from pipeline.capture import capturing
 from pipeline.config import SegmenterConfig
 from pipeline.models import load_model
 from pipeline.postprocess import finish_mask
-from pipeline.segmenter import Segmenter
+from pipeline.segmenter import Segmenter, resize_to_model
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +121,17 @@ def test_bad_class_lists_are_rejected(segmenter):
         segmenter.segment([image], [[]])
     with pytest.raises(ValueError, match="outside 0..19"):
         segmenter.segment([image], [[20]])
+
+
+def test_resize_samples_like_opencv_bilinear_without_antialiasing():
+    # Vertical stripes two pixels wide, 1024 -> 512 px: half-pixel bilinear sampling lands
+    # between the two pixels of one stripe (OpenCV INTER_LINEAR, the official resize), so the
+    # stripes survive at full contrast; an antialiased resize would blur them to grey.
+    row = torch.tensor([255, 255, 0, 0], dtype=torch.uint8).repeat(256)
+    image = row.expand(3, 1024, 1024)[None]
+    resized = resize_to_model(image, 512)
+    assert resized.shape == (1, 3, 512, 512) and resized.dtype == torch.float32
+    assert torch.equal(resized[0, 0, 0, :4], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    # Upsampling (every VOC image) interpolates between neighbours.
+    small = torch.tensor([[0, 255]], dtype=torch.uint8).expand(3, 2, 2)[None]
+    torch.testing.assert_close(resize_to_model(small, 4)[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
