@@ -22,7 +22,11 @@ def test_coco_yaml_differs_where_the_reference_does():
     assert len(config.classes) == 80
     assert config.ent == 0.1
     assert config.background.rule == "threshold" and config.background.threshold == 0.45
-    assert all(layer.heads is None for layer in config.cross_attention.layers + config.self_attention.layers)
+    assert all(layer.heads is None for layer in config.cross_attention.layers)
+    # The official mean-of-heads switch (att_mean) acts on cross-attention only.
+    assert [layer.heads for layer in config.self_attention.layers] == [[1, 2]]
+    assert config.background_context.endswith("lake, water, river, sea, railway, ")
+    assert config.cluster.distance_dtype == "float16"
 
 
 def test_class_lookup_by_name_or_prompt_words():

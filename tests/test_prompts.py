@@ -66,3 +66,18 @@ def test_too_many_classes_for_the_text_encoder_is_a_clear_error(tokenizer):
 
 def test_all_voc_names_are_configured():
     assert VOC.class_names == list(VOC_CLASS_NAMES)
+
+
+def test_coco_prompt_is_the_official_text_and_reads_the_official_words(tokenizer):
+    coco = load_config(Path(__file__).resolve().parents[1] / "configs" / "coco.yaml")
+    by_name = {c.name: c for c in coco.classes}
+    names = ["person", "motorcycle", "traffic_light", "couch", "tv"]
+    prompt = build_class_prompt(tokenizer, [by_name[n] for n in names], coco.background_context)
+    # The official text, but for the trailing space after "railway," (the tokenizer drops it).
+    assert prompt.text == ("a photograph of people and motorbike and traffic light and sofa and tv monitor "
+                           "and other object and background, ground, land, grass, tree, building, wall, "
+                           "sky, lake, water, river, sea, railway,")
+    assert tokenizer(prompt.text)["input_ids"] == tokenizer(prompt.text + " ")["input_ids"]
+    ids = tokenizer(prompt.text)["input_ids"]
+    words = [tokenizer.decode([ids[c] for c in cols]).replace(" ", "") for cols in prompt.columns]
+    assert words == ["people", "motorbike", "light", "sofa", "monitor"]
