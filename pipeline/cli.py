@@ -15,9 +15,10 @@ from .prompts import PromptError
 from .runner import InputError, WorkerStartError
 from .shards import ShardingError
 from .export import ExportError
+from .safe_paths import UnsafeKeyError
 
 USER_ERRORS = (ConfigError, ModelLoadError, ImageDecodeError, PromptError, FileNotFoundError, ShardingError,
-               InputError, JobMismatchError, WorkerStartError, ExportError)
+               InputError, JobMismatchError, WorkerStartError, ExportError, UnsafeKeyError)
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
@@ -213,14 +214,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def write_overlays(masks_dir: Path, voc_root: Path, dest: Path) -> int:
     """An overlay PNG per mask of the mask shards in masks_dir, images from voc_root/JPEGImages."""
     from .masks import decode_mask, overlay, read_image
+    from .safe_paths import file_in
     from .shards import read_shard
 
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     for tar in sorted(masks_dir.glob("*.tar")):
         for sample in read_shard(str(tar)):
-            image = read_image(voc_root / "JPEGImages" / f"{sample['__key__']}.jpg")
-            overlay(image, decode_mask(sample["png"])).save(dest / f"{sample['__key__']}.png")
+            image = read_image(file_in(voc_root / "JPEGImages", sample["__key__"], ".jpg"))
+            overlay(image, decode_mask(sample["png"])).save(file_in(dest, sample["__key__"], ".png"))
             count += 1
     return count
 

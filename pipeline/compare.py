@@ -16,6 +16,7 @@ from .evaluate import confusion_matrix, scores_from_confusion
 from .masks import ImageDecodeError, decode_image, decode_mask
 from .postprocess import finish_mask
 from .runner import expand_input
+from .safe_paths import UnsafeKeyError, check_key, file_in
 from .segmenter import Segmenter
 from .shards import read_shard
 from .worker import sample_classes
@@ -57,10 +58,11 @@ def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
             if limit is not None and count >= limit:
                 return
             try:
-                image = decode_image(sample.get("jpg", b""), sample["__key__"])
+                key = check_key(sample["__key__"])
+                image = decode_image(sample.get("jpg", b""), key, config.max_image_pixels)
                 classes = sample_classes(sample, config)
-            except (ImageDecodeError, ConfigError) as exc:
-                print(f"skipped {sample['__key__']}: {exc}")
+            except (ImageDecodeError, ConfigError, UnsafeKeyError) as exc:
+                print(f"skipped {sample['__key__']!r}: {exc}")
                 continue
             count += 1
             yield sample["__key__"], image, classes, sample.get("gt.png")
@@ -86,8 +88,9 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
             for result, (image_id, _, _, gt_bytes) in zip(results, batch):
                 tally.images += 1
                 tally.confidences.append(float(result.confidence.mean()))
-                if gt_dir is not None and (Path(gt_dir) / f"{image_id}.png").is_file():
-                    gt_bytes = (Path(gt_dir) / f"{image_id}.png").read_bytes()
+                gt_path = file_in(gt_dir, image_id, ".png") if gt_dir is not None else None
+                if gt_path is not None and gt_path.is_file():
+                    gt_bytes = gt_path.read_bytes()
                 if gt_bytes is not None:
                     gt = decode_mask(gt_bytes)
                     if gt.shape == result.labels.shape:

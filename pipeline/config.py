@@ -183,6 +183,8 @@ class SegmenterConfig(_Strict):
     # Pixels whose winning score is below this become 255 (ignore); None keeps every pixel.
     ignore_below: float | None = Field(None, ge=0.0, le=1.0)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+    # Images with more pixels fail before decoding (a shard may declare a decompression bomb).
+    max_image_pixels: int = Field(100_000_000, ge=1)
     batch_size: int = Field(4, ge=1)
     diffseg: DiffSegConfig = Field(default_factory=DiffSegConfig)
     goca: GocaConfig = Field(default_factory=GocaConfig)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .export import MASK_FOLDER
 from .masks import decode_image, decode_mask, read_image
 from .postprocess import IGNORE_INDEX
+from .safe_paths import file_in
 
 __all__ = ["IGNORE_INDEX", "PseudoMaskFolder", "PseudoMaskShards"]
 
@@ -50,8 +51,8 @@ class PseudoMaskFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_id = self.ids[index]
-        image = read_image(self.images_dir / f"{image_id}.jpg")
-        mask = decode_mask((self.root / MASK_FOLDER / f"{image_id}.png").read_bytes())
+        image = read_image(file_in(self.images_dir, image_id, ".jpg"))
+        mask = decode_mask(file_in(self.root / MASK_FOLDER, image_id, ".png").read_bytes())
         image_t, mask_t = _to_tensors(image, mask)
         return self.transform(image_t, mask_t) if self.transform else (image_t, mask_t)
 

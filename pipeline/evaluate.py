@@ -16,6 +16,7 @@ import numpy as np
 
 from .masks import decode_mask
 from .postprocess import IGNORE_INDEX
+from .safe_paths import file_in, key_problem
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int = 21) -> np.ndarray:
@@ -72,8 +73,8 @@ def evaluate_job(job, gt_dir: str | Path | None = None, n_classes: int = 21) -> 
     gt_cache: dict[str, dict[str, bytes]] = {}
     for record in job.masks():
         if gt_dir is not None:
-            path = Path(gt_dir) / f"{record.id}.png"
-            data = path.read_bytes() if path.is_file() else None
+            path = file_in(gt_dir, record.id, ".png") if key_problem(record.id) is None else None
+            data = path.read_bytes() if path is not None and path.is_file() else None
         else:
             if record.shard not in gt_cache:
                 gt_cache.clear()  # one input shard at a time: memory stays flat

@@ -16,6 +16,7 @@ import numpy as np
 from .ledger import atomic_write_bytes
 from .masks import encode_mask
 from .postprocess import apply_ignore
+from .safe_paths import file_in, key_problem
 
 MASK_FOLDER = "SegmentationClassPseudo"
 
@@ -60,7 +61,7 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     ids: list[str] = []
     wanted_images: dict[str, set[str]] = {}
     for record in job.masks():
-        reason = keep.rejects(record.stats)
+        reason = "unsafe key" if key_problem(record.id) else keep.rejects(record.stats)
         if reason:
             summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
             continue
@@ -70,14 +71,14 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
                 raise ExportError(f"{record.id} has no confidence map (a job from before pseudolabel 0.1 wrote "
                                   "them): rerun the job into a new output folder to use --ignore-below")
             labels = apply_ignore(labels, record.confidence, keep.ignore_below)
-        atomic_write_bytes(dest / MASK_FOLDER / f"{record.id}.png", encode_mask(np.asarray(labels, np.uint8)))
+        atomic_write_bytes(file_in(dest / MASK_FOLDER, record.id, ".png"), encode_mask(np.asarray(labels, np.uint8)))
         ids.append(record.id)
         wanted_images.setdefault(record.shard, set()).add(record.id)
     if with_images:
         for shard, wanted in wanted_images.items():
             for sample in job.input_samples(shard):
                 if sample["__key__"] in wanted:
-                    atomic_write_bytes(dest / "JPEGImages" / f"{sample['__key__']}.jpg", sample["jpg"])
+                    atomic_write_bytes(file_in(dest / "JPEGImages", sample["__key__"], ".jpg"), sample["jpg"])
     summary.exported = len(ids)
     summary.split_file = dest / "ImageSets" / "Segmentation" / f"{split}.txt"
     atomic_write_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())

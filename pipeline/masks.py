@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .postprocess import IGNORE_INDEX
+
+
+# decode_image checks its own limit before decoding; PIL's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageDecodeError(ValueError):
@@ -37,12 +42,24 @@ _PALETTE = voc_palette()
 CONFIDENCE_PNG_LEVEL = 3
 
 
-def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB [H, W, 3]; ImageDecodeError names `name` otherwise."""
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB [H, W, 3]; ImageDecodeError names `name` otherwise.
+
+    max_pixels: images with more pixels fail before they are decoded (a decompression bomb
+    guard: a small file can declare a huge image); it is also PIL's own limit while decoding.
+    """
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(f"{name} is {width} x {height} = {width * height:,} pixels, over the limit of "
+                                       f"{max_pixels:,}: shrink the image or raise max_image_pixels in the config")
             return np.array(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, ImageDecodeError):
+            raise
         raise ImageDecodeError(f"cannot decode {name}: {exc}; replace or remove the file") from exc
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .config import VOC_CLASS_NAMES
 from .ledger import atomic_write_bytes, atomic_write_json, file_sha256
+from .safe_paths import check_key, key_problem
 
 _MTIME = 0
 
@@ -72,12 +73,15 @@ def encode_json(value: dict) -> bytes:
 
 
 def tar_bytes(samples: list[dict]) -> bytes:
-    """WebDataset tar of samples ({"__key__": id, ext: bytes, ...}), in the given order."""
+    """WebDataset tar of samples ({"__key__": id, ext: bytes, ...}), in the given order.
+    A key that is not a plain file name (`safe_paths.check_key`) is refused, so no member of a
+    tar written here escapes the folder it is extracted into."""
     import webdataset as wds
 
     buffer = io.BytesIO()
     with wds.TarWriter(buffer, encoder=False, mtime=_MTIME) as writer:
         for sample in samples:
+            check_key(sample["__key__"])
             writer.write(sample)
     return buffer.getvalue()
 
@@ -231,6 +235,14 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
     (shards with url, sample count and sha256; classes; problems)."""
     if shard_size < 1:
         raise ShardingError("--shard-size must be at least 1")
+    safe = []
+    for source in sources:
+        problem = key_problem(source.id)
+        if problem is None:
+            safe.append(source)
+        else:
+            report.problem(repr(source.id), "unsafe key", f"{source.image}: {problem}; not sharded (rename the file)")
+    sources = safe
     if not sources:
         raise ShardingError("no images to shard")
     out_dir = Path(out_dir)

@@ -29,6 +29,7 @@ from .config import ConfigError, SegmenterConfig
 from .masks import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from .postprocess import finish_mask
 from .prompts import PromptError
+from .safe_paths import UnsafeKeyError, check_key
 from .shards import encode_json, read_shard
 from .stats import failed_row, mask_statistics
 
@@ -57,7 +58,7 @@ def finish_images(config_json: str, shard: str, items: list[FinishItem]) -> list
     out = []
     for item in items:
         start = time.perf_counter()
-        image = decode_image(item.jpg, item.id)
+        image = decode_image(item.jpg, item.id, config.max_image_pixels)
         background = torch.tensor(item.background) if item.background is not None else None
         result = finish_mask(torch.tensor(item.maps), item.classes, image, config, background)
         files = {"png": encode_mask(result.labels), "conf.png": encode_confidence(result.confidence)}
@@ -102,8 +103,9 @@ class ModelClock:
     queueing: float = 0.0
 
 
-def _prefetch(url: str, depth: int):
-    """Samples of a shard decoded in a background thread: yields (sample, image or exception)."""
+def _prefetch(url: str, depth: int, max_pixels: int | None = None):
+    """Samples of a shard decoded in a background thread: yields (sample, image or exception).
+    A sample whose key is unsafe (`safe_paths.check_key`) is not decoded: its exception says why."""
     done = object()
     buffer: queue.Queue = queue.Queue(maxsize=depth)
 
@@ -111,8 +113,9 @@ def _prefetch(url: str, depth: int):
         try:
             for sample in read_shard(url):
                 try:
-                    image = decode_image(sample.get("jpg", b""), f"image {sample['__key__']}")
-                except ImageDecodeError as exc:
+                    key = check_key(sample["__key__"])
+                    image = decode_image(sample.get("jpg", b""), f"image {key}", max_pixels)
+                except (ImageDecodeError, UnsafeKeyError) as exc:
                     image = exc
                 buffer.put((sample, image))
         except BaseException as exc:  # a broken shard: surface it in the consumer
@@ -141,7 +144,14 @@ def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
     names = meta.get("names") or []
     if not names:
         raise ConfigError("image has no labels: give it at least one image-level label")
-    return sorted({config.class_index(name) for name in names})
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"sample .json names {names!r} are not a list of class names: reshard it")
+    classes = [config.class_index(name) for name in names]
+    labels = meta.get("labels")
+    if labels is not None and labels != [c + 1 for c in classes]:
+        raise ConfigError(f"sample .json labels {labels!r} and names {names!r} disagree (the config numbers "
+                          f"those names {[c + 1 for c in classes]}): fix the .json or reshard the image")
+    return sorted(set(classes))
 
 
 class ShardWorker:
@@ -266,7 +276,7 @@ class ShardWorker:
                 pending.append(finish(self.config_json, shard, items[index : index + FINISH_CHUNK]))
             batch.clear()
 
-        for sample, image in _prefetch(url, depth=2 * self.config.batch_size):
+        for sample, image in _prefetch(url, 2 * self.config.batch_size, self.config.max_image_pixels):
             key = sample["__key__"]
             order.append(key)
             if isinstance(image, Exception):

@@ -300,3 +300,24 @@ def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slo
         _actor_options(_Cluster(CPU=16, GPU=1), 2, 2)
     n, options, _ = _actor_options(_Cluster(CPU=16, GPU=1), 2, 2, 4, device="cpu")
     assert n == 2 and "num_gpus" not in options and options["num_cpus"] == 4
+
+
+def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_path):
+    from test_untrusted_shards import BAD_KEYS, crafted_members, crafted_shard
+
+    work = tmp_path / "a" / "b"
+    (work / "shards").mkdir(parents=True)
+    crafted_shard(work / "shards" / "crafted-000000.tar", crafted_members())
+    config = tmp_path / "limit.yaml"
+    config.write_text(Path(FAST_CONFIG).read_text() + "max_image_pixels: 100000\n")
+    before = set(tmp_path.rglob("*"))
+    out, export = work / "out", work / "exp"
+    summary = run_job(str(work / "shards" / "*.tar"), out, load_config(config), "tiny", workers=1, progress=False)
+    assert (summary.images_ok, summary.images_failed) == (2, 6)
+    assert main(["export", str(out), "--dest", str(export), "--images"]) == 0
+    written = set(tmp_path.rglob("*")) - before
+    assert written and all(p.is_relative_to(out) or p.is_relative_to(export) or p in (out, export)
+                           for p in written), sorted(map(str, written))
+    assert sorted(p.name for p in (export / "SegmentationClassPseudo").iterdir()) == ["good_1.png", "good_2.png"]
+    rows = ds.dataset(out / "stats", format="parquet").to_table().to_pylist()
+    assert {r["id"] for r in rows if r["status"] == "failed"} >= set(BAD_KEYS[:4])
