@@ -127,7 +127,11 @@ def _require_positive(args: argparse.Namespace, *names: str) -> None:
 def _run(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, model: str, retry_failed: bool) -> int:
     from .runner import run_job
 
-    _require_positive(args, "cpu_threads")
+    _require_positive(args, "cpu_threads", "workers", "batch_size")
+    if args.retries < 0:
+        raise ConfigError(f"--retries must be 0 or more, got {args.retries}")
+    if args.batch_size is not None:
+        config = config.model_copy(update={"batch_size": args.batch_size})
     summary = run_job(input_pattern, args.output, config, model, address=args.address, workers=args.workers,
                       retry_failed=retry_failed, force=getattr(args, "force", False), retries=args.retries,
                       device=args.device, progress=not args.no_progress, cpu_threads=args.cpu_threads)
@@ -199,7 +203,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .report import write_report
 
     job = JobOutput(dest / "out")
-    exported = export_voc(job, dest / "export", split="train", with_images=True)
+    exported = export_voc(job, dest / "export", split="train", with_images=True, replace=True)
     print(f"4. exported {exported.exported} masks in the VOC layout to {dest / 'export'}")
     scores, conf = evaluate_job(job)
     write_json(scores, conf, list(VOC_CLASS_NAMES), dest / "out" / "eval.json")
@@ -233,7 +237,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
                         ignore_below=args.ignore_below)
-    summary = export_voc(JobOutput(args.output), args.dest, split=args.split, keep=keep, with_images=args.images)
+    summary = export_voc(JobOutput(args.output), args.dest, split=args.split, keep=keep, with_images=args.images,
+                         replace=args.force)
     dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
     print(f"exported {summary.exported} masks to {Path(args.dest) / 'SegmentationClassPseudo'} "
           f"(dropped: {dropped}); split list {summary.split_file}")
@@ -304,9 +309,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _job_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to join: auto, or ray://host:10001 (default: start Ray on this machine)")
+                        help="Ray cluster to join: auto, host:6379 or ray://host:10001; local starts a private "
+                             "Ray (default: RAY_ADDRESS, else the cluster `ray start` runs on this machine, "
+                             "else a private Ray)")
     parser.add_argument("--workers", type=int, default=None,
                         help="segmenter actors (default: one per GPU, or 1 on a CPU-only cluster)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per UNet forward, overriding the config's batch_size (not part of the "
+                             "config hash: a job resumes with another batch size)")
     parser.add_argument("--retries", type=int, default=2,
                         help="times a shard is retried on a restarted worker after the worker dies (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -399,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--ignore-below", type=float, default=None,
                         help="turn pixels whose winning score is below this into 255")
     export.add_argument("--images", action="store_true", help="also write JPEGImages/ from the input shards")
+    export.add_argument("--force", action="store_true", help="replace DEST if it exists")
     export.set_defaults(func=cmd_export)
 
     evaluate = sub.add_parser("eval", help="score a job's masks against ground truth",

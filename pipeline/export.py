@@ -8,6 +8,8 @@ DEST/JPEGImages/<id>.jpg               the original images, with --images
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,10 +55,37 @@ class ExportSummary:
 
 
 def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilter | None = None,
-               with_images: bool = False) -> ExportSummary:
-    """Write the job's ok masks (those passing `keep`) in the VOC layout under dest."""
-    keep = keep or ExportFilter()
-    dest = Path(dest)
+               with_images: bool = False, replace: bool = False) -> ExportSummary:
+    """Write the job's ok masks (those passing `keep`) in the VOC layout under dest.
+
+    All or nothing: the export is written into a hidden folder beside dest and renamed to dest
+    when complete, so a failure leaves no half-written dest. An existing non-empty dest is an
+    error unless replace. Everything the export needs (the input shards, with_images) is found
+    before anything is written."""
+    dest = Path(dest).absolute()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not replace:
+        raise ExportError(f"{dest} already exists: pass a new --dest, or --force to replace it")
+    if with_images:
+        job.input_shards()  # raises (naming the missing shard) before anything is written
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        summary = _export_into(job, staging, split, keep or ExportFilter(), with_images)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            dest.rename(old / dest.name)
+            staging.rename(dest)
+            shutil.rmtree(old)
+        else:
+            staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary.split_file = dest / summary.split_file.relative_to(staging)
+    return summary
+
+
+def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: bool) -> ExportSummary:
     summary = ExportSummary()
     ids: list[str] = []
     wanted_images: dict[str, set[str]] = {}

@@ -45,16 +45,18 @@ def expand_input(pattern: str) -> list[str]:
         manifest = path / "manifest.json"
         if not manifest.is_file():
             raise InputError(f"{path} has no manifest.json: pass a shard pattern such as '{path}/*.tar'")
-        return [str(path / s["url"]) for s in json.loads(manifest.read_text())["shards"]]
-    urls: list[str] = []
-    for expanded in braceexpand(pattern):
-        matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
-        urls.extend(u for u in matches if u not in urls)
+        urls = [str(path / s["url"]) for s in json.loads(manifest.read_text())["shards"]]
+    else:
+        urls = []
+        for expanded in braceexpand(pattern):
+            matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+            urls.extend(u for u in matches if u not in urls)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
     if not urls:
         raise InputError(f"--input {pattern!r} matches no shard")
     if missing:
-        raise InputError(f"--input shard {missing[0]} does not exist ({len(missing)} missing): check the pattern")
+        raise InputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
+                         f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
 
 
@@ -63,9 +65,24 @@ def shard_name(url: str) -> str:
     return name[:-4] if name.endswith(".tar") else name
 
 
+# Config keys that say how a job runs, not what a mask is: left out of the config hash, so a
+# job resumes with other values (a larger batch on a GPU, say).
+RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels"})
+
+
 def config_hash(config: SegmenterConfig, model: str) -> str:
-    payload = json.dumps({"config": config.model_dump(mode="json"), "model": model}, sort_keys=True)
+    """sha256 of what decides a mask: the config but RUN_SETTINGS, and the model."""
+    payload = json.dumps({"config": config.model_dump(mode="json", exclude=set(RUN_SETTINGS)), "model": model},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def absolute_input(pattern: str) -> str:
+    """The --input pattern anchored at the current folder (URLs and pipes unchanged), so that a
+    job's recorded input works from any folder."""
+    if "://" in pattern or pattern.startswith("pipe:") or os.path.isabs(pattern):
+        return pattern
+    return os.path.join(os.getcwd(), pattern)
 
 
 @dataclass
@@ -117,15 +134,49 @@ def write_shard_outputs(out_dir: Path, result) -> dict[str, str]:
 
 
 def _init_ray(address: str | None):
+    """Ray's own convention: `address` (auto, host:port, ray://...; `local` for a new private
+    instance), else RAY_ADDRESS, else a cluster already running on this machine (`ray start`),
+    else a new private instance sized to this machine."""
     import ray
 
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
-        if address:
+        address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
+        if address != "local":
+            print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     return ray
+
+
+def ray_address(flag: str | None, environment: str | None, local_cluster_running) -> str:
+    """The Ray address a job uses: --address, else RAY_ADDRESS, else `auto` when a cluster
+    started by `ray start` runs on this machine (local_cluster_running() says), else `local`
+    (a new private instance)."""
+    if flag:
+        return flag
+    if environment:
+        return environment
+    return "auto" if local_cluster_running() else "local"
+
+
+def _local_cluster_running() -> bool:
+    """Whether the cluster the last `ray start` on this machine recorded (the file Ray itself
+    reads for this) still accepts connections."""
+    import socket
+
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        address = find_bootstrap_address(None)
+        if not address:
+            return False
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except Exception:  # no address file, a stale one, or a Ray without that helper
+        return False
 
 
 # Shards in flight on each worker: the next shard is queued (and its decoding under way) while
@@ -167,7 +218,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     from .worker import ShardWorker, start_post_processing_worker
 
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()
+    input_pattern = absolute_input(input_pattern)
     urls = expand_input(input_pattern)
     names = [shard_name(u) for u in urls]
     if len(set(names)) != len(names):

@@ -6,6 +6,9 @@ import pytest
 
 # Built-in models are built into a per-session cache, never the user's.
 os.environ.setdefault("PSEUDOLABEL_CACHE", tempfile.mkdtemp(prefix="pseudolabel-test-cache-"))
+# Every Ray the tests start, in this process or a CLI subprocess, is a new private instance:
+# never a cluster of the user's (`ray start`) that RAY_ADDRESS or /tmp/ray points at.
+os.environ["RAY_ADDRESS"] = "local"
 
 
 @pytest.fixture(scope="session")

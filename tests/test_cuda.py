@@ -128,7 +128,7 @@ def test_a_job_on_a_gpu_worker_writes_every_mask(tmp_path):
     from pipeline.runner import run_job
 
     pattern = write_benchmark_shards(tmp_path / "shards", 12, 4)
-    ray.init(num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, logging_level="ERROR")
     try:
         summary = run_job(pattern, tmp_path / "out", load_config(FAST_CONFIG), "tiny",
                           workers=1, progress=False)

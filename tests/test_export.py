@@ -39,3 +39,24 @@ def test_export_filters_and_ignore(tmp_path, capsys):
     low = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000000.png")  # confidence 0.2
     high = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000003.png")  # confidence 0.8
     assert (low == 255).all() and (high == gts["2011_000003"]).all()
+
+
+def test_export_is_all_or_nothing(tmp_path, capsys):
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    dest = tmp_path / "export"
+    dest.mkdir()
+    (dest / "mine.txt").write_text("not the export's")
+    assert main(["export", str(out), "--dest", str(dest)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in dest.iterdir()] == ["mine.txt"]
+    # The input shards are gone: --images fails before anything is written.
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        shard.unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["export", str(out), "--dest", str(tmp_path / "new"), "--images"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # --force replaces an existing export in one rename.
+    assert main(["export", str(out), "--dest", str(dest), "--force"]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["ImageSets", "SegmentationClassPseudo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

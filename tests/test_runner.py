@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
@@ -321,3 +321,46 @@ def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_p
     assert sorted(p.name for p in (export / "SegmentationClassPseudo").iterdir()) == ["good_1.png", "good_2.png"]
     rows = ds.dataset(out / "stats", format="parquet").to_table().to_pylist()
     assert {r["id"] for r in rows if r["status"] == "failed"} >= set(BAD_KEYS[:4])
+
+
+def test_ray_address_follows_rays_convention():
+    from pipeline.runner import ray_address
+
+    running, idle = (lambda: True), (lambda: False)
+    assert ray_address("ray://head:10001", "local", running) == "ray://head:10001"  # --address wins
+    assert ray_address(None, "head:6379", idle) == "head:6379"  # then RAY_ADDRESS
+    assert ray_address(None, None, running) == "auto"  # then the cluster `ray start` left here
+    assert ray_address(None, None, idle) == "local"  # else a private instance
+    assert ray_address("local", None, running) == "local"
+
+
+def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shards, tmp_path, monkeypatch, capsys):
+    # The job is started from the shards' parent with a relative --input and batch size 1,
+    # interrupted (one shard left in progress), then resumed from elsewhere with batch size 3.
+    out = tmp_path / "out"
+    monkeypatch.chdir(shards.parent)
+    config = load_config(FAST_CONFIG).model_copy(update={"batch_size": 1})
+    run_job("shards/*.tar", out, config, "tiny", workers=1, progress=False)
+    job = json.loads((out / "job.json").read_text())
+    assert job["input"] == str(shards / "*.tar")
+    entry = Ledger(out).get("voc-train-000002")
+    entry.state = "in_progress"
+    Ledger(out).put(entry)
+    monkeypatch.chdir(tmp_path)
+    assert main(["resume", str(out), "--batch-size", "3", "--no-progress"]) == 0
+    assert "1 done" in capsys.readouterr().out.split("shards ")[1]
+    clean_masks, clean_rows = _outputs(clean_run[0])  # batch size 2
+    masks, rows = _outputs(out)
+    assert masks == clean_masks  # byte-identical masks at batch sizes 1, 2 and 3
+    assert [r["id"] for r in rows] == [r["id"] for r in clean_rows]
+    assert main(["export", str(out), "--dest", str(tmp_path / "exp"), "--images"]) == 0
+    assert len(list((tmp_path / "exp" / "JPEGImages").iterdir())) == 4
+    assert main(["eval", str(out)]) == 0
+
+
+@pytest.mark.parametrize("flag, value", [("--retries", "-1"), ("--workers", "0"), ("--batch-size", "0")])
+def test_invalid_job_numbers_are_one_line_errors(shards, tmp_path, capsys, flag, value):
+    code = main(["run", "--input", str(shards), "--output", str(tmp_path / "out"), "--model", "tiny", flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and flag in err
+    assert not (tmp_path / "out").exists()
