@@ -12,7 +12,7 @@ from .ledger import JobMismatchError
 from .masks import ImageDecodeError
 from .models import DEFAULT_MODEL, ModelLoadError
 from .prompts import PromptError
-from .runner import InputError, WorkerStartError
+from .runner import InputError, JobInterrupted, WorkerStartError
 from .shards import ShardingError
 from .export import ExportError
 from .safe_paths import UnsafeKeyError
@@ -132,10 +132,19 @@ def _run(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, 
         raise ConfigError(f"--retries must be 0 or more, got {args.retries}")
     if args.batch_size is not None:
         config = config.model_copy(update={"batch_size": args.batch_size})
-    summary = run_job(input_pattern, args.output, config, model, address=args.address, workers=args.workers,
-                      retry_failed=retry_failed, force=getattr(args, "force", False), retries=args.retries,
-                      device=args.device, progress=not args.no_progress, cpu_threads=args.cpu_threads)
+    try:
+        summary = run_job(input_pattern, args.output, config, model, address=args.address, workers=args.workers,
+                          retry_failed=retry_failed, force=getattr(args, "force", False), retries=args.retries,
+                          device=args.device, progress=not args.no_progress, cpu_threads=args.cpu_threads)
+    except JobInterrupted as stop:
+        done = stop.summary
+        print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "
+              f"{done.images_failed} failed), {len(stop.interrupted)} in flight marked interrupted; "
+              f"resume with: pseudolabel resume {Path(args.output).absolute()}", file=sys.stderr)
+        return 128 + stop.signum
     print(summary.line)
+    if summary.failed_line:
+        print(summary.failed_line)
     print(f"masks in {Path(args.output) / 'masks'}, statistics in {Path(args.output) / 'stats'}, "
           f"ledger in {Path(args.output) / 'ledger'}")
     return 0 if summary.shards_failed == 0 else 1
@@ -172,9 +181,24 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{e.shard:32} {e.state:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} {e.seconds:8.1f}  "
               f"{e.error or ''}")
     states = [e.state for e in entries]
-    print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('in_progress')} "
-          f"in progress (interrupted unless a job is running)")
+    print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('interrupted')} "
+          f"interrupted, {states.count('in_progress')} in progress (interrupted unless a job is running)")
+    failed = _failed_images(Path(args.output))
+    if failed:
+        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        print(f"{len(failed)} failed image(s): {shown} (errors in stats/, status column 'failed')")
     return 0
+
+
+def _failed_images(out: Path) -> list[str]:
+    """Ids of the job's failed images, from its statistics (none without stats/)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    if not any((out / "stats").glob("*.parquet")):
+        return []
+    table = ds.dataset(out / "stats", format="parquet").to_table(columns=["id", "status"])
+    return table.filter(pc.field("status") != "ok").column("id").to_pylist()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DONE, FAILED, IN_PROGRESS = "done", "failed", "in_progress"
+INTERRUPTED = "interrupted"  # in flight when the job was stopped (Ctrl-C, SIGTERM); redone on resume
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -122,7 +123,7 @@ class Ledger:
         plan: dict[str, list[str]] = {"run": [], "done": [], "failed": []}
         for shard in shards:
             entry = self.get(shard)
-            if entry is None or entry.state == IN_PROGRESS or entry.config_hash != config_hash:
+            if entry is None or entry.state in (IN_PROGRESS, INTERRUPTED) or entry.config_hash != config_hash:
                 plan["run"].append(shard)
             elif entry.state == DONE:
                 plan["done" if self.outputs_intact(entry) else "run"].append(shard)

@@ -15,14 +15,17 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+import signal
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from .config import SegmenterConfig
 from .models import check_model_available
-from .ledger import DONE, FAILED, IN_PROGRESS, Ledger, ShardEntry, atomic_write_bytes, file_sha256
+from .ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry, atomic_write_bytes, file_sha256
+from .safe_paths import key_problem
 from .shards import tar_bytes
 from .stats import rows_to_table
 
@@ -33,6 +36,22 @@ class InputError(ValueError):
 
 class WorkerStartError(RuntimeError):
     """The segmenter actors failed while loading the model."""
+
+
+class JobInterrupted(Exception):
+    """The job was stopped by a signal (SIGINT, SIGTERM) after marking its shards in flight
+    interrupted; summary holds what was done."""
+
+    def __init__(self, signum: int, summary: "JobSummary", interrupted: list[str]):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum, self.summary, self.interrupted = signum, summary, interrupted
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler inside the driver loop."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
 
 
 def expand_input(pattern: str) -> list[str]:
@@ -85,6 +104,9 @@ def absolute_input(pattern: str) -> str:
     return os.path.join(os.getcwd(), pattern)
 
 
+FAILED_IDS_KEPT, FAILED_IDS_SHOWN = 100, 5
+
+
 @dataclass
 class JobSummary:
     shards_done: int
@@ -99,6 +121,20 @@ class JobSummary:
     workers: int = 0
     model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
     queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
+    failed_ids: list[str] = field(default_factory=list)  # the first FAILED_IDS_KEPT failed images
+
+    def add_failed(self, ids: list[str]) -> None:
+        self.failed_ids.extend(ids[: max(0, FAILED_IDS_KEPT - len(self.failed_ids))])
+
+    @property
+    def failed_line(self) -> str | None:
+        """The failed images, the first few by id, or None when none failed."""
+        if not self.images_failed:
+            return None
+        shown = ", ".join(repr(i) if key_problem(i) else i for i in self.failed_ids[:FAILED_IDS_SHOWN])
+        more = self.images_failed - min(len(self.failed_ids), FAILED_IDS_SHOWN)
+        return (f"failed images: {shown}" + (f" and {more} more" if more > 0 else "")
+                + " (errors in stats/, status column 'failed')")
 
     @property
     def model_busy(self) -> float:
@@ -194,7 +230,8 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     its results are post-processed."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    fault = dict(max_restarts=-1, max_task_retries=retries, max_concurrency=SHARDS_PER_WORKER)
+    # One concurrency slot beyond the shards, for the driver's progress polls.
+    fault = dict(max_restarts=-1, max_task_retries=retries, max_concurrency=SHARDS_PER_WORKER + 1)
     if gpus and device != "cpu":
         n = workers or gpus
         if n > gpus:
@@ -257,8 +294,24 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
 
     processing_start = time.perf_counter()
     total_images = _count_images([by_name[name] for name in todo])
-    bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
     in_flight: dict = {}
+    dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
+    finished_images = 0  # images of shards whose results are in
+    seen_in_flight: dict[str, int] = {}  # shard in flight -> images its worker has handled
+
+    def show_progress() -> None:
+        bar.n = finished_images + sum(seen_in_flight.get(name, 0) for name, *_ in in_flight.values())
+        elapsed = time.perf_counter() - processing_start
+        bar.set_postfix_str(f"{bar.n / elapsed if elapsed > 0 else 0.0:.2f} images/s", refresh=True)
+
+    def poll_workers() -> None:
+        try:
+            for report in ray.get([actor.progress.remote() for actor in actors], timeout=5.0):
+                seen_in_flight.update(report)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a worker restarting: the bar catches up at its next report
 
     def dispatch(slot: int) -> None:
         if not todo:
@@ -267,50 +320,94 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         name = todo.pop(0)
         entry = ledger.get(name)
         attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
+        dispatched[name] = attempts
         ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
                               model=model, attempts=attempts))
         ref = actor.process_shard.remote(by_name[name], name, remote_finish=True)
         in_flight[ref] = (name, slot, time.perf_counter(), attempts)
 
-    for _ in range(SHARDS_PER_WORKER):
-        for slot in range(len(actors)):
-            dispatch(slot)
-    while in_flight:
-        (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-        name, slot, shard_start, attempts = in_flight.pop(ref)
-        entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
-                           attempts=attempts, seconds=time.perf_counter() - shard_start)
+    with _stop_on_signals() as stopped:
         try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
-            # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
-            # restarted worker before sending it more: a call sent mid-restart would fail too.
-            entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
-            actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
-                                             (model, config_json, device, threads))
-        except ray.exceptions.RayTaskError as exc:
-            entry.error = _first_line(exc)
-        else:
-            entry.outputs = write_shard_outputs(out_dir, result)
-            entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
-            summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
-            summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
-            summary.model_seconds += result.model_seconds
-            summary.queueing_seconds += result.queueing_seconds
-        ledger.put(entry)
-        if entry.state == DONE:
-            summary.shards_done += 1
-            summary.images_ok += entry.samples - entry.failed_samples
-            summary.images_failed += entry.failed_samples
-            bar.update(entry.samples)
-        else:
-            summary.shards_failed += 1
-            bar.write(f"shard {name} failed: {entry.error}")
-        dispatch(slot)
-    bar.close()
+            for _ in range(SHARDS_PER_WORKER):
+                for slot in range(len(actors)):
+                    dispatch(slot)
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)  # a signal is seen within 1 s
+                if not ready:
+                    if progress:
+                        poll_workers()
+                        show_progress()
+                    continue
+                ref = ready[0]
+                name, slot, shard_start, attempts = in_flight.pop(ref)
+                seen_in_flight.pop(name, None)
+                entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
+                                   attempts=attempts, seconds=time.perf_counter() - shard_start)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
+                    # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
+                    # restarted worker before sending it more: a call sent mid-restart would fail too.
+                    entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
+                    actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
+                                                     (model, config_json, device, threads))
+                except ray.exceptions.RayTaskError as exc:
+                    entry.error = _first_line(exc)
+                else:
+                    entry.outputs = write_shard_outputs(out_dir, result)
+                    entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
+                    summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
+                    summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
+                    summary.model_seconds += result.model_seconds
+                    summary.queueing_seconds += result.queueing_seconds
+                    summary.add_failed(result.failed_ids)
+                ledger.put(entry)
+                dispatched.pop(name, None)
+                if entry.state == DONE:
+                    summary.shards_done += 1
+                    summary.images_ok += entry.samples - entry.failed_samples
+                    summary.images_failed += entry.failed_samples
+                    finished_images += entry.samples
+                else:
+                    summary.shards_failed += 1
+                    bar.write(f"shard {name} failed: {entry.error}")
+                show_progress()
+                dispatch(slot)
+        except _Stop as stop:
+            interrupted = sorted(dispatched)
+            for name, attempts in dispatched.items():
+                ledger.put(ShardEntry(shard=name, url=by_name[name], state=INTERRUPTED, config_hash=digest,
+                                      model=model, attempts=attempts, error=f"interrupted by signal {stop.signum}"))
+            # The job's workers end with this driver (Ray ends a job's actors when it leaves).
+            summary.seconds = time.perf_counter() - started
+            raise JobInterrupted(stop.signum, summary, interrupted) from None
+        finally:
+            bar.close()
     summary.processing_seconds = time.perf_counter() - processing_start
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+class _stop_on_signals:
+    """Within the block, SIGINT and SIGTERM raise _Stop in the driver (main thread only), so
+    the job can mark its shards in flight and say how to resume; the previous handlers come
+    back on exit."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Stop(signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
 
 
 def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, timeout: float = 300.0):

@@ -92,6 +92,10 @@ class ShardResult:
     def failed(self) -> int:
         return sum(row["status"] != "ok" for row in self.rows)
 
+    @property
+    def failed_ids(self) -> list[str]:
+        return [row["id"] for row in self.rows if row["status"] != "ok"]
+
 
 @dataclass
 class ModelClock:
@@ -168,6 +172,7 @@ class ShardWorker:
         self.model = load_model(model_spec, device=device)
         self.segmenter = Segmenter(self.model, self.config)
         self._model_lock = threading.Lock()  # one batch launched at a time when shards run concurrently
+        self._images_seen: dict[str, int] = {}  # shard in progress -> images segmented or failed so far
         self._busy_lock = threading.Lock()
         self._busy_until = 0.0  # when the last batch waited for finished (perf_counter seconds)
         if self.model.device.type == "cuda":
@@ -256,7 +261,19 @@ class ShardWorker:
         finally:
             release_free_memory()
 
+    def progress(self) -> dict[str, int]:
+        """Images of each shard in progress that were segmented or failed so far (the driver's
+        progress bar polls it between shard results)."""
+        return dict(self._images_seen)
+
     def _process_shard(self, url: str, shard: str, remote_finish: bool) -> ShardResult:
+        try:
+            return self._process_shard_counted(url, shard, remote_finish)
+        finally:
+            self._images_seen.pop(shard, None)
+
+    def _process_shard_counted(self, url: str, shard: str, remote_finish: bool) -> ShardResult:
+        self._images_seen[shard] = 0
         finish = self._finisher(remote_finish)
         pending, rows = [], {}
         order: list[str] = []
@@ -265,6 +282,7 @@ class ShardWorker:
 
         def flush():
             items = []
+            self._images_seen[shard] += len(batch)
             for key, sample, score, seconds in self._segment(batch, clock):
                 if isinstance(score, str):
                     rows[key] = failed_row(key, shard, score)
@@ -281,11 +299,13 @@ class ShardWorker:
             order.append(key)
             if isinstance(image, Exception):
                 rows[key] = failed_row(key, shard, str(image))
+                self._images_seen[shard] += 1
                 continue
             try:
                 classes = sample_classes(sample, self.config)
             except ConfigError as exc:
                 rows[key] = failed_row(key, shard, str(exc), height=image.shape[0], width=image.shape[1])
+                self._images_seen[shard] += 1
                 continue
             batch.append((key, sample, image, classes))
             if len(batch) == self.config.batch_size:

@@ -285,7 +285,7 @@ def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threa
     from pipeline.runner import _actor_options
 
     n, options, torch_threads = _actor_options(_Cluster(CPU=cpus), workers, 2, threads)
-    assert n == workers and options["max_concurrency"] == 2
+    assert n == workers and options["max_concurrency"] == 3  # two shards and the progress polls
     assert 0 < options["num_cpus"] and cpus - n * options["num_cpus"] >= 1
     assert torch_threads == (threads or max(1, cpus // workers))
     if threads:
@@ -364,3 +364,31 @@ def test_invalid_job_numbers_are_one_line_errors(shards, tmp_path, capsys, flag,
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and flag in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards, tmp_path, signum, code):
+    out = tmp_path / "out"
+    job = _start_cli(shards, out)
+    _wait_for(lambda: "in_progress" in _states(out), job)
+    job.send_signal(signum)
+    log = job.communicate(timeout=120)[0]
+    assert job.returncode == code, log
+    (line,) = [line for line in log.splitlines() if line.startswith("interrupted: ")]
+    assert line.endswith(f"resume with: pseudolabel resume {out}"), log
+    assert "Traceback" not in log
+    states = _states(out)
+    assert "interrupted" in states and "in_progress" not in states
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "resume", str(out), "--no-progress"],
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _states(out) == ["done"] * 3
+    assert _outputs(out) == _outputs(clean_run[0])
+
+
+def test_status_and_summary_name_the_failed_images(clean_run, capsys):
+    out, summary = clean_run
+    assert summary.failed_ids == ["2010_000002", "2010_000003"]
+    assert summary.failed_line.startswith("failed images: 2010_000002, 2010_000003 (errors in stats/")
+    assert main(["status", str(out)]) == 0
+    assert "2 failed image(s): 2010_000002, 2010_000003" in capsys.readouterr().out
