@@ -4,13 +4,16 @@
 # pseudolabel installed on every node, VOC and OUT on a file system every node sees).
 # Every variable below reaches the job. With Ray's token authentication on (the default for
 # `ray start` in this Ray), the submitting shell needs the cluster's token: copy the head's
-# ~/.ray/auth_token to the same place here, or export RAY_AUTH_TOKEN="$(ray get-auth-token)"
-# as printed on the head.
+# ~/.ray/auth_token to the same place here, or export RAY_AUTH_TOKEN as `ray get-auth-token`
+# prints it on the head; this script then turns Ray's token mode on (RAY_AUTH_MODE=token).
 # Usage: RAY_ADDRESS=http://HEAD:8265 VOC=/shared/VOC2012 OUT=/shared/pseudo \
 #        [SPLIT=train_aug] [MODEL=/shared/sd21-base] [CONFIG=configs/voc.yaml] bash jobs/cluster_submit.sh [run flags]
 set -euo pipefail
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the cluster dashboard, e.g. http://head:8265}"
-if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$HOME/.ray/auth_token" ]; then
+if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -n "${RAY_AUTH_TOKEN_PATH:-}" ] || [ -s "$HOME/.ray/auth_token" ]; then
+    # Ray's clients send the token only in token mode, which is off in a fresh shell.
+    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+else
     echo "note: no Ray token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); if the cluster" \
          "uses token authentication, run 'ray get-auth-token' on the head and export RAY_AUTH_TOKEN" >&2
 fi
