@@ -330,7 +330,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         ref = actor.process_shard.remote(by_name[name], name, remote_finish=True)
         in_flight[ref] = (name, slot, time.perf_counter(), attempts)
 
-    with _stop_on_signals() as stopped:
+    with _stop_on_signals():
         try:
             for _ in range(SHARDS_PER_WORKER):
                 for slot in range(len(actors)):

@@ -114,3 +114,18 @@ def make_job_output(tmp_path, predict):
                             "json": encode_json(row)})
         write_shard_outputs(out, ShardResult(f"voc-train-00000{shard_index}", samples, rows))
     return out, gts
+
+
+def write_voc_shards(tmp, id_prefix: str, labels: list[tuple[int, int]], per_shard: int = 2):
+    """VOC-style shards `tmp/shards/voc-train-*.tar` of 48 x 64 synthetic images with two-class
+    ground truth, ids id_prefix + index; returns the shard folder."""
+    from pipeline.config import VOC_CLASS_NAMES
+    from pipeline.shards import ShardingReport, voc_sources, write_image_shards
+
+    images = {f"{id_prefix}{i}": (synthetic_image(48, 64, seed=i), two_class_mask(48, 64, a, b))
+              for i, (a, b) in enumerate(labels)}
+    root = write_voc_folder(tmp / "VOC2012", images)
+    report = ShardingReport()
+    write_image_shards(voc_sources(root, "train", None, report), tmp / "shards", "voc-train", per_shard,
+                       list(VOC_CLASS_NAMES), report)
+    return tmp / "shards"

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FAST_CONFIG, synthetic_image, two_class_mask, write_voc_folder
-from pipeline.config import VOC_CLASS_NAMES, load_config
+from conftest import FAST_CONFIG, write_voc_shards
+from pipeline.config import load_config
 from pipeline.ledger import Ledger
-from pipeline.shards import ShardingReport, read_shard, voc_sources, write_image_shards
+from pipeline.shards import read_shard
 from pipeline.worker import ShardWorker
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -30,14 +30,7 @@ LABELS = [(8, 18), (12, 0), (15, 0), (1, 15), (7, 0), (20, 16), (3, 0), (9, 13)]
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Four shards of two images each (the slow first image of each shard keeps a shard busy)."""
-    tmp = tmp_path_factory.mktemp("cluster-job")
-    images = {f"2012_00000{i}": (synthetic_image(48, 64, seed=i), two_class_mask(48, 64, a, b))
-              for i, (a, b) in enumerate(LABELS)}
-    root = write_voc_folder(tmp / "VOC2012", images)
-    report = ShardingReport()
-    write_image_shards(voc_sources(root, "train", None, report), tmp / "shards", "voc-train", 2,
-                       list(VOC_CLASS_NAMES), report)
-    return tmp / "shards"
+    return write_voc_shards(tmp_path_factory.mktemp("cluster-job"), "2012_00000", LABELS)
 
 
 def _masks(out):

@@ -16,12 +16,12 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from conftest import FAST_CONFIG, synthetic_image, two_class_mask, write_voc_folder
+from conftest import FAST_CONFIG, write_voc_shards
 from pipeline.cli import main
-from pipeline.config import VOC_CLASS_NAMES, load_config
+from pipeline.config import load_config
 from pipeline.ledger import JobMismatchError, Ledger
 from pipeline.runner import run_job
-from pipeline.shards import ShardingReport, encode_json, read_shard, tar_bytes, voc_sources, write_image_shards
+from pipeline.shards import encode_json, read_shard, tar_bytes
 from pipeline.stats import STATS_SCHEMA
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -40,13 +40,7 @@ def ray_local():
 def shards(tmp_path_factory):
     """Three shards of two images; one JPEG is corrupt and one label unknown (in shard 1)."""
     tmp = tmp_path_factory.mktemp("job")
-    labels = [(8, 18), (12, 0), (15, 0), (1, 15), (7, 0), (20, 16)]
-    images = {f"2010_00000{i}": (synthetic_image(48, 64, seed=i), two_class_mask(48, 64, a, b))
-              for i, (a, b) in enumerate(labels)}
-    root = write_voc_folder(tmp / "VOC2012", images)
-    report = ShardingReport()
-    write_image_shards(voc_sources(root, "train", None, report), tmp / "shards", "voc-train", 2,
-                       list(VOC_CLASS_NAMES), report)
+    write_voc_shards(tmp, "2010_00000", [(8, 18), (12, 0), (15, 0), (1, 15), (7, 0), (20, 16)])
     # Replace shard 1 by one with a corrupt JPEG and a label no config knows.
     samples = list(read_shard(str(tmp / "shards" / "voc-train-000001.tar")))
     samples[0]["jpg"] = samples[0]["jpg"][:200]
