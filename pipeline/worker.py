@@ -290,7 +290,6 @@ class ShardWorker:
 
         def flush():
             items = []
-            self._images_seen[shard] += len(batch)
             for key, sample, score, seconds in self._segment(batch, clock):
                 if isinstance(score, str):
                     rows[key] = failed_row(key, shard, score)
@@ -300,6 +299,7 @@ class ShardWorker:
                                         score.refinement_delta, seconds, background))
             for index in range(0, len(items), FINISH_CHUNK):  # small tasks spread CRF over the CPUs
                 pending.append(finish(self.config_json, shard, items[index : index + FINISH_CHUNK]))
+            self._images_seen[shard] += len(batch)  # segmented (on a GPU: launched and waited for)
             batch.clear()
 
         for sample, image in _prefetch(url, 2 * self.config.batch_size, self.config.max_image_pixels):
