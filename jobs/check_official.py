@@ -20,7 +20,8 @@ its `test_step` picks the same classes; it prepares the image as its own dataset
 
 Per image: the class maps' largest difference (both bilinear to 512 px and min-max scaled)
 and the share of mask pixels that agree; last line `official agreement: X% of pixels`.
-Needs `pip install opencv-python-headless imageio texttable` (the official code's imports).
+Needs `pip install -e ".[official]"` (opencv-python-headless, imageio, texttable: the
+official code's imports).
 """
 
 from __future__ import annotations
