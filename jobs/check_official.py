@@ -171,7 +171,7 @@ def _maps_at_512(maps: torch.Tensor) -> np.ndarray:
     return iseg.minmax_per_class(grid)[0].numpy()
 
 
-def _ours_on_official_attention(cross: dict, self_attn: torch.Tensor, sample: dict, config) -> tuple:
+def _ours_on_official_attention(cross: dict, self_attn: torch.Tensor, sample: dict, config, tokenizer) -> tuple:
     """This project's stages after the UNet (pipeline.iseg.iseg_class_maps, then the mask) on
     the official code's own head-averaged attention: cross side -> [1, side*side, T], self
     [1, N, N]. Returns (mask uint8 [H, W], maps at 512 px)."""
@@ -180,16 +180,13 @@ def _ours_on_official_attention(cross: dict, self_attn: torch.Tensor, sample: di
     from pipeline.postprocess import finish_mask
     from pipeline.prompts import build_class_prompt
 
-    prompt = build_class_prompt(_TOKENIZER[0], [config.classes[c] for c in sample["classes"]],
+    prompt = build_class_prompt(tokenizer, [config.classes[c] for c in sample["classes"]],
                                 config.background_context)
     maps, _ = iseg.iseg_class_maps(cross, self_attn, [prompt.columns], config)
     side = int(round(maps.shape[1] ** 0.5))
     grid = maps[0].T.reshape(-1, side, side)
     image = decode_image(bytes.fromhex(sample["jpg"]), sample["key"])
     return finish_mask(grid, sample["classes"], image, config).labels, _maps_at_512(grid)
-
-
-_TOKENIZER: list = []  # the child's tokenizer, for this project's prompts
 
 
 def run_official(official: Path, model_spec: str, samples_file: Path, dataset: str, out: Path,
@@ -199,7 +196,6 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
     from pipeline.models import load_model
 
     bundle = load_model(model_spec, device="cpu", dtype=torch.float32)
-    _TOKENIZER.append(bundle.tokenizer)
     samples = json.loads(samples_file.read_text())
     package = _vendored_diffusers(official)
     _point_loading_at(package, bundle)
@@ -254,7 +250,7 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
         model.get_masks, model.get_att_map = get_masks, get_att_map
         results[sample["key"] + ".mask"] = masks[0].astype(np.uint8)
         results[sample["key"] + ".maps"] = maps[0][1][sample["classes"]].numpy()
-        mask, our_maps = _ours_on_official_attention(*attention[0], sample, ours)
+        mask, our_maps = _ours_on_official_attention(*attention[0], sample, ours, bundle.tokenizer)
         results[sample["key"] + ".ours_on_official_attention.mask"] = mask
         results[sample["key"] + ".ours_on_official_attention.maps"] = our_maps
     np.savez_compressed(out, classes=np.array(names), **results)

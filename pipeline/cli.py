@@ -169,6 +169,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .ledger import Ledger
+    from .runner import name_failed
 
     ledger = Ledger(args.output)
     job = ledger.job()
@@ -185,8 +186,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"interrupted, {states.count('in_progress')} in progress (interrupted unless a job is running)")
     failed = _failed_images(Path(args.output))
     if failed:
-        shown = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
-        print(f"{len(failed)} failed image(s): {shown} (errors in stats/, status column 'failed')")
+        print(f"{len(failed)} failed image(s): {name_failed(failed, len(failed))} "
+              "(errors in stats/, status column 'failed')")
     return 0
 
 

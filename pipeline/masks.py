@@ -57,9 +57,9 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
                 raise ImageDecodeError(f"{name} is {width} x {height} = {width * height:,} pixels, over the limit of "
                                        f"{max_pixels:,}: shrink the image or raise max_image_pixels in the config")
             return np.array(img.convert("RGB"))
+    except ImageDecodeError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, ImageDecodeError):
-            raise
         raise ImageDecodeError(f"cannot decode {name}: {exc}; replace or remove the file") from exc
 
 

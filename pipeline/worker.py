@@ -258,6 +258,7 @@ class ShardWorker:
         remote_finish, else in this process. Under Ray, a device failure (CUDA error, out of
         memory) ends this process, so that Ray restarts the worker and retries the shard on a
         fresh device context. Either way the C heap the shard freed goes back to the system."""
+        self._images_seen[shard] = 0
         try:
             return self._process_shard(url, shard, remote_finish)
         except Exception as exc:
@@ -267,6 +268,7 @@ class ShardWorker:
                 os._exit(1)
             raise
         finally:
+            self._images_seen.pop(shard, None)
             release_free_memory()
 
     def progress(self) -> dict[str, int]:
@@ -275,13 +277,6 @@ class ShardWorker:
         return dict(self._images_seen)
 
     def _process_shard(self, url: str, shard: str, remote_finish: bool) -> ShardResult:
-        try:
-            return self._process_shard_counted(url, shard, remote_finish)
-        finally:
-            self._images_seen.pop(shard, None)
-
-    def _process_shard_counted(self, url: str, shard: str, remote_finish: bool) -> ShardResult:
-        self._images_seen[shard] = 0
         finish = self._finisher(remote_finish)
         pending, rows = [], {}
         order: list[str] = []
