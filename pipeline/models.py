@@ -382,6 +382,16 @@ def resolve_model(spec: str) -> Path:
     )
 
 
+def _own_aligned_copies(module: torch.nn.Module) -> None:
+    """Give every parameter and buffer its own freshly allocated (64-byte aligned) storage.
+    Loaded from safetensors on the CPU they are views at 8-byte offsets into the file's buffer,
+    and CPU matmul kernels round differently by alignment: the same weights then give other
+    last bits than a model whose weights were copied (the official code's), and other bits
+    from a file with a longer header."""
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        tensor.data = tensor.data.clone()
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = None,
                dtype: torch.dtype | None = None) -> ModelBundle:
     """Load a model by hub id, local diffusers folder, `tiny` or `sd21-random`.
@@ -402,7 +412,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
             raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {hint}") from exc
     for name in ("text_encoder", "vae", "unet"):
         module = components[name].requires_grad_(False).eval()
-        components[name] = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
+        module = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
+        if device.type == "cpu":
+            _own_aligned_copies(module)
+        components[name] = module
     return ModelBundle(name=spec, device=device, dtype=dtype, **components)
 
 

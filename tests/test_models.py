@@ -25,6 +25,13 @@ def test_tiny_model_is_saved_as_a_diffusers_folder_and_loaded_back(tiny_model):
     assert tiny_model.dtype == torch.float32 and tiny_model.device.type == "cpu"
 
 
+def test_cpu_weights_own_aligned_memory(tiny_model):
+    # safetensors leaves them at 8-byte offsets into the file buffer, where CPU matmuls round
+    # differently from the same weights copied (as the official code's are).
+    tensors = list(tiny_model.unet.parameters()) + list(tiny_model.vae.parameters())
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
+
+
 def test_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="not a diffusers Stable Diffusion folder"):
         resolve_model(str(tmp_path))
