@@ -1,10 +1,16 @@
 """Attention processors that record head-reduced softmax probabilities on named layers.
 
 Only the layers a method reads get an `AttentionCaptureProcessor`; every other layer keeps
-diffusers' fused `AttnProcessor2_0` (SDPA). The capturing processor computes its output with
-the same SDPA call as the stock one, so the UNet's output is unchanged bit for bit, and
-computes probabilities only for the heads it keeps, summed over those heads inside the
-processor: full per-head maps are never stored.
+its processor. Two kernels:
+
+- "official" (the default): the read layers compute their output as the official iSeg code's
+  recording processor does (diffusers' classic path: `baddbmm` scores, softmax, `bmm`), and the
+  probabilities of that same softmax are recorded, head by head in float32. With
+  `Record.keep_heads` every kept head's map is stored, so the head mean can be summed in the
+  order the official code sums it (`pooled_by_side(order=...)`).
+- "fused": the output comes from the same SDPA call as diffusers' `AttnProcessor2_0`, so the
+  UNet is unchanged bit for bit from a plain one, and the probabilities are computed only for
+  the kept heads and summed inside the processor: no per-head map is stored.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from .methods import goca
 
@@ -31,10 +37,21 @@ class CapturedAttention:
 
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     heads: dict[str, int] = field(default_factory=dict)
+    head_maps: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # key -> head -> [B, Nq, Nk]
 
     def clear(self) -> None:
         self.sums.clear()
         self.heads.clear()
+        self.head_maps.clear()
+
+    def add_head_maps(self, key: str, probs: torch.Tensor, heads: list[int]) -> None:
+        """Keep each listed head's map of probs [B, H, Nq, Nk] (float32) under key; keys are
+        kept in the order they are first added (the UNet's forward order)."""
+        maps = self.head_maps.setdefault(key, {})
+        for head in heads:
+            if head in maps:
+                raise ValueError(f"{key} recorded head {head} twice: name one attention module per layer key")
+            maps[head] = probs[:, head].to(torch.promote_types(probs.dtype, torch.float32))
 
     def add(self, key: str, head_sum: torch.Tensor, n_heads: int) -> None:
         if key in self.sums:
@@ -44,19 +61,43 @@ class CapturedAttention:
             self.sums[key] = head_sum
             self.heads[key] = n_heads
 
-    def pooled_by_side(self, keys: list[str]) -> dict[int, torch.Tensor]:
+    def pooled_by_side(self, keys: list[str], order: dict[int, list[tuple[str, int]]] | None = None
+                       ) -> dict[int, torch.Tensor]:
         """Mean over all kept heads of the given layers, grouped by query side:
-        side -> [B, side*side, N_key]."""
+        side -> [B, side*side, N_key]. Layers recorded head by head (`add_head_maps`) are
+        stacked in `order[side]` ((key, head) pairs) where given, else layer by layer in
+        forward order and heads ascending, and averaged with one `mean` over the stack (a view
+        of key-major memory)."""
+        in_order: dict[int, list[torch.Tensor]] = {}
+        for key in (k for k in self.head_maps if k in keys):  # forward order
+            for probs in self.head_maps[key].values():
+                in_order.setdefault(int(round(probs.shape[1] ** 0.5)), []).append(probs)
+        for side, pairs in (order or {}).items():
+            missing = [pair for pair in pairs if pair[1] not in self.head_maps.get(pair[0], {})]
+            if missing:
+                raise KeyError(f"the head order of side {side} names heads not recorded: {missing[:3]}")
+            in_order[side] = [self.head_maps[key][head] for key, head in pairs]
+        # One `mean` over the stacked maps, laid out key-major as the official code's `.mean(1)`
+        # over its [B, heads, keys, h, w] maps leaves them: torch's rounding of a reduction
+        # depends on the layout and the head count, and so does every later op's.
+        means = {side: torch.stack(maps, dim=1).transpose(-1, -2).mean(dim=1).transpose(-1, -2)
+                 for side, maps in in_order.items()}
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
         for key in keys:
+            if key in self.head_maps:
+                continue
             if key not in self.sums:
                 raise KeyError(f"layer {key} captured nothing: was the UNet run after install_capture?")
             n_query = self.sums[key].shape[1]
             side = int(round(n_query ** 0.5))
             sums[side] = sums[side] + self.sums[key] if side in sums else self.sums[key]
             counts[side] = counts.get(side, 0) + self.heads[key]
-        return {side: sums[side] / counts[side] for side in sorted(sums)}
+        if set(means) & set(sums):
+            raise ValueError("layers of one side are recorded both head by head and summed: use one Record kind per side")
+        pooled = {side: sums[side] / counts[side] for side in sums}
+        pooled.update(means)
+        return dict(sorted(pooled.items()))
 
     def pooled_by_prefix(self, prefix: str) -> dict[int, torch.Tensor]:
         """`pooled_by_side` over every key starting with prefix (e.g. "self:" for the
@@ -89,25 +130,45 @@ def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[in
     return total
 
 
-class AttentionCaptureProcessor:
-    """SDPA attention for a transformer block's attn1/attn2 that also stores what its spec's
-    records ask for into a `CapturedAttention`."""
+def _sequential_head_sum(probs: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """probs [B, H, Nq, Nk] -> the sum over `heads` [B, Nq, Nk] in float32, one head at a time
+    in the listed order (as a mean over a head axis sums)."""
+    dtype = torch.promote_types(probs.dtype, torch.float32)
+    total = probs[:, heads[0]].to(dtype)
+    for head in heads[1:]:
+        total = total + probs[:, head].to(dtype)
+    return total
 
-    def __init__(self, store: CapturedAttention, spec: "CaptureSpec"):
+
+KERNELS = ("official", "fused")
+
+
+class AttentionCaptureProcessor:
+    """Attention for a transformer block's attn1/attn2 that also stores what its spec's
+    records ask for into a `CapturedAttention`; kernel "official" or "fused" (module doc)."""
+
+    def __init__(self, store: CapturedAttention, spec: "CaptureSpec", kernel: str = "official"):
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: use one of {', '.join(KERNELS)}")
         self.store = store
         self.spec = spec
+        self.kernel = kernel
         self.key = f"{spec.layer}:{spec.kind}"
 
     def _record(self, record: "Record", attn: Attention, query: torch.Tensor, key: torch.Tensor,
-                head_outputs: torch.Tensor, head_sums: dict) -> None:
+                head_outputs: torch.Tensor, probs: torch.Tensor | None, head_sums: dict) -> None:
         """query, key [B, H, N, D]; head_outputs [B, H, Nq, D] (softmax(q k^T) v per head);
-        head_sums caches the head-probability sum between the records of one call."""
+        probs [B, H, Nq, Nk] (the official kernel's softmax) or None (fused: computed here for
+        the kept heads only); head_sums caches the head sum between the records of one call."""
         batch, heads_total, n_query, head_dim = query.shape
         store_key = record.key.format(layer=self.spec.layer, kind=self.spec.kind, side=int(round(n_query ** 0.5)))
-        heads = self.spec.heads if self.spec.heads is not None else list(range(heads_total))
-        if record.what == "sum":
+        heads = sorted(self.spec.heads) if self.spec.heads is not None else list(range(heads_total))
+        if record.what == "sum" and record.keep_heads and probs is not None:
+            self.store.add_head_maps(store_key, probs, heads)
+        elif record.what == "sum":
             if "sum" not in head_sums:
-                head_sums["sum"] = _head_probability_sum(query, key, heads, attn.scale)
+                head_sums["sum"] = (_sequential_head_sum(probs, heads) if probs is not None
+                                    else _head_probability_sum(query, key, heads, attn.scale))
             total = head_sums["sum"]
             if record.resize_to is None:
                 self.store.add(store_key, total, len(heads))
@@ -115,10 +176,11 @@ class AttentionCaptureProcessor:
                 self.store.add(store_key, goca.resize_attention(total / len(heads), record.resize_to), 1)
         elif record.what == "goca":
             dtype = torch.promote_types(query.dtype, torch.float32)
-            probs = (torch.matmul(query, key.transpose(-1, -2)) * attn.scale).softmax(dim=-1, dtype=dtype)
+            if probs is None:
+                probs = (torch.matmul(query, key.transpose(-1, -2)) * attn.scale).softmax(dim=-1, dtype=dtype)
             out_weight = attn.to_out[0].weight.reshape(-1, heads_total, head_dim).permute(1, 0, 2)  # [H, Dm, D]
             contributions = torch.einsum("bhnd,hmd->bhnm", head_outputs.to(dtype), out_weight.to(dtype))
-            self.store.add(store_key, goca.aggregate_heads(probs, goca.head_weights(contributions)), 1)
+            self.store.add(store_key, goca.aggregate_heads(probs.to(dtype), goca.head_weights(contributions)), 1)
         elif record.what == "queries":
             self.store.add(store_key, query.transpose(1, 2).reshape(batch, n_query, -1).to(torch.float32), 1)
         else:
@@ -135,22 +197,28 @@ class AttentionCaptureProcessor:
                 f"attention capture on {self.key} supports plain transformer-block attention only "
                 f"(found {unsupported or 'a mask, norm or 4-D input'})"
             )
-        batch = hidden_states.shape[0]
+        batch, n_query = hidden_states.shape[:2]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        if self.kernel == "official":
+            # diffusers' classic path, as the official code's processor: [B*H, N, D] per head,
+            # baddbmm(q, k^T, alpha=scale), softmax (upcast where the layer says), bmm.
+            query, key, value = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states),
+                                                                     attn.to_k(context), attn.to_v(context)))
+            probs = attn.get_attention_scores(query, key)
+            out = torch.bmm(probs, value)
+            by_head = lambda t: t.view(batch, attn.heads, t.shape[1], t.shape[2])  # noqa: E731
+            query, key, out, probs = by_head(query), by_head(key), by_head(out), by_head(probs)
+        else:
+            head_dim = attn.to_k.out_features // attn.heads
+            query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                                 for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+            probs = None
         head_sums: dict = {}  # shared by the records of this call
         for record in self.spec.records:
-            self._record(record, attn, query, key, out, head_sums)
+            self._record(record, attn, query, key, out, probs, head_sums)
 
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = out.transpose(1, 2).reshape(batch, n_query, -1).to(hidden_states.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if attn.residual_connection:
@@ -163,7 +231,8 @@ class Record:
     """What a capture processor stores, under which key.
 
     what: "sum" (sum over the kept heads of the softmax probabilities, with the head count;
-    with resize_to, the head mean resized on both pixel axes to resize_to x resize_to, count 1),
+    with resize_to, the head mean resized on both pixel axes to resize_to x resize_to, count 1;
+    with keep_heads, under the official kernel, every kept head's map),
     "goca" (GoCA's head-weighted aggregation) or "queries" (the layer's queries [B, N, H*D]).
     key: "{layer}", "{kind}" and "{side}" (the query map's side) are filled in at run time, so
     layers of one resolution can share a key and be pooled as they run.
@@ -172,6 +241,7 @@ class Record:
     what: str = "sum"
     key: str = "{layer}:{kind}"
     resize_to: int | None = None
+    keep_heads: bool = False  # "sum" under the official kernel: keep each head's map (add_head_maps)
 
 
 @dataclass(frozen=True)
@@ -185,7 +255,7 @@ class CaptureSpec:
     records: tuple[Record, ...] = (Record(),)
 
 
-def _attention_modules(unet: torch.nn.Module, spec: CaptureSpec) -> list[tuple[str, Attention]]:
+def attention_modules(unet: torch.nn.Module, spec: CaptureSpec) -> list[tuple[str, Attention]]:
     try:
         parent = unet.get_submodule(spec.layer)
     except AttributeError:
@@ -203,15 +273,15 @@ def _attention_modules(unet: torch.nn.Module, spec: CaptureSpec) -> list[tuple[s
 
 
 class CaptureHandle:
-    """Installed capture processors; `remove()` restores stock SDPA processors."""
+    """Installed capture processors; `remove()` puts back the processors they replaced."""
 
-    def __init__(self, modules: list[Attention], store: CapturedAttention):
-        self.modules = modules
+    def __init__(self, replaced: list[tuple[Attention, object]], store: CapturedAttention):
+        self.replaced = replaced
         self.store = store
 
     def remove(self) -> None:
-        for module in self.modules:
-            module.set_processor(AttnProcessor2_0())
+        for module, processor in self.replaced:
+            module.set_processor(processor)
 
 
 def attention_layers(unet: torch.nn.Module) -> list[str]:
@@ -220,24 +290,44 @@ def attention_layers(unet: torch.nn.Module) -> list[str]:
     return [n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["attentions"]]
 
 
-def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec]) -> CaptureHandle:
+def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official") -> CaptureHandle:
     """Put capturing processors on the named layers; each spec's layer key in the store is
     `<layer>:<kind>`. All transformer blocks under a named layer are pooled into that key."""
     store = CapturedAttention()
-    modules = []
+    replaced = []
     for spec in specs:
-        for _, module in _attention_modules(unet, spec):
-            module.set_processor(AttentionCaptureProcessor(store, spec))
-            modules.append(module)
-    return CaptureHandle(modules, store)
+        for _, module in attention_modules(unet, spec):
+            replaced.append((module, module.processor))
+            module.set_processor(AttentionCaptureProcessor(store, spec, kernel))
+    return CaptureHandle(replaced, store)
 
 
 @contextmanager
-def capturing(unet: torch.nn.Module, specs: list[CaptureSpec]) -> Iterator[CapturedAttention]:
-    """Capture processors on the named layers for the duration of a `with` block; the UNet is
-    back to stock SDPA processors afterwards."""
-    handle = install_capture(unet, specs)
+def capturing(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official"
+              ) -> Iterator[CapturedAttention]:
+    """Capture processors on the named layers for the duration of a `with` block; the UNet's
+    own processors are back afterwards."""
+    handle = install_capture(unet, specs, kernel)
     try:
         yield handle.store
     finally:
         handle.remove()
+
+
+@contextmanager
+def classic_attention(model: torch.nn.Module, layers: list[CaptureSpec] | None = None) -> Iterator[None]:
+    """diffusers' classic attention (`baddbmm` scores, softmax, `bmm`) on the attn1/attn2 of the
+    named layers, or on every attention module of `model` (e.g. the VAE) when layers is None,
+    for the duration of a `with` block: the kernels the official code runs there."""
+    if layers is None:
+        modules = [m for m in model.modules() if isinstance(m, Attention)]
+    else:
+        modules = [m for spec in layers for _, m in attention_modules(model, spec)]
+    previous = [(module, module.processor) for module in modules]
+    for module in modules:
+        module.set_processor(AttnProcessor())
+    try:
+        yield
+    finally:
+        for module, processor in previous:
+            module.set_processor(processor)

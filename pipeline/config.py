@@ -90,8 +90,33 @@ VOC_CROSS_LAYERS = _layers([
 VOC_SELF_LAYERS = _layers([("up_blocks.3.attentions.1", [1, 2])])
 
 
+# The official code's head selection (wsss/iSeg.py `index`): per map side, indices into the
+# heads of that side's layers concatenated in UNet forward order, in the order it sums them.
+# The same heads as VOC_CROSS_LAYERS; the order changes only the last bit of the head mean.
+VOC_CROSS_HEAD_ORDER = {
+    32: [22, 5, 21, 13, 8, 27, 28, 6, 25],
+    16: [76, 1, 43, 17, 81, 6, 44, 27, 2, 8, 22, 20, 60, 78, 12, 83, 94, 47, 88, 96, 3, 33, 46, 52, 77, 93, 51,
+         58, 0, 13, 14, 19, 34, 41, 59, 87, 16, 24, 28, 30, 32],
+}
+
+# Layers the official code runs through its recording processor without reading them.
+OFFICIAL_CLASSIC_LAYERS = ["up_blocks.1.attentions.2:self", "mid_block.attentions.0:self"]
+
+
 class CrossAttentionConfig(_Strict):
     layers: list[CaptureLayer] = Field(default_factory=lambda: list(VOC_CROSS_LAYERS))
+    # Per side, the order the kept heads are summed in (see VOC_CROSS_HEAD_ORDER); unset: layer
+    # by layer in forward order, heads ascending. Applies with the official kernel.
+    head_order: dict[int, list[int]] | None = Field(default_factory=lambda: dict(VOC_CROSS_HEAD_ORDER))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_order_for_default_layers(cls, data):
+        """The built-in head order belongs to the built-in layers: a config that names its
+        layers and no order sums layer by layer."""
+        if isinstance(data, dict) and "layers" in data and "head_order" not in data:
+            data = {**data, "head_order": None}
+        return data
     # Weight of each map side (pixels per side of the attention map) in the fusion.
     resolution_weights: dict[int, float] = Field(default_factory=lambda: {16: 0.7, 32: 0.3})
 
@@ -165,6 +190,14 @@ class SegmenterConfig(_Strict):
     timestep: int = Field(100, ge=0, le=999)
     noise_seed: int = 1101
     classes: list[ClassSpec] = Field(default_factory=voc_classes)
+    # Divide by 255 before the resize to image_size (the official VOC loader) or after it (its
+    # COCO loader): the last bit of the input.
+    scale_before_resize: bool = True
+    # official: the read layers, `classic_attention_layers` and the VAE run diffusers' classic
+    # attention (baddbmm, softmax, bmm) as the official code; fused: SDPA there (faster, and the
+    # masks move wherever a last-bit difference tips a cluster). docs/method.md has the effect.
+    attention_kernel: Literal["official", "fused"] = "official"
+    classic_attention_layers: list[str] = Field(default_factory=lambda: list(OFFICIAL_CLASSIC_LAYERS))
     background_context: str = "ground, land, grass, tree, building, wall, sky, lake, water"
     # Cat-Cross: token enhancement and KL cluster averaging. Off gives the paper's ablation.
     cat_cross: bool = True
@@ -227,6 +260,16 @@ class SegmenterConfig(_Strict):
         if not cross.layers:
             raise ValueError("cross_attention.layers is empty: name at least one layer")
         return cross
+
+    @field_validator("classic_attention_layers")
+    @classmethod
+    def _classic_layer_names(cls, layers: list[str]) -> list[str]:
+        for layer in layers:
+            name, _, kind = layer.rpartition(":")
+            if not name or kind not in ("self", "cross"):
+                raise ValueError(f"{layer!r} is not <layer>:self or <layer>:cross, "
+                                 "e.g. mid_block.attentions.0:self")
+        return layers
 
     @property
     def class_names(self) -> list[str]:

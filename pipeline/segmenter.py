@@ -9,6 +9,7 @@ capture, batching and the output format are shared. Knows nothing of files or Ra
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import iseg
-from .capture import CapturedAttention, CaptureSpec, Record, attention_layers, capturing
+from .capture import (CapturedAttention, CaptureSpec, Record, attention_layers, attention_modules, capturing,
+                      classic_attention)
 from .config import SegmenterConfig
 from .methods import diffseg, diffsegmenter, goca
 from .models import ModelBundle
@@ -76,12 +78,79 @@ def _stack_on_device(images: list[torch.Tensor], device: torch.device) -> torch.
     return stack_to_device(images, device)
 
 
-def resize_to_model(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [n, 3, H, W] -> float32 [n, 3, size, size] in [0, 1]: bilinear, half-pixel
-    centres, no antialiasing, as the official code's OpenCV resize (cv2.INTER_LINEAR). Images
-    wider than `size` (COCO's 640 px) are sampled, not low-pass filtered first."""
-    return F.interpolate(images.to(torch.float32) / 255.0, size=(size, size), mode="bilinear",
-                         align_corners=False, antialias=False)
+def _linear_taps(source: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps along one axis, as OpenCV computes them: half-pixel centres, the source
+    position rounded to float32, edges clamped. Returns (left index [size], right index [size],
+    weight of the right sample [size] float32)."""
+    position = ((torch.arange(size, dtype=torch.float64) + 0.5) * (source / size) - 0.5).to(torch.float32)
+    left = torch.floor(position)
+    weight = position - left
+    left = left.to(torch.long)
+    outside = (left < 0) | (left >= source - 1)
+    weight[outside] = 0.0
+    left = left.clamp(0, source - 1)
+    return left.to(device), (left + 1).clamp(max=source - 1).to(device), weight.to(device)
+
+
+def _lerp_fused(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float32 a + (b - a) * weight with one rounding of the multiply-add, as a fused
+    multiply-add does (the product is exact in float64)."""
+    return ((b - a).to(torch.float64) * weight + a).to(torch.float32)
+
+
+def resize_to_model(images: torch.Tensor, size: int, scale_first: bool = True) -> torch.Tensor:
+    """uint8 [n, 3, H, W] -> float32 [n, 3, size, size] in [0, 1], bit for bit as the official
+    code's `cv2.resize(..., INTER_LINEAR)` on float32 images (OpenCV's IPP path on x86: each
+    axis a fused lerp, rows first, then columns; no antialiasing, so images wider than `size`
+    are sampled, not low-pass filtered). scale_first: divide by 255 before the resize (the
+    official VOC loader) or after it (its COCO loader); that changes only the last bit."""
+    height, width = images.shape[-2:]
+    pixels = images.to(torch.float32)
+    if scale_first:
+        pixels = pixels / 255.0
+    left, right, weight = _linear_taps(width, size, images.device)
+    rows = _lerp_fused(pixels[..., left], pixels[..., right], weight)
+    top, bottom, weight = _linear_taps(height, size, images.device)
+    resized = _lerp_fused(rows[..., top, :], rows[..., bottom, :], weight[:, None])
+    return resized if scale_first else resized / 255.0
+
+
+def _forward_rank(layer: str) -> tuple[int, int, int]:
+    """Where a UNet transformer block runs in the forward pass: down blocks, mid, up blocks."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return (1, 0, int(parts[-1]))
+    return (0 if parts[0] == "down_blocks" else 2, int(parts[1]), int(parts[-1]))
+
+
+def _layer_side(layer: str, latent_side: int, n_blocks: int) -> int:
+    """The attention map side of a UNet transformer block (64, 32, 16 or 8 for SD at 512 px)."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return latent_side >> (n_blocks - 1)
+    level = int(parts[1]) if parts[0] == "down_blocks" else n_blocks - 1 - int(parts[1])
+    return latent_side >> level
+
+
+def official_head_order(unet: torch.nn.Module, specs: list[CaptureSpec], head_order: dict[int, list[int]],
+                        latent_side: int) -> dict[int, list[tuple[str, int]]]:
+    """The official code's head indices (per side, into the heads of that side's layers
+    concatenated in forward order) as (store key, head) pairs; they must name exactly the heads
+    the specs keep."""
+    n_blocks = len(unet.down_blocks)
+    pairs_by_side: dict[int, list[tuple[str, int]]] = {}
+    for side, indices in head_order.items():
+        at_side = sorted((s for s in specs if _layer_side(s.layer, latent_side, n_blocks) == side),
+                         key=lambda s: _forward_rank(s.layer))
+        concatenated = [(f"{s.layer}:{s.kind}", head) for s in at_side
+                        for head in range(unet.get_submodule(s.layer).transformer_blocks[0].attn2.heads)]
+        kept = {(f"{s.layer}:{s.kind}", head) for s in at_side for head in s.heads or ()}
+        pairs = [concatenated[i] for i in indices if 0 <= i < len(concatenated)]
+        if len(pairs) != len(indices) or set(pairs) != kept or len(set(pairs)) != len(pairs):
+            raise ValueError(f"cross_attention.head_order[{side}] does not name the heads cross_attention.layers "
+                             f"keep at side {side}: make it match them, or set head_order to null")
+        pairs_by_side[side] = pairs
+    return pairs_by_side
 
 
 class IsegPlan:
@@ -93,14 +162,18 @@ class IsegPlan:
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
         self.config = config
         use_subsets = model.heads_per_block == list(config.head_layout)
-        self.cross_specs = [CaptureSpec(l.name, "cross", l.heads if use_subsets else None)
+        records = (Record(keep_heads=True),)
+        self.cross_specs = [CaptureSpec(l.name, "cross", l.heads if use_subsets else None, records)
                             for l in config.cross_attention.layers]
-        self.self_specs = [CaptureSpec(l.name, "self", l.heads if use_subsets else None)
+        self.self_specs = [CaptureSpec(l.name, "self", l.heads if use_subsets else None, records)
                            for l in config.self_attention.layers]
         self.specs = self.cross_specs + self.self_specs
+        order = config.cross_attention.head_order
+        self.cross_order = (official_head_order(model.unet, self.cross_specs, order, config.image_size // 8)
+                            if order and use_subsets else None)
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
-        cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs])
+        cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs], self.cross_order)
         side, self_attn = _single_side(store.pooled_by_side([f"{s.layer}:self" for s in self.self_specs]), "self")
         maps, deltas = iseg.iseg_class_maps(cross_by_side, self_attn, [prompt.columns for prompt in prompts],
                                             self.config)
@@ -237,6 +310,13 @@ class Segmenter:
         self.model = model
         self.config = config
         self.plan = PLANS[config.method](model, config)
+        self.official_kernel = config.attention_kernel == "official"
+        captured = {(s.layer, s.kind) for s in self.plan.specs}
+        self.classic_layers = [CaptureSpec(layer, kind) for layer, _, kind in
+                               (name.rpartition(":") for name in config.classic_attention_layers)
+                               if (layer, kind) not in captured]
+        for spec in self.classic_layers:  # a name that is not in this UNet fails here, with the list
+            attention_modules(model.unet, spec)
         self.time_stages = time_stages
         self.times = StageTimes()
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt text -> text-encoder output [77, D]
@@ -279,10 +359,12 @@ class Segmenter:
             by_shape.setdefault(tuple(img.shape), []).append(index)
         pixels = torch.empty(len(images), 3, size, size, dtype=self.model.dtype, device=device)
         for indices in by_shape.values():  # images of one size cross (as uint8) and resize together
-            resized = resize_to_model(_stack_on_device([images[i] for i in indices], device), size)
+            resized = resize_to_model(_stack_on_device([images[i] for i in indices], device), size,
+                                      self.config.scale_before_resize)
             pixels.index_copy_(0, to_device(torch.tensor(indices), device), resized.to(self.model.dtype))
         vae = self.model.vae
-        latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
+        with classic_attention(vae) if self.official_kernel else nullcontext():
+            latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
         noise = self._noise(len(images), tuple(latents.shape[1:]), latents.device, latents.dtype)
         timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
         return self.model.scheduler.add_noise(latents, noise, timesteps)
@@ -341,7 +423,8 @@ class Segmenter:
         latents = self.encode_images(images)
         start = self._timed("vae", start)
         timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
-        with capturing(self.model.unet, self.plan.specs) as store:
+        with (classic_attention(self.model.unet, self.classic_layers) if self.official_kernel else nullcontext(),
+              capturing(self.model.unet, self.plan.specs, self.config.attention_kernel) as store):
             self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
         start = self._timed("unet", start)
         planned = self.plan.scores(store, prompts)

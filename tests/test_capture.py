@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from pipeline.capture import AttentionCaptureProcessor, CaptureSpec, CapturedAttention, install_capture
+from pipeline.capture import (AttentionCaptureProcessor, CaptureSpec, CapturedAttention, Record, classic_attention,
+                              install_capture)
 from pipeline.models import load_model
 
 SELF_LAYER = "up_blocks.3.attentions.1"
@@ -32,7 +33,10 @@ def _record_outputs(unet, names):
     return outputs, hooks
 
 
-def test_capture_leaves_every_output_bit_identical(fresh_model):
+@pytest.mark.parametrize("kernel", ["official", "fused"])
+def test_capture_leaves_every_output_bit_identical(fresh_model, kernel):
+    # fused: the same outputs as a plain (SDPA) UNet; official: as the UNet with diffusers'
+    # classic attention on the captured layers, the official code's recording processor.
     unet = fresh_model.unet
     watched = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1",
                "up_blocks.3.attentions.2.transformer_blocks.0.attn2",
@@ -40,9 +44,13 @@ def test_capture_leaves_every_output_bit_identical(fresh_model):
     latents, t, context = _inputs()
     with torch.inference_mode():
         outputs, hooks = _record_outputs(unet, watched)
-        stock = unet(latents, t, encoder_hidden_states=context).sample
+        if kernel == "official":
+            with classic_attention(unet, SPECS):
+                stock = unet(latents, t, encoder_hidden_states=context).sample
+        else:
+            stock = unet(latents, t, encoder_hidden_states=context).sample
         stock_layers = dict(outputs)
-        handle = install_capture(unet, SPECS)
+        handle = install_capture(unet, SPECS, kernel)
         captured = unet(latents, t, encoder_hidden_states=context).sample
     for h in hooks:
         h.remove()
@@ -52,7 +60,9 @@ def test_capture_leaves_every_output_bit_identical(fresh_model):
     assert set(handle.store.sums) == {f"{CROSS_LAYER}:cross", f"{SELF_LAYER}:self"}
 
 
-def test_only_named_layers_get_capture_processors(fresh_model):
+def test_only_named_layers_get_capture_processors_and_get_theirs_back(fresh_model):
+    classic = fresh_model.unet.get_submodule(f"{SELF_LAYER}.transformer_blocks.0.attn1")
+    classic.set_processor(AttnProcessor())
     handle = install_capture(fresh_model.unet, SPECS)
     capturing = [n for n, m in fresh_model.unet.named_modules()
                  if isinstance(m, Attention) and isinstance(m.processor, AttentionCaptureProcessor)]
@@ -63,6 +73,15 @@ def test_only_named_layers_get_capture_processors(fresh_model):
     handle.remove()
     assert not any(isinstance(m.processor, AttentionCaptureProcessor)
                    for m in fresh_model.unet.modules() if isinstance(m, Attention))
+    assert isinstance(classic.processor, AttnProcessor)  # the processor it had, not a stock one
+
+
+def test_classic_attention_is_undone_after_the_block(fresh_model):
+    vae = fresh_model.vae
+    before = [type(m.processor) for m in vae.modules() if isinstance(m, Attention)]
+    with classic_attention(vae):
+        assert all(isinstance(m.processor, AttnProcessor) for m in vae.modules() if isinstance(m, Attention))
+    assert [type(m.processor) for m in vae.modules() if isinstance(m, Attention)] == before
 
 
 def test_captured_probabilities_are_the_kept_heads_softmax(fresh_model):
@@ -90,6 +109,29 @@ def test_captured_probabilities_are_the_kept_heads_softmax(fresh_model):
             got = handle.store.sums[key] / handle.store.heads[key]
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(got.sum(dim=-1), torch.ones(got.shape[:2]))
+
+
+def test_official_kernel_keeps_each_head_and_averages_them_in_the_given_order(fresh_model):
+    unet = fresh_model.unet
+    specs = [CaptureSpec(CROSS_LAYER, "cross", [0, 3, 19], (Record(keep_heads=True),)),
+             CaptureSpec("down_blocks.2.attentions.1", "cross", [2], (Record(keep_heads=True),))]
+    handle = install_capture(unet, specs, "official")
+    latents, t, context = _inputs()
+    with torch.inference_mode():
+        unet(latents, t, encoder_hidden_states=context)
+    maps = handle.store.head_maps
+    assert list(maps) == [f"{CROSS_LAYER}:cross", "down_blocks.2.attentions.1:cross"]
+    assert list(maps[f"{CROSS_LAYER}:cross"]) == [0, 3, 19]
+    order = [("down_blocks.2.attentions.1:cross", 2), (f"{CROSS_LAYER}:cross", 19),
+             (f"{CROSS_LAYER}:cross", 0), (f"{CROSS_LAYER}:cross", 3)]
+    pooled = handle.store.pooled_by_side([s.layer + ":cross" for s in specs], {16: order})[16]
+    stacked = torch.stack([maps[key][head] for key, head in order], dim=1)
+    # The official code's layout: the mean of [B, heads, keys, queries], seen as [B, queries, keys].
+    assert pooled.stride()[1:] == (1, pooled.shape[1])
+    assert torch.equal(pooled, stacked.transpose(-1, -2).mean(dim=1).transpose(-1, -2))
+    torch.testing.assert_close(pooled.sum(dim=-1), torch.ones(pooled.shape[:2]))
+    with pytest.raises(KeyError, match="names heads not recorded"):
+        handle.store.pooled_by_side([s.layer + ":cross" for s in specs], {16: order + [(f"{CROSS_LAYER}:cross", 5)]})
 
 
 def test_pooled_by_side_is_the_mean_over_all_kept_heads():

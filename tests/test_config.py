@@ -15,6 +15,9 @@ def test_voc_yaml_is_the_reference_default():
     assert (config.ent, config.iterations, config.enhancement, config.timestep) == (0.015, 10, 1.6, 100)
     assert config.cross_attention.resolution_weights == {16: 0.7, 32: 0.3}
     assert config.self_attention.layers[0].heads == [1, 2]
+    assert config.attention_kernel == "official" and config.scale_before_resize
+    # the official index: the same heads as the layers keep, in its summation order
+    assert config.cross_attention.head_order[32] == [22, 5, 21, 13, 8, 27, 28, 6, 25]
 
 
 def test_coco_yaml_differs_where_the_reference_does():
@@ -27,6 +30,17 @@ def test_coco_yaml_differs_where_the_reference_does():
     assert [layer.heads for layer in config.self_attention.layers] == [[1, 2]]
     assert config.background_context.endswith("lake, water, river, sea, railway, ")
     assert config.cluster.distance_dtype == "float16"
+    assert config.cross_attention.head_order is None  # every head, layer by layer
+    assert not config.scale_before_resize  # its COCO loader divides by 255 after the resize
+
+
+def test_the_built_in_head_order_belongs_to_the_built_in_layers(tmp_path):
+    path = tmp_path / "layers.yaml"
+    path.write_text("cross_attention:\n  layers:\n    - {name: down_blocks.2.attentions.0, heads: [0, 1]}\n")
+    assert load_config(path).cross_attention.head_order is None
+    path.write_text("cross_attention:\n  layers:\n    - {name: down_blocks.2.attentions.0, heads: [0, 1]}\n"
+                    "  head_order: {16: [1, 0]}\n")
+    assert load_config(path).cross_attention.head_order == {16: [1, 0]}
 
 
 def test_class_lookup_by_name_or_prompt_words():
@@ -43,6 +57,8 @@ def test_class_lookup_by_name_or_prompt_words():
     ("unknown_key: 3\n", "unknown_key"),
     ("background: {rule: magic}\n", "background.rule"),
     ("crf: {preset: nope}\n", "crf.preset"),
+    ("attention_kernel: flash\n", "attention_kernel"),
+    ("classic_attention_layers: [mid_block.attentions.0]\n", "classic_attention_layers"),
     ("classes:\n  - {name: x, prompt: y z, focus: [w]}\n", "classes.0"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):

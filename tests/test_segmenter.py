@@ -1,7 +1,9 @@
 """The segmenter on the tiny model: shapes, batch independence, method switches."""
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import image_tensor, synthetic_image
 from pipeline.capture import capturing
@@ -135,3 +137,36 @@ def test_resize_samples_like_opencv_bilinear_without_antialiasing():
     # Upsampling (every VOC image) interpolates between neighbours.
     small = torch.tensor([[0, 255]], dtype=torch.uint8).expand(3, 2, 2)[None]
     torch.testing.assert_close(resize_to_model(small, 4)[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+
+
+@pytest.mark.parametrize("scale_first", [True, False])
+def test_resize_is_opencv_bit_for_bit(scale_first):
+    cv2 = pytest.importorskip("cv2", reason="OpenCV (pip install opencv-python-headless) is the reference here")
+    rng = np.random.default_rng(1)
+    for height, width in [(375, 500), (480, 640), (500, 333)]:  # VOC and COCO shapes, up and down
+        image = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+        ours = resize_to_model(torch.from_numpy(image).permute(2, 0, 1)[None], 512, scale_first)[0]
+        if scale_first:  # the official VOC loader
+            reference = cv2.resize(image.astype(np.float32) / 255.0, dsize=(512, 512))
+        else:  # its COCO loader
+            reference = cv2.resize(image.astype(np.float32), dsize=(512, 512)) / 255.0
+        assert np.array_equal(ours.permute(1, 2, 0).numpy(), reference), (height, width)
+        # torch's bilinear (the old resize) rounds w0 * a + w1 * b: other last bits
+        plain = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0, size=(512, 512),
+                              mode="bilinear", align_corners=False)[0]
+        assert not torch.equal(plain, ours)
+
+
+def test_official_head_order_names_the_layers_heads_in_forward_order(tiny_model):
+    from pipeline.capture import CaptureSpec
+    from pipeline.segmenter import official_head_order
+
+    specs = [CaptureSpec("up_blocks.1.attentions.0", "cross", [1]),  # runs after the down blocks
+             CaptureSpec("down_blocks.2.attentions.0", "cross", [0, 19]),
+             CaptureSpec("down_blocks.1.attentions.1", "cross", [5])]  # side 32
+    order = official_head_order(tiny_model.unet, specs, {16: [21, 19, 0], 32: [5]}, 64)
+    assert order == {16: [("up_blocks.1.attentions.0:cross", 1), ("down_blocks.2.attentions.0:cross", 19),
+                          ("down_blocks.2.attentions.0:cross", 0)],
+                     32: [("down_blocks.1.attentions.1:cross", 5)]}
+    with pytest.raises(ValueError, match=r"head_order\[16\] does not name the heads .* or set head_order to null"):
+        official_head_order(tiny_model.unet, specs, {16: [21, 19, 1]}, 64)
