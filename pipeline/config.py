@@ -232,6 +232,10 @@ class SegmenterConfig(_Strict):
             if wrong:
                 raise ValueError(f"{name} has sides {wrong}, but at image_size {self.image_size} the attention "
                                  f"maps are {sorted(sides)} pixels wide")
+        wrong = sorted(set(self.cross_attention.head_order or {}) - sides)
+        if wrong:
+            raise ValueError(f"cross_attention.head_order has sides {wrong}, but at image_size {self.image_size} the "
+                             f"attention maps are {sorted(sides)} pixels wide: key it by those sides or set it to null")
         return self
 
     def with_crf(self, enabled: bool) -> "SegmenterConfig":
