@@ -33,7 +33,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"hub id, local diffusers folder, `tiny` (offline toy model) or `sd21-random` "
                              f"(default: {DEFAULT_MODEL})")
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in VOC settings, configs/voc.yaml)")
+    parser.add_argument("--config", default=None, help="YAML config file, or a built-in name: voc (the default) or coco")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
 
 
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "each set's prompt once, at the cost the `prompts` line prints")
     _cpu_threads_arg(bench)
     bench.add_argument("--model", default="tiny", help="tiny (default), sd21-random (full size, random weights) or a path")
-    bench.add_argument("--config", default=None, help="YAML config (default: built-in VOC settings)")
+    bench.add_argument("--config", default=None, help="YAML config file, or a built-in name: voc (the default) or coco")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.set_defaults(func=cmd_bench)
 

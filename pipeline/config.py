@@ -289,13 +289,27 @@ class SegmenterConfig(_Strict):
         )
 
 
+BUILT_IN_CONFIGS = ("voc", "coco")
+
+
+def built_in_config(name: str) -> Path:
+    """The path of a config shipped with the package (`voc`, `coco`)."""
+    from importlib.resources import files
+
+    return Path(str(files("pipeline.configs") / f"{name}.yaml"))
+
+
 def load_config(path: str | Path | None) -> SegmenterConfig:
-    """Read and validate a YAML config; None gives the built-in VOC defaults."""
+    """Read and validate a YAML config; None gives the built-in VOC defaults, and a built-in
+    name (`voc`, `coco`) the config shipped with the package, from any folder."""
     if path is None:
         return SegmenterConfig()
+    if str(path) in BUILT_IN_CONFIGS and not Path(path).exists():
+        path = built_in_config(str(path))
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found: pass an existing YAML file, e.g. configs/voc.yaml")
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file or a built-in name "
+                          f"({', '.join(BUILT_IN_CONFIGS)})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
