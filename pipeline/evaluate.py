@@ -65,9 +65,11 @@ def scores_from_confusion(conf: np.ndarray) -> Scores:
     )
 
 
-def evaluate_job(job, gt_dir: str | Path | None = None, n_classes: int = 21) -> tuple[Scores, np.ndarray]:
+def evaluate_job(job, gt_dir: str | Path | None = None) -> tuple[Scores, np.ndarray]:
     """Score a job's masks against ground truth: PNGs `<id>.png` in gt_dir, else the `gt.png`
-    entries of the job's input shards. Images without ground truth are listed in `skipped`."""
+    entries of the job's input shards. The classes are the job's (background + its config's
+    classes: 21 for VOC, 81 for COCO). Images without ground truth are listed in `skipped`."""
+    n_classes = len(job.class_names) + 1
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
     gt_cache: dict[str, dict[str, bytes]] = {}

@@ -108,6 +108,9 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
             for sample in job.input_samples(shard):
                 if sample["__key__"] in wanted:
                     atomic_write_bytes(file_in(dest / "JPEGImages", sample["__key__"], ".jpg"), sample["jpg"])
+    failed = job.failed_ids()
+    if failed:
+        summary.dropped["failed in the job"] = len(failed)
     summary.exported = len(ids)
     summary.split_file = dest / "ImageSets" / "Segmentation" / f"{split}.txt"
     atomic_write_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())

@@ -53,6 +53,13 @@ class JobOutput:
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, labels=decode_mask(sample["png"]),
                                  confidence=confidence, stats=json.loads(sample["json"]))
 
+    def failed_ids(self) -> list[str]:
+        """Ids of the images the job could not segment (their rows in the statistics)."""
+        if not (self.out_dir / "stats").is_dir():
+            return []
+        table = self.stats()
+        return [row["id"] for row in table.select(["id", "status"]).to_pylist() if row["status"] == "failed"]
+
     def job(self) -> dict:
         """The job's record (config, config hash, model, input); {} without job.json."""
         return Ledger(self.out_dir).job() or {}
