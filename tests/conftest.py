@@ -73,10 +73,10 @@ def two_class_mask(height, width, left_label, right_label):
     return mask
 
 
-def make_job_output(tmp_path, predict):
-    """A job folder made without the model: VOC-style input shards of 4 synthetic images whose
-    ground truth is two_class_mask, and mask shards holding predict(gt, index) as the masks.
-    Returns (job folder, {id: gt})."""
+def make_job_output(tmp_path, predict, per_shard: int = 2):
+    """A job folder made without the model: VOC-style input shards (per_shard images each) of 4
+    synthetic images whose ground truth is two_class_mask, and mask shards holding
+    predict(gt, index) as the masks. Returns (job folder, {id: gt})."""
 
     from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
     from pipeline.ledger import Ledger
@@ -92,16 +92,16 @@ def make_job_output(tmp_path, predict):
     root = write_voc_folder(tmp_path / "VOC2012", {k: (synthetic_image(30, 45, seed=i), gt)
                                                    for i, (k, gt) in enumerate(gts.items())})
     report = ShardingReport()
-    write_image_shards(voc_sources(root, "train", None, report), tmp_path / "shards", "voc-train", 2,
+    write_image_shards(voc_sources(root, "train", None, report), tmp_path / "shards", "voc-train", per_shard,
                        list(VOC_CLASS_NAMES), report)
     out = tmp_path / "out"
     config = SegmenterConfig()
     Ledger(out).claim({"config": config.model_dump(mode="json"), "config_hash": config_hash(config, "fake"),
                        "model": "fake", "input": str(tmp_path / "shards")}, force=False)
     ids = list(gts)
-    for shard_index in range(2):
+    for shard_index in range(len(ids) // per_shard):
         samples, rows = [], []
-        for image_id in ids[2 * shard_index: 2 * shard_index + 2]:
+        for image_id in ids[per_shard * shard_index: per_shard * (shard_index + 1)]:
             index = ids.index(image_id)
             labels = predict(gts[image_id], index).astype(np.uint8)
             confidence = np.full(labels.shape, 0.2 + 0.2 * index, dtype=np.float32)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from conftest import make_job_output
-from pipeline.dataset import IGNORE_INDEX, PseudoMaskFolder, PseudoMaskShards
+from pipeline.dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PseudoMaskFolder, PseudoMaskShards, VocTrainTransform
 from pipeline.export import export_voc
 from pipeline.outputs import JobOutput
 
@@ -42,3 +42,35 @@ def test_a_training_step_consumes_the_masks(tmp_path):
             optimiser.step()
             losses.append(loss.item())
     assert len(losses) == 10 and losses[-1] < losses[0]
+
+
+def test_two_ranks_of_two_workers_see_each_image_once(tmp_path, monkeypatch):
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)  # 4 mask shards
+    seen, lengths = [], []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dataset = PseudoMaskShards(out, with_keys=True, shuffle=4, seed=1)
+        dataset.set_epoch(3)
+        lengths.append(len(dataset))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        keys = [key for key, _, _ in loader]
+        assert len(keys) == lengths[-1]
+        seen += keys
+    assert sorted(seen) == sorted(gts) and lengths == [2, 2]
+
+
+def test_voc_train_transform_scales_pads_crops_and_normalises():
+    torch.manual_seed(0)
+    transform = VocTrainTransform(crop_size=64, scale_range=(0.5, 0.5))
+    image, mask = torch.ones(3, 40, 60), torch.full((40, 60), 7, dtype=torch.long)
+    out_image, out_mask = transform(image, mask)
+    assert out_image.shape == (3, 64, 64) and out_mask.shape == (64, 64)
+    # the 20 x 30 image is padded: mask 255, image 0 (the mean colour); its own pixels normalised
+    assert (out_mask == 7).sum() == 20 * 30 and (out_mask == IGNORE_INDEX).sum() == 64 * 64 - 600
+    white = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    inside = out_mask == 7
+    torch.testing.assert_close(out_image[:, inside].mean(dim=1), white)
+    assert (out_image[:, ~inside] == 0).all()
+    big = VocTrainTransform(crop_size=16, scale_range=(2.0, 2.0))(image, mask)
+    assert big[0].shape == (3, 16, 16) and (big[1] == 7).all()
