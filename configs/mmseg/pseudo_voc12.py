@@ -1,0 +1,14 @@
+# mmsegmentation 1.x dataset config: the pseudo masks of `pseudolabel export --images` as the
+# training set over mmseg's stock `pascal_voc12` base; validation stays its VOC val set.
+# Edit one line: pseudo_root, the --dest folder of the export.
+_base_ = ['mmseg::_base_/datasets/pascal_voc12.py']
+
+pseudo_root = 'pseudo-voc/'  # the export: JPEGImages/, SegmentationClassPseudo/, ImageSets/
+split = 'train_aug'          # pseudolabel export --split (default train_aug)
+
+train_dataloader = dict(
+    dataset=dict(
+        data_root=pseudo_root,
+        data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClassPseudo'),
+        ann_file=f'ImageSets/Segmentation/{split}.txt'))
+# Pixels of 255 (--ignore-below) are left out of the loss: mmseg's decode heads ignore 255.
