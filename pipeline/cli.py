@@ -100,6 +100,21 @@ def cmd_shard_voc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard_coco(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .coco import coco_sources
+    from .shards import ShardingReport, write_image_shards
+
+    class_names = load_config("coco").class_names
+    report = ShardingReport()
+    sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report)
+    with tqdm(total=len(sources), unit="img", desc="sharding") as bar:
+        write_image_shards(sources, args.out, f"coco-{args.split}", args.shard_size, class_names, report, bar)
+    _print_sharding(report, args.out)
+    return 0
+
+
 def cmd_shard_folder(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -388,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: Annotations/*.xml, "
                           "else the segmentation masks)")
     voc.set_defaults(func=cmd_shard_voc)
+
+    coco = sub.add_parser("shard-coco", help="write WebDataset shards of a COCO split",
+                          description="Write WebDataset image shards (jpg, json labels, gt.png) of a COCO split: "
+                                      "labels and semantic ground truth from the official instance annotations "
+                                      "(docs/training.md says how crowd regions and overlaps count).")
+    coco.add_argument("--coco-root", required=True, help="the COCO folder (with train2014/ ... and annotations/)")
+    coco.add_argument("--split", required=True, help="train2014, val2014, train2017 or val2017")
+    coco.add_argument("--annotations", default=None,
+                      help="instances JSON (default: <coco-root>/annotations/instances_<split>.json)")
+    coco.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    coco.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    coco.set_defaults(func=cmd_shard_coco)
 
     folder = sub.add_parser("shard-folder", help="write WebDataset shards of a labelled image folder",
                             description="Write WebDataset image shards of any image folder with a label file.")

@@ -17,7 +17,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -35,12 +35,14 @@ class ShardingError(ValueError):
 
 @dataclass
 class SourceImage:
-    """One image to shard: its id, file, class names and optional ground-truth mask file."""
+    """One image to shard: its id, file, class names and optional ground truth: a mask file,
+    or gt_png, a function that renders the mask PNG when the sample is written."""
 
     id: str
     image: Path
     names: list[str]
     gt: Path | None = None
+    gt_png: Callable[[], bytes] | None = None
 
 
 @dataclass
@@ -226,6 +228,8 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
     sample = {"__key__": source.id, "jpg": data, "json": encode_json(meta)}
     if source.gt is not None:
         sample["gt.png"] = source.gt.read_bytes()
+    elif source.gt_png is not None:
+        sample["gt.png"] = source.gt_png()
     return sample
 
 

@@ -1,0 +1,97 @@
+"""shard-coco: labels and semantic ground truth from a small COCO-format file the test writes."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.masks import decode_mask
+from pipeline.shards import read_shard
+
+NAMES = load_config("coco").class_names
+H, W = 40, 60
+# category ids have gaps (1..90): person 1, dog 18, toothbrush 90
+CATEGORIES = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}]
+SQUARE = [[10, 5, 30, 5, 30, 25, 10, 25]]  # x, y pairs: columns 10..30, rows 5..25
+WIDE = [[20, 10, 50, 10, 50, 20, 20, 20]]
+
+
+def _rle(box):  # a crowd region as uncompressed RLE, as COCO stores crowds
+    region = np.zeros((H, W), dtype=np.uint8, order="F")
+    top, left, bottom, right = box
+    region[top:bottom, left:right] = 1
+    return {"size": [H, W], "counts": _uncompressed(region)}
+
+
+def _uncompressed(region):
+    flat, counts, value, run = region.flatten(order="F"), [], 0, 0
+    for pixel in flat:
+        if pixel != value:
+            counts.append(run)
+            value, run = pixel, 0
+        run += 1
+    return counts + [run]
+
+
+@pytest.fixture()
+def coco_root(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": H, "width": W} for i in (3, 7, 9, 11, 12)]
+    for image in images[:-1]:  # the last one's file is missing
+        Image.fromarray(np.full((H, W, 3), 120, np.uint8)).save(root / "train2017" / image["file_name"])
+    annotations = [
+        {"id": 1, "image_id": 3, "category_id": 1, "segmentation": SQUARE, "iscrowd": 0},
+        {"id": 2, "image_id": 3, "category_id": 18, "segmentation": WIDE, "iscrowd": 0},  # later: wins the overlap
+        {"id": 3, "image_id": 3, "category_id": 90, "segmentation": _rle((30, 0, 40, 10)), "iscrowd": 1},
+        {"id": 4, "image_id": 7, "category_id": 90, "segmentation": _rle((0, 0, 10, 10)), "iscrowd": 1},  # crowd only
+        # image 9: no annotation at all
+        {"id": 5, "image_id": 11, "category_id": 33, "segmentation": SQUARE, "iscrowd": 0},  # unknown category
+        {"id": 6, "image_id": 12, "category_id": 1, "segmentation": SQUARE, "iscrowd": 0},
+    ]
+    (root / "annotations" / "instances_train2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return root
+
+
+def test_shards_labels_and_ground_truth_from_the_annotations(coco_root, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "--out", str(out)]) == 0
+    samples = [s for tar in sorted(out.glob("*.tar")) for s in read_shard(str(tar))]
+    assert [s["__key__"] for s in samples] == ["000000000003"]
+    meta = json.loads(samples[0]["json"])
+    assert meta["names"] == ["person", "dog"] and meta["labels"] == [1, NAMES.index("dog") + 1]
+    gt = decode_mask(samples[0]["gt.png"])
+    # pycocotools' own masks, painted in file order; the crowd region is not painted
+    person = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(SQUARE, H, W)))
+    dog = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(WIDE, H, W)))
+    expected = np.zeros((H, W), np.uint8)
+    expected[person == 1] = 1
+    expected[dog == 1] = NAMES.index("dog") + 1
+    assert np.array_equal(gt, expected) and (gt[30:, :10] == 0).all()
+    problems = {p["id"]: p["problem"] for p in json.loads((out / "manifest.json").read_text())["problems"]}
+    assert problems == {"000000000007": "no annotations", "000000000009": "no annotations",
+                        "000000000011": "unknown category", "000000000012": "missing image"}
+    assert "1 shard(s), 1 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda root: (root / "annotations" / "instances_train2017.json").write_text("{not json"),
+     "is not a COCO instances JSON"),
+    (lambda root: (root / "annotations" / "instances_train2017.json").unlink(), "not found: pass --annotations"),
+])
+def test_bad_annotation_files_are_one_line_errors(coco_root, tmp_path, capsys, change, message):
+    change(coco_root)
+    code = main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_unknown_split_is_a_one_line_error(coco_root, tmp_path, capsys):
+    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2019", "--out", str(tmp_path)]) == 2
+    assert "use one of train2014, val2014, train2017, val2017" in capsys.readouterr().err
