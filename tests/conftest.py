@@ -42,6 +42,16 @@ def image_tensor(image: np.ndarray):
     return torch.from_numpy(image).permute(2, 0, 1)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private Ray for one test module, shut down after it (never a cluster already running)."""
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
 FAST_CONFIG = os.path.join(os.path.dirname(__file__), "fast.yaml")
 
 

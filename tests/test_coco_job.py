@@ -17,7 +17,7 @@ LABELS = [("person", "toothbrush"), ("giraffe", "toothbrush"), ("person", "hair_
 
 
 @pytest.fixture(scope="module")
-def coco_job(tmp_path_factory):
+def coco_job(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("coco")
     config = load_config("coco")  # the built-in name, from any folder
     names = config.class_names
