@@ -82,7 +82,8 @@ class BenchResult:
     bare_images_per_s: float = 0.0
     bare_batch_size: int = 0
     bare_by_batch: dict[int, float] = field(default_factory=dict)
-    segmenter_images_per_s: float = 0.0
+    segmenter_images_per_s: float = 0.0  # as configured (early exit by default)
+    segmenter_full_unet_images_per_s: float = 0.0  # the same with early_exit off
     segmenter_stages: dict[str, float] = field(default_factory=dict)  # seconds per image
     prompt_sets: int = 0  # distinct label sets whose prompts were encoded before the timed pass
     prompt_seconds_per_set: float = 0.0
@@ -198,7 +199,14 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
     seg_config = config.model_copy(update={"batch_size": result.bare_batch_size})
     (result.segmenter_images_per_s, result.segmenter_stages, result.prompt_sets,
      result.prompt_seconds_per_set) = segmenter_path(model, seg_config, images, labels, result.bare_batch_size)
-    log(f"segmenter, batch {result.bare_batch_size}: {result.segmenter_images_per_s:.3f} images/s")
+    log(f"segmenter, batch {result.bare_batch_size}: {result.segmenter_images_per_s:.3f} images/s"
+        f"{' (early exit)' if seg_config.early_exit else ''}")
+    if seg_config.early_exit:
+        full_config = seg_config.model_copy(update={"early_exit": False})
+        result.segmenter_full_unet_images_per_s = segmenter_path(model, full_config, images, labels,
+                                                                 result.bare_batch_size)[0]
+        log(f"segmenter without early exit, batch {result.bare_batch_size}: "
+            f"{result.segmenter_full_unet_images_per_s:.3f} images/s")
     if model.device.type == "cuda":
         result.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
     if with_pipeline:
@@ -233,7 +241,13 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
         f"up to {label_sets} distinct label sets, cycled)",
         f"bare model    {result.bare_images_per_s:8.3f} images/s (VAE encode + UNet forward, batch {result.bare_batch_size}; "
         + ", ".join(f"batch {b}: {v:.3f}" for b, v in result.bare_by_batch.items()) + ")",
-        f"segmenter     {result.segmenter_images_per_s:8.3f} images/s (full iSeg path in-process)",
+        f"segmenter     {result.segmenter_images_per_s:8.3f} images/s (full method in-process"
+        + (", UNet stopped after the last layer read)" if result.segmenter_full_unet_images_per_s else ")"),
+    ]
+    if result.segmenter_full_unet_images_per_s:
+        lines.append(f"segmenter     {result.segmenter_full_unet_images_per_s:8.3f} images/s (the same, whole UNet: "
+                     "early_exit false)")
+    lines += [
         f"prompts       {result.prompt_sets} label sets encoded before the timed pass, "
         f"{result.prompt_seconds_per_set * 1e3:.1f} ms each (paid once per label set per worker)",
     ]

@@ -143,16 +143,33 @@ def _sequential_head_sum(probs: torch.Tensor, heads: list[int]) -> torch.Tensor:
 KERNELS = ("official", "fused")
 
 
+class UNetStopped(Exception):
+    """Raised by the capture processor of the last attention a method reads, once it has
+    recorded (early exit): the rest of the UNet, and that layer's own output, would be thrown
+    away. The caller of the UNet catches it."""
+
+
+def forward_rank(layer: str) -> tuple[int, int, int]:
+    """Where a UNet transformer block (`down_blocks.1.attentions.0`, `mid_block.attentions.0`)
+    runs in the forward pass: down blocks, mid block, up blocks, each in index order."""
+    parts = layer.split(".")
+    if parts[0] == "mid_block":
+        return (1, 0, int(parts[-1]))
+    return (0 if parts[0] == "down_blocks" else 2, int(parts[1]), int(parts[-1]))
+
+
 class AttentionCaptureProcessor:
     """Attention for a transformer block's attn1/attn2 that also stores what its spec's
     records ask for into a `CapturedAttention`; kernel "official" or "fused" (module doc)."""
 
-    def __init__(self, store: CapturedAttention, spec: "CaptureSpec", kernel: str = "official"):
+    def __init__(self, store: CapturedAttention, spec: "CaptureSpec", kernel: str = "official",
+                 stop_after: bool = False):
         if kernel not in KERNELS:
             raise ValueError(f"attention kernel {kernel!r}: use one of {', '.join(KERNELS)}")
         self.store = store
         self.spec = spec
         self.kernel = kernel
+        self.stop_after = stop_after  # raise UNetStopped once recorded (the last layer read)
         self.key = f"{spec.layer}:{spec.kind}"
 
     def _record(self, record: "Record", attn: Attention, query: torch.Tensor, key: torch.Tensor,
@@ -199,24 +216,29 @@ class AttentionCaptureProcessor:
             )
         batch, n_query = hidden_states.shape[:2]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        # the layer's output is computed unless the UNet stops here and no record reads it
+        needs_output = not self.stop_after or any(r.what == "goca" for r in self.spec.records)
         if self.kernel == "official":
             # diffusers' classic path, as the official code's processor: [B*H, N, D] per head,
             # baddbmm(q, k^T, alpha=scale), softmax (upcast where the layer says), bmm.
             query, key, value = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states),
                                                                      attn.to_k(context), attn.to_v(context)))
             probs = attn.get_attention_scores(query, key)
-            out = torch.bmm(probs, value)
             by_head = lambda t: t.view(batch, attn.heads, t.shape[1], t.shape[2])  # noqa: E731
-            query, key, out, probs = by_head(query), by_head(key), by_head(out), by_head(probs)
+            out = by_head(torch.bmm(probs, value)) if needs_output else None
+            query, key, probs = by_head(query), by_head(key), by_head(probs)
         else:
             head_dim = attn.to_k.out_features // attn.heads
             query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
                                  for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+            out = (F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+                   if needs_output else None)
             probs = None
         head_sums: dict = {}  # shared by the records of this call
         for record in self.spec.records:
             self._record(record, attn, query, key, out, probs, head_sums)
+        if self.stop_after:
+            raise UNetStopped(self.key)
 
         out = out.transpose(1, 2).reshape(batch, n_query, -1).to(hidden_states.dtype)
         out = attn.to_out[0](out)
@@ -290,24 +312,31 @@ def attention_layers(unet: torch.nn.Module) -> list[str]:
     return [n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["attentions"]]
 
 
-def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official") -> CaptureHandle:
+def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official",
+                    stop_early: bool = False) -> CaptureHandle:
     """Put capturing processors on the named layers; each spec's layer key in the store is
-    `<layer>:<kind>`. All transformer blocks under a named layer are pooled into that key."""
+    `<layer>:<kind>`. All transformer blocks under a named layer are pooled into that key.
+    stop_early: the last of these attention modules in forward order raises UNetStopped once
+    it has recorded."""
     store = CapturedAttention()
+    found = [(spec, module, (forward_rank(spec.layer), position))
+             for spec in specs for position, (_, module) in enumerate(attention_modules(unet, spec))]
+    # within a transformer block attn1 runs before attn2; blocks run in order
+    last = max(found, key=lambda item: (item[2], item[0].kind == "cross"))[1] if stop_early and found else None
     replaced = []
-    for spec in specs:
-        for _, module in attention_modules(unet, spec):
-            replaced.append((module, module.processor))
-            module.set_processor(AttentionCaptureProcessor(store, spec, kernel))
+    for spec, module, _ in found:
+        replaced.append((module, module.processor))
+        module.set_processor(AttentionCaptureProcessor(store, spec, kernel, stop_after=module is last))
     return CaptureHandle(replaced, store)
 
 
 @contextmanager
-def capturing(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official"
-              ) -> Iterator[CapturedAttention]:
+def capturing(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official",
+              stop_early: bool = False) -> Iterator[CapturedAttention]:
     """Capture processors on the named layers for the duration of a `with` block; the UNet's
-    own processors are back afterwards."""
-    handle = install_capture(unet, specs, kernel)
+    own processors are back afterwards. With stop_early, run the UNet inside
+    `try: ... except UNetStopped` (install_capture)."""
+    handle = install_capture(unet, specs, kernel, stop_early)
     try:
         yield handle.store
     finally:

@@ -198,6 +198,9 @@ class SegmenterConfig(_Strict):
     # masks move wherever a last-bit difference tips a cluster). docs/method.md has the effect.
     attention_kernel: Literal["official", "fused"] = "official"
     classic_attention_layers: list[str] = Field(default_factory=lambda: list(OFFICIAL_CLASSIC_LAYERS))
+    # Stop the UNet once the last layer the method reads has recorded (its own output and every
+    # later block are skipped); the masks are the same either way.
+    early_exit: bool = True
     background_context: str = "ground, land, grass, tree, building, wall, sky, lake, water"
     # Cat-Cross: token enhancement and KL cluster averaging. Off gives the paper's ablation.
     cat_cross: bool = True

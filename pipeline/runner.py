@@ -86,7 +86,7 @@ def shard_name(url: str) -> str:
 
 # Config keys that say how a job runs, not what a mask is: left out of the config hash, so a
 # job resumes with other values (a larger batch on a GPU, say).
-RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels"})
+RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels", "early_exit"})
 
 
 def config_hash(config: SegmenterConfig, model: str) -> str:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from . import iseg
-from .capture import (CapturedAttention, CaptureSpec, Record, attention_layers, attention_modules, capturing,
-                      classic_attention)
+from .capture import (CapturedAttention, CaptureSpec, Record, UNetStopped, attention_layers, attention_modules,
+                      capturing, classic_attention, forward_rank)
 from .config import SegmenterConfig
 from .methods import diffseg, diffsegmenter, goca
 from .models import ModelBundle
@@ -115,14 +115,6 @@ def resize_to_model(images: torch.Tensor, size: int, scale_first: bool = True) -
     return resized if scale_first else resized / 255.0
 
 
-def _forward_rank(layer: str) -> tuple[int, int, int]:
-    """Where a UNet transformer block runs in the forward pass: down blocks, mid, up blocks."""
-    parts = layer.split(".")
-    if parts[0] == "mid_block":
-        return (1, 0, int(parts[-1]))
-    return (0 if parts[0] == "down_blocks" else 2, int(parts[1]), int(parts[-1]))
-
-
 def _layer_side(layer: str, latent_side: int, n_blocks: int) -> int:
     """The attention map side of a UNet transformer block (64, 32, 16 or 8 for SD at 512 px)."""
     parts = layer.split(".")
@@ -141,7 +133,7 @@ def official_head_order(unet: torch.nn.Module, specs: list[CaptureSpec], head_or
     pairs_by_side: dict[int, list[tuple[str, int]]] = {}
     for side, indices in head_order.items():
         at_side = sorted((s for s in specs if _layer_side(s.layer, latent_side, n_blocks) == side),
-                         key=lambda s: _forward_rank(s.layer))
+                         key=lambda s: forward_rank(s.layer))
         concatenated = [(f"{s.layer}:{s.kind}", head) for s in at_side
                         for head in range(unet.get_submodule(s.layer).transformer_blocks[0].attn2.heads)]
         kept = {(f"{s.layer}:{s.kind}", head) for s in at_side for head in s.heads or ()}
@@ -424,8 +416,12 @@ class Segmenter:
         start = self._timed("vae", start)
         timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
         with (classic_attention(self.model.unet, self.classic_layers) if self.official_kernel else nullcontext(),
-              capturing(self.model.unet, self.plan.specs, self.config.attention_kernel) as store):
-            self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
+              capturing(self.model.unet, self.plan.specs, self.config.attention_kernel,
+                        stop_early=self.config.early_exit) as store):
+            try:
+                self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
+            except UNetStopped:  # the last layer the method reads is recorded: nothing after it is
+                pass
         start = self._timed("unet", start)
         planned = self.plan.scores(store, prompts)
         # One device-to-host copy for the whole batch: maps, backgrounds and refinement deltas

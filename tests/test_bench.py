@@ -16,6 +16,9 @@ def test_bench_prints_figures_and_the_tracked_last_line(capsys):
     assert re.search(r"bare model +\d+\.\d+ images/s .*batch 1: \d+\.\d+, batch 2: \d+\.\d+", report)
     assert re.search(r"segmenter stages, seconds per image \(one more batch, synchronised per stage\): text [\d.]+, vae [\d.]+, unet [\d.]+, refine [\d.]+", report)
     assert re.search(r"prompts +\d+ label sets encoded before the timed pass, [\d.]+ ms each", report)
+    assert re.search(r"segmenter +\d+\.\d+ images/s \(full method in-process, UNet stopped after the last layer read\)",
+                     report)
+    assert re.search(r"segmenter +\d+\.\d+ images/s \(the same, whole UNet: early_exit false\)", report)
     assert "peak host RSS" in report
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import image_tensor, synthetic_image
+from conftest import FAST_CONFIG, image_tensor, synthetic_image
 from pipeline.capture import capturing
-from pipeline.config import SegmenterConfig
+from pipeline.config import SegmenterConfig, load_config
 from pipeline.models import load_model
 from pipeline.postprocess import finish_mask
 from pipeline.segmenter import Segmenter, resize_to_model
@@ -170,3 +170,24 @@ def test_official_head_order_names_the_layers_heads_in_forward_order(tiny_model)
                      32: [("down_blocks.1.attentions.1:cross", 5)]}
     with pytest.raises(ValueError, match=r"head_order\[16\] does not name the heads .* or set head_order to null"):
         official_head_order(tiny_model.unet, specs, {16: [21, 19, 1]}, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["iseg", "diffseg", "goca", "diffsegmenter"])
+def test_early_exit_gives_the_same_maps_and_skips_the_rest_of_the_unet(method, dtype):
+    model = load_model("tiny", device="cpu", dtype=dtype)
+    calls = []
+    model.unet.conv_out.register_forward_hook(lambda *args: calls.append("conv_out"))
+    last_block = model.unet.up_blocks[3].resnets[2]
+    last_block.register_forward_hook(lambda *args: calls.append("up_blocks.3.resnets.2"))
+    image = image_tensor(synthetic_image(48, 64, seed=3))
+    results, ran = {}, {}
+    for early_exit in (False, True):
+        calls.clear()
+        config = load_config(FAST_CONFIG).model_copy(update={"method": method, "early_exit": early_exit})
+        (results[early_exit],) = Segmenter(model, config).segment([image], [[2, 14]])
+        ran[early_exit] = list(calls)
+    assert torch.equal(results[True].maps, results[False].maps)
+    assert ran[False] == ["up_blocks.3.resnets.2", "conv_out"]
+    if method == "iseg":  # reads up_blocks.3.attentions.1 last: the blocks after it do not run
+        assert ran[True] == []
