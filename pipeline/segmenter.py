@@ -161,8 +161,10 @@ class IsegPlan:
                            for l in config.self_attention.layers]
         self.specs = self.cross_specs + self.self_specs
         order = config.cross_attention.head_order
+        # the official order of the head mean; the fused kernel sums heads inside the processor
+        per_head = config.attention_kernel == "official"
         self.cross_order = (official_head_order(model.unet, self.cross_specs, order, config.image_size // 8)
-                            if order and use_subsets else None)
+                            if order and use_subsets and per_head else None)
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         cross_by_side = store.pooled_by_side([f"{s.layer}:cross" for s in self.cross_specs], self.cross_order)

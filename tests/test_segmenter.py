@@ -191,3 +191,15 @@ def test_early_exit_gives_the_same_maps_and_skips_the_rest_of_the_unet(method, d
     assert ran[False] == ["up_blocks.3.resnets.2", "conv_out"]
     if method == "iseg":  # reads up_blocks.3.attentions.1 last: the blocks after it do not run
         assert ran[True] == []
+
+
+def test_fused_kernel_gives_the_official_kernels_maps_up_to_rounding():
+    # float64 and the float32 KL distance: no float16 ties, so only rounding separates the two
+    model = load_model("tiny", device="cpu", dtype=torch.float64)
+    image = image_tensor(synthetic_image(48, 64, seed=5))
+    maps = {}
+    for kernel in ("official", "fused"):
+        config = load_config(FAST_CONFIG).model_copy(update={"attention_kernel": kernel})
+        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"distance_dtype": "float32"})})
+        (maps[kernel],) = Segmenter(model, config).segment([image], [[2, 14]])
+    torch.testing.assert_close(maps["fused"].maps, maps["official"].maps, rtol=1e-6, atol=1e-9)
