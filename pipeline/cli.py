@@ -184,6 +184,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .ledger import Ledger
+    from .outputs import failed_image_ids
     from .runner import name_failed
 
     ledger = Ledger(args.output)
@@ -199,22 +200,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     states = [e.state for e in entries]
     print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('interrupted')} "
           f"interrupted, {states.count('in_progress')} in progress (interrupted unless a job is running)")
-    failed = _failed_images(Path(args.output))
+    failed = failed_image_ids(args.output)
     if failed:
         print(f"{len(failed)} failed image(s): {name_failed(failed, len(failed))} "
               "(errors in stats/, status column 'failed')")
     return 0
-
-
-def _failed_images(out: Path) -> list[str]:
-    """Ids of the job's failed images, from its statistics (none without stats/)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
-    if not any((out / "stats").glob("*.parquet")):
-        return []
-    table = ds.dataset(out / "stats", format="parquet").to_table(columns=["id", "status"])
-    return table.filter(pc.field("status") != "ok").column("id").to_pylist()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .ledger import atomic_write_bytes
 from .masks import encode_mask
+from .outputs import failed_image_ids
 from .postprocess import apply_ignore
 from .safe_paths import file_in, key_problem
 
@@ -108,7 +109,7 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
             for sample in job.input_samples(shard):
                 if sample["__key__"] in wanted:
                     atomic_write_bytes(file_in(dest / "JPEGImages", sample["__key__"], ".jpg"), sample["jpg"])
-    failed = job.failed_ids()
+    failed = failed_image_ids(job.out_dir)
     if failed:
         summary.dropped["failed in the job"] = len(failed)
     summary.exported = len(ids)

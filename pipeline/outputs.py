@@ -18,6 +18,19 @@ from .runner import InputError, expand_input, shard_name
 from .shards import read_shard
 
 
+def failed_image_ids(out_dir: str | Path) -> list[str]:
+    """Ids of the images a job could not segment (status other than ok in its statistics);
+    none without statistics yet. Needs no masks/, so `status` can read a job still starting."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    stats = Path(out_dir) / "stats"
+    if not any(stats.glob("*.parquet")):
+        return []
+    table = ds.dataset(stats, format="parquet").to_table(columns=["id", "status"])
+    return table.filter(pc.field("status") != "ok").column("id").to_pylist()
+
+
 @dataclass
 class MaskRecord:
     """One image's job output: labels uint8 [H, W]; confidence float32 [H, W] or None; stats dict."""
@@ -52,13 +65,6 @@ class JobOutput:
                 confidence = decode_confidence(sample["conf.png"]) if "conf.png" in sample else None
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, labels=decode_mask(sample["png"]),
                                  confidence=confidence, stats=json.loads(sample["json"]))
-
-    def failed_ids(self) -> list[str]:
-        """Ids of the images the job could not segment (their rows in the statistics)."""
-        if not (self.out_dir / "stats").is_dir():
-            return []
-        table = self.stats()
-        return [row["id"] for row in table.select(["id", "status"]).to_pylist() if row["status"] == "failed"]
 
     def job(self) -> dict:
         """The job's record (config, config hash, model, input); {} without job.json."""

@@ -371,9 +371,11 @@ def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards
     assert _outputs(out) == _outputs(clean_run[0])
 
 
-def test_status_and_summary_name_the_failed_images(clean_run, capsys):
+def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp_path):
     out, summary = clean_run
     assert summary.failed_ids == ["2010_000002", "2010_000003"]
     assert summary.failed_line.startswith("failed images: 2010_000002, 2010_000003 (errors in stats/")
     assert main(["status", str(out)]) == 0
     assert "2 failed image(s): 2010_000002, 2010_000003" in capsys.readouterr().out
+    assert main(["export", str(out), "--dest", str(tmp_path / "export")]) == 0
+    assert "2 for failed in the job" in capsys.readouterr().out
