@@ -294,6 +294,14 @@ def attention_modules(unet: torch.nn.Module, spec: CaptureSpec) -> list[tuple[st
     return found
 
 
+def _swap_processors(new: list[tuple[Attention, object]]) -> list[tuple[Attention, object]]:
+    """Set each module's processor; returns the (module, previous processor) pairs that undo it."""
+    previous = [(module, module.processor) for module, _ in new]
+    for module, processor in new:
+        module.set_processor(processor)
+    return previous
+
+
 class CaptureHandle:
     """Installed capture processors; `remove()` puts back the processors they replaced."""
 
@@ -302,8 +310,7 @@ class CaptureHandle:
         self.store = store
 
     def remove(self) -> None:
-        for module, processor in self.replaced:
-            module.set_processor(processor)
+        _swap_processors(self.replaced)
 
 
 def attention_layers(unet: torch.nn.Module) -> list[str]:
@@ -323,10 +330,8 @@ def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str
              for spec in specs for position, (_, module) in enumerate(attention_modules(unet, spec))]
     # within a transformer block attn1 runs before attn2; blocks run in order
     last = max(found, key=lambda item: (item[2], item[0].kind == "cross"))[1] if stop_early and found else None
-    replaced = []
-    for spec, module, _ in found:
-        replaced.append((module, module.processor))
-        module.set_processor(AttentionCaptureProcessor(store, spec, kernel, stop_after=module is last))
+    replaced = _swap_processors([(module, AttentionCaptureProcessor(store, spec, kernel, stop_after=module is last))
+                                 for spec, module, _ in found])
     return CaptureHandle(replaced, store)
 
 
@@ -352,11 +357,8 @@ def classic_attention(model: torch.nn.Module, layers: list[CaptureSpec] | None =
         modules = [m for m in model.modules() if isinstance(m, Attention)]
     else:
         modules = [m for spec in layers for _, m in attention_modules(model, spec)]
-    previous = [(module, module.processor) for module in modules]
-    for module in modules:
-        module.set_processor(AttnProcessor())
+    previous = _swap_processors([(module, AttnProcessor()) for module in modules])
     try:
         yield
     finally:
-        for module, processor in previous:
-            module.set_processor(processor)
+        _swap_processors(previous)
