@@ -135,7 +135,7 @@ def official_head_order(unet: torch.nn.Module, specs: list[CaptureSpec], head_or
         at_side = sorted((s for s in specs if _layer_side(s.layer, latent_side, n_blocks) == side),
                          key=lambda s: forward_rank(s.layer))
         concatenated = [(f"{s.layer}:{s.kind}", head) for s in at_side
-                        for head in range(unet.get_submodule(s.layer).transformer_blocks[0].attn2.heads)]
+                        for head in range(attention_modules(unet, s)[0][1].heads)]
         kept = {(f"{s.layer}:{s.kind}", head) for s in at_side for head in s.heads or ()}
         pairs = [concatenated[i] for i in indices if 0 <= i < len(concatenated)]
         if len(pairs) != len(indices) or set(pairs) != kept or len(set(pairs)) != len(pairs):
