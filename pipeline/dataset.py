@@ -132,7 +132,8 @@ class PseudoMaskShards(IterableDataset):
         self.epoch = 0
         self.with_keys = with_keys
         self.shards = [str(path) for path in self.job.mask_shards()]
-        self._images_per_shard = Counter(row["shard"] for row in self.job.stats().to_pylist() if row["status"] == "ok")
+        rows = self.job.stats().select(["shard", "status"]).to_pylist()
+        self._images_per_shard = Counter(row["shard"] for row in rows if row["status"] == "ok")
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the shards for this epoch (call it on every rank, as DistributedSampler's)."""

@@ -82,13 +82,12 @@ def _plots(rows: list[dict]) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(5.2, height))
         draw(ax)
         ax.set_title(title, fontsize=10)
+        ax.set_xlabel(value_label)
         if per_class:
-            ax.set_xlabel(value_label)
             ax.tick_params(axis="y", labelsize=8)
             ax.set_ylim(-0.6, len(names) - 0.4)
             ax.set_xlim(left=0, right=max(ax.get_xlim()[1], 1 if "no pixel" in title else 0.01))
         else:
-            ax.set_xlabel(value_label)
             ax.set_ylabel("images")
             ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1))
         fig.tight_layout()
