@@ -190,7 +190,7 @@ class AttentionCaptureProcessor:
             if record.resize_to is None:
                 self.store.add(store_key, total, len(heads))
             else:
-                self.store.add(store_key, goca.resize_attention(total / len(heads), record.resize_to), 1)
+                self.store.add(store_key, goca.resize_self_attention(total / len(heads), record.resize_to), 1)
         elif record.what == "goca":
             dtype = torch.promote_types(query.dtype, torch.float32)
             if probs is None:
@@ -253,7 +253,8 @@ class Record:
     """What a capture processor stores, under which key.
 
     what: "sum" (sum over the kept heads of the softmax probabilities, with the head count;
-    with resize_to, the head mean resized on both pixel axes to resize_to x resize_to, count 1;
+    with resize_to, the head mean resized to resize_to x resize_to, keys bilinearly and queries
+    by nearest neighbour, count 1;
     with keep_heads, under the official kernel, every kept head's map),
     "goca" (GoCA's head-weighted aggregation) or "queries" (the layer's queries [B, N, H*D]).
     key: "{layer}", "{kind}" and "{side}" (the query map's side) are filled in at run time, so

@@ -303,14 +303,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .compare import compare_methods, format_comparison, parse_methods
+    from .compare import comparison_rows, compare_methods, format_comparison, parse_methods, parse_sweep
     from .models import load_model
 
     methods = parse_methods(args.methods)
     config = load_config(args.config)
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep is not None:
+        comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads
     model = load_model(args.model, device=args.device)
     with tqdm(unit="img", desc="compare", disable=args.no_progress) as bar:
-        tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.limit, progress=bar)
+        tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.limit, progress=bar,
+                                  sweep=sweep)
     print(format_comparison(tallies))
     if args.model in ("tiny", "sd21-random"):
         print("(random weights: the figures show the wiring and the cost, not the quality)")
@@ -477,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--input", required=True, help="shards: brace pattern, glob, or folder with manifest.json")
     compare.add_argument("--gt", default=None, help="ground-truth folder of <id>.png (default: the shards' gt.png)")
     compare.add_argument("--limit", type=int, default=None, help="compare on the first N usable images only")
+    compare.add_argument("--sweep", default=None, metavar="KEY=START:STOP:STEP",
+                         help="one row per value of a config key, as the reference papers tune a constant "
+                              "against ground truth, e.g. goca.background_offset=-0.4:0.4:0.1 or "
+                              "diffsegmenter.background_score=0.3:0.74:0.04 (post-process keys segment once)")
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_args(compare)
     compare.set_defaults(func=cmd_compare)

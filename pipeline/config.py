@@ -155,7 +155,7 @@ class CrfConfig(_Strict):
 class DiffSegConfig(_Strict):
     """DiffSeg: KL merging of self-attention aggregated over all transformer blocks."""
 
-    timestep: int = Field(300, ge=0, le=999)
+    timestep: int = Field(300, ge=0, le=999)  # the clean latent, with this timestep's embedding
     tau: float = Field(1.0, gt=0.0)  # KL merge threshold (1.1 COCO-Stuff, 0.9 Cityscapes, 1.0 in the wild)
     merge_iterations: int = Field(3, ge=1)
     anchors: int = Field(16, ge=1)  # anchors per side: 16 x 16 = 256 proposals
@@ -165,10 +165,16 @@ class GocaConfig(_Strict):
     """GoCA: head- and layer-wise auto aggregation of cross-attention, per-pixel rescaling."""
 
     timestep: int = Field(100, ge=0, le=999)
-    reference_layer: str = "up_blocks.2.attentions.1"  # its queries build the pseudo global attention
+    reference_layer: str = "up_blocks.2.attentions.1"  # its attn2 queries build the pseudo global attention
     blur_kernel: int = Field(5, ge=1)
-    blur_sigma: float = Field(1.0, gt=0.0)
+    blur_sigma: float = Field(1.1, gt=0.0)  # torchvision's default for kernel 5, as the reference
+    # Self-attention averaged into the propagation affinity (the reference's space_attn layers).
+    propagation_layers: list[str] = Field(default_factory=lambda: [
+        "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "down_blocks.0.attentions.1"])
     propagation_power: int = Field(2, ge=0)  # self-attention affinity power of the post-processing
+    # Added to the background score before the argmax; the reference sweeps -0.4..0.4 against
+    # ground truth (`pseudolabel compare --sweep goca.background_offset=-0.4:0.4:0.1`).
+    background_offset: float = 0.0
 
 
 class DiffSegmenterConfig(_Strict):
@@ -176,7 +182,12 @@ class DiffSegmenterConfig(_Strict):
 
     timestep: int = Field(100, ge=0, le=999)
     resolution_weights: dict[int, float] = Field(default_factory=lambda: {8: 0.3, 16: 0.5, 32: 0.1, 64: 0.1})
-    filter_ratio: float = Field(0.3, ge=0.0, le=1.0)  # classes whose peak is below ratio x the strongest are dropped
+    # Compel weight of the class tokens (the reference's `class++`: 1.1 squared).
+    class_emphasis: float = Field(1.21, gt=0.0)
+    # Constant background score against the min-maxed class maps; the reference sweeps
+    # 0.30..0.74 against ground truth (`pseudolabel compare --sweep
+    # diffsegmenter.background_score=0.3:0.74:0.04`).
+    background_score: float = Field(0.5, ge=0.0, le=1.0)
 
 
 METHODS = ("iseg", "diffseg", "goca", "diffsegmenter")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import iseg
-from .config import BackgroundConfig, SegmenterConfig
+from .config import SegmenterConfig
 from .crf import crf_refine
 
 IGNORE_INDEX = 255
@@ -41,34 +41,49 @@ def upsample_class_maps(maps: torch.Tensor, model_size: int, out_hw: tuple[int, 
     return F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0]
 
 
-def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[int, int], model_size: int,
-                         background: BackgroundConfig, background_map: torch.Tensor | None = None) -> MaskResult:
-    """One image's class maps [C, s, s] for 0-based `classes` -> MaskResult of size out_hw.
-
-    Only the image's classes are scored: absent classes are zero under both background rules,
-    so they can never win a pixel. With a background_map [s, s] (methods that score the
-    background themselves) the label is the argmax over background and classes, and the
-    confidence the winner's share of the scores at the pixel.
-    """
-    if background_map is not None:
-        grid = torch.cat([background_map[None], maps]).float()[None]
-        grid = F.interpolate(grid, size=(model_size, model_size), mode="bilinear", align_corners=False)
-        full = F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0].clamp_min(0)
-        full = full / full.sum(dim=0, keepdim=True).clamp_min(1e-30)
-        confidence, winner = full.max(dim=0)
-        lookup = torch.tensor([0] + [c + 1 for c in classes], dtype=torch.uint8)
-        return MaskResult(labels=lookup[winner].numpy(), confidence=confidence.numpy().astype(np.float32),
-                          scores=full.numpy().astype(np.float32), classes=classes)
-    scores = upsample_class_maps(maps, model_size, out_hw)[None]
-    present = torch.ones(1, len(classes), dtype=torch.bool)
-    if background.rule == "squared":
-        full = iseg.squared_background_scores(scores, present)[0]
-    else:
-        full = iseg.threshold_background_scores(scores, present, background.threshold)[0]
-    confidence, winner = full.max(dim=0)
+def _labelled(full: torch.Tensor, winner: torch.Tensor, confidence: torch.Tensor, classes: list[int]) -> MaskResult:
+    """full [1 + C, H, W] background then classes; winner int64 [H, W] index into full."""
     lookup = torch.tensor([0] + [c + 1 for c in classes], dtype=torch.uint8)
     return MaskResult(labels=lookup[winner].numpy(), confidence=confidence.numpy().astype(np.float32),
                       scores=full.numpy().astype(np.float32), classes=classes)
+
+
+def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[int, int], config: SegmenterConfig,
+                         background_map: torch.Tensor | None = None) -> MaskResult:
+    """One image's class maps [C, s, s] for 0-based `classes` -> MaskResult of size out_hw,
+    by the configured method's rule.
+
+    Only the image's classes are scored: absent classes can never win a pixel.
+    - With a background_map [s, s] (DiffSeg, GoCA: the method scores the background) the maps
+      go bilinearly to out_hw; GoCA's background gets `goca.background_offset` added; the label
+      is the argmax over background and classes; the confidence is the winner's share of the
+      (non-negative) scores.
+    - DiffSegmenter: maps bilinearly to out_hw, min-max per class, the background a constant
+      `diffsegmenter.background_score`; the confidence is the winning score.
+    - iSeg: `upsample_class_maps`, then the config's background rule; the confidence is the
+      winning score.
+    """
+    if background_map is not None:
+        offset = config.goca.background_offset if config.method == "goca" else 0.0
+        grid = torch.cat([background_map[None] + offset, maps]).float()[None]
+        full = F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0]
+        winner = full.argmax(dim=0)
+        shares = full.clamp_min(0)
+        shares = shares / shares.sum(dim=0, keepdim=True).clamp_min(1e-30)
+        return _labelled(shares, winner, shares.gather(0, winner[None])[0], classes)
+    if config.method == "diffsegmenter":
+        scores = F.interpolate(maps[None].float(), size=out_hw, mode="bilinear", align_corners=False)
+        scores = iseg.minmax_per_class(scores)[0]
+        full = torch.cat([torch.full_like(scores[:1], config.diffsegmenter.background_score), scores])
+    else:
+        scores = upsample_class_maps(maps, config.image_size, out_hw)[None]
+        present = torch.ones(1, len(classes), dtype=torch.bool)
+        if config.background.rule == "squared":
+            full = iseg.squared_background_scores(scores, present)[0]
+        else:
+            full = iseg.threshold_background_scores(scores, present, config.background.threshold)[0]
+    confidence, winner = full.max(dim=0)
+    return _labelled(full, winner, confidence, classes)
 
 
 def apply_ignore(labels: np.ndarray, confidence: np.ndarray, ignore_below: float | None) -> np.ndarray:
@@ -82,8 +97,7 @@ def finish_mask(maps: torch.Tensor, classes: list[int], image: np.ndarray, confi
                 background_map: torch.Tensor | None = None) -> MaskResult:
     """The whole CPU post-process of one image: mask at the size of image (uint8 [H, W, 3]),
     the dense CRF when enabled, then the ignore region."""
-    result = class_scores_to_mask(maps, classes, image.shape[:2], config.image_size, config.background,
-                                  background_map)
+    result = class_scores_to_mask(maps, classes, image.shape[:2], config, background_map)
     if config.crf.enabled:
         refined = crf_refine(image, result, config.crf)
         result.crf_changed = float(np.mean(refined != result.labels))

@@ -59,12 +59,6 @@ def _single_side(maps_by_side: dict[int, torch.Tensor], what: str) -> tuple[int,
     return next(iter(maps_by_side.items()))
 
 
-def _token_maps(tokens: torch.Tensor, prompt: ClassPrompt) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens [N, T] -> (class maps [N, C] mean over each class's columns, background [N] mean
-    over the background words' columns)."""
-    return iseg.class_maps_from_tokens(tokens, prompt.columns), tokens[:, prompt.background_columns].mean(dim=1)
-
-
 def _stack_on_device(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Same-shape uint8 [3, H, W] images -> uint8 [n, 3, H, W] on device.
 
@@ -145,11 +139,26 @@ def official_head_order(unet: torch.nn.Module, specs: list[CaptureSpec], head_or
     return pairs_by_side
 
 
-class IsegPlan:
+class Plan:
+    """What every method plan says besides its captures (`specs`) and its `scores`.
+
+    enhance: scale the class tokens' embeddings by `enhancement` (iSeg's Cat-Cross);
+    emphasis: the config's Compel-style class-token weight, or None; background_context: the
+    prompt ends with the background words; prompt_style: `prompts.prompt_words` style;
+    noised: noise the latent to the method's timestep (else the clean latent runs with that
+    timestep's embedding)."""
+
+    enhance = False
+    emphasis: float | None = None
+    background_context = True
+    prompt_style = "sentence"
+    noised = True
+
+
+class IsegPlan(Plan):
     """iSeg: Cat-Cross, Ent-Self, iterative refinement (and its ablations via the config)."""
 
     enhance = True
-    background_context = True
 
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
         self.config = config
@@ -175,69 +184,93 @@ class IsegPlan:
                 for row, (prompt, delta) in enumerate(zip(prompts, deltas))]
 
 
-class DiffSegPlan:
-    """DiffSeg: self-attention of every block aggregated and merged by KL into segments; each
-    segment named by the cross-attention of the label tokens (or the background words)."""
+class DiffSegPlan(Plan):
+    """DiffSeg: self-attention of every block aggregated and merged by KL into segments on the
+    clean latent; segments upsampled to the model's input size and each named by the
+    cross-attention of the label tokens or a background word."""
 
-    enhance = False
-    background_context = True
+    noised = False  # the reference runs the VAE's latent as it is, with the timestep's embedding
 
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
         self.config = config
-        self.specs = [CaptureSpec(layer, "self", records=(Record("sum", "self:{side}"),))
-                      for layer in attention_layers(model.unet)]
-        self.specs += [CaptureSpec(l.name, "cross", records=(Record("sum", "cross:{side}"),))
-                       for l in config.cross_attention.layers]
+        self.layers = attention_layers(model.unet)
+        self.specs = [CaptureSpec(layer, "self", records=(Record("sum", "self:{side}"),)) for layer in self.layers]
+        self.specs += [CaptureSpec(layer, "cross", records=(Record("sum", "{layer}:cross"),)) for layer in self.layers]
+
+    def _naming_cross_attention(self, store: CapturedAttention) -> dict[int, torch.Tensor]:
+        """side -> [B, side^2, T]: the reference's per-resolution cross-attention, each block's
+        head mean summed with weight 1/5, except 1/3 for the up blocks of the largest side."""
+        means = {layer: store.sums[f"{layer}:cross"] / store.heads[f"{layer}:cross"] for layer in self.layers}
+        sides = {layer: int(round(maps.shape[1] ** 0.5)) for layer, maps in means.items()}
+        top = max(sides.values())
+        by_side: dict[int, torch.Tensor] = {}
+        for layer, maps in means.items():
+            weight = 1 / 3 if layer.startswith("up_blocks") and sides[layer] == top else 1 / 5
+            side = sides[layer]
+            by_side[side] = by_side[side] + weight * maps if side in by_side else weight * maps
+        return by_side
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         settings = self.config.diffseg
         self_by_side = store.pooled_by_prefix("self:")
-        side = max(self_by_side)
+        side, out_side = max(self_by_side), self.config.image_size
         aggregated = diffseg.aggregate_self_attention(self_by_side, side)
-        cross = iseg.fuse_cross_attention(store.pooled_by_prefix("cross:"),
-                                          self.config.cross_attention.resolution_weights, side)
+        cross_by_side = self._naming_cross_attention(store)
         results = []
         for row, prompt in enumerate(prompts):
             proposals = diffseg.merge_proposals(aggregated[row], side, settings.anchors, settings.tau,
                                                 settings.merge_iterations)
-            classes, background = _token_maps(cross[row], prompt)
-            candidates = torch.cat([background[:, None], classes], dim=1)
-            low, high = candidates.amin(dim=0), candidates.amax(dim=0)
-            candidates = (candidates - low) / (high - low).clamp_min(1e-30)
-            names = diffseg.name_segments(diffseg.segment_labels(proposals), len(proposals), candidates)
-            named = diffseg.named_maps(proposals, names, candidates.shape[1])  # [1 + C, N]
-            results.append((named[1:].T, named[0], 0.0, side))
+            proposals = diffseg.upsample_proposals(proposals, side, out_side)
+            # candidates: each class, then each background word (a segment named by one is background)
+            candidates = prompt.columns + prompt.background_groups
+            naming = diffseg.naming_attention({s: maps[row : row + 1] for s, maps in cross_by_side.items()},
+                                              candidates, out_side)[0]
+            names = diffseg.name_segments(diffseg.segment_labels(proposals), len(proposals), naming)
+            named = diffseg.named_maps(proposals, names, len(candidates))
+            n_classes = len(prompt.columns)
+            background = (named[n_classes:].amax(dim=0) if len(candidates) > n_classes
+                          else torch.zeros_like(named[0]))
+            results.append((named[:n_classes].T, background, 0.0, out_side))
         return results
 
 
-class GocaPlan:
+class GocaPlan(Plan):
     """GoCA: head-weighted cross-attention of every block, layer weights from the similarity of
     each block's self-attention to a pseudo global attention, per-pixel rescaling over content
-    tokens, blur and min-max, propagation through the self-attention affinity."""
+    tokens, blur and min-max, propagation through the self-attention affinity, min-max again."""
 
-    enhance = False
-    background_context = True
+    prompt_style = "list"  # GoCA's entity list: classes, background words, "background"
 
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
         self.config = config
         self.layers = attention_layers(model.unet)
         settings = config.goca
-        if settings.reference_layer not in self.layers:
-            raise ValueError(f"goca.reference_layer {settings.reference_layer!r} is not a UNet attention layer")
-        self.reference_side = config.image_size // 8 // 2  # the reference map side (32 for 512 px)
-        self.specs = [CaptureSpec(layer, "cross", records=(Record("goca", "{layer}:cross"),)) for layer in self.layers]
+        for key, names in (("reference_layer", [settings.reference_layer]),
+                           ("propagation_layers", settings.propagation_layers)):
+            unknown = [name for name in names if name not in self.layers]
+            if unknown or not names:
+                raise ValueError(f"goca.{key} {unknown or names} must name UNet attention layers; "
+                                 f"use some of: {', '.join(self.layers)}")
+        self.reference_side = _layer_side(settings.reference_layer, config.image_size // 8,
+                                          len(model.unet.down_blocks))
+        self.specs = []
         for layer in self.layers:
-            records = [Record("sum", "{layer}:selfref", self.reference_side), Record("sum", "self:{side}")]
+            records = [Record("goca", "{layer}:cross")]
             if layer == settings.reference_layer:
                 records.append(Record("queries", "reference"))
+            self.specs.append(CaptureSpec(layer, "cross", records=tuple(records)))
+        for layer in self.layers:
+            records = [Record("sum", "{layer}:selfref", self.reference_side)]
+            if layer in settings.propagation_layers:
+                records.append(Record("sum", "propagation"))
             self.specs.append(CaptureSpec(layer, "self", records=tuple(records)))
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         settings = self.config.goca
-        reference = goca.resize_attention(goca.pseudo_global_attention(store.sums["reference"]), self.reference_side)
+        reference = goca.pseudo_global_attention(store.sums["reference"])
         self_ref = torch.stack([store.sums[f"{layer}:selfref"] for layer in self.layers])  # [L, B, M, M]
         weights = goca.layer_weights(self_ref, reference)  # [L, B]
-        side, affinity = max(store.pooled_by_prefix("self:").items())
+        side, affinity = _single_side(store.pooled_by_side(["propagation"]), "goca.propagation_layers")
         fused = None
         for index, layer in enumerate(self.layers):
             maps = store.sums[f"{layer}:cross"]  # [B, n, T]
@@ -249,25 +282,30 @@ class GocaPlan:
             fused = term if fused is None else fused + term
         results = []
         for row, prompt in enumerate(prompts):
-            content = goca.rescale_per_pixel(fused[row], prompt.content_columns)
-            content = goca.blur_and_minmax(content, side, settings.blur_kernel, settings.blur_sigma)
-            content = goca.propagate(content[None], affinity[row : row + 1], settings.propagation_power)[0]
-            tokens = torch.zeros_like(fused[row])
-            tokens[:, prompt.content_columns] = content
-            classes, background = _token_maps(tokens, prompt)
-            results.append((classes, background, 0.0, side))
+            n_classes = len(prompt.columns)
+            objects = goca.rescaled_objects(fused[row], prompt.columns + prompt.background_groups,
+                                            prompt.content_columns)
+            objects = goca.blur_and_minmax(objects, side, settings.blur_kernel, settings.blur_sigma)
+            maps = objects[:, :n_classes]
+            if objects.shape[1] > n_classes:  # background: the strongest background object
+                maps = torch.cat([maps, objects[:, n_classes:].amax(dim=1, keepdim=True)], dim=1)
+            maps = goca.propagate(maps[None], affinity[row : row + 1], settings.propagation_power)[0]
+            maps = goca.minmax_columns(maps)
+            background = maps[:, n_classes] if maps.shape[1] > n_classes else torch.zeros_like(maps[:, 0])
+            results.append((maps[:, :n_classes], background, 0.0, side))
         return results
 
 
-class DiffSegmenterPlan:
-    """DiffSegmenter: cross-attention of every block fused over resolutions (each map min-max
-    scaled), completed once by the averaged full-resolution self-attention, weak classes dropped."""
+class DiffSegmenterPlan(Plan):
+    """DiffSegmenter: each class's cross-attention fused over resolutions (upsampled, then
+    min-max scaled), completed once by the averaged full-resolution self-attention; class
+    tokens weighted as Compel's `class++`. The background is a constant score (post-process)."""
 
-    enhance = False
     background_context = False
 
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
         self.config = config
+        self.emphasis = config.diffsegmenter.class_emphasis
         layers = attention_layers(model.unet)
         self.specs = [CaptureSpec(layer, "cross", records=(Record("sum", "cross:{side}"),)) for layer in layers]
         self.specs += [CaptureSpec(layer, "self", records=(Record("sum", "self:{side}"),)) for layer in layers]
@@ -275,14 +313,13 @@ class DiffSegmenterPlan:
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         settings = self.config.diffsegmenter
         side, self_attn = max(store.pooled_by_prefix("self:").items())
-        cross = diffsegmenter.fuse_minmax(store.pooled_by_prefix("cross:"),
-                                          settings.resolution_weights, side)
+        cross_by_side = store.pooled_by_prefix("cross:")
         results = []
         for row, prompt in enumerate(prompts):
-            classes = iseg.class_maps_from_tokens(cross[row], prompt.columns)
-            keep = diffsegmenter.keep_strong_classes(classes, settings.filter_ratio)
-            completed = diffsegmenter.complete_with_self_attention(classes[None], self_attn[row : row + 1])[0]
-            results.append((completed * keep.to(completed.dtype), None, 0.0, side))
+            classes = diffsegmenter.fuse_class_maps({s: maps[row : row + 1] for s, maps in cross_by_side.items()},
+                                                    prompt.columns, settings.resolution_weights, side)
+            completed = diffsegmenter.complete_with_self_attention(classes, self_attn[row : row + 1])[0]
+            results.append((completed, None, 0.0, side))
         return results
 
 
@@ -346,7 +383,8 @@ class Segmenter:
 
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """images: uint8 [3, H, W] -> noised latents [B, 4, S/8, S/8] at the method's timestep."""
+        """images: uint8 [3, H, W] -> latents [B, 4, S/8, S/8], noised to the method's timestep
+        unless its plan runs the clean latent."""
         size, device = self.config.image_size, self.model.device
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, img in enumerate(images):
@@ -359,30 +397,39 @@ class Segmenter:
         vae = self.model.vae
         with classic_attention(vae) if self.official_kernel else nullcontext():
             latents = vae.encode(2.0 * pixels - 1.0).latent_dist.mean * vae.config.scaling_factor
+        if not self.plan.noised:
+            return latents
         noise = self._noise(len(images), tuple(latents.shape[1:]), latents.device, latents.dtype)
         timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
         return self.model.scheduler.add_noise(latents, noise, timesteps)
 
     @torch.inference_mode()
     def encode_prompts(self, class_lists: list[list[int]]) -> tuple[torch.Tensor, list[ClassPrompt]]:
-        """Text embeddings [B, 77, D] (class tokens enhanced for iSeg's Cat-Cross) and the prompts."""
+        """Text embeddings [B, 77, D] (class tokens enhanced for iSeg's Cat-Cross, or weighted
+        as the plan's emphasis says) and the prompts."""
         tokenizer = self.model.tokenizer
         context = self.config.background_context if self.plan.background_context else None
         for classes in class_lists:
             if tuple(classes) not in self._prompt_cache:
                 self._prompt_cache[tuple(classes)] = build_class_prompt(
-                    tokenizer, [self.config.classes[c] for c in classes], context)
+                    tokenizer, [self.config.classes[c] for c in classes], context, self.plan.prompt_style)
         prompts = [self._prompt_cache[tuple(classes)] for classes in class_lists]
-        missing = sorted({p.text for p in prompts} - set(self._text_cache))
+        texts = [p.text for p in prompts] + ([""] if self.plan.emphasis is not None else [])
+        missing = sorted(set(texts) - set(self._text_cache))
         if missing:
             if len(self._text_cache) + len(missing) > _TEXT_CACHE_SIZE:
                 self._text_cache.clear()
                 self._prompt_cache.clear()
+                missing = sorted(set(texts))
             ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")["input_ids"]
             ids = to_device(ids, self.model.device)
             self._text_cache.update(zip(missing, self.model.text_encoder(ids)[0]))
         embeddings = torch.stack([self._text_cache[p.text] for p in prompts])
+        if self.plan.emphasis is not None:
+            empty = self._text_cache[""]
+            embeddings = torch.stack([diffsegmenter.emphasise_tokens(row, empty, prompt.columns, self.plan.emphasis)
+                                      for row, prompt in zip(embeddings, prompts)])
         if self.plan.enhance and self.config.cat_cross:
             gain = torch.ones(embeddings.shape[:2], dtype=embeddings.dtype)
             for row, prompt in enumerate(prompts):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import image_tensor, synthetic_image
+from pipeline import iseg
 from pipeline.config import SegmenterConfig
 from pipeline.methods import diffseg, diffsegmenter, goca
 from pipeline.postprocess import finish_mask
@@ -32,10 +33,48 @@ def test_two_blocks_of_self_attention_merge_into_two_segments():
     assert segments[left][0] != segments[~left][0]
 
 
-def test_a_small_tau_keeps_every_anchor_apart():
-    attn = torch.eye(16) * 0.9 + 0.1 / 16
-    proposals = diffseg.merge_proposals(attn / attn.sum(1, keepdim=True), side=4, anchors=4, tau=0.01, iterations=2)
-    assert proposals.shape == (16, 16)
+def test_anchor_grid_is_the_references():
+    # 16 anchors on 64 pixels: 1, 5, ..., 61 on each axis (not 2, 6, ..., 62)
+    indices = diffseg.anchor_indices(64, 16)
+    rows, cols = indices // 64, indices % 64
+    assert sorted(set(rows.tolist())) == list(range(1, 62, 4)) == sorted(set(cols.tolist()))
+    assert len(indices) == 256
+
+
+def test_first_iteration_averages_every_pixel_map_near_an_anchor():
+    # Pixel maps: a peaked one at each anchor, and non-anchor pixels whose maps sit close to
+    # their anchor's. The first iteration averages those in: an anchors-only merge would leave
+    # each anchor's own map unchanged.
+    side, n = 4, 16
+    attn = torch.full((n, n), 0.1 / n)
+    for pixel in range(n):
+        attn[pixel, pixel] += 0.9
+    anchors = diffseg.anchor_indices(side, 2)
+    near = anchors[0].item() + 1
+    attn[near] = 0.5 * attn[anchors[0]] + 0.5 * attn[near]
+    attn = attn / attn.sum(dim=1, keepdim=True)
+    tau = 1.5
+    distance = iseg.symmetric_kl(attn[anchors], attn, 1e-30)
+    proposals = diffseg.first_merge(attn, anchors, tau)
+    for k in range(len(anchors)):
+        members = distance[k] < tau
+        torch.testing.assert_close(proposals[k], attn[members].mean(dim=0))
+    assert (distance[0] < tau).sum() == 2  # the anchor and its neighbour
+    assert not torch.allclose(proposals[0], attn[anchors[0]])
+
+
+def test_later_iterations_merge_greedily_and_the_count_falls():
+    # Three proposals in a chain a ~ b ~ c with a and c far apart: `a` takes a and b; b is
+    # then merged and skipped; c, not yet merged, takes b and c (b counted again).
+    a = torch.tensor([0.70, 0.20, 0.10])
+    b = torch.tensor([0.45, 0.45, 0.10])
+    c = torch.tensor([0.20, 0.70, 0.10])
+    proposals = torch.stack([a, b, c])
+    tau = 0.2
+    distance = iseg.symmetric_kl(proposals, proposals, 1e-30)
+    assert distance[0, 1] < tau and distance[1, 2] < tau and distance[0, 2] > tau
+    merged = diffseg.greedy_merge(proposals, tau)
+    torch.testing.assert_close(merged, torch.stack([(a + b) / 2, (b + c) / 2]))
 
 
 def test_aggregation_upsamples_keys_repeats_queries_and_weights_by_side():
@@ -51,62 +90,88 @@ def test_aggregation_upsamples_keys_repeats_queries_and_weights_by_side():
     assert out[0, 0, 0] > out[0, 0, 15]  # key 0's mass, upsampled, stays in the top-left
 
 
-def test_naming_picks_the_best_candidate_per_segment():
+def test_naming_votes_with_l2_normalised_maps():
+    # Candidate 0 is large everywhere (a broad word), candidate 1 small but concentrated on the
+    # segment. Raw (or min-max) means pick 0; the reference normalises each map over space (L2)
+    # first, so the concentrated candidate wins.
     segments = torch.tensor([0, 0, 1, 1])
-    candidates = torch.tensor([[0.9, 0.1], [0.8, 0.0], [0.1, 0.7], [0.2, 0.9]])  # background, class
+    candidates = torch.tensor([[0.50, 0.02], [0.50, 0.02], [0.60, 0.0], [0.60, 0.0]])
+    assert (candidates[:2].mean(0).argmax(), candidates[2:].mean(0).argmax()) == (0, 0)
     names = diffseg.name_segments(segments, 2, candidates)
-    assert names.tolist() == [0, 1]
+    assert names.tolist() == [1, 0]
     proposals = torch.tensor([[0.5, 0.4, 0.0, 0.1], [0.0, 0.1, 0.6, 0.3]])
     named = diffseg.named_maps(proposals, names, 3)
-    assert torch.equal(named[0], proposals[0]) and torch.equal(named[1], proposals[1])
+    assert torch.equal(named[1], proposals[0]) and torch.equal(named[0], proposals[1])
     assert (named[2] == 0).all()
+
+
+def test_naming_attention_normalises_over_all_tokens_then_sums_sides():
+    # Two tokens of interest and a third token that takes most of the attention at one side.
+    low = torch.tensor([[[1.0, 1.0, 2.0]]]).expand(1, 4, 3)  # 2x2, every pixel the same
+    high = torch.tensor([[[3.0, 1.0, 0.0]]]).expand(1, 16, 3)  # 4x4
+    out = diffseg.naming_attention({2: low, 4: high}, [[0], [1]], out_side=4)
+    torch.testing.assert_close(out[0, 0], torch.tensor([1 / 4 + 3 / 4, 1 / 4 + 1 / 4]))
 
 
 # --- GoCA -------------------------------------------------------------------------------------
 
-def test_head_weights_follow_agreement_with_the_summed_output():
-    # Two heads agree (same direction), a third points the other way: it gets weight 0.
+def test_head_weights_are_not_clamped():
+    # Two heads agree (same direction), a third points the other way: it gets a negative weight.
     outputs = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0]])[None, :, None, :]  # [B=1, H=3, N=1, D=2]
     weights = goca.head_weights(outputs)
-    # sum = (2, 0); dots = 2, 4, -2 -> clamped 2, 4, 0 -> normalised 1/3, 2/3, 0
-    torch.testing.assert_close(weights[0, :, 0], torch.tensor([1 / 3, 2 / 3, 0.0]))
+    # sum = (2, 0); dots = 2, 4, -2; normalised by their sum 4 -> 1/2, 1, -1/2
+    torch.testing.assert_close(weights[0, :, 0], torch.tensor([0.5, 1.0, -0.5]))
     probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]])[None]  # [1, 3, 1, 2]
-    torch.testing.assert_close(goca.aggregate_heads(probs, weights)[0, 0], torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(goca.aggregate_heads(probs, weights)[0, 0], torch.tensor([0.25, 0.75]))
 
 
-def test_layer_weights_prefer_layers_like_the_pseudo_global_attention():
-    reference = _two_block_attention(4)[0][None]
-    noisy = torch.full((1, 16, 16), 1 / 16)
-    opposite = 1 - reference
-    opposite = opposite / opposite.sum(-1, keepdim=True)
-    weights = goca.layer_weights(torch.stack([reference, noisy, opposite]), reference)
-    assert weights.shape == (3, 1)
-    assert weights[0, 0] > weights[1, 0] > weights[2, 0]
-    torch.testing.assert_close(weights.sum(dim=0), torch.ones(1))
+def test_layer_weights_are_raw_dot_products_clamped_and_normalised():
+    reference = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])  # [B=1, M=2, M=2]
+    layer_a = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # dot 0.5 + 1.0 = 1.5
+    layer_b = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # dot 0.5
+    layer_c = -layer_a  # negative: clamped to 0
+    weights = goca.layer_weights(torch.stack([layer_a, layer_b, layer_c]), reference)
+    # cosine similarity would give a/b = 0.949 / 0.316 = 3; the raw dot product 1.5 / 0.5 = 3
+    # too, so scale layer_b: the dot product doubles, the cosine does not
+    torch.testing.assert_close(weights[:, 0], torch.tensor([0.75, 0.25, 0.0]))
+    weights = goca.layer_weights(torch.stack([layer_a, 2 * layer_b, layer_c]), reference)
+    torch.testing.assert_close(weights[:, 0], torch.tensor([0.6, 0.4, 0.0]))
 
 
-def test_pseudo_global_attention_and_resizing_keep_rows_stochastic():
+def test_self_attention_is_resized_bilinearly_on_keys_and_nearest_on_queries():
+    side, out = 4, 2
+    attn = torch.rand(1, side * side, side * side)
+    small = goca.resize_self_attention(attn, out)
+    assert small.shape == (1, 4, 4)
+    # query (0, 0) of the small map is query (0, 0) of the large one (nearest, no average);
+    # its keys are 2x2 means (bilinear halving); rows are not renormalised
+    keys = attn[0, 0].reshape(side, side)
+    torch.testing.assert_close(small[0, 0], keys.reshape(2, 2, 2, 2).mean(dim=(1, 3)).flatten())
+    torch.testing.assert_close(small[0, 1], attn[0, 2].reshape(2, 2, 2, 2).mean(dim=(1, 3)).flatten())
+
+
+def test_pseudo_global_attention_rows_are_stochastic():
     queries = torch.randn(2, 64, 8)
     attn = goca.pseudo_global_attention(queries)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 64))
-    small = goca.resize_attention(attn, 4)
-    assert small.shape == (2, 16, 16)
-    torch.testing.assert_close(small.sum(-1), torch.ones(2, 16))
 
 
-def test_per_pixel_rescaling_keeps_content_tokens_only():
-    maps = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.9, 0.05, 0.0, 0.05]])  # token 0 is the start token
-    out = goca.rescale_per_pixel(maps, [1, 3])
-    torch.testing.assert_close(out, torch.tensor([[0.75, 0.25], [0.5, 0.5]]))
+def test_rescaling_clamps_normalises_averages_groups_then_divides_by_content():
+    tokens = torch.tensor([[0.5, 0.3, 0.1, 0.1, -0.2]])  # token 0: start token; 4: negative
+    out = goca.rescaled_objects(tokens, [[1, 2], [3]], [1, 2, 3])
+    # clamp and normalise over all tokens: 0.5, 0.3, 0.1, 0.1, 0 (sum 1); groups 0.2, 0.1;
+    # content sum 0.5
+    torch.testing.assert_close(out, torch.tensor([[0.4, 0.2]]))
 
 
 def test_blur_and_minmax_spreads_a_point_and_scales_to_unit_range():
     maps = torch.zeros(25, 1)
     maps[12, 0] = 1.0  # centre of a 5x5 map
-    out = goca.blur_and_minmax(maps, 5, kernel=5, sigma=1.0)
+    out = goca.blur_and_minmax(maps, 5, kernel=5, sigma=1.1)
     assert out.max() == 1.0 and out.min() == 0.0 and out[12, 0] == 1.0
     assert 0 < out[13, 0] < 1 and out[13, 0] == out[11, 0]
-    assert math.isclose(goca.gaussian_kernel(5, 1.0).sum().item(), 1.0, rel_tol=1e-6)
+    assert math.isclose(goca.gaussian_kernel(5, 1.1).sum().item(), 1.0, rel_tol=1e-6)
+    assert SegmenterConfig().goca.blur_sigma == pytest.approx(0.3 * ((5 - 1) * 0.5 - 1) + 0.8)
 
 
 def test_propagation_power():
@@ -117,26 +182,86 @@ def test_propagation_power():
     assert (out[0, ~left, 0] == 0).all() and torch.allclose(out[0, left, 0], torch.full((8,), 1 / 8))
 
 
+def test_goca_background_is_the_max_of_min_maxed_objects_and_all_maps_min_maxed_after_propagation(tiny_model):
+    config = SegmenterConfig(method="goca")
+    segmenter = Segmenter(tiny_model, config)
+    (scores,) = segmenter.segment([image_tensor(synthetic_image(48, 64, seed=3))], [[7, 17]])
+    for grid in (*scores.maps, scores.background):
+        assert grid.min() == pytest.approx(0.0, abs=1e-6) and grid.max() == pytest.approx(1.0, abs=1e-6)
+    plan = segmenter.plan
+    assert "reference" in {r.key for s in plan.specs if s.kind == "cross" for r in s.records}
+    assert not any(r.what == "queries" for s in plan.specs if s.kind == "self" for r in s.records)
+    propagation = [s.layer for s in plan.specs if any(r.key == "propagation" for r in s.records)]
+    assert propagation == ["down_blocks.0.attentions.1", "up_blocks.3.attentions.0", "up_blocks.3.attentions.1"]
+
+
+def test_goca_background_offset_moves_the_argmax_without_clamping():
+    maps = torch.full((1, 4, 4), 0.4)
+    background = torch.full((4, 4), 0.5)
+    image = synthetic_image(4, 4, seed=0)
+    labels = lambda offset: finish_mask(  # noqa: E731
+        maps, [2], image, SegmenterConfig(method="goca", goca={"background_offset": offset}), background).labels
+    assert (labels(0.0) == 0).all() and (labels(-0.2) == 3).all()
+    # a background pushed below zero still loses to a class at zero (no clamp before the argmax)
+    assert (finish_mask(maps * 0, [2], image, SegmenterConfig(method="goca", goca={"background_offset": -0.6}),
+                        background).labels == 3).all()
+
+
 # --- DiffSegmenter ------------------------------------------------------------------------------
 
-def test_fusion_minmax_scales_each_resolution_before_weighting():
-    low = torch.tensor([[[2.0], [4.0], [4.0], [2.0]]])  # 2x2 -> min-max [0, 1, 1, 0]
-    high = torch.arange(16.0).reshape(1, 16, 1)  # 4x4 -> min-max 0..1
-    fused = diffsegmenter.fuse_minmax({2: low, 4: high}, {2: 0.5, 4: 0.5}, 4)
-    assert fused.shape == (1, 16, 1)
-    assert fused[0, 15, 0].item() == pytest.approx(0.5 * 0.0 + 0.5 * 1.0)
-    assert fused.max() <= 1.0
+def test_fusion_upsamples_before_min_max_and_averages_tokens_first():
+    # 2x2 class map [0, 1, 1, 0]: upsampled bilinearly to 4x4 its corners are 0.25 and 0.75,
+    # so min-max after upsampling reaches 0 and 1 there (before it would stay at 0.25 / 0.75).
+    low = torch.tensor([[[0.0], [1.0], [1.0], [0.0]]])
+    fused = diffsegmenter.fuse_class_maps({2: low}, [[0]], {2: 1.0}, 4)
+    assert fused[0, 0, 0] == 0.0 and fused[0, 3, 0] == 1.0
+    # two tokens: averaged, then min-maxed (min-maxing each first gives another map)
+    tokens = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [2.0, 3.0], [3.0, 9.0]]])  # 2x2, two tokens
+    fused = diffsegmenter.fuse_class_maps({2: tokens}, [[0, 1]], {2: 1.0}, 2)
+    torch.testing.assert_close(fused[0, :, 0], torch.tensor([0.0, 0.5, 2.5, 6.0]) / 6.0)
 
 
-def test_completion_and_weak_class_filter():
+def test_completion_spreads_a_class_through_its_block():
     affinity, left = _two_block_attention(4)
-    maps = torch.zeros(16, 2)
-    maps[0, 0] = 1.0  # class 0: one strong pixel on the left
-    maps[15, 1] = 0.1  # class 1: a weak pixel on the right
-    keep = diffsegmenter.keep_strong_classes(maps, 0.3)
-    assert keep.tolist() == [True, False]
+    maps = torch.zeros(16, 1)
+    maps[0, 0] = 1.0
     completed = diffsegmenter.complete_with_self_attention(maps[None], affinity[None])[0]
     assert (completed[left, 0] > 0).all() and (completed[~left, 0] == 0).all()
+
+
+def test_class_emphasis_is_compels_weighting_against_the_empty_prompt():
+    z = torch.tensor([[1.0, 1.0], [3.0, 5.0], [2.0, 2.0]])
+    empty = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    out = diffsegmenter.emphasise_tokens(z, empty, [[1]], 1.21)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 1.0], [1.0 + 2.0 * 1.21, 1.0 + 4.0 * 1.21], [2.0, 2.0]]))
+
+
+def test_diffsegmenter_background_is_a_constant_score():
+    maps = torch.zeros(2, 8, 8)
+    maps[0, :, :4] = 1.0  # class 0 on the left; class 1 weak on the right, strong at one pixel
+    maps[1, :, 4:] = 0.3
+    maps[1, 0, 7] = 1.0
+    image = synthetic_image(8, 8, seed=0)
+    config = SegmenterConfig(method="diffsegmenter")
+    result = finish_mask(maps, [4, 9], image, config)
+    assert (result.labels[:, :3] == 5).all()
+    # after min-max class 1 is 0.3 on the right: below the constant 0.5 background there
+    assert (result.labels[4:, 6] == 0).all() and result.labels[0, 7] == 10
+    low = finish_mask(maps, [4, 9], image, config.model_copy(
+        update={"diffsegmenter": config.diffsegmenter.model_copy(update={"background_score": 0.2})}))
+    assert (low.labels[4:, 6] == 10).all()
+
+
+def test_diffseg_runs_the_clean_latent(tiny_model):
+    images = [torch.full((3, 32, 32), 128, dtype=torch.uint8)]
+    clean = Segmenter(tiny_model, SegmenterConfig(method="diffseg")).encode_images(images)
+    goca_segmenter = Segmenter(tiny_model, SegmenterConfig(method="goca"))
+    noised = goca_segmenter.encode_images(images)
+    # clean: the VAE mean as it is; noised: sqrt(abar) clean + sqrt(1 - abar) noise at t=100
+    abar = tiny_model.scheduler.alphas_cumprod[100]
+    noise = goca_segmenter._noise(1, tuple(clean.shape[1:]), clean.device, clean.dtype)
+    torch.testing.assert_close(noised, abar.sqrt() * clean + (1 - abar).sqrt() * noise, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(clean, noised)
 
 
 # --- every method end to end on the tiny model ------------------------------------------------------
@@ -147,7 +272,8 @@ def test_method_end_to_end(tiny_model, method):
     segmenter = Segmenter(tiny_model, config)
     image = synthetic_image(48, 64, seed=3)
     (scores,) = segmenter.segment([image_tensor(image)], [[7, 17]])
-    assert scores.classes == [7, 17] and scores.maps.shape == (2, 64, 64)
+    side = 512 if method == "diffseg" else 64  # DiffSeg names segments at the model's input size
+    assert scores.classes == [7, 17] and scores.maps.shape == (2, side, side)
     assert (scores.background is not None) == (method in ("diffseg", "goca"))
     result = finish_mask(scores.maps, scores.classes, image, config, scores.background)
     assert result.labels.shape == (48, 64) and set(result.labels.flat) <= {0, 8, 18}
@@ -162,7 +288,9 @@ def test_all_layer_methods_keep_one_map_per_resolution(tiny_model):
     embeddings, _ = segmenter.encode_prompts([[0]])
     with torch.inference_mode(), capturing(tiny_model.unet, segmenter.plan.specs) as store:
         tiny_model.unet(latents, torch.tensor([300]), encoder_hidden_states=embeddings)
-    assert sorted(store.sums) == ["cross:16", "cross:32", "self:16", "self:32", "self:64", "self:8"]
+    cross = sorted(k for k in store.sums if k.endswith(":cross"))
+    assert len(cross) == 16 and sorted(k for k in store.sums if not k.endswith(":cross")) == [
+        "self:16", "self:32", "self:64", "self:8"]
     assert store.heads["self:64"] == 5 + 5 + 5 + 5 + 5  # five 64x64 blocks of five heads, pooled
     assert store.sums["self:64"].shape == (1, 4096, 4096)
 
@@ -186,3 +314,44 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
     for row in table:
         assert row[1] == "3" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 1 and float(row[4]) > 0
     assert main(["compare", "--methods", "iseg,nope", "--input", str(tmp_path / "shards"), "--model", "tiny"]) == 2
+
+
+def test_sweep_parses_values_and_rejects_bad_keys():
+    from pipeline.compare import comparison_rows, parse_sweep
+    from pipeline.config import ConfigError
+
+    sweep = parse_sweep("goca.background_offset=-0.4:0.4:0.1")
+    assert sweep.values == pytest.approx([-0.4, -0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.4])
+    rows = comparison_rows(["iseg", "goca"], SegmenterConfig(), sweep)
+    # iseg has no goca key to sweep: one row; goca one per value, all on one segmenter config
+    assert [name for name, _, _ in rows][:2] == ["iseg", "goca goca.background_offset=-0.4"]
+    assert len(rows) == 10 and len({r[1].model_dump_json() for r in rows[1:]}) == 1
+    assert [r[2].goca.background_offset for r in rows[1:]] == pytest.approx(list(sweep.values))
+    tau_rows = comparison_rows(["diffseg"], SegmenterConfig(), parse_sweep("diffseg.tau=0.9:1.1:0.1"))
+    assert [r[1].diffseg.tau for r in tau_rows] == pytest.approx([0.9, 1.0, 1.1])  # segmenter config changes
+    for bad in ("goca.offset=0:1:0.1", "goca.background_offset=0:1", "diffseg.tau=-1:0:0.5"):
+        with pytest.raises(ConfigError, match="sweep"):
+            comparison_rows(["goca", "diffseg"], SegmenterConfig(), parse_sweep(bad))
+
+
+def test_compare_sweep_prints_one_row_per_value(tmp_path, capsys):
+    from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
+    from pipeline.cli import main
+    from pipeline.config import VOC_CLASS_NAMES
+    from pipeline.shards import ShardingReport, voc_sources, write_image_shards
+
+    images = {f"2012_00000{i}": (synthetic_image(40, 40, seed=i), two_class_mask(40, 40, 8, 0)) for i in range(2)}
+    root = write_voc_folder(tmp_path / "VOC2012", images)
+    write_image_shards(voc_sources(root, "train", None, ShardingReport()), tmp_path / "shards", "voc", 2,
+                       list(VOC_CLASS_NAMES), ShardingReport())
+    assert main(["compare", "--methods", "diffsegmenter", "--sweep", "diffsegmenter.background_score=0:1:0.5",
+                 "--input", str(tmp_path / "shards"), "--model", "tiny", "--config", FAST_CONFIG,
+                 "--device", "cpu", "--no-progress"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("diffsegmenter ")]
+    assert [row[1] for row in rows] == ["diffsegmenter.background_score=0", "diffsegmenter.background_score=0.5",
+                                        "diffsegmenter.background_score=1"]
+    # background score 0 never beats a min-maxed class at its peak; 1 wins wherever no class is at 1
+    confidences = [float(row[4]) for row in rows]
+    assert confidences[0] < confidences[2] and all(row[2] == "2" for row in rows)
+    assert main(["compare", "--methods", "goca", "--sweep", "goca.nope=0:1:1", "--input", str(tmp_path / "shards"),
+                 "--model", "tiny"]) == 2

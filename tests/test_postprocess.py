@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import synthetic_image
-from pipeline.config import BackgroundConfig, CrfConfig, SegmenterConfig
+from pipeline.config import CrfConfig, SegmenterConfig
 from pipeline.masks import decode_mask, encode_mask, voc_palette
 from pipeline.postprocess import class_scores_to_mask, finish_mask
 
@@ -18,7 +18,7 @@ def _left_right_maps(side=8):
 
 
 def test_mask_has_the_original_size_and_the_right_labels():
-    result = class_scores_to_mask(_left_right_maps(), [7, 17], (30, 50), 64, BackgroundConfig())
+    result = class_scores_to_mask(_left_right_maps(), [7, 17], (30, 50), SegmenterConfig())
     assert result.labels.shape == (30, 50) and result.labels.dtype == np.uint8
     assert set(np.unique(result.labels)) == {8, 18}
     assert (result.labels[:, :20] == 8).all() and (result.labels[:, 30:] == 18).all()
@@ -29,7 +29,7 @@ def test_mask_has_the_original_size_and_the_right_labels():
 def test_weak_everywhere_class_leaves_background():
     maps = torch.zeros(1, 8, 8)
     maps[0, :2, :2] = 1.0  # one small hot corner
-    result = class_scores_to_mask(maps, [0], (16, 16), 16, BackgroundConfig())
+    result = class_scores_to_mask(maps, [0], (16, 16), SegmenterConfig())
     assert result.labels[0, 0] == 1 and result.labels[15, 15] == 0
 
 

@@ -1,7 +1,9 @@
 """GoCA (Meng et al., "Making Training-Free Diffusion Segmentors Scale with the Generative
 Power"): head- and layer-wise auto aggregation of cross-attention and per-pixel rescaling.
 
-Pixel axes are flattened row-major (N = side * side). float32 or float64 in and out.
+As the official code (Darkbblue/goca at 475892f, `src-main/components/cross_attn_dispatch.py`
+and `postprocess_dispatch.py` with `configs/config-model/config_model_15.py`); docs/methods.md
+lists what differs. Pixel axes are flattened row-major (N = side * side). float32 or float64.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ _TINY = 1e-30
 
 
 def head_weights(head_outputs: torch.Tensor) -> torch.Tensor:
-    """Head-wise weights. head_outputs: [B, H, N, D], each head's contribution A_h V_h W_o,h to
-    the layer output. Each head's weight at a pixel is its dot product with the sum over
-    heads, clamped at 0 and normalised over heads. Returns [B, H, N]."""
+    """Head-wise weights ('dot-product w/o clamp'). head_outputs: [B, H, N, D], each head's
+    contribution A_h V_h W_o,h to the layer output. Each head's weight at a pixel is its dot
+    product with the sum over heads, divided by the sum of those dots (the squared norm of the
+    sum); a head opposing the others gets a negative weight. Returns [B, H, N]."""
     total = head_outputs.sum(dim=1, keepdim=True)
-    dots = (head_outputs * total).sum(dim=-1).clamp_min(0)
+    dots = (head_outputs * total).sum(dim=-1)
     return dots / dots.sum(dim=1, keepdim=True).clamp_min(_TINY)
 
 
@@ -29,40 +32,44 @@ def aggregate_heads(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_global_attention(queries: torch.Tensor) -> torch.Tensor:
-    """queries [B, N, D] of the reference layer -> softmax(Q Q^T / sqrt(D)) [B, N, N]."""
+    """queries [B, N, D] of the reference layer (all heads, D = the layer's inner dimension)
+    -> softmax(Q Q^T / sqrt(D)) [B, N, N]."""
     scores = queries @ queries.transpose(1, 2) / math.sqrt(queries.shape[-1])
     return scores.softmax(dim=-1)
 
 
-def resize_attention(attn: torch.Tensor, out_side: int) -> torch.Tensor:
-    """Self-attention [B, N, N] (N = side^2) resized on both pixel axes to [B, M, M]
-    (M = out_side^2) by bilinear interpolation (antialiased when shrinking); rows renormalised."""
+def resize_self_attention(attn: torch.Tensor, out_side: int) -> torch.Tensor:
+    """Self-attention [B, N, N] (N = side^2) -> [B, M, M] (M = out_side^2) as the reference
+    resizes a layer to the reference layer's side: the key axes bilinearly (no antialiasing),
+    the query axes by nearest neighbour; rows are not renormalised."""
     batch, n, _ = attn.shape
     side = int(round(math.sqrt(n)))
     if side == out_side:
         return attn
-    resize = dict(size=(out_side, out_side), mode="bilinear", align_corners=False, antialias=out_side < side)
-    keys = F.interpolate(attn.reshape(batch * n, 1, side, side), **resize).reshape(batch, side, side, -1)
-    queries = F.interpolate(keys.permute(0, 3, 1, 2), **resize)  # [B, M, out, out]
-    out = queries.flatten(2).transpose(1, 2)
-    return out / out.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+    keys = F.interpolate(attn.reshape(batch * n, 1, side, side), size=(out_side, out_side), mode="bilinear",
+                         align_corners=False)
+    keys = keys.reshape(batch, side, side, out_side * out_side).permute(0, 3, 1, 2)  # [B, M, side, side]
+    queries = F.interpolate(keys, size=(out_side, out_side), mode="nearest")  # [B, M_key, out, out]
+    return queries.flatten(2).transpose(1, 2)
 
 
 def layer_weights(self_maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Layer-wise weights. self_maps: [L, B, M, M] each layer's head-averaged self-attention at
-    the reference resolution; reference: [B, M, M] pseudo global attention. Cosine similarity
-    of each layer to the reference, clamped at 0 and normalised over layers. Returns [L, B]."""
-    flat = self_maps.flatten(2)
-    ref = reference.flatten(1)[None]
-    similarity = F.cosine_similarity(flat, ref, dim=-1).clamp_min(0)
+    """Layer-wise weights ('dot-product similarity'). self_maps: [L, B, M, M] each layer's
+    head-averaged self-attention resized to the reference side; reference: [B, M, M] pseudo
+    global attention. The raw dot product of each layer with the reference, clamped at 0 and
+    normalised over layers. Returns [L, B]."""
+    similarity = (self_maps * reference[None]).flatten(2).sum(dim=-1).clamp_min(0)
     return similarity / similarity.sum(dim=0, keepdim=True).clamp_min(_TINY)
 
 
-def rescale_per_pixel(maps: torch.Tensor, content_columns: list[int]) -> torch.Tensor:
-    """maps [N, T] one image's cross-attention over all tokens -> [N, len(content_columns)]:
-    the content tokens' scores divided by their sum at each pixel."""
-    content = maps[:, content_columns]
-    return content / content.sum(dim=1, keepdim=True).clamp_min(_TINY)
+def rescaled_objects(tokens: torch.Tensor, groups: list[list[int]], rescaling_columns: list[int]) -> torch.Tensor:
+    """One image's layer-aggregated cross-attention tokens [N, T] -> [N, len(groups)]: clamped
+    at 0 and normalised over all T tokens at each pixel, each group (a class's or a background
+    object's tokens) averaged, then divided by the sum over the rescaling (content) tokens."""
+    raw = tokens.clamp_min(0)
+    raw = raw / raw.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    objects = torch.stack([raw[:, group].mean(dim=1) for group in groups], dim=1)
+    return objects / raw[:, rescaling_columns].sum(dim=1, keepdim=True).clamp_min(_TINY)
 
 
 def gaussian_kernel(size: int, sigma: float, dtype=torch.float32) -> torch.Tensor:
@@ -71,19 +78,23 @@ def gaussian_kernel(size: int, sigma: float, dtype=torch.float32) -> torch.Tenso
     return (one[:, None] * one[None, :]) / one.sum() ** 2
 
 
-def blur_and_minmax(maps: torch.Tensor, side: int, kernel: int = 5, sigma: float = 1.0) -> torch.Tensor:
-    """maps [N, T] -> [N, T]: each token map blurred with a kernel x kernel Gaussian
-    (reflect padding) and min-max scaled to [0, 1]."""
+def minmax_columns(maps: torch.Tensor) -> torch.Tensor:
+    """maps [N, G] -> each column scaled to [0, 1] over the pixels."""
+    low, high = maps.amin(dim=0, keepdim=True), maps.amax(dim=0, keepdim=True)
+    return (maps - low) / (high - low).clamp_min(_TINY)
+
+
+def blur_and_minmax(maps: torch.Tensor, side: int, kernel: int = 5, sigma: float = 1.1) -> torch.Tensor:
+    """maps [N, G] -> [N, G]: each map blurred with a kernel x kernel Gaussian (reflect
+    padding, as torchvision's gaussian_blur) and min-max scaled to [0, 1]."""
     grid = maps.T.reshape(-1, 1, side, side)
     weight = gaussian_kernel(kernel, sigma, maps.dtype).to(maps.device)[None, None]
     blurred = F.conv2d(F.pad(grid, [kernel // 2] * 4, mode="reflect"), weight)
-    flat = blurred.flatten(1)
-    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
-    return ((flat - low) / (high - low).clamp_min(_TINY)).T
+    return minmax_columns(blurred.flatten(1).T)
 
 
 def propagate(maps: torch.Tensor, affinity: torch.Tensor, power: int) -> torch.Tensor:
-    """maps [B, N, T] propagated `power` times through the row-stochastic affinity [B, N, N]."""
+    """maps [B, N, G] propagated `power` times through the affinity [B, N, N]."""
     for _ in range(power):
         maps = torch.bmm(affinity, maps)
     return maps
