@@ -166,6 +166,9 @@ class GocaConfig(_Strict):
 
     timestep: int = Field(100, ge=0, le=999)
     reference_layer: str = "up_blocks.2.attentions.1"  # its attn2 queries build the pseudo global attention
+    # Which query channels build it: "first", as the official code does (it indexes its stored
+    # [dim, h, w] queries once more, keeping channel 0, scale 1), or "all" (the paper's Q Q^T / sqrt(d)).
+    reference_query_channels: Literal["first", "all"] = "first"
     blur_kernel: int = Field(5, ge=1)
     blur_sigma: float = Field(1.1, gt=0.0)  # torchvision's default for kernel 5, as the reference
     # Self-attention averaged into the propagation affinity (the reference's space_attn layers).

@@ -267,7 +267,8 @@ class GocaPlan(Plan):
 
     def scores(self, store: CapturedAttention, prompts: list[ClassPrompt]) -> list[tuple]:
         settings = self.config.goca
-        reference = goca.pseudo_global_attention(store.sums["reference"])
+        reference = goca.pseudo_global_attention(
+            goca.reference_queries(store.sums["reference"], settings.reference_query_channels))
         self_ref = torch.stack([store.sums[f"{layer}:selfref"] for layer in self.layers])  # [L, B, M, M]
         weights = goca.layer_weights(self_ref, reference)  # [L, B]
         side, affinity = _single_side(store.pooled_by_side(["propagation"]), "goca.propagation_layers")

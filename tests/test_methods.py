@@ -156,6 +156,16 @@ def test_pseudo_global_attention_rows_are_stochastic():
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 64))
 
 
+def test_reference_queries_keep_the_first_channel_as_the_official_code():
+    queries = torch.randn(1, 16, 8)
+    first = goca.pseudo_global_attention(goca.reference_queries(queries, "first"))
+    q0 = queries[0, :, 0]
+    torch.testing.assert_close(first[0], (q0[:, None] * q0[None, :]).softmax(dim=-1))  # scale 1 / sqrt(1)
+    torch.testing.assert_close(goca.pseudo_global_attention(goca.reference_queries(queries, "all")),
+                               goca.pseudo_global_attention(queries))
+    assert SegmenterConfig().goca.reference_query_channels == "first"
+
+
 def test_rescaling_clamps_normalises_averages_groups_then_divides_by_content():
     tokens = torch.tensor([[0.5, 0.3, 0.1, 0.1, -0.2]])  # token 0: start token; 4: negative
     out = goca.rescaled_objects(tokens, [[1, 2], [3]], [1, 2, 3])

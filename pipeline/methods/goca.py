@@ -38,6 +38,12 @@ def pseudo_global_attention(queries: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
+def reference_queries(queries: torch.Tensor, channels: str) -> torch.Tensor:
+    """queries [B, N, D] -> the channels the pseudo global attention is built from: "first"
+    ([B, N, 1], channel 0 alone, as the official code's double index leaves it) or "all"."""
+    return queries[..., :1] if channels == "first" else queries
+
+
 def resize_self_attention(attn: torch.Tensor, out_side: int) -> torch.Tensor:
     """Self-attention [B, N, N] (N = side^2) -> [B, M, M] (M = out_side^2) as the reference
     resizes a layer to the reference layer's side: the key axes bilinearly (no antialiasing),
