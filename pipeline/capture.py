@@ -18,13 +18,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
-
-from .methods import goca
 
 # Above this many (query x key) entries per head, heads are reduced one at a time.
 _PER_HEAD_ENTRIES = 1 << 20
@@ -140,6 +138,21 @@ def _sequential_head_sum(probs: torch.Tensor, heads: list[int]) -> torch.Tensor:
     return total
 
 
+def resize_query_key(attn: torch.Tensor, out_side: int) -> torch.Tensor:
+    """Self-attention [B, N, N] (N = side^2) -> [B, M, M] (M = out_side^2): the key axes
+    bilinearly (no antialiasing), the query axes by nearest neighbour; rows are not
+    renormalised (GoCA's resize of a layer to its reference layer's side)."""
+    batch, n, _ = attn.shape
+    side = int(round(n ** 0.5))
+    if side == out_side:
+        return attn
+    keys = F.interpolate(attn.reshape(batch * n, 1, side, side), size=(out_side, out_side), mode="bilinear",
+                         align_corners=False)
+    keys = keys.reshape(batch, side, side, out_side * out_side).permute(0, 3, 1, 2)  # [B, M, side, side]
+    queries = F.interpolate(keys, size=(out_side, out_side), mode="nearest")  # [B, M_key, out, out]
+    return queries.flatten(2).transpose(1, 2)
+
+
 KERNELS = ("official", "fused")
 
 
@@ -190,14 +203,15 @@ class AttentionCaptureProcessor:
             if record.resize_to is None:
                 self.store.add(store_key, total, len(heads))
             else:
-                self.store.add(store_key, goca.resize_self_attention(total / len(heads), record.resize_to), 1)
-        elif record.what == "goca":
+                self.store.add(store_key, resize_query_key(total / len(heads), record.resize_to), 1)
+        elif record.what == "weighted":
             dtype = torch.promote_types(query.dtype, torch.float32)
             if probs is None:
                 probs = (torch.matmul(query, key.transpose(-1, -2)) * attn.scale).softmax(dim=-1, dtype=dtype)
             out_weight = attn.to_out[0].weight.reshape(-1, heads_total, head_dim).permute(1, 0, 2)  # [H, Dm, D]
             contributions = torch.einsum("bhnd,hmd->bhnm", head_outputs.to(dtype), out_weight.to(dtype))
-            self.store.add(store_key, goca.aggregate_heads(probs.to(dtype), goca.head_weights(contributions)), 1)
+            weights = record.head_weights(contributions)  # [B, H, Nq]
+            self.store.add(store_key, (probs.to(dtype) * weights[..., None]).sum(dim=1), 1)
         elif record.what == "queries":
             self.store.add(store_key, query.transpose(1, 2).reshape(batch, n_query, -1).to(torch.float32), 1)
         else:
@@ -217,7 +231,7 @@ class AttentionCaptureProcessor:
         batch, n_query = hidden_states.shape[:2]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         # the layer's output is computed unless the UNet stops here and no record reads it
-        needs_output = not self.stop_after or any(r.what == "goca" for r in self.spec.records)
+        needs_output = not self.stop_after or any(r.what == "weighted" for r in self.spec.records)
         if self.kernel == "official":
             # diffusers' classic path, as the official code's processor: [B*H, N, D] per head,
             # baddbmm(q, k^T, alpha=scale), softmax (upcast where the layer says), bmm.
@@ -253,10 +267,11 @@ class Record:
     """What a capture processor stores, under which key.
 
     what: "sum" (sum over the kept heads of the softmax probabilities, with the head count;
-    with resize_to, the head mean resized to resize_to x resize_to, keys bilinearly and queries
-    by nearest neighbour, count 1;
-    with keep_heads, under the official kernel, every kept head's map),
-    "goca" (GoCA's head-weighted aggregation) or "queries" (the layer's queries [B, N, H*D]).
+    with resize_to, the head mean resized by `resize_query_key`, count 1; with keep_heads,
+    under the official kernel, every kept head's map), "weighted" (the sum over all heads of
+    the probabilities, each weighted per query by `head_weights(contributions)`, where
+    contributions [B, H, Nq, Dm] are the heads' outputs through the output projection and the
+    weights [B, H, Nq]; count 1) or "queries" (the layer's queries [B, N, H*D]).
     key: "{layer}", "{kind}" and "{side}" (the query map's side) are filled in at run time, so
     layers of one resolution can share a key and be pooled as they run.
     """
@@ -265,6 +280,7 @@ class Record:
     key: str = "{layer}:{kind}"
     resize_to: int | None = None
     keep_heads: bool = False  # "sum" under the official kernel: keep each head's map (add_head_maps)
+    head_weights: Callable[[torch.Tensor], torch.Tensor] | None = None  # "weighted": per-query head weights
 
 
 @dataclass(frozen=True)

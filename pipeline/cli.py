@@ -362,12 +362,22 @@ def _cpu_threads_arg(parser: argparse.ArgumentParser) -> None:
                         help="torch threads of each CPU worker (default: its share of the machine's CPUs)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pseudolabel")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pseudolabel",
         description="Training-free pixel pseudo masks from image-level labels, read from Stable Diffusion "
                     "attention (iSeg).",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="the whole job on the bundled sample images",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from .config import ConfigError, SegmenterConfig
+from .config import METHODS, ConfigError, SegmenterConfig
 from .evaluate import confusion_matrix, scores_from_confusion
 from .masks import ImageDecodeError, decode_image, decode_mask
 from .postprocess import finish_mask
@@ -23,18 +23,13 @@ from .shards import read_shard
 from .worker import sample_classes
 
 # Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
-VARIANTS = {
-    "iseg": {"method": "iseg"},
+VARIANTS = {method: {"method": method} for method in METHODS} | {
     "iseg-naive": {"method": "iseg", "ent_self": False},
     "iseg-no-cat-cross": {"method": "iseg", "cat_cross": False},
-    "diffseg": {"method": "diffseg"},
-    "goca": {"method": "goca"},
-    "diffsegmenter": {"method": "diffsegmenter"},
 }
-
-
-# Config sections that belong to one method: sweeping their keys leaves other methods alone.
-METHOD_SECTIONS = frozenset({"diffseg", "goca", "diffsegmenter"})
+# Config sections that belong to one peer (named after it): sweeping their keys leaves the
+# other methods alone.
+METHOD_SECTIONS = frozenset(METHODS) - {"iseg"}
 # Keys that change only the post-process: a sweep over one of them segments each image once.
 POSTPROCESS_KEYS = frozenset({"goca.background_offset", "diffsegmenter.background_score", "background.threshold",
                               "ignore_below"})

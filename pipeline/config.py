@@ -7,7 +7,7 @@ The defaults are the reference iSeg settings for PASCAL VOC (docs/method.md list
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,13 +193,15 @@ class DiffSegmenterConfig(_Strict):
     background_score: float = Field(0.5, ge=0.0, le=1.0)
 
 
-METHODS = ("iseg", "diffseg", "goca", "diffsegmenter")
+# The segmenter methods; each peer's config section is named after it.
+MethodName = Literal["iseg", "diffseg", "goca", "diffsegmenter"]
+METHODS: tuple[str, ...] = get_args(MethodName)
 
 
 class SegmenterConfig(_Strict):
     """Everything that determines a mask, so its hash identifies a run's results."""
 
-    method: Literal["iseg", "diffseg", "goca", "diffsegmenter"] = "iseg"
+    method: MethodName = "iseg"
     image_size: int = Field(512, ge=64, multiple_of=64)
     timestep: int = Field(100, ge=0, le=999)
     noise_seed: int = 1101

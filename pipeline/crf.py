@@ -9,14 +9,9 @@ Two parameter sets used by well-known pseudo-label pipelines:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from .config import CrfConfig
-
-if TYPE_CHECKING:
-    from .postprocess import MaskResult
 
 _PRESETS = {
     "label": dict(gaussian=(3, 3), bilateral=(50, 5, 10)),
@@ -24,24 +19,26 @@ _PRESETS = {
 }
 
 
-def crf_refine(image: np.ndarray, result: "MaskResult", config: CrfConfig) -> np.ndarray:
-    """image uint8 [H, W, 3]; result: the mask before the CRF. Returns refined uint8 labels [H, W]
+def crf_refine(image: np.ndarray, labels: np.ndarray, scores: np.ndarray, classes: list[int],
+               config: CrfConfig) -> np.ndarray:
+    """image uint8 [H, W, 3]; the mask before the CRF: labels uint8 [H, W] and scores float32
+    [1 + C, H, W] (background, then the 0-based `classes`). Returns refined uint8 labels [H, W]
     over the same label set (background and the image's classes)."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
-    height, width = result.labels.shape
+    height, width = labels.shape
     if image.shape[:2] != (height, width):
         raise ValueError(f"image is {image.shape[:2]} but the mask is {(height, width)}")
-    lookup = np.array([0] + [c + 1 for c in result.classes], dtype=np.uint8)
+    lookup = np.array([0] + [c + 1 for c in classes], dtype=np.uint8)
     n_labels = len(lookup)
     if config.preset == "label":
-        compact = np.searchsorted(lookup, result.labels).astype(np.int64)  # lookup is sorted
+        compact = np.searchsorted(lookup, labels).astype(np.int64)  # lookup is sorted
         unary = unary_from_labels(compact, n_labels, gt_prob=0.7, zero_unsure=False)
     else:
-        classes = result.scores[1:]
-        background = 1.0 - classes.max(axis=0, keepdims=True)
-        probs = np.concatenate([background, classes]).astype(np.float32)
+        class_scores = scores[1:]
+        background = 1.0 - class_scores.max(axis=0, keepdims=True)
+        probs = np.concatenate([background, class_scores]).astype(np.float32)
         probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-8)
         unary = unary_from_softmax(probs)
     crf = dcrf.DenseCRF2D(width, height, n_labels)

@@ -99,7 +99,7 @@ def finish_mask(maps: torch.Tensor, classes: list[int], image: np.ndarray, confi
     the dense CRF when enabled, then the ignore region."""
     result = class_scores_to_mask(maps, classes, image.shape[:2], config, background_map)
     if config.crf.enabled:
-        refined = crf_refine(image, result, config.crf)
+        refined = crf_refine(image, result.labels, result.scores, result.classes, config.crf)
         result.crf_changed = float(np.mean(refined != result.labels))
         result.labels = refined
     result.labels = apply_ignore(result.labels, result.confidence, config.ignore_below)

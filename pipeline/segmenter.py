@@ -255,7 +255,7 @@ class GocaPlan(Plan):
                                           len(model.unet.down_blocks))
         self.specs = []
         for layer in self.layers:
-            records = [Record("goca", "{layer}:cross")]
+            records = [Record("weighted", "{layer}:cross", head_weights=goca.head_weights)]
             if layer == settings.reference_layer:
                 records.append(Record("queries", "reference"))
             self.specs.append(CaptureSpec(layer, "cross", records=tuple(records)))

@@ -7,6 +7,7 @@ import torch
 
 from conftest import image_tensor, synthetic_image
 from pipeline import iseg
+from pipeline.capture import resize_query_key
 from pipeline.config import SegmenterConfig
 from pipeline.methods import diffseg, diffsegmenter, goca
 from pipeline.postprocess import finish_mask
@@ -121,8 +122,6 @@ def test_head_weights_are_not_clamped():
     weights = goca.head_weights(outputs)
     # sum = (2, 0); dots = 2, 4, -2; normalised by their sum 4 -> 1/2, 1, -1/2
     torch.testing.assert_close(weights[0, :, 0], torch.tensor([0.5, 1.0, -0.5]))
-    probs = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]])[None]  # [1, 3, 1, 2]
-    torch.testing.assert_close(goca.aggregate_heads(probs, weights)[0, 0], torch.tensor([0.25, 0.75]))
 
 
 def test_layer_weights_are_raw_dot_products_clamped_and_normalised():
@@ -141,7 +140,7 @@ def test_layer_weights_are_raw_dot_products_clamped_and_normalised():
 def test_self_attention_is_resized_bilinearly_on_keys_and_nearest_on_queries():
     side, out = 4, 2
     attn = torch.rand(1, side * side, side * side)
-    small = goca.resize_self_attention(attn, out)
+    small = resize_query_key(attn, out)
     assert small.shape == (1, 4, 4)
     # query (0, 0) of the small map is query (0, 0) of the large one (nearest, no average);
     # its keys are 2x2 means (bilinear halving); rows are not renormalised
@@ -365,3 +364,11 @@ def test_compare_sweep_prints_one_row_per_value(tmp_path, capsys):
     assert confidences[0] < confidences[2] and all(row[2] == "2" for row in rows)
     assert main(["compare", "--methods", "goca", "--sweep", "goca.nope=0:1:1", "--input", str(tmp_path / "shards"),
                  "--model", "tiny"]) == 2
+
+
+def test_every_config_method_has_one_plan_and_one_compare_name():
+    from pipeline.compare import VARIANTS
+    from pipeline.config import METHODS
+    from pipeline.segmenter import PLANS
+
+    assert set(PLANS) == set(METHODS) and set(METHODS) <= set(VARIANTS)

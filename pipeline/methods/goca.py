@@ -26,11 +26,6 @@ def head_weights(head_outputs: torch.Tensor) -> torch.Tensor:
     return dots / dots.sum(dim=1, keepdim=True).clamp_min(_TINY)
 
 
-def aggregate_heads(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """probs [B, H, N, T] per-head attention, weights [B, H, N] -> [B, N, T] weighted sum."""
-    return (probs * weights[..., None]).sum(dim=1)
-
-
 def pseudo_global_attention(queries: torch.Tensor) -> torch.Tensor:
     """queries [B, N, D] of the reference layer (all heads, D = the layer's inner dimension)
     -> softmax(Q Q^T / sqrt(D)) [B, N, N]."""
@@ -44,24 +39,10 @@ def reference_queries(queries: torch.Tensor, channels: str) -> torch.Tensor:
     return queries[..., :1] if channels == "first" else queries
 
 
-def resize_self_attention(attn: torch.Tensor, out_side: int) -> torch.Tensor:
-    """Self-attention [B, N, N] (N = side^2) -> [B, M, M] (M = out_side^2) as the reference
-    resizes a layer to the reference layer's side: the key axes bilinearly (no antialiasing),
-    the query axes by nearest neighbour; rows are not renormalised."""
-    batch, n, _ = attn.shape
-    side = int(round(math.sqrt(n)))
-    if side == out_side:
-        return attn
-    keys = F.interpolate(attn.reshape(batch * n, 1, side, side), size=(out_side, out_side), mode="bilinear",
-                         align_corners=False)
-    keys = keys.reshape(batch, side, side, out_side * out_side).permute(0, 3, 1, 2)  # [B, M, side, side]
-    queries = F.interpolate(keys, size=(out_side, out_side), mode="nearest")  # [B, M_key, out, out]
-    return queries.flatten(2).transpose(1, 2)
-
-
 def layer_weights(self_maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Layer-wise weights ('dot-product similarity'). self_maps: [L, B, M, M] each layer's
-    head-averaged self-attention resized to the reference side; reference: [B, M, M] pseudo
+    head-averaged self-attention resized to the reference side (`capture.resize_query_key`);
+    reference: [B, M, M] pseudo
     global attention. The raw dot product of each layer with the reference, clamped at 0 and
     normalised over layers. Returns [L, B]."""
     similarity = (self_maps * reference[None]).flatten(2).sum(dim=-1).clamp_min(0)
