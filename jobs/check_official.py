@@ -51,8 +51,8 @@ _VAE_ATTENTION_NAMES = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "
 
 def read_samples(pattern: str, limit: int | None) -> list[dict]:
     """[{key, jpg: bytes, names: [str]}] from the shards, in shard order, at most `limit`."""
-    from pipeline.runner import expand_input
-    from pipeline.shards import read_shard
+    from pipeline.data.shards import expand_input
+    from pipeline.data.shards import read_shard
 
     samples = []
     for url in expand_input(pattern):
@@ -165,20 +165,20 @@ def _maps_at_512(maps: torch.Tensor) -> np.ndarray:
     """Class maps [C, s, s] -> float32 [C, 512, 512], bilinear and min-max scaled per class."""
     import torch.nn.functional as F
 
-    from pipeline import iseg
+    from pipeline.segment.methods import iseg
 
     grid = F.interpolate(maps[None].float(), size=(512, 512), mode="bilinear", align_corners=False)
     return iseg.minmax_per_class(grid)[0].numpy()
 
 
 def _ours_on_official_attention(cross: dict, self_attn: torch.Tensor, sample: dict, config, tokenizer) -> tuple:
-    """This project's stages after the UNet (pipeline.iseg.iseg_class_maps, then the mask) on
+    """This project's stages after the UNet (pipeline.segment.methods.iseg.iseg_class_maps, then the mask) on
     the official code's own head-averaged attention: cross side -> [1, side*side, T], self
     [1, N, N]. Returns (mask uint8 [H, W], maps at 512 px)."""
-    from pipeline import iseg
-    from pipeline.masks import decode_image
-    from pipeline.postprocess import finish_mask
-    from pipeline.prompts import build_class_prompt
+    from pipeline.segment.methods import iseg
+    from pipeline.mask.codec import decode_image
+    from pipeline.mask.postprocess import finish_mask
+    from pipeline.segment.prompts import build_class_prompt
 
     prompt = build_class_prompt(tokenizer, [config.classes[c] for c in sample["classes"]],
                                 config.background_context)
@@ -193,7 +193,7 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
                  ours) -> None:
     """Child process: the official iSeg over the samples; writes per image its mask and class
     maps, and the mask and maps of this project's later stages on the official attention."""
-    from pipeline.models import load_model
+    from pipeline.segment.models import load_model
 
     bundle = load_model(model_spec, device="cpu", dtype=torch.float32)
     samples = json.loads(samples_file.read_text())
@@ -296,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from pipeline.masks import decode_image
-    from pipeline.models import load_model
-    from pipeline.postprocess import finish_mask
-    from pipeline.segmenter import Segmenter
+    from pipeline.mask.codec import decode_image
+    from pipeline.segment.models import load_model
+    from pipeline.mask.postprocess import finish_mask
+    from pipeline.segment.segmenter import Segmenter
 
     words = official_class_words(official, dataset)
     if len(words) != len(config.classes):

@@ -295,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="a Python with tensorflow and scikit-learn for the DiffSeg reference")
     args = parser.parse_args(argv)
 
-    from pipeline.capture import UNetStopped, capturing
+    from pipeline.segment.capture import UNetStopped, capturing
     from pipeline.config import SegmenterConfig
-    from pipeline.masks import decode_image
-    from pipeline.methods import diffseg
-    from pipeline.models import load_model
-    from pipeline.postprocess import finish_mask
-    from pipeline.segmenter import Segmenter
+    from pipeline.mask.codec import decode_image
+    from pipeline.segment.methods import diffseg
+    from pipeline.segment.models import load_model
+    from pipeline.mask.postprocess import finish_mask
+    from pipeline.segment.plan import PlannedScores
+    from pipeline.segment.segmenter import Segmenter
 
     model = load_model(args.model, device="cpu", dtype=torch.float32)
     base = SegmenterConfig()
@@ -379,9 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                         names = diffseg.name_segments(segments, len(upsampled), naming)
                         named = diffseg.named_maps(upsampled, names, len(candidates))
                         n = len(prompt.columns)
-                        row = (named[:n].T, named[n:].amax(dim=0), 0.0, config.image_size)
-                maps, background, _, side = row
-                ours = torch.cat([background[None], maps.T]).argmax(dim=0).reshape(side, side)
+                        row = PlannedScores(named[:n].T, named[n:].amax(dim=0), 0.0, config.image_size)
+                ours = torch.cat([row.background[None], row.maps.T]).argmax(dim=0).reshape(row.side, row.side)
                 ours = torch.tensor([0] + [c + 1 for c in classes])[ours].numpy().astype(np.uint8)
                 data_path, out_path = Path(scratch) / "diffseg.npz", Path(scratch) / "diffseg_out.npz"
                 np.savez(data_path, **inputs)

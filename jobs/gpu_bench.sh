@@ -63,7 +63,7 @@ bench() {
 trainaug() {
     local work=/tmp/pseudolabel-trainaug
     rm -rf "$work"
-    python3 -c "from pathlib import Path; from pipeline.bench import write_benchmark_shards; \
+    python3 -c "from pathlib import Path; from pipeline.results.bench import write_benchmark_shards; \
 write_benchmark_shards(Path('$work/shards'), 10582, 256)"
     local start end
     start=$(date +%s.%N)

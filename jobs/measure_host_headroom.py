@@ -20,11 +20,11 @@ import warnings
 import torch
 from PIL import Image
 
-from pipeline.bench import benchmark_images, segment_queued, sync_device
+from pipeline.results.bench import benchmark_images, segment_queued, sync_device
 from pipeline.config import load_config
-from pipeline.masks import decode_image
-from pipeline.models import load_model
-from pipeline.segmenter import Segmenter
+from pipeline.mask.codec import decode_image
+from pipeline.segment.models import load_model
+from pipeline.segment.segmenter import Segmenter
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.bench import pipeline_path, write_benchmark_shards
+from pipeline.results.bench import pipeline_path, write_benchmark_shards
 from pipeline.config import load_config
 
 

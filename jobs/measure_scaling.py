@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pipeline.bench import pipeline_path, write_benchmark_shards
+from pipeline.results.bench import pipeline_path, write_benchmark_shards
 from pipeline.config import load_config
 
 

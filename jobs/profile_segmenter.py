@@ -11,10 +11,10 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.bench import benchmark_images
+from pipeline.results.bench import benchmark_images
 from pipeline.config import load_config
-from pipeline.models import load_model
-from pipeline.segmenter import Segmenter
+from pipeline.segment.models import load_model
+from pipeline.segment.segmenter import Segmenter
 
 
 def main() -> None:

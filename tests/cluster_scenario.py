@@ -13,8 +13,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.config import load_config
-from pipeline.ledger import Ledger
-from pipeline.runner import run_job
+from pipeline.data.ledger import Ledger
+from pipeline.job.runner import run_job
 
 
 def main(shards: str, out: str, config: str) -> None:

@@ -13,14 +13,14 @@ os.environ["RAY_ADDRESS"] = "local"
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from pipeline.models import load_model
+    from pipeline.segment.models import load_model
 
     return load_model("tiny", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from pipeline.models import clip_tokenizer
+    from pipeline.segment.models import clip_tokenizer
 
     return clip_tokenizer()
 
@@ -89,13 +89,13 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
     predict(gt, index) as the masks. Returns (job folder, {id: gt})."""
 
     from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
-    from pipeline.ledger import Ledger
-    from pipeline.masks import encode_confidence, encode_mask
-    from pipeline.postprocess import MaskResult
-    from pipeline.runner import config_hash, write_shard_outputs
-    from pipeline.shards import ShardingReport, encode_json, voc_sources, write_image_shards
-    from pipeline.stats import mask_statistics
-    from pipeline.worker import ShardResult
+    from pipeline.data.ledger import Ledger
+    from pipeline.mask.codec import encode_confidence, encode_mask
+    from pipeline.mask.postprocess import MaskResult
+    from pipeline.job.runner import config_hash, write_shard_outputs
+    from pipeline.data.shards import ShardingReport, encode_json, voc_sources, write_image_shards
+    from pipeline.mask.stats import mask_statistics
+    from pipeline.job.worker import ShardResult
 
     pairs = [(8, 18), (12, 0), (15, 1), (7, 20)]
     gts = {f"2011_00000{i}": two_class_mask(30, 45, a, b) for i, (a, b) in enumerate(pairs)}
@@ -130,7 +130,7 @@ def write_voc_shards(tmp, id_prefix: str, labels: list[tuple[int, int]], per_sha
     """VOC-style shards `tmp/shards/voc-train-*.tar` of 48 x 64 synthetic images with two-class
     ground truth, ids id_prefix + index; returns the shard folder."""
     from pipeline.config import VOC_CLASS_NAMES
-    from pipeline.shards import ShardingReport, voc_sources, write_image_shards
+    from pipeline.data.shards import ShardingReport, voc_sources, write_image_shards
 
     images = {f"{id_prefix}{i}": (synthetic_image(48, 64, seed=i), two_class_mask(48, 64, a, b))
               for i, (a, b) in enumerate(labels)}

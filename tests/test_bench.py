@@ -2,7 +2,7 @@
 
 import re
 
-from pipeline.bench import BenchResult, benchmark_images
+from pipeline.results.bench import BenchResult, benchmark_images
 from pipeline.cli import main
 
 
@@ -31,8 +31,8 @@ def test_ratio_line_format_and_images():
 
 
 def test_benchmark_shards_stream_the_same_images(tmp_path):
-    from pipeline.bench import write_benchmark_shards
-    from pipeline.shards import read_shard
+    from pipeline.results.bench import write_benchmark_shards
+    from pipeline.data.shards import read_shard
 
     pattern = write_benchmark_shards(tmp_path / "shards", 5, 2)
     tars = sorted((tmp_path / "shards").glob("bench-*.tar"))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from pipeline.capture import (AttentionCaptureProcessor, CaptureSpec, CapturedAttention, Record, classic_attention,
+from pipeline.segment.capture import (AttentionCaptureProcessor, CaptureSpec, CapturedAttention, Record, classic_attention,
                               install_capture)
-from pipeline.models import load_model
+from pipeline.segment.models import load_model
 
 SELF_LAYER = "up_blocks.3.attentions.1"
 CROSS_LAYER = "down_blocks.2.attentions.0"

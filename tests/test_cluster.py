@@ -18,9 +18,9 @@ from PIL import Image
 
 from conftest import FAST_CONFIG, write_voc_shards
 from pipeline.config import load_config
-from pipeline.ledger import Ledger
-from pipeline.shards import read_shard
-from pipeline.worker import ShardWorker
+from pipeline.data.ledger import Ledger
+from pipeline.data.shards import read_shard
+from pipeline.job.worker import ShardWorker
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

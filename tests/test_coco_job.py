@@ -9,9 +9,9 @@ from PIL import Image
 from conftest import synthetic_image, two_class_mask
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.masks import encode_mask
-from pipeline.runner import run_job
-from pipeline.shards import ShardingReport, SourceImage, write_image_shards
+from pipeline.mask.codec import encode_mask
+from pipeline.job.runner import run_job
+from pipeline.data.shards import ShardingReport, SourceImage, write_image_shards
 
 LABELS = [("person", "toothbrush"), ("giraffe", "toothbrush"), ("person", "hair_drier")]
 

@@ -9,8 +9,8 @@ from pycocotools import mask as mask_utils
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.masks import decode_mask
-from pipeline.shards import read_shard
+from pipeline.mask.codec import decode_mask
+from pipeline.data.shards import read_shard
 
 NAMES = load_config("coco").class_names
 H, W = 40, 60

@@ -9,9 +9,9 @@ import torch
 
 from conftest import FAST_CONFIG, image_tensor, synthetic_image
 from pipeline.config import SegmenterConfig, load_config
-from pipeline.models import load_model
-from pipeline.segmenter import Segmenter
-from pipeline.transfer import stack_to_device, start_copy_to_host, to_device
+from pipeline.segment.models import load_model
+from pipeline.segment.segmenter import Segmenter
+from pipeline.segment.transfer import stack_to_device, start_copy_to_host, to_device
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -124,8 +124,8 @@ def test_the_gpu_gives_the_cpu_results_in_float64():
 def test_a_job_on_a_gpu_worker_writes_every_mask(tmp_path):
     import ray
 
-    from pipeline.bench import write_benchmark_shards
-    from pipeline.runner import run_job
+    from pipeline.results.bench import write_benchmark_shards
+    from pipeline.job.runner import run_job
 
     pattern = write_benchmark_shards(tmp_path / "shards", 12, 4)
     ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=1, include_dashboard=False, logging_level="ERROR")

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from conftest import make_job_output
-from pipeline.dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PseudoMaskFolder, PseudoMaskShards, VocTrainTransform
-from pipeline.export import export_voc
-from pipeline.outputs import JobOutput
+from pipeline.data.dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PseudoMaskFolder, PseudoMaskShards, VocTrainTransform
+from pipeline.results.export import export_voc
+from pipeline.data.outputs import JobOutput
 
 
 def test_folder_and_shard_datasets_agree(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import make_job_output
 from pipeline.cli import main
-from pipeline.evaluate import confusion_matrix, evaluate_job, scores_from_confusion
-from pipeline.outputs import JobOutput
+from pipeline.results.evaluate import confusion_matrix, evaluate_job, scores_from_confusion
+from pipeline.data.outputs import JobOutput
 
 
 def test_identical_masks_score_100(tmp_path, capsys):
@@ -47,7 +47,7 @@ def test_shifted_job_scores_below_100_and_gt_folder_option(tmp_path):
     from_shards, _ = evaluate_job(JobOutput(out))
     folder = tmp_path / "gt"
     folder.mkdir()
-    from pipeline.masks import encode_mask
+    from pipeline.mask.codec import encode_mask
 
     for image_id, gt in gts.items():
         (folder / f"{image_id}.png").write_bytes(encode_mask(gt))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline import iseg
+from pipeline.segment.methods import iseg
 
 
 def test_entropy_reduced_self_attention_matches_hand_computation():

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.ledger import DONE, FAILED, IN_PROGRESS, JobMismatchError, Ledger, ShardEntry, atomic_write_bytes, file_sha256
+from pipeline.data.atomic import atomic_write_bytes, file_sha256
+from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, JobMismatchError, Ledger, ShardEntry
 
 
 def _entry(ledger, shard, state, digest="h1", outputs=None):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from conftest import image_tensor, synthetic_image
-from pipeline import iseg
-from pipeline.capture import resize_query_key
+from pipeline.segment.methods import iseg
+from pipeline.segment.capture import resize_query_key
 from pipeline.config import SegmenterConfig
-from pipeline.methods import diffseg, diffsegmenter, goca
-from pipeline.postprocess import finish_mask
-from pipeline.segmenter import Segmenter
+from pipeline.segment.methods import diffseg, diffsegmenter, goca
+from pipeline.mask.postprocess import finish_mask
+from pipeline.segment.segmenter import Segmenter
 
 
 def _two_block_attention(side):
@@ -290,7 +290,7 @@ def test_method_end_to_end(tiny_model, method):
 
 
 def test_all_layer_methods_keep_one_map_per_resolution(tiny_model):
-    from pipeline.capture import capturing
+    from pipeline.segment.capture import capturing
 
     segmenter = Segmenter(tiny_model, SegmenterConfig(method="diffseg"))
     latents = segmenter.encode_images([torch.zeros(3, 32, 32, dtype=torch.uint8)])
@@ -308,7 +308,7 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
     from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
     from pipeline.cli import main
     from pipeline.config import VOC_CLASS_NAMES
-    from pipeline.shards import ShardingReport, voc_sources, write_image_shards
+    from pipeline.data.shards import ShardingReport, voc_sources, write_image_shards
 
     images = {f"2012_00000{i}": (synthetic_image(40, 40, seed=i), two_class_mask(40, 40, 8, 0)) for i in range(3)}
     root = write_voc_folder(tmp_path / "VOC2012", images)
@@ -326,7 +326,7 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
 
 
 def test_sweep_parses_values_and_rejects_bad_keys():
-    from pipeline.compare import comparison_rows, parse_sweep
+    from pipeline.results.compare import comparison_rows, parse_sweep
     from pipeline.config import ConfigError
 
     sweep = parse_sweep("goca.background_offset=-0.4:0.4:0.1")
@@ -347,7 +347,7 @@ def test_compare_sweep_prints_one_row_per_value(tmp_path, capsys):
     from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
     from pipeline.cli import main
     from pipeline.config import VOC_CLASS_NAMES
-    from pipeline.shards import ShardingReport, voc_sources, write_image_shards
+    from pipeline.data.shards import ShardingReport, voc_sources, write_image_shards
 
     images = {f"2012_00000{i}": (synthetic_image(40, 40, seed=i), two_class_mask(40, 40, 8, 0)) for i in range(2)}
     root = write_voc_folder(tmp_path / "VOC2012", images)
@@ -367,8 +367,8 @@ def test_compare_sweep_prints_one_row_per_value(tmp_path, capsys):
 
 
 def test_every_config_method_has_one_plan_and_one_compare_name():
-    from pipeline.compare import VARIANTS
+    from pipeline.results.compare import VARIANTS
     from pipeline.config import METHODS
-    from pipeline.segmenter import PLANS
+    from pipeline.segment.methods import PLANS
 
     assert set(PLANS) == set(METHODS) and set(METHODS) <= set(VARIANTS)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import make_job_output
-from pipeline.export import export_voc
-from pipeline.outputs import JobOutput
+from pipeline.results.export import export_voc
+from pipeline.data.outputs import JobOutput
 
 pytest.importorskip("mmseg", reason='mmsegmentation is not installed: pip install -e ".[mmseg]"')
 pytest.importorskip("mmengine", reason='mmengine is not installed: pip install -e ".[mmseg]"')

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.models import ModelLoadError, load_model, resolve_model, tiny_model_path
+from pipeline.segment import models
+from pipeline.segment.models import ModelLoadError, load_model, resolve_model, tiny_model_path
 
 
 def test_tiny_model_is_saved_as_a_diffusers_folder_and_loaded_back(tiny_model):

@@ -6,8 +6,8 @@ import torch
 
 from conftest import synthetic_image
 from pipeline.config import CrfConfig, SegmenterConfig
-from pipeline.masks import decode_mask, encode_mask, voc_palette
-from pipeline.postprocess import class_scores_to_mask, finish_mask
+from pipeline.mask.codec import decode_mask, encode_mask, voc_palette
+from pipeline.mask.postprocess import class_scores_to_mask, finish_mask
 
 
 def _left_right_maps(side=8):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import SegmenterConfig, VOC_CLASS_NAMES, load_config
-from pipeline.prompts import PromptError, build_class_prompt
+from pipeline.segment.prompts import PromptError, build_class_prompt
 
 VOC = SegmenterConfig()
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from conftest import make_job_output
 from pipeline.cli import main
-from pipeline.report import pick_examples
+from pipeline.results.report import pick_examples
 
 
 def test_report_is_one_self_contained_page(tmp_path, capsys):

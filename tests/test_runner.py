@@ -19,10 +19,10 @@ from PIL import Image
 from conftest import FAST_CONFIG, write_voc_shards
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.ledger import JobMismatchError, Ledger
-from pipeline.runner import run_job
-from pipeline.shards import encode_json, read_shard, tar_bytes
-from pipeline.stats import STATS_SCHEMA
+from pipeline.data.ledger import JobMismatchError, Ledger
+from pipeline.job.runner import run_job
+from pipeline.data.shards import encode_json, read_shard, tar_bytes
+from pipeline.mask.stats import STATS_SCHEMA
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -185,7 +185,7 @@ def test_killed_driver_then_rerun_gives_the_same_outputs(clean_run, shards, tmp_
 def test_unreachable_model_fails_before_the_job_is_recorded(shards, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from pipeline.models import ModelLoadError
+    from pipeline.segment.models import ModelLoadError
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="--model tiny"):
@@ -194,7 +194,7 @@ def test_unreachable_model_fails_before_the_job_is_recorded(shards, tmp_path, mo
 
 
 def test_worker_start_failure_names_the_cause(ray_local, shards, tmp_path):
-    from pipeline.runner import WorkerStartError
+    from pipeline.job.runner import WorkerStartError
 
     broken = tmp_path / "broken-model"
     for part in ("unet", "vae", "text_encoder", "tokenizer"):
@@ -208,7 +208,7 @@ def test_worker_start_failure_names_the_cause(ray_local, shards, tmp_path):
 
 
 def test_input_patterns(shards, tmp_path):
-    from pipeline.runner import InputError, expand_input
+    from pipeline.data.shards import InputError, expand_input
 
     names = [Path(u).name for u in expand_input(str(shards / "voc-train-{000000..000002}.tar"))]
     assert names == ["voc-train-000000.tar", "voc-train-000001.tar", "voc-train-000002.tar"]
@@ -248,7 +248,7 @@ def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, sh
 
 
 def test_device_failures_are_recognised():
-    from pipeline.worker import is_device_failure
+    from pipeline.job.worker import is_device_failure
 
     assert is_device_failure(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_device_failure(RuntimeError("CUDA error: device-side assert triggered"))
@@ -267,7 +267,7 @@ class _Cluster:
 @pytest.mark.parametrize("cpus,workers,threads", [(2, 1, None), (2, 2, None), (2, 2, 1), (16, 2, 4), (16, 3, None),
                                                   (5, 3, 2)])
 def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threads):
-    from pipeline.runner import _actor_options
+    from pipeline.job.runner import _actor_options
 
     n, options, torch_threads = _actor_options(_Cluster(CPU=cpus), workers, 2, threads)
     assert n == workers and options["max_concurrency"] == 3  # two shards and the progress polls
@@ -278,7 +278,8 @@ def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threa
 
 
 def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slots():
-    from pipeline.runner import InputError, _actor_options
+    from pipeline.data.shards import InputError
+    from pipeline.job.runner import _actor_options
 
     assert _actor_options(_Cluster(CPU=16, GPU=1), None, 2)[:1] == (1,)
     with pytest.raises(InputError, match="--workers 2 asks for one GPU each but the cluster has 1"):
@@ -309,7 +310,7 @@ def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_p
 
 
 def test_ray_address_follows_rays_convention():
-    from pipeline.runner import ray_address
+    from pipeline.job.runner import ray_address
 
     running, idle = (lambda: True), (lambda: False)
     assert ray_address("ray://head:10001", "local", running) == "ray://head:10001"  # --address wins

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FAST_CONFIG, image_tensor, synthetic_image
-from pipeline.capture import capturing
+from pipeline.segment.capture import capturing
 from pipeline.config import SegmenterConfig, load_config
-from pipeline.models import load_model
-from pipeline.postprocess import finish_mask
-from pipeline.segmenter import Segmenter, resize_to_model
+from pipeline.segment.models import load_model
+from pipeline.mask.postprocess import finish_mask
+from pipeline.segment.segmenter import Segmenter, resize_to_model
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +158,8 @@ def test_resize_is_opencv_bit_for_bit(scale_first):
 
 
 def test_official_head_order_names_the_layers_heads_in_forward_order(tiny_model):
-    from pipeline.capture import CaptureSpec
-    from pipeline.segmenter import official_head_order
+    from pipeline.segment.capture import CaptureSpec
+    from pipeline.segment.methods.iseg import official_head_order
 
     specs = [CaptureSpec("up_blocks.1.attentions.0", "cross", [1]),  # runs after the down blocks
              CaptureSpec("down_blocks.2.attentions.0", "cross", [0, 19]),

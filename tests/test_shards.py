@@ -8,9 +8,9 @@ import pytest
 from conftest import synthetic_image, two_class_mask, write_voc_folder
 from pipeline.cli import main
 from pipeline.config import VOC_CLASS_NAMES
-from pipeline.ledger import file_sha256
-from pipeline.masks import decode_mask
-from pipeline.shards import ShardingError, ShardingReport, read_shard, voc_sources, write_image_shards
+from pipeline.data.atomic import file_sha256
+from pipeline.mask.codec import decode_mask
+from pipeline.data.shards import ShardingError, ShardingReport, read_shard, voc_sources, write_image_shards
 
 VOC = list(VOC_CLASS_NAMES)
 

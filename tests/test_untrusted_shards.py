@@ -11,10 +11,10 @@ from PIL import Image
 
 from conftest import FAST_CONFIG, synthetic_image
 from pipeline.config import load_config
-from pipeline.masks import ImageDecodeError, decode_image
-from pipeline.safe_paths import MAX_KEY_BYTES, UnsafeKeyError, check_key, file_in, key_problem
-from pipeline.shards import ShardingReport, folder_sources, tar_bytes, write_image_shards
-from pipeline.worker import ShardWorker
+from pipeline.mask.codec import ImageDecodeError, decode_image
+from pipeline.data.safe_paths import MAX_KEY_BYTES, UnsafeKeyError, check_key, file_in, key_problem
+from pipeline.data.shards import ShardingReport, folder_sources, tar_bytes, write_image_shards
+from pipeline.job.worker import ShardWorker
 
 BAD_KEYS = ["../../escaped_x", "/tmp/absolute_x", "bad\nkey", "k" * (MAX_KEY_BYTES + 1), ".hidden", "a\\b", ""]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import FAST_CONFIG, image_tensor, synthetic_image
-from pipeline import worker as worker_module
-from pipeline.bench import write_benchmark_shards
+from pipeline.job import worker as worker_module
+from pipeline.results.bench import write_benchmark_shards
 from pipeline.config import load_config
-from pipeline.worker import ShardWorker, release_free_memory
+from pipeline.job.worker import ShardWorker, release_free_memory
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Files in and out: shards and their sources (VOC, folder, COCO), atomic writes, a job's outputs, torch datasets."""

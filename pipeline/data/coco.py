@@ -1,0 +1,109 @@
+"""COCO instance annotations -> image-level labels and semantic ground truth, with pycocotools.
+
+The semantic mask of an image follows COCO-Stuff's `cocoSegmentationToSegmentationMap`
+(cocoapi, `PythonAPI/pycocotools/cocostuffhelper.py`), the converter behind the COCO ground
+truth of the weakly supervised literature: the image's non-crowd instance masks (polygons or
+RLE, decoded by pycocotools' `annToMask`) are painted in annotation-file order, a later instance
+overwriting an earlier one where they overlap; crowd regions are not painted (their pixels stay
+background); values are the contiguous class indices of `configs/coco.yaml` (1..80, 0
+background). The image-level labels are the classes present in that mask, as the official iSeg
+code derives them from its ground-truth masks: a crowd-only class, or an instance wholly covered
+by later ones, is not a label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.mask.codec import encode_mask
+from pipeline.data.shards import ShardingError, ShardingReport, SourceImage
+
+SPLITS = ("train2014", "val2014", "train2017", "val2017")
+
+
+def load_coco(annotations: Path):
+    """pycocotools' COCO index over an instances JSON, loaded once (train2014's 450 MB file
+    takes a few GB of memory while sharding)."""
+    from pycocotools.coco import COCO
+
+    if not annotations.is_file():
+        raise ShardingError(f"annotation file {annotations} not found: pass --annotations "
+                            "annotations/instances_<split>.json of the COCO download")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            return COCO(str(annotations))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ShardingError(f"annotation file {annotations} is not a COCO instances JSON ({exc}): pass "
+                            "annotations/instances_<split>.json") from None
+
+
+def category_indices(coco, class_names: list[str]) -> dict[int, int]:
+    """COCO category id -> contiguous class index (1-based, the mask value) by name: the
+    config's class names are the COCO names with spaces as underscores."""
+    indices = {}
+    for category in coco.loadCats(coco.getCatIds()):
+        name = category["name"].replace(" ", "_")
+        if name not in class_names:
+            raise ShardingError(f"COCO category {category['id']} {category['name']!r} is not a class of the "
+                                f"config: pass the COCO config (--config coco)")
+        indices[category["id"]] = class_names.index(name) + 1
+    return indices
+
+
+def semantic_mask(coco, image_id: int, indices: dict[int, int]) -> np.ndarray:
+    """uint8 [H, W] class indices of one image (module doc: painting order, crowd regions).
+    Raises KeyError naming a category id that is not in `indices`."""
+    info = coco.imgs[image_id]
+    mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+    for annotation in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False)):
+        mask[coco.annToMask(annotation) == 1] = indices[annotation["category_id"]]
+    return mask
+
+
+def coco_sources(coco_root: str | Path, split: str, annotations: str | Path | None, class_names: list[str],
+                 report: ShardingReport) -> list[SourceImage]:
+    """The images of a COCO split with labels and a ground-truth renderer; images without a
+    labelled pixel, with an unknown category or without their file go to the report."""
+    root = Path(coco_root)
+    if split not in SPLITS:
+        raise ShardingError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    images_dir = root / split
+    if not images_dir.is_dir():
+        raise ShardingError(f"{images_dir} not found: pass --coco-root, the folder holding {split}/ and annotations/")
+    coco = load_coco(Path(annotations) if annotations else root / "annotations" / f"instances_{split}.json")
+    indices = category_indices(coco, class_names)
+    sources = []
+    for image_id in sorted(coco.imgs):
+        info = coco.imgs[image_id]
+        key = Path(info["file_name"]).stem
+        path = images_dir / info["file_name"]
+        if not path.is_file():
+            report.problem(key, "missing image", f"{path} not found; not sharded")
+            continue
+        try:
+            mask = semantic_mask(coco, image_id, indices)
+        except KeyError as exc:
+            report.problem(key, "unknown category", f"category id {exc.args[0]} is not in the annotation file's "
+                                                    "categories; not sharded")
+            continue
+        present = [int(v) for v in np.unique(mask) if v != 0]
+        if not present:
+            crowd = bool(coco.getAnnIds(imgIds=image_id, iscrowd=True))
+            report.problem(key, "no annotations", "only crowd regions; not sharded" if crowd
+                           else "no instance annotation; not sharded")
+            continue
+        sources.append(SourceImage(key, path, [class_names[v - 1] for v in present],
+                                   gt_png=_renderer(coco, image_id, indices)))
+    return sources
+
+
+def _renderer(coco, image_id: int, indices: dict[int, int]) -> Callable[[], bytes]:
+    """The image's ground-truth PNG, rendered again when its shard is written (the masks of a
+    whole split are not kept in memory)."""
+    return lambda: encode_mask(semantic_mask(coco, image_id, indices))

@@ -1,0 +1,175 @@
+"""torch datasets that feed pseudo masks to a segmentation training loop.
+
+Both return (image, mask): image float32 [3, H, W] in [0, 1], mask int64 [H, W] with class
+indices (0 background) and IGNORE_INDEX (255) for pixels to leave out of the loss
+(`torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)`). A `transform(image, mask)` may
+crop, resize or augment both together (it receives and returns the tensors above);
+`VocTrainTransform` is the standard VOC training augmentation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import Dataset, IterableDataset
+
+from pipeline.data.outputs import MASK_FOLDER
+from pipeline.mask.codec import decode_image, decode_mask, read_image
+from pipeline.mask.postprocess import IGNORE_INDEX
+from pipeline.data.safe_paths import file_in
+
+__all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "PseudoMaskFolder", "PseudoMaskShards",
+           "VocTrainTransform"]
+
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VocTrainTransform:
+    """The standard VOC training augmentation (DeepLab, mmsegmentation): ImageNet
+    normalisation, a random scale in scale_range (bilinear image, nearest mask), padding to
+    crop_size (image 0, i.e. the mean colour after normalisation; mask IGNORE_INDEX), a random
+    crop_size x crop_size crop and a horizontal flip with probability 0.5. Randomness comes
+    from torch's generator, which DataLoader seeds per worker.
+
+    image float32 [3, H, W] in [0, 1], mask int64 [H, W] -> normalised image [3, S, S], mask [S, S].
+    """
+
+    def __init__(self, crop_size: int = 512, scale_range: tuple[float, float] = (0.5, 2.0),
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+        if crop_size < 1 or not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"crop_size {crop_size} and scale_range {scale_range}: need crop_size >= 1 and "
+                             "0 < low <= high")
+        self.crop_size = crop_size
+        self.scale_range = scale_range
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = (image - self.mean) / self.std
+        low, high = self.scale_range
+        scale = low + (high - low) * float(torch.rand(()))
+        height, width = mask.shape
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        pad_h, pad_w = max(self.crop_size - size[0], 0), max(self.crop_size - size[1], 0)
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            mask = F.pad(mask, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        top = int(torch.randint(0, mask.shape[0] - self.crop_size + 1, ()))
+        left = int(torch.randint(0, mask.shape[1] - self.crop_size + 1, ()))
+        image = image[:, top:top + self.crop_size, left:left + self.crop_size]
+        mask = mask[top:top + self.crop_size, left:left + self.crop_size]
+        if float(torch.rand(())) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        return image.contiguous(), mask.contiguous()
+
+
+def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image is {image.shape[:2]} but its mask is {mask.shape}")
+    return (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0,
+            torch.from_numpy(mask.astype(np.int64)))
+
+
+class PseudoMaskFolder(Dataset):
+    """Map-style over an exported folder (`pseudolabel export --images`): JPEGImages/,
+    SegmentationClassPseudo/ and ImageSets/Segmentation/<split>.txt. With DDP, wrap it in
+    `torch.utils.data.DistributedSampler` as any map-style dataset."""
+
+    def __init__(self, root: str | Path, split: str = "train_aug", transform: Transform | None = None,
+                 images_dir: str | Path | None = None):
+        self.root = Path(root)
+        self.images_dir = Path(images_dir) if images_dir else self.root / "JPEGImages"
+        split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{split_file} not found: export the job with pseudolabel export --split {split}")
+        self.ids = split_file.read_text().split()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_id = self.ids[index]
+        image = read_image(file_in(self.images_dir, image_id, ".jpg"))
+        mask = decode_mask(file_in(self.root / MASK_FOLDER, image_id, ".png").read_bytes())
+        image_t, mask_t = _to_tensors(image, mask)
+        return self.transform(image_t, mask_t) if self.transform else (image_t, mask_t)
+
+
+class PseudoMaskShards(IterableDataset):
+    """Iterable over a job's mask shards joined with the image shards they were made from, by id
+    (no export needed); failed images are skipped.
+
+    Shards are split with WebDataset's own splitters: first by distributed rank
+    (`torch.distributed`, or the RANK and WORLD_SIZE variables), then by DataLoader worker, so
+    each image is seen once per epoch across a DDP job (give it at least ranks x workers mask
+    shards). shuffle: WebDataset's sample buffer of that size (0: in shard order); the shard
+    order is shuffled too, the same on every rank, per `set_epoch(epoch)`. len() is the number
+    of images of this rank's shards, from the job's statistics. with_keys: yield (id, image,
+    mask).
+    """
+
+    def __init__(self, job_output: str | Path, transform: Transform | None = None, shuffle: int = 0,
+                 seed: int = 0, with_keys: bool = False):
+        from pipeline.data.outputs import JobOutput
+
+        self.job = JobOutput(job_output)
+        self.transform = transform
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.with_keys = with_keys
+        self.shards = [str(path) for path in self.job.mask_shards()]
+        rows = self.job.stats().select(["shard", "status"]).to_pylist()
+        self._images_per_shard = Counter(row["shard"] for row in rows if row["status"] == "ok")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle the shards for this epoch (call it on every rank, as DistributedSampler's)."""
+        self.epoch = epoch
+
+    def _shard_order(self) -> list[str]:
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(shards)  # the same order on every rank
+        return shards
+
+    def __len__(self) -> int:
+        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+        mine = self._shard_order()[rank::world_size]
+        return sum(self._images_per_shard[Path(url).stem] for url in mine)
+
+    def _joined(self, urls):
+        """Mask shard urls -> (id, image, mask) tensors: each mask joined with its image."""
+        from pipeline.data.shards import read_shard
+
+        for url in urls:
+            masks = {s["__key__"]: s["png"] for s in read_shard(url["url"])}
+            for sample in self.job.input_samples(Path(url["url"]).stem):
+                key = sample["__key__"]
+                if key in masks:
+                    image_t, mask_t = _to_tensors(decode_image(sample["jpg"], key), decode_mask(masks[key]))
+                    yield key, image_t, mask_t
+
+    def _finished(self, samples):
+        for key, image, mask in samples:
+            image, mask = self.transform(image, mask) if self.transform else (image, mask)
+            yield (key, image, mask) if self.with_keys else (image, mask)
+
+    def __iter__(self):
+        stages = [wds.SimpleShardList(self._shard_order()), wds.split_by_node, wds.split_by_worker, self._joined]
+        if self.shuffle:
+            stages.append(wds.shuffle(self.shuffle))
+        stages.append(self._finished)
+        return iter(wds.DataPipeline(*stages))

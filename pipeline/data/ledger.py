@@ -1,0 +1,109 @@
+"""Per-shard job state and resume decisions.
+
+`out/ledger/<shard>.json` holds one shard's state (done / failed / in_progress), attempts,
+output checksums, config hash and model; `out/job.json` the job's config, model and input.
+Every file is written to a temporary name and renamed, so a crash never leaves a partial file
+under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.data.atomic import atomic_write_json, file_sha256
+
+DONE, FAILED, IN_PROGRESS = "done", "failed", "in_progress"
+INTERRUPTED = "interrupted"  # in flight when the job was stopped (Ctrl-C, SIGTERM); redone on resume
+
+
+@dataclass
+class ShardEntry:
+    """One input shard's state. outputs: output path (relative to the job folder) -> sha256."""
+
+    shard: str
+    url: str
+    state: str
+    config_hash: str
+    model: str
+    attempts: int = 0
+    outputs: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+    failed_samples: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    updated: float = field(default_factory=time.time)
+
+
+class JobMismatchError(RuntimeError):
+    """The output folder belongs to a job with another config or model."""
+
+
+class Ledger:
+    """The state of a job's output folder."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / "ledger"
+
+    def _path(self, shard: str) -> Path:
+        return self.dir / f"{shard}.json"
+
+    def get(self, shard: str) -> ShardEntry | None:
+        path = self._path(shard)
+        if not path.is_file():
+            return None
+        return ShardEntry(**json.loads(path.read_text()))
+
+    def put(self, entry: ShardEntry) -> None:
+        entry.updated = time.time()
+        atomic_write_json(self._path(entry.shard), asdict(entry))
+
+    def entries(self) -> list[ShardEntry]:
+        if not self.dir.is_dir():
+            return []
+        return [ShardEntry(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
+
+    # --- the job --------------------------------------------------------------------------
+
+    @property
+    def job_path(self) -> Path:
+        return self.out_dir / "job.json"
+
+    def job(self) -> dict | None:
+        return json.loads(self.job_path.read_text()) if self.job_path.is_file() else None
+
+    def claim(self, job: dict, force: bool) -> None:
+        """Record the job in the folder; refuse a folder made with another config or model
+        unless force."""
+        previous = self.job()
+        if previous and previous["config_hash"] != job["config_hash"] and not force:
+            raise JobMismatchError(
+                f"{self.out_dir} holds a job with another config or model (hash {previous['config_hash'][:12]}, "
+                f"model {previous['model']}); use a new --output folder, or --force to redo every shard"
+            )
+        atomic_write_json(self.job_path, job)
+
+    def outputs_intact(self, entry: ShardEntry) -> bool:
+        """Whether every output the entry lists exists with its recorded checksum."""
+        for rel, digest in entry.outputs.items():
+            path = self.out_dir / rel
+            if not path.is_file() or file_sha256(path) != digest:
+                return False
+        return bool(entry.outputs)
+
+    def plan(self, shards: list[str], config_hash: str, retry_failed: bool) -> dict[str, list[str]]:
+        """Split shards into `run` (never run, interrupted, done under another config or with
+        damaged outputs, failed when retry_failed) and `done` / `failed` (skipped)."""
+        plan: dict[str, list[str]] = {"run": [], "done": [], "failed": []}
+        for shard in shards:
+            entry = self.get(shard)
+            if entry is None or entry.state in (IN_PROGRESS, INTERRUPTED) or entry.config_hash != config_hash:
+                plan["run"].append(shard)
+            elif entry.state == DONE:
+                plan["done" if self.outputs_intact(entry) else "run"].append(shard)
+            else:  # failed
+                plan["run" if retry_failed else "failed"].append(shard)
+        return plan

@@ -1,0 +1,90 @@
+"""Reading a finished job's output folder: statistics, masks, and the input shards' images and
+ground truth, joined by id. Used by export, evaluation, the training datasets and the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import VOC_CLASS_NAMES
+from pipeline.data.ledger import Ledger
+from pipeline.mask.codec import decode_confidence, decode_mask
+from pipeline.data.shards import InputError, expand_input, read_shard, shard_name
+
+# The export's folder of label PNGs (SegmentationClass layout).
+MASK_FOLDER = "SegmentationClassPseudo"
+
+
+def failed_image_ids(out_dir: str | Path) -> list[str]:
+    """Ids of the images a job could not segment (status other than ok in its statistics);
+    none without statistics yet. Needs no masks/, so `status` can read a job still starting."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    stats = Path(out_dir) / "stats"
+    if not any(stats.glob("*.parquet")):
+        return []
+    table = ds.dataset(stats, format="parquet").to_table(columns=["id", "status"])
+    return table.filter(pc.field("status") != "ok").column("id").to_pylist()
+
+
+@dataclass
+class MaskRecord:
+    """One image's job output: labels uint8 [H, W]; confidence float32 [H, W] or None; stats dict."""
+
+    id: str
+    shard: str
+    labels: np.ndarray
+    confidence: np.ndarray | None
+    stats: dict
+
+
+class JobOutput:
+    """A job's output folder (masks/, stats/, ledger/, job.json)."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        if not (self.out_dir / "masks").is_dir():
+            raise InputError(f"{self.out_dir} has no masks/: pass the --output folder of a pseudolabel run")
+
+    def stats(self) -> pa.Table:
+        """Every image's statistics row (the whole job)."""
+        import pyarrow.dataset as ds
+
+        return ds.dataset(self.out_dir / "stats", format="parquet").to_table()
+
+    def mask_shards(self) -> list[Path]:
+        return sorted((self.out_dir / "masks").glob("*.tar"))
+
+    def masks(self, shards: list[Path] | None = None) -> Iterator[MaskRecord]:
+        for tar in shards or self.mask_shards():
+            for sample in read_shard(str(tar)):
+                confidence = decode_confidence(sample["conf.png"]) if "conf.png" in sample else None
+                yield MaskRecord(id=sample["__key__"], shard=tar.stem, labels=decode_mask(sample["png"]),
+                                 confidence=confidence, stats=json.loads(sample["json"]))
+
+    def job(self) -> dict:
+        """The job's record (config, config hash, model, input); {} without job.json."""
+        return Ledger(self.out_dir).job() or {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """The job's class names (VOC's when the job left no record)."""
+        classes = self.job().get("config", {}).get("classes")
+        return [c["name"] for c in classes] if classes else list(VOC_CLASS_NAMES)
+
+    def input_shards(self) -> dict[str, str]:
+        """Input shard name -> url, from the job's recorded input."""
+        job = self.job()
+        if not job:
+            raise InputError(f"{self.out_dir} has no job.json: the input shards are unknown")
+        return {shard_name(u): u for u in expand_input(job["input"])}
+
+    def input_samples(self, shard: str) -> Iterator[dict]:
+        """The raw samples (jpg, json, gt.png) of the input shard a mask shard was made from."""
+        yield from read_shard(self.input_shards()[shard])

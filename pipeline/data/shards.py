@@ -1,0 +1,319 @@
+"""WebDataset shards: writing image shards from VOC or a labelled folder, reading them back,
+and writing mask shards.
+
+An image shard sample is `<id>.jpg` (the original bytes), `<id>.json` (id, labels as mask
+values and names, width, height, source) and, where ground truth exists, `<id>.gt.png`.
+Ids have no dots (WebDataset keys). Tars are written with a fixed mtime, so the same samples
+give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig
+from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
+from pipeline.data.safe_paths import check_key, key_problem
+
+_MTIME = 0
+
+
+class ShardingError(ValueError):
+    """The dataset folder or split cannot be turned into shards; the message says why."""
+
+
+@dataclass
+class SourceImage:
+    """One image to shard: its id, file, class names and optional ground truth: a mask file,
+    or gt_png, a function that renders the mask PNG when the sample is written."""
+
+    id: str
+    image: Path
+    names: list[str]
+    gt: Path | None = None
+    gt_png: Callable[[], bytes] | None = None
+
+
+@dataclass
+class ShardingReport:
+    """What sharding wrote and every problem it met (nothing is dropped silently)."""
+
+    shards: list[dict] = field(default_factory=list)
+    problems: list[dict] = field(default_factory=list)
+
+    def problem(self, sample_id: str, kind: str, detail: str) -> None:
+        self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
+
+
+def sample_key(name: str) -> str:
+    """A WebDataset key from a file stem: dots and path separators become underscores."""
+    return re.sub(r"[./\\]", "_", name)
+
+
+def encode_json(value: dict) -> bytes:
+    """Deterministic JSON bytes; NaN becomes null."""
+    def clean(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+    return json.dumps(clean(value), sort_keys=True).encode()
+
+
+def tar_bytes(samples: list[dict]) -> bytes:
+    """WebDataset tar of samples ({"__key__": id, ext: bytes, ...}), in the given order.
+    A key that is not a plain file name (`safe_paths.check_key`) is refused, so no member of a
+    tar written here escapes the folder it is extracted into."""
+    import webdataset as wds
+
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer, encoder=False, mtime=_MTIME) as writer:
+        for sample in samples:
+            check_key(sample["__key__"])
+            writer.write(sample)
+    return buffer.getvalue()
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Raw samples of a shard: dicts with "__key__" and bytes per extension, in tar order."""
+    import webdataset as wds
+
+    dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                             workersplitter=None)
+    for sample in dataset:
+        yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+def _split_ids(voc_root: Path, split: str) -> list[str]:
+    if split in ("train", "val", "trainval"):
+        candidates = [voc_root / "ImageSets" / "Segmentation" / f"{split}.txt"]
+    elif split == "train_aug":
+        candidates = [voc_root / "ImageSets" / "SegmentationAug" / "train_aug.txt",
+                      voc_root / "ImageSets" / "Segmentation" / "train_aug.txt"]
+    else:
+        candidates = [Path(split)]
+    for path in candidates:
+        if path.is_file():
+            return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    raise ShardingError(
+        f"split list for {split!r} not found (looked for {', '.join(map(str, candidates))}): "
+        "pass train, train_aug, val or the path of a file with one image id per line"
+    )
+
+
+def _labels_from_xml(path: Path) -> list[str]:
+    root = ET.parse(path).getroot()
+    return sorted({obj.findtext("name").strip() for obj in root.iter("object") if obj.findtext("name")})
+
+
+def _labels_from_mask(path: Path) -> list[str]:
+    with Image.open(path) as img:
+        values = np.unique(np.array(img))
+    return [VOC_CLASS_NAMES[v - 1] for v in values if 0 < v <= len(VOC_CLASS_NAMES)]
+
+
+def _labels_file(path: Path) -> dict[str, list[str]]:
+    """cls_labels.npy (dict id -> 20 multi-hot, the IRN format) or JSON {id: [names]}."""
+    if not path.is_file():
+        raise ShardingError(f"labels file {path} not found: pass an existing .npy or .json file")
+    if path.suffix == ".npy":
+        table = np.load(path, allow_pickle=True).item()
+        return {str(k): [VOC_CLASS_NAMES[i] for i in np.flatnonzero(v)] for k, v in table.items()}
+    if path.suffix == ".json":
+        return {str(k): list(v) for k, v in json.loads(path.read_text()).items()}
+    raise ShardingError(f"labels file {path} must be .npy (IRN cls_labels) or .json ({{id: [names]}})")
+
+
+def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None,
+                report: ShardingReport) -> list[SourceImage]:
+    """The images of a VOC split with their labels: from --labels-file, else Annotations/*.xml,
+    else the segmentation masks (SegmentationClassAug, then SegmentationClass)."""
+    root = Path(voc_root)
+    if not (root / "JPEGImages").is_dir():
+        raise ShardingError(f"{root} has no JPEGImages/: pass the VOC2012 folder (VOCdevkit/VOC2012)")
+    table = _labels_file(Path(labels_file)) if labels_file else None
+    sources, seen = [], set()
+    for image_id in _split_ids(root, split):
+        if image_id in seen:
+            report.problem(image_id, "duplicate id", "listed more than once in the split; kept once")
+            continue
+        seen.add(image_id)
+        image = root / "JPEGImages" / f"{image_id}.jpg"
+        if not image.is_file():
+            report.problem(image_id, "missing image", f"{image} does not exist")
+            continue
+        gt = next((p for p in (root / "SegmentationClassAug" / f"{image_id}.png",
+                               root / "SegmentationClass" / f"{image_id}.png") if p.is_file()), None)
+        xml = root / "Annotations" / f"{image_id}.xml"
+        if table is not None:
+            names = table.get(image_id, [])
+        elif xml.is_file():
+            names = _labels_from_xml(xml)
+        elif gt is not None:
+            names = _labels_from_mask(gt)
+        else:
+            names = []
+        sources.append(SourceImage(id=sample_key(image_id), image=image, names=names, gt=gt))
+    return sources
+
+
+def folder_sources(images_dir: str | Path, labels_path: str | Path, report: ShardingReport) -> list[SourceImage]:
+    """Images of a folder labelled by a CSV (columns image,labels; labels separated by ';')
+    or a JSONL file ({"image": path, "labels": [names]} per line); paths relative to images_dir."""
+    images_dir, labels_path = Path(images_dir), Path(labels_path)
+    if not labels_path.is_file():
+        raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels) or JSONL file")
+    rows: list[tuple[str, list[str]]] = []
+    if labels_path.suffix == ".csv":
+        with open(labels_path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
+                raise ShardingError(f"{labels_path} needs a header with columns image,labels")
+            rows = [(r["image"], [n.strip() for n in (r["labels"] or "").split(";") if n.strip()]) for r in reader]
+    else:
+        for number, line in enumerate(labels_path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                    rows.append((record["image"], list(record.get("labels", []))))
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image': {exc}") from exc
+    sources, seen = [], set()
+    for rel, names in rows:
+        key = sample_key(str(Path(rel).with_suffix("")))
+        if key in seen:
+            report.problem(key, "duplicate id", f"{rel} maps to an id already used; kept the first")
+            continue
+        seen.add(key)
+        image = images_dir / rel
+        if not image.is_file():
+            report.problem(key, "missing image", f"{image} does not exist")
+            continue
+        sources.append(SourceImage(id=key, image=image, names=names))
+    return sources
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def _image_sample(source: SourceImage, class_names: list[str], report: ShardingReport) -> dict:
+    data = source.image.read_bytes()
+    meta = {"id": source.id, "names": source.names, "source": str(source.image),
+            "labels": [class_names.index(n) + 1 if n in class_names else None for n in source.names]}
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            meta["width"], meta["height"] = img.size
+    except Exception as exc:  # any decoder failure: the image still goes in, the run fails it
+        report.problem(source.id, "unreadable image", f"{source.image}: {exc}")
+    if not source.names:
+        report.problem(source.id, "no labels", "no image-level label found; the run will fail this image")
+    unknown = [n for n in source.names if n not in class_names]
+    if unknown:
+        report.problem(source.id, "unknown class", f"{unknown} are not in the class list")
+    sample = {"__key__": source.id, "jpg": data, "json": encode_json(meta)}
+    if source.gt is not None:
+        sample["gt.png"] = source.gt.read_bytes()
+    elif source.gt_png is not None:
+        sample["gt.png"] = source.gt_png()
+    return sample
+
+
+def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: str, shard_size: int,
+                       class_names: list[str], report: ShardingReport, progress=None) -> ShardingReport:
+    """Write `<prefix>-000000.tar`, ... of shard_size samples each, and `manifest.json`
+    (shards with url, sample count and sha256; classes; problems)."""
+    if shard_size < 1:
+        raise ShardingError("--shard-size must be at least 1")
+    safe = []
+    for source in sources:
+        problem = key_problem(source.id)
+        if problem is None:
+            safe.append(source)
+        else:
+            report.problem(repr(source.id), "unsafe key", f"{source.image}: {problem}; not sharded (rename the file)")
+    sources = safe
+    if not sources:
+        raise ShardingError("no images to shard")
+    out_dir = Path(out_dir)
+    for number, start in enumerate(range(0, len(sources), shard_size)):
+        chunk = sources[start : start + shard_size]
+        path = out_dir / f"{prefix}-{number:06d}.tar"
+        atomic_write_bytes(path, tar_bytes([_image_sample(s, class_names, report) for s in chunk]))
+        report.shards.append({"url": path.name, "samples": len(chunk), "sha256": file_sha256(path)})
+        if progress is not None:
+            progress.update(len(chunk))
+    atomic_write_json(out_dir / "manifest.json",
+                      {"shards": report.shards, "classes": class_names, "problems": report.problems})
+    return report
+
+
+class InputError(ValueError):
+    """The --input pattern matches no shard."""
+
+
+def expand_input(pattern: str) -> list[str]:
+    """Shard paths from a brace pattern (`shards/voc-{000000..000041}.tar`), a glob, or a
+    folder holding a manifest.json; in order, without duplicates."""
+    from braceexpand import braceexpand
+
+    path = Path(pattern)
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            raise InputError(f"{path} has no manifest.json: pass a shard pattern such as '{path}/*.tar'")
+        urls = [str(path / s["url"]) for s in json.loads(manifest.read_text())["shards"]]
+    else:
+        urls = []
+        for expanded in braceexpand(pattern):
+            matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+            urls.extend(u for u in matches if u not in urls)
+    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if not urls:
+        raise InputError(f"--input {pattern!r} matches no shard")
+    if missing:
+        raise InputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
+                         f"pattern {pattern!r} and that the shards are readable from this machine")
+    return urls
+
+
+def shard_name(url: str) -> str:
+    name = url.rstrip("/").split("/")[-1]
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
+    """A shard sample's labelled classes as sorted 0-based indices of config's classes; a
+    ConfigError names what is wrong (no .json, bad JSON, no labels, an unknown class)."""
+    if "json" not in sample:
+        raise ConfigError("sample has no .json with its labels: reshard it with pseudolabel shard-voc/shard-folder")
+    try:
+        meta = json.loads(sample["json"])
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
+    names = meta.get("names") or []
+    if not names:
+        raise ConfigError("image has no labels: give it at least one image-level label")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"sample .json names {names!r} are not a list of class names: reshard it")
+    classes = [config.class_index(name) for name in names]
+    labels = meta.get("labels")
+    if labels is not None and labels != [c + 1 for c in classes]:
+        raise ConfigError(f"sample .json labels {labels!r} and names {names!r} disagree (the config numbers "
+                          f"those names {[c + 1 for c in classes]}): fix the .json or reshard the image")
+    return sorted(set(classes))

@@ -1,0 +1,457 @@
+"""The batch job on Ray: actors own a model each, the driver streams shards through them.
+
+The driver is the only writer: for each finished shard it writes the mask shard, the Parquet
+statistics and the ledger entry, each by atomic rename. Actors are restarted by Ray when
+their process dies (`max_restarts`), and the shard call they were running is retried on the
+new process (`max_task_retries`); past that the shard is marked failed and the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import time
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.config import SegmenterConfig
+from pipeline.segment.models import check_model_available
+from pipeline.data.atomic import atomic_write_bytes, file_sha256
+from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
+from pipeline.data.safe_paths import key_problem
+from pipeline.data.shards import InputError, expand_input, shard_name, tar_bytes
+from pipeline.mask.stats import rows_to_table
+
+
+class WorkerStartError(RuntimeError):
+    """The segmenter actors failed while loading the model."""
+
+
+class JobInterrupted(Exception):
+    """The job was stopped by a signal (SIGINT, SIGTERM) after marking its shards in flight
+    interrupted; summary holds what was done."""
+
+    def __init__(self, signum: int, summary: "JobSummary", interrupted: list[str]):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum, self.summary, self.interrupted = signum, summary, interrupted
+
+
+class _Stop(BaseException):
+    """Raised by the signal handler inside the driver loop."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+# Config keys that say how a job runs, not what a mask is: left out of the config hash, so a
+# job resumes with other values (a larger batch on a GPU, say).
+RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels", "early_exit"})
+
+
+def config_hash(config: SegmenterConfig, model: str) -> str:
+    """sha256 of what decides a mask: the config but RUN_SETTINGS, and the model."""
+    payload = json.dumps({"config": config.model_dump(mode="json", exclude=set(RUN_SETTINGS)), "model": model},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def absolute_input(pattern: str) -> str:
+    """The --input pattern anchored at the current folder (URLs and pipes unchanged), so that a
+    job's recorded input works from any folder."""
+    if "://" in pattern or pattern.startswith("pipe:") or os.path.isabs(pattern):
+        return pattern
+    return os.path.join(os.getcwd(), pattern)
+
+
+FAILED_IDS_SHOWN = 5
+
+
+def name_failed(ids: list[str], total: int) -> str:
+    """The first FAILED_IDS_SHOWN of `total` failed image ids for one output line ("a, b and 3
+    more"); an id that is not a safe key is quoted, so a crafted one cannot break the line."""
+    shown = [repr(i) if key_problem(i) else i for i in ids[:FAILED_IDS_SHOWN]]
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+@dataclass
+class JobSummary:
+    shards_done: int
+    shards_failed: int
+    shards_skipped: int
+    images_ok: int
+    images_failed: int
+    seconds: float
+    processing_seconds: float = 0.0  # from the workers being ready (model loaded, GPU warmed up) to the end
+    peak_worker_rss_mb: float = 0.0
+    peak_worker_device_mb: float = 0.0
+    workers: int = 0
+    worker_nodes: int = 0  # Ray nodes the workers started on
+    model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
+    queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
+    failed_ids: list[str] = field(default_factory=list)  # the first FAILED_IDS_SHOWN failed images
+
+    def add_failed(self, ids: list[str]) -> None:
+        self.failed_ids.extend(ids[: max(0, FAILED_IDS_SHOWN - len(self.failed_ids))])
+
+    @property
+    def failed_line(self) -> str | None:
+        """The failed images, the first few by id, or None when none failed."""
+        if not self.images_failed:
+            return None
+        return (f"failed images: {name_failed(self.failed_ids, self.images_failed)} "
+                "(errors in stats/, status column 'failed')")
+
+    @property
+    def model_busy(self) -> float:
+        """Fraction of the processing time the workers' models were running batches (1.0: the
+        model never waited for decoding, post-processing or writing)."""
+        wall = self.processing_seconds * self.workers
+        return self.model_seconds / wall if wall else 0.0
+
+    @property
+    def host_queueing(self) -> float:
+        """Fraction of the model time the workers' host threads spent queueing batches: near
+        1.0 on a GPU, the host sets the pace (on a CPU the work is done while queueing)."""
+        return self.queueing_seconds / self.model_seconds if self.model_seconds else 0.0
+
+    @property
+    def line(self) -> str:
+        total = self.images_ok + self.images_failed
+        rate = total / self.seconds if self.seconds > 0 else 0.0
+        return (f"{total} images: {self.images_ok} ok, {self.images_failed} failed; "
+                f"shards {self.shards_done} done, {self.shards_failed} failed, {self.shards_skipped} skipped; "
+                f"{self.seconds:.1f} s, {rate:.2f} images/s"
+                + (f"; model busy {self.model_busy:.0%} of the processing time" if self.model_seconds else ""))
+
+
+def write_shard_outputs(out_dir: Path, result) -> dict[str, str]:
+    """Mask shard and statistics of a ShardResult, atomically; returns path -> sha256."""
+    mask_rel, stats_rel = f"masks/{result.shard}.tar", f"stats/{result.shard}.parquet"
+    atomic_write_bytes(out_dir / mask_rel, tar_bytes(result.mask_samples))
+    buffer = io.BytesIO()
+    pq.write_table(rows_to_table(result.rows), buffer)
+    atomic_write_bytes(out_dir / stats_rel, buffer.getvalue())
+    return {rel: file_sha256(out_dir / rel) for rel in (mask_rel, stats_rel)}
+
+
+def ray_shard_worker_class():
+    """ShardWorker as a Ray actor: post-processing as Ray CPU tasks, and a device failure ends
+    the process so that Ray restarts the actor and retries the shard on a fresh device context."""
+    import ray
+
+    from pipeline.job import worker
+
+    class ShardWorker(worker.ShardWorker):  # the same name: Ray's dashboard and process titles show it
+        def node_id(self) -> str | None:
+            return ray.get_runtime_context().get_node_id()
+
+        def submit_finish(self, config_json, shard, items):
+            if not hasattr(self, "_finish_task"):
+                self._finish_task = ray.remote(num_cpus=1)(worker.finish_images)
+            return self._finish_task.remote(config_json, shard, items)
+
+        def collect(self, handle):
+            return ray.get(handle)
+
+        def on_device_failure(self, exc, shard):
+            print(f"worker {os.getpid()}: {type(exc).__name__} on shard {shard}; exiting for a restart", flush=True)
+            os._exit(1)
+
+    ShardWorker.__qualname__ = "ShardWorker"  # not ray_shard_worker_class.<locals>.ShardWorker
+    return ShardWorker
+
+
+def _init_ray(address: str | None):
+    """Ray's own convention: `address` (auto, host:port, ray://...; `local` for a new private
+    instance), else RAY_ADDRESS, else a cluster already running on this machine (`ray start`),
+    else a new private instance sized to this machine."""
+    import ray
+
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
+        if address != "local":
+            print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+    return ray
+
+
+def ray_address(flag: str | None, environment: str | None, local_cluster_running) -> str:
+    """The Ray address a job uses: --address, else RAY_ADDRESS, else `auto` when a cluster
+    started by `ray start` runs on this machine (local_cluster_running() says), else `local`
+    (a new private instance)."""
+    if flag:
+        return flag
+    if environment:
+        return environment
+    return "auto" if local_cluster_running() else "local"
+
+
+def _local_cluster_running() -> bool:
+    """Whether the cluster the last `ray start` on this machine recorded (the file Ray itself
+    reads for this) still accepts connections."""
+    import socket
+
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        address = find_bootstrap_address(None)
+        if not address:
+            return False
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except Exception:  # no address file, a stale one, or a Ray without that helper
+        return False
+
+
+# Shards in flight on each worker: the next shard is queued (and its decoding under way) while
+# the last one's post-processing finishes, so the model does not wait between shards.
+SHARDS_PER_WORKER = 2
+
+
+def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | None = None,
+                   device: str | None = None) -> tuple[int, dict, int]:
+    """(workers, actor options, torch threads per actor): one GPU each where the cluster has
+    GPUs (unless device is "cpu"), else CPU slots. CPU workers together reserve all but at
+    least one CPU (fractions allowed), so post-processing tasks can always be scheduled; the
+    reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
+    cpu_threads threads, by default on its whole share of the CPUs: the model is idle while
+    its results are post-processed."""
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    # One concurrency slot beyond the shards, for the driver's progress polls.
+    fault = dict(max_restarts=-1, max_task_retries=retries, max_concurrency=SHARDS_PER_WORKER + 1)
+    if gpus and device != "cpu":
+        n = workers or gpus
+        if n > gpus:
+            raise InputError(f"--workers {n} asks for one GPU each but the cluster has {gpus}: "
+                             f"use --workers {gpus} or fewer, or --device cpu for CPU workers")
+        return n, dict(num_gpus=1, num_cpus=1, **fault), 0
+    n = workers or 1
+    share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
+    reserved = min(cpu_threads, share) if cpu_threads else share
+    # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
+    return (n, dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault),
+            cpu_threads or max(1, cpus // n))
+
+
+def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
+            address: str | None = None, workers: int | None = None, retry_failed: bool = False,
+            force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True,
+            cpu_threads: int | None = None) -> JobSummary:
+    """Run (or resume) a job: every shard of input_pattern not yet done under this config.
+    cpu_threads: torch threads of each CPU worker (default: its share of the machine)."""
+    from tqdm import tqdm
+
+    from pipeline.job.worker import start_post_processing_worker
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir).absolute()
+    input_pattern = absolute_input(input_pattern)
+    urls = expand_input(input_pattern)
+    names = [shard_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise InputError("two input shards share a file name; output shards are named after them")
+    check_model_available(model)
+    digest = config_hash(config, model)
+    ledger = Ledger(out_dir)
+    ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
+                  "input": input_pattern}, force=force)
+    plan = ledger.plan(names, digest, retry_failed)
+    by_name = dict(zip(names, urls))
+    todo = list(plan["run"])
+    summary = JobSummary(0, 0, len(plan["done"]) + len(plan["failed"]), 0, 0, 0.0)
+    if plan["failed"]:
+        print(f"{len(plan['failed'])} shard(s) failed before and are skipped: add --retry-failed to redo them")
+    if not todo:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    ray = _init_ray(address)
+    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device)
+    n_workers = min(n_workers, len(todo))
+    summary.workers = n_workers
+    config_json = config.model_dump_json()
+    actor_class = ray.remote(ray_shard_worker_class())
+    actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
+    # Post-processing workers import torch while the model loads (not waited for).
+    starter = ray.remote(num_cpus=1)(start_post_processing_worker)
+    for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+        starter.remote()
+    try:
+        started_on = ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+    except ray.exceptions.RayActorError as exc:
+        raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+    summary.worker_nodes = len({where["node"] for where in started_on})
+
+    processing_start = time.perf_counter()
+    total_images = _count_images([by_name[name] for name in todo])
+    bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    in_flight: dict = {}
+    dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
+    finished_images = 0  # images of shards whose results are in
+    seen_in_flight: dict[str, int] = {}  # shard in flight -> images its worker has handled
+
+    def show_progress() -> None:
+        bar.n = finished_images + sum(seen_in_flight.get(name, 0) for name, *_ in in_flight.values())
+        elapsed = time.perf_counter() - processing_start
+        bar.set_postfix_str(f"{bar.n / elapsed if elapsed > 0 else 0.0:.2f} images/s", refresh=True)
+
+    def poll_workers() -> None:
+        try:
+            for report in ray.get([actor.progress.remote() for actor in actors], timeout=5.0):
+                seen_in_flight.update(report)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a worker restarting: the bar catches up at its next report
+
+    def dispatch(slot: int) -> None:
+        if not todo:
+            return
+        actor = actors[slot]
+        name = todo.pop(0)
+        entry = ledger.get(name)
+        attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
+        dispatched[name] = attempts
+        ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
+                              model=model, attempts=attempts))
+        ref = actor.process_shard.remote(by_name[name], name)
+        in_flight[ref] = (name, slot, time.perf_counter(), attempts)
+
+    with _stop_on_signals():
+        try:
+            for _ in range(SHARDS_PER_WORKER):
+                for slot in range(len(actors)):
+                    dispatch(slot)
+            while in_flight:
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)  # a signal is seen within 1 s
+                if not ready:
+                    if progress:
+                        poll_workers()
+                        show_progress()
+                    continue
+                ref = ready[0]
+                name, slot, shard_start, attempts = in_flight.pop(ref)
+                seen_in_flight.pop(name, None)
+                entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
+                                   attempts=attempts, seconds=time.perf_counter() - shard_start)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
+                    # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
+                    # restarted worker before sending it more: a call sent mid-restart would fail too.
+                    entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
+                    actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
+                                                     (model, config_json, device, threads))
+                except ray.exceptions.RayTaskError as exc:
+                    entry.error = _first_line(exc)
+                else:
+                    entry.outputs = write_shard_outputs(out_dir, result)
+                    entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
+                    summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
+                    summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
+                    summary.model_seconds += result.model_seconds
+                    summary.queueing_seconds += result.queueing_seconds
+                    summary.add_failed(result.failed_ids)
+                ledger.put(entry)
+                dispatched.pop(name, None)
+                if entry.state == DONE:
+                    summary.shards_done += 1
+                    summary.images_ok += entry.samples - entry.failed_samples
+                    summary.images_failed += entry.failed_samples
+                    finished_images += entry.samples
+                else:
+                    summary.shards_failed += 1
+                    bar.write(f"shard {name} failed: {entry.error}")
+                show_progress()
+                dispatch(slot)
+        except _Stop as stop:
+            interrupted = sorted(dispatched)
+            for name, attempts in dispatched.items():
+                ledger.put(ShardEntry(shard=name, url=by_name[name], state=INTERRUPTED, config_hash=digest,
+                                      model=model, attempts=attempts, error=f"interrupted by signal {stop.signum}"))
+            # The job's workers end with this driver (Ray ends a job's actors when it leaves).
+            summary.seconds = time.perf_counter() - started
+            raise JobInterrupted(stop.signum, summary, interrupted) from None
+        finally:
+            bar.close()
+    summary.processing_seconds = time.perf_counter() - processing_start
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _stop_on_signals:
+    """Within the block, SIGINT and SIGTERM raise _Stop in the driver (main thread only), so
+    the job can mark its shards in flight and say how to resume; the previous handlers come
+    back on exit."""
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise _Stop(signum)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
+def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, timeout: float = 300.0):
+    """The same actor once Ray has restarted it, or a new one if it is dead for good."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            ray.get(actor.ready.remote())
+            return actor
+        except ray.exceptions.ActorUnavailableError:
+            time.sleep(1.0)
+        except ray.exceptions.RayActorError:
+            break
+    actor = actor_class.options(**options).remote(*init_args)
+    ray.get(actor.ready.remote())
+    return actor
+
+
+def _first_line(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _start_error(exc: Exception) -> str:
+    """The error a worker raised while starting (the last line of the traceback Ray reports
+    for a failed actor constructor), else the first line of exc."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if lines and "creation task" in lines[0]:
+        return lines[-1]
+    return _first_line(exc)
+
+
+def _count_images(urls: list[str]) -> int | None:
+    """Images in these shards, from the manifest beside them when every one is listed there."""
+    counts: dict[str, int] = {}
+    for folder in {Path(u).parent for u in urls if "://" not in u}:
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            for shard in json.loads(manifest.read_text()).get("shards", []):
+                counts[str(folder / shard["url"])] = shard["samples"]
+    if all(u in counts for u in urls):
+        return sum(counts[u] for u in urls)
+    return None

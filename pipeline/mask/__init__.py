@@ -1,0 +1,1 @@
+"""Class score maps -> label masks: post-process, dense CRF, PNG codec, per-image statistics."""

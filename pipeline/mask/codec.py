@@ -1,0 +1,115 @@
+"""Image decoding, VOC-palette mask encoding and overlay pictures (PIL; no model, no Ray)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.mask.postprocess import IGNORE_INDEX
+
+
+# decode_image checks its own limit before decoding; PIL's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageDecodeError(ValueError):
+    """An image file or byte string could not be decoded."""
+
+
+def voc_palette() -> np.ndarray:
+    """The standard PASCAL VOC colormap (bit-interleaved), uint8 [256, 3]."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for index in range(256):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+_PALETTE = voc_palette()
+
+# zlib level of confidence PNGs, against PIL's default 6: on VOC-sized confidence maps
+# (upsampled attention maps) 6.2 ms per image instead of 15.4 for 3% more bytes, on one core.
+# Mask PNGs keep level 6: on VOC masks level 3 saves only 0.3 ms for 43% more bytes.
+CONFIDENCE_PNG_LEVEL = 3
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB [H, W, 3]; ImageDecodeError names `name` otherwise.
+
+    max_pixels: images with more pixels fail before they are decoded (a decompression bomb
+    guard: a small file can declare a huge image); it is also PIL's own limit while decoding.
+    """
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(f"{name} is {width} x {height} = {width * height:,} pixels, over the limit of "
+                                       f"{max_pixels:,}: shrink the image or raise max_image_pixels in the config")
+            return np.array(img.convert("RGB"))
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"cannot decode {name}: {exc}; replace or remove the file") from exc
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Image file -> uint8 RGB [H, W, 3]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError(f"image {path} not found: check the path")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def encode_mask(labels: np.ndarray) -> bytes:
+    """uint8 labels [H, W] -> 8-bit palette PNG bytes (index values kept)."""
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette(_PALETTE.flatten().tolist())
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """PNG bytes of an index mask (mode P or L) -> uint8 [H, W] index values."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.mode not in ("P", "L"):
+            raise ValueError(f"mask PNG has mode {img.mode}; index masks are mode P or L")
+        return np.array(img, dtype=np.uint8)
+
+
+def encode_confidence(confidence: np.ndarray) -> bytes:
+    """float [H, W] scores in [0, 1] -> 8-bit grey PNG (value = round(255 * score))."""
+    levels = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(levels, mode="L").save(buffer, format="PNG", compress_level=CONFIDENCE_PNG_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_confidence(data: bytes) -> np.ndarray:
+    """Confidence PNG bytes -> float32 [H, W] in [0, 1] (steps of 1/255)."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.array(img, dtype=np.float32) / 255.0
+
+
+def write_mask(labels: np.ndarray, path: str | Path) -> None:
+    Path(path).write_bytes(encode_mask(labels))
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Image blended with the mask colours (background and ignore left as the image),
+    beside the mask itself: a PIL image [H, 2W]."""
+    colours = _PALETTE[labels].astype(np.float32)
+    blend_where = ((labels != 0) & (labels != IGNORE_INDEX))[..., None]
+    blended = np.where(blend_where, (1 - alpha) * image + alpha * colours, image).astype(np.uint8)
+    return Image.fromarray(np.concatenate([blended, _PALETTE[labels]], axis=1))

@@ -1,1 +1,0 @@
-"""Pure tensor functions of the peer methods (DiffSeg, GoCA, DiffSegmenter): no models, files or Ray."""

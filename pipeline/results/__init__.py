@@ -1,0 +1,1 @@
+"""What a finished job gives: export, evaluation, the report, method comparison, benchmarks."""

@@ -1,0 +1,190 @@
+"""Several methods over the same shards with one model load: mIoU (where ground truth exists),
+mean confidence and seconds per image, in one table. In-process (no Ray): a comparison is
+a sample-sized decision aid, not the production job."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from pipeline.config import METHODS, ConfigError, SegmenterConfig
+from pipeline.results.evaluate import confusion_matrix, scores_from_confusion
+from pipeline.mask.codec import ImageDecodeError, decode_image, decode_mask
+from pipeline.mask.postprocess import finish_mask
+from pipeline.data.safe_paths import UnsafeKeyError, check_key, file_in
+from pipeline.segment.segmenter import Segmenter
+from pipeline.data.shards import expand_input, read_shard, sample_classes
+
+# Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
+VARIANTS = {method: {"method": method} for method in METHODS} | {
+    "iseg-naive": {"method": "iseg", "ent_self": False},
+    "iseg-no-cat-cross": {"method": "iseg", "cat_cross": False},
+}
+# Config sections that belong to one peer (named after it): sweeping their keys leaves the
+# other methods alone.
+METHOD_SECTIONS = frozenset(METHODS) - {"iseg"}
+# Keys that change only the post-process: a sweep over one of them segments each image once.
+POSTPROCESS_KEYS = frozenset({"goca.background_offset", "diffsegmenter.background_score", "background.threshold",
+                              "ignore_below"})
+
+
+@dataclass
+class MethodTally:
+    confusion: np.ndarray
+    confidences: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+    scored: int = 0
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A config key (dotted path, e.g. goca.background_offset) and the values it takes."""
+
+    key: str
+    values: tuple[float, ...]
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown or not methods:
+        raise ConfigError(f"unknown method(s) {unknown or text!r}: use a comma-separated list of {', '.join(VARIANTS)}")
+    return methods
+
+
+def parse_sweep(text: str) -> Sweep:
+    """`KEY=START:STOP:STEP` -> Sweep with START, START + STEP, ... up to STOP inclusive."""
+    key, _, span = text.partition("=")
+    try:
+        start, stop, step = (float(part) for part in span.split(":"))
+    except ValueError:
+        raise ConfigError(f"--sweep {text!r}: write KEY=START:STOP:STEP, e.g. "
+                          "goca.background_offset=-0.4:0.4:0.1") from None
+    if not key or step <= 0 or stop < start:
+        raise ConfigError(f"--sweep {text!r}: needs a key, STEP > 0 and STOP >= START")
+    count = int(np.floor((stop - start) / step + 1e-9)) + 1
+    return Sweep(key, tuple(round(start + i * step, 10) for i in range(count)))
+
+
+def with_value(config: SegmenterConfig, key: str, value: float) -> SegmenterConfig:
+    """A copy of config with the dotted key set to value, validated as a config file is."""
+    data = config.model_dump()
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        raise ConfigError(f"--sweep key {key!r} is not a config key: name one such as goca.background_offset, "
+                          "diffsegmenter.background_score or diffseg.tau")
+    node[leaf] = value
+    try:
+        return SegmenterConfig.model_validate(data)
+    except ValidationError as exc:
+        message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"--sweep {key}={value:g}: {message}") from None
+
+
+def comparison_rows(methods: list[str], config: SegmenterConfig, sweep: Sweep | None
+                    ) -> list[tuple[str, SegmenterConfig, SegmenterConfig]]:
+    """(row name, config the segmenter runs, config the post-process applies) per table row."""
+    rows = []
+    for method in methods:
+        base = config.model_copy(update=VARIANTS[method])
+        section = sweep.key.split(".")[0] if sweep is not None else None
+        if sweep is None or (section in METHOD_SECTIONS and section != base.method):  # another method's key
+            rows.append((method, base, base))
+            continue
+        for value in sweep.values:
+            swept = with_value(base, sweep.key, value)
+            rows.append((f"{method} {sweep.key}={value:g}", base if sweep.key in POSTPROCESS_KEYS else swept, swept))
+    return rows
+
+
+def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
+    """(id, image, classes, gt bytes or None) of every usable sample; unusable ones are
+    reported and skipped."""
+    count = 0
+    for url in expand_input(input_pattern):
+        for sample in read_shard(url):
+            if limit is not None and count >= limit:
+                return
+            try:
+                key = check_key(sample["__key__"])
+                image = decode_image(sample.get("jpg", b""), key, config.max_image_pixels)
+                classes = sample_classes(sample, config)
+            except (ImageDecodeError, ConfigError, UnsafeKeyError) as exc:
+                print(f"skipped {sample['__key__']!r}: {exc}")
+                continue
+            count += 1
+            yield sample["__key__"], image, classes, sample.get("gt.png")
+
+
+def compare_methods(input_pattern: str, methods: list[str], config: SegmenterConfig, model,
+                    gt_dir: str | Path | None = None, limit: int | None = None, progress=None,
+                    sweep: Sweep | None = None) -> dict[str, MethodTally]:
+    """Run each method (each value of the sweep) on every sample, in batches of
+    config.batch_size, and tally the results per table row. Rows whose segmenter config is the
+    same share one segmentation of each batch (a post-process sweep segments once)."""
+    rows = comparison_rows(methods, config, sweep)
+    segmenters: dict[str, Segmenter] = {}
+    for _, segment_config, _ in rows:
+        segmenters.setdefault(segment_config.model_dump_json(), Segmenter(model, segment_config))
+    n_classes = len(config.classes) + 1
+    tallies = {name: MethodTally(np.zeros((n_classes, n_classes + 1), dtype=np.int64)) for name, _, _ in rows}
+    batch: list = []
+
+    def run_batch():
+        for segment_key, segmenter in segmenters.items():
+            start = time.perf_counter()
+            scores = segmenter.segment([torch.from_numpy(img).permute(2, 0, 1) for _, img, _, _ in batch],
+                                       [classes for _, _, classes, _ in batch])
+            segment_seconds = time.perf_counter() - start
+            for name, _, finish_config in (r for r in rows if r[1].model_dump_json() == segment_key):
+                start = time.perf_counter()
+                results = [finish_mask(s.maps, s.classes, img, finish_config, s.background)
+                           for s, (_, img, _, _) in zip(scores, batch)]
+                tally = tallies[name]
+                tally.seconds += segment_seconds + time.perf_counter() - start
+                for result, (image_id, _, _, gt_bytes) in zip(results, batch):
+                    _tally_image(tally, result, image_id, gt_bytes, gt_dir, n_classes)
+        if progress is not None:
+            progress.update(len(batch))
+        batch.clear()
+
+    for item in _samples(input_pattern, config, limit):
+        batch.append(item)
+        if len(batch) == config.batch_size:
+            run_batch()
+    if batch:
+        run_batch()
+    return tallies
+
+
+def _tally_image(tally: MethodTally, result, image_id: str, gt_bytes: bytes | None, gt_dir, n_classes: int) -> None:
+    tally.images += 1
+    tally.confidences.append(float(result.confidence.mean()))
+    gt_path = file_in(gt_dir, image_id, ".png") if gt_dir is not None else None
+    if gt_path is not None and gt_path.is_file():
+        gt_bytes = gt_path.read_bytes()
+    if gt_bytes is not None:
+        gt = decode_mask(gt_bytes)
+        if gt.shape == result.labels.shape:
+            tally.confusion += confusion_matrix(result.labels, gt, n_classes)
+            tally.scored += 1
+
+
+def format_comparison(tallies: dict[str, MethodTally]) -> str:
+    width = max([20] + [len(name) for name in tallies])
+    lines = [f"{'method':{width}} {'images':>6} {'mIoU':>6} {'mean conf':>9} {'s/image':>8}"]
+    for method, tally in tallies.items():
+        miou = f"{scores_from_confusion(tally.confusion).miou:6.1f}" if tally.scored else "     -"
+        conf = float(np.mean(tally.confidences)) if tally.confidences else float("nan")
+        per_image = tally.seconds / tally.images if tally.images else float("nan")
+        lines.append(f"{method:{width}} {tally.images:6d} {miou} {conf:9.3f} {per_image:8.2f}")
+    return "\n".join(lines)

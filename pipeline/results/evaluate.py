@@ -1,0 +1,115 @@
+"""Pseudo-mask quality against ground truth: confusion matrix, IoU, mIoU, accuracy, coverage.
+
+Pixels whose ground truth is outside [0, n_classes) (VOC borders, 255) are not scored. A
+prediction of 255 (ignore) on a scored pixel is counted in its own column: it is a miss for
+the ground-truth class (so mIoU is not inflated by ignoring hard pixels) and it lowers the
+coverage, reported separately.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.mask.codec import decode_mask
+from pipeline.mask.postprocess import IGNORE_INDEX
+from pipeline.data.safe_paths import file_in, key_problem
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int = 21) -> np.ndarray:
+    """int64 [n_classes, n_classes + 1]: rows ground truth, columns prediction, the last column
+    counting predicted 255. Pixels with ground truth outside [0, n_classes) are skipped."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction is {pred.shape} but ground truth is {gt.shape}")
+    valid = gt < n_classes
+    gt_valid = gt[valid].astype(np.int64)
+    pred_valid = pred[valid].astype(np.int64)
+    pred_valid = np.where(pred_valid == IGNORE_INDEX, n_classes, pred_valid)
+    if (pred_valid > n_classes).any():
+        raise ValueError(f"prediction has labels above {n_classes - 1} other than {IGNORE_INDEX}")
+    index = gt_valid * (n_classes + 1) + pred_valid
+    return np.bincount(index, minlength=n_classes * (n_classes + 1)).reshape(n_classes, n_classes + 1)
+
+
+@dataclass
+class Scores:
+    """Percentages. iou: per class (None for a class absent from both prediction and ground truth)."""
+
+    iou: list[float | None]
+    miou: float
+    pixel_accuracy: float
+    coverage: float
+    images: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def scores_from_confusion(conf: np.ndarray) -> Scores:
+    """IoU = TP / (gt + pred - TP) per class (predicted 255 counts in gt, not in pred);
+    mIoU over classes present in ground truth or prediction."""
+    n = conf.shape[0]
+    tp = np.diag(conf[:, :n]).astype(np.float64)
+    gt_total = conf.sum(axis=1).astype(np.float64)
+    pred_total = conf[:, :n].sum(axis=0).astype(np.float64)
+    union = gt_total + pred_total - tp
+    iou = [float(100 * t / u) if u > 0 else None for t, u in zip(tp, union)]
+    present = [v for v in iou if v is not None]
+    scored = conf.sum()
+    return Scores(
+        iou=iou,
+        miou=float(np.mean(present)) if present else 0.0,
+        pixel_accuracy=float(100 * tp.sum() / scored) if scored else 0.0,
+        coverage=float(100 * (1 - conf[:, n].sum() / scored)) if scored else 0.0,
+    )
+
+
+def evaluate_job(job, gt_dir: str | Path | None = None) -> tuple[Scores, np.ndarray]:
+    """Score a job's masks against ground truth: PNGs `<id>.png` in gt_dir, else the `gt.png`
+    entries of the job's input shards. The classes are the job's (background + its config's
+    classes: 21 for VOC, 81 for COCO). Images without ground truth are listed in `skipped`."""
+    n_classes = len(job.class_names) + 1
+    conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
+    images, skipped = 0, []
+    gt_cache: dict[str, dict[str, bytes]] = {}
+    for record in job.masks():
+        if gt_dir is not None:
+            path = file_in(gt_dir, record.id, ".png") if key_problem(record.id) is None else None
+            data = path.read_bytes() if path is not None and path.is_file() else None
+        else:
+            if record.shard not in gt_cache:
+                gt_cache.clear()  # one input shard at a time: memory stays flat
+                gt_cache[record.shard] = {s["__key__"]: s["gt.png"] for s in job.input_samples(record.shard)
+                                          if "gt.png" in s}
+            data = gt_cache[record.shard].get(record.id)
+        if data is None:
+            skipped.append(record.id)
+            continue
+        gt = decode_mask(data)
+        if gt.shape != record.labels.shape:
+            skipped.append(record.id)
+            continue
+        conf += confusion_matrix(record.labels, gt, n_classes)
+        images += 1
+    result = scores_from_confusion(conf)
+    result.images, result.skipped = images, skipped
+    return result, conf
+
+
+def format_table(scores: Scores, class_names: list[str]) -> str:
+    """A plain-text table: per-class IoU, then mIoU, pixel accuracy and coverage."""
+    names = ["background"] + list(class_names)
+    lines = [f"{'class':14} {'IoU':>6}"]
+    for name, value in zip(names, scores.iou):
+        lines.append(f"{name:14} {'-' if value is None else f'{value:6.1f}':>6}")
+    lines.append(f"{'mIoU':14} {scores.miou:6.1f}")
+    lines.append(f"{'pixel acc.':14} {scores.pixel_accuracy:6.1f}")
+    lines.append(f"{'coverage':14} {scores.coverage:6.1f}")
+    lines.append(f"({scores.images} images scored, {len(scores.skipped)} without ground truth)")
+    return "\n".join(lines)
+
+
+def write_json(scores: Scores, conf: np.ndarray, class_names: list[str], path: Path) -> None:
+    payload = asdict(scores) | {"classes": ["background"] + list(class_names), "confusion": conf.tolist()}
+    path.write_text(json.dumps(payload, indent=2))

@@ -1,0 +1,117 @@
+"""Export a job's masks in the PASCAL VOC layout that mmsegmentation and DeepLab-style loaders read.
+
+DEST/SegmentationClassPseudo/<id>.png  8-bit palette PNG, indices 0..20, 255 ignore
+DEST/ImageSets/Segmentation/<split>.txt ids exported, one per line
+DEST/JPEGImages/<id>.jpg               the original images, with --images
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.atomic import atomic_write_bytes
+from pipeline.mask.codec import encode_mask
+from pipeline.data.outputs import MASK_FOLDER, failed_image_ids
+from pipeline.mask.postprocess import apply_ignore
+from pipeline.data.safe_paths import file_in, key_problem
+
+
+
+class ExportError(ValueError):
+    """The job's outputs cannot be exported as asked; the message says why and what to do."""
+
+
+@dataclass
+class ExportFilter:
+    """Which images to keep and how: min_mean_confidence drops images whose mean winning score
+    is lower; require_all_labels drops images where a labelled class got no pixel;
+    ignore_below turns pixels with a lower winning score into 255."""
+
+    min_mean_confidence: float | None = None
+    require_all_labels: bool = False
+    ignore_below: float | None = None
+
+    def rejects(self, stats: dict) -> str | None:
+        """Why an image is dropped, or None."""
+        mean = stats.get("mean_confidence")
+        if self.min_mean_confidence is not None and (mean is None or math.isnan(mean) or mean < self.min_mean_confidence):
+            return "mean confidence"
+        if self.require_all_labels and stats.get("missed_labels"):
+            return "missed label"
+        return None
+
+
+@dataclass
+class ExportSummary:
+    exported: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    split_file: Path | None = None
+
+
+def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilter | None = None,
+               with_images: bool = False, replace: bool = False) -> ExportSummary:
+    """Write the job's ok masks (those passing `keep`) in the VOC layout under dest.
+
+    All or nothing: the export is written into a hidden folder beside dest and renamed to dest
+    when complete, so a failure leaves no half-written dest. An existing non-empty dest is an
+    error unless replace. Everything the export needs (the input shards, with_images) is found
+    before anything is written."""
+    dest = Path(dest).absolute()
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not replace:
+        raise ExportError(f"{dest} already exists: pass a new --dest, or --force to replace it")
+    if with_images:
+        job.input_shards()  # raises (naming the missing shard) before anything is written
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        summary = _export_into(job, staging, split, keep or ExportFilter(), with_images)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            dest.rename(old / dest.name)
+            staging.rename(dest)
+            shutil.rmtree(old)
+        else:
+            staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    summary.split_file = dest / summary.split_file.relative_to(staging)
+    return summary
+
+
+def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: bool) -> ExportSummary:
+    summary = ExportSummary()
+    ids: list[str] = []
+    wanted_images: dict[str, set[str]] = {}
+    for record in job.masks():
+        reason = "unsafe key" if key_problem(record.id) else keep.rejects(record.stats)
+        if reason:
+            summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
+            continue
+        labels = record.labels
+        if keep.ignore_below is not None:
+            if record.confidence is None:
+                raise ExportError(f"{record.id} has no confidence map (a job from before pseudolabel 0.1 wrote "
+                                  "them): rerun the job into a new output folder to use --ignore-below")
+            labels = apply_ignore(labels, record.confidence, keep.ignore_below)
+        atomic_write_bytes(file_in(dest / MASK_FOLDER, record.id, ".png"), encode_mask(np.asarray(labels, np.uint8)))
+        ids.append(record.id)
+        wanted_images.setdefault(record.shard, set()).add(record.id)
+    if with_images:
+        for shard, wanted in wanted_images.items():
+            for sample in job.input_samples(shard):
+                if sample["__key__"] in wanted:
+                    atomic_write_bytes(file_in(dest / "JPEGImages", sample["__key__"], ".jpg"), sample["jpg"])
+    failed = failed_image_ids(job.out_dir)
+    if failed:
+        summary.dropped["failed in the job"] = len(failed)
+    summary.exported = len(ids)
+    summary.split_file = dest / "ImageSets" / "Segmentation" / f"{split}.txt"
+    atomic_write_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())
+    return summary

@@ -1,0 +1,167 @@
+"""A self-contained HTML quality report of a job: overlays of the worst, median and best images
+by mean confidence, plots of the statistics, the evaluation table when ground truth exists, and
+the failed images. Pictures are embedded as base64 PNG; the page needs no other file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.results.evaluate import evaluate_job
+from pipeline.mask.codec import decode_image, decode_mask, voc_palette
+
+_PALETTE = voc_palette()
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure_uri(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def pick_examples(rows: list[dict], per_group: int) -> dict[str, list[dict]]:
+    """Disjoint worst / median / best ok rows by mean confidence, up to per_group each (fewer
+    when there are fewer than 3 * per_group images; all in one group under 3 images)."""
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["mean_confidence"])
+    size = min(per_group, len(ok) // 3)
+    if size == 0:
+        return {"all": ok[::-1]}
+    start = min(max(size, len(ok) // 2 - size // 2), len(ok) - 2 * size)
+    return {"worst": ok[:size], "median": ok[start : start + size], "best": ok[-size:][::-1]}
+
+
+def _strip(image: np.ndarray, mask: np.ndarray, gt: np.ndarray | None, height: int = 160) -> Image.Image:
+    """image with the mask blended | mask | ground truth, scaled to `height` pixels."""
+    blend = np.where(((mask != 0) & (mask != 255))[..., None], 0.5 * image + 0.5 * _PALETTE[mask], image)
+    panels = [blend.astype(np.uint8), _PALETTE[mask]] + ([_PALETTE[gt]] if gt is not None else [])
+    strip = Image.fromarray(np.concatenate(panels, axis=1))
+    return strip.resize((max(1, strip.width * height // strip.height), height), Image.NEAREST)
+
+
+def _plots(rows: list[dict]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    share: dict[str, list[float]] = defaultdict(list)
+    missed: Counter = Counter()
+    for row in ok:
+        for name, fraction, label in zip(row["names"], row["class_pixel_fraction"], row["labels"]):
+            share[name].append(fraction)
+            if label in (row["missed_labels"] or []):
+                missed[name] += 1
+    names = sorted(share, reverse=True)  # top to bottom in alphabetical order
+    figures = {}
+    panels = [  # (title, draw, value axis label, per class)
+        ("Mean confidence per image", lambda ax: ax.hist([r["mean_confidence"] for r in ok], bins=20, color="#4472c4"),
+         "mean winning score", False),
+        ("Pixel share of each class where labelled",
+         lambda ax: ax.barh(names, [float(np.mean(share[n])) for n in names], color="#70ad47"), "mean share", True),
+        ("Labelled classes that received no pixel",
+         lambda ax: ax.barh(names, [missed[n] for n in names], color="#c00000"), "images", True),
+        ("Seconds per image", lambda ax: ax.hist([r["seconds"] for r in ok], bins=20, color="#7f7f7f"),
+         "seconds", False),
+    ]
+    for title, draw, value_label, per_class in panels:
+        # one class per 0.17 inch: 20 VOC or 80 COCO class names stay readable
+        height = max(3.0, 0.8 + 0.17 * len(names)) if per_class else 3.0
+        fig, ax = plt.subplots(figsize=(5.2, height))
+        draw(ax)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(value_label)
+        if per_class:
+            ax.tick_params(axis="y", labelsize=8)
+            ax.set_ylim(-0.6, len(names) - 0.4)
+            ax.set_xlim(left=0, right=max(ax.get_xlim()[1], 1 if "no pixel" in title else 0.01))
+        else:
+            ax.set_ylabel("images")
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1))
+        fig.tight_layout()
+        figures[title] = _figure_uri(fig)
+        plt.close(fig)
+    return figures
+
+
+def _examples_html(job, rows: list[dict], per_group: int) -> str:
+    groups = pick_examples(rows, per_group)
+    wanted = {r["id"]: r for group in groups.values() for r in group}
+    strips: dict[str, str] = {}
+    masks = {rec.id: rec for rec in job.masks() if rec.id in wanted}
+    for shard in sorted({masks[i].shard for i in masks}):
+        for sample in job.input_samples(shard):
+            if sample["__key__"] in masks:
+                record = masks[sample["__key__"]]
+                gt = decode_mask(sample["gt.png"]) if "gt.png" in sample else None
+                if gt is not None and gt.shape != record.labels.shape:
+                    gt = None
+                image = decode_image(sample["jpg"], record.id)
+                strips[record.id] = _png_data_uri(_strip(image, record.labels, gt))
+    parts = []
+    for group, chosen in groups.items():
+        title = "All images" if group == "all" else f"{group.capitalize()} by mean confidence"
+        parts.append(f"<h3>{title}</h3><div class='sheet'>")
+        for row in chosen:
+            if row["id"] in strips:
+                caption = f"{html.escape(row['id'])} · {', '.join(row['names'])} · confidence {row['mean_confidence']:.2f}"
+                parts.append(f"<figure><img src='{strips[row['id']]}' alt='{html.escape(row['id'])}'>"
+                             f"<figcaption>{caption}</figcaption></figure>")
+        parts.append("</div>")
+    return "\n".join(parts)
+
+
+def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
+    """Write dest/index.html for the job; returns its path."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rows = job.stats().to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    job_info = job.job()
+    class_names = job.class_names
+
+    sections = [f"<h1>Pseudo-mask report</h1><p>{len(rows)} images: {len(ok)} ok, {len(failed)} failed · "
+                f"model <code>{html.escape(str(job_info.get('model', '?')))}</code> · config "
+                f"<code>{html.escape(str(job_info.get('config_hash', '?'))[:12])}</code></p>"
+                "<p class='legend'>Each strip: image with the mask blended · pseudo mask · ground truth "
+                "(when the shards carry it). Colours: PASCAL VOC palette.</p>"]
+    try:
+        scores, _ = evaluate_job(job)
+    except Exception as exc:  # no input shards to read ground truth from
+        scores, sections[0] = None, sections[0] + f"<p>No evaluation: {html.escape(str(exc))}</p>"
+    if scores is not None and scores.images:
+        names = ["background"] + class_names
+        cells = "".join(f"<tr><td>{html.escape(n)}</td><td>{'-' if v is None else f'{v:.1f}'}</td></tr>"
+                        for n, v in zip(names, scores.iou))
+        sections.append(f"<h2>Against ground truth ({scores.images} images)</h2><div class='eval'><table>"
+                        f"<tr><th>class</th><th>IoU</th></tr>{cells}</table><p><b>mIoU {scores.miou:.1f}</b> · "
+                        f"pixel accuracy {scores.pixel_accuracy:.1f} · coverage {scores.coverage:.1f}</p></div>")
+    sections.append("<h2>Examples</h2>" + _examples_html(job, rows, per_group))
+    if ok:
+        plots = "".join(f"<img src='{uri}' alt='{html.escape(title)}'>" for title, uri in _plots(rows).items())
+        sections.append(f"<h2>Statistics</h2><div class='plots'>{plots}</div>")
+    if failed:
+        items = "".join(f"<tr><td>{html.escape(r['id'])}</td><td>{html.escape(r['error'] or '')}</td></tr>"
+                        for r in failed)
+        sections.append(f"<h2>Failed images</h2><table><tr><th>id</th><th>error</th></tr>{items}</table>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>pseudolabel report</title><style>"
+            "body{font-family:sans-serif;margin:24px;color:#222}figure{display:inline-block;margin:6px}"
+            "figcaption{font-size:12px;color:#555}table{border-collapse:collapse;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:2px 8px}.plots img{margin:4px}.legend{color:#555;font-size:13px}"
+            "</style></head><body>" + "\n".join(sections) + "</body></html>")
+    path = dest / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
