@@ -1,1 +1,1 @@
-"""Files in and out: shards and their sources (VOC, folder, COCO), atomic writes, a job's outputs, torch datasets."""
+"""Files in and out: shards and their sources (VOC, folder, COCO), atomic writes, the ledger, a job's outputs, torch datasets."""
