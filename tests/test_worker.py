@@ -91,3 +91,27 @@ def test_worker_releases_free_memory_after_every_shard_it_ran(worker, tmp_path, 
     with pytest.raises(FileNotFoundError):
         worker.process_shard(str(tmp_path / "missing.tar"), "missing")
     assert releases == [True, True]  # a failed shard's memory too
+
+
+def test_an_image_error_fails_the_image_and_a_programming_error_fails_the_shard(worker, tmp_path, monkeypatch):
+    from pipeline.segment.segmenter import LabelError
+
+    pattern = write_benchmark_shards(tmp_path, n_images=2, per_shard=2)
+    url = pattern.replace("*", "000000")
+    real_launch = worker.segmenter.launch
+
+    def label_error_for_a_batch(images, class_lists):
+        if len(images) > 1:  # the batch fails on one image's labels; alone, the first image fails
+            raise LabelError("class indices [99] are outside 0..19: use the config's classes")
+        return real_launch(images, class_lists)
+
+    monkeypatch.setattr(worker.segmenter, "launch", label_error_for_a_batch)
+    rows = worker.process_shard(url, "bench-000000").rows
+    assert [row["status"] for row in rows] == ["ok", "ok"]  # retried one by one, both pass alone
+
+    def shape_bug(images, class_lists):
+        raise ValueError("shapes [4, 64] and [8, 64] do not match")  # a bug, not an image's fault
+
+    monkeypatch.setattr(worker.segmenter, "launch", shape_bug)
+    with pytest.raises(ValueError, match="shapes"):
+        worker.process_shard(url, "bench-000000")

@@ -8,18 +8,12 @@ import time
 from pathlib import Path
 
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config
-from pipeline.data.ledger import JobMismatchError
-from pipeline.mask.codec import ImageDecodeError
-from pipeline.segment.models import DEFAULT_MODEL, ModelLoadError
-from pipeline.segment.prompts import PromptError
 from pipeline.data.shards import InputError
-from pipeline.job.runner import JobInterrupted, WorkerStartError
-from pipeline.data.shards import ShardingError
-from pipeline.results.export import ExportError
-from pipeline.data.safe_paths import UnsafeKeyError
+from pipeline.errors import PipelineError
+from pipeline.job.runner import JobInterrupted
+from pipeline.segment.models import DEFAULT_MODEL
 
-USER_ERRORS = (ConfigError, ModelLoadError, ImageDecodeError, PromptError, FileNotFoundError, ShardingError,
-               InputError, JobMismatchError, WorkerStartError, ExportError, UnsafeKeyError)
+USER_ERRORS = (PipelineError, FileNotFoundError)
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:

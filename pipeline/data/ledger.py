@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.errors import PipelineError
 from pipeline.data.atomic import atomic_write_json, file_sha256
 
 DONE, FAILED, IN_PROGRESS = "done", "failed", "in_progress"
@@ -37,7 +38,7 @@ class ShardEntry:
     updated: float = field(default_factory=time.time)
 
 
-class JobMismatchError(RuntimeError):
+class JobMismatchError(PipelineError, RuntimeError):
     """The output folder belongs to a job with another config or model."""
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.errors import ImageError
+
 # A key plus the longest suffix written after it (".conf.png") must fit in a 255-byte file name.
 MAX_KEY_BYTES = 200
 
 
-class UnsafeKeyError(ValueError):
+class UnsafeKeyError(ImageError, ValueError):
     """A sample key that cannot name a file safely; the message names the key and the rule."""
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import PipelineError
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
@@ -30,7 +31,7 @@ from pipeline.data.safe_paths import check_key, key_problem
 _MTIME = 0
 
 
-class ShardingError(ValueError):
+class ShardingError(PipelineError, ValueError):
     """The dataset folder or split cannot be turned into shards; the message says why."""
 
 
@@ -263,7 +264,7 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
     return report
 
 
-class InputError(ValueError):
+class InputError(PipelineError, ValueError):
     """The --input pattern matches no shard."""
 
 

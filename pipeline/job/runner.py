@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.config import SegmenterConfig
 from pipeline.segment.models import check_model_available
 from pipeline.data.atomic import atomic_write_bytes, file_sha256
@@ -30,7 +31,7 @@ from pipeline.data.shards import InputError, expand_input, shard_name, tar_bytes
 from pipeline.mask.stats import rows_to_table
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(PipelineError, RuntimeError):
     """The segmenter actors failed while loading the model."""
 
 

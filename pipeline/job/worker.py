@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import ImageError
 from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.mask.codec import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from pipeline.mask.postprocess import finish_mask
-from pipeline.segment.prompts import PromptError
 from pipeline.data.safe_paths import UnsafeKeyError, check_key
 from pipeline.data.shards import encode_json, read_shard, sample_classes
 from pipeline.mask.stats import failed_row, mask_statistics
@@ -211,7 +211,7 @@ class ShardWorker:
             scores = pending.wait()
             model_seconds = self._busy_seconds(start, time.perf_counter())
             clock.model += model_seconds
-        except (PromptError, ValueError) as exc:
+        except ImageError as exc:  # one image's fault: it fails alone; anything else fails the shard
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
                 yield key, sample, f"{type(exc).__name__}: {exc}", time.perf_counter() - start

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import ImageError
 from pipeline.mask.postprocess import IGNORE_INDEX
 
 
@@ -16,7 +17,7 @@ from pipeline.mask.postprocess import IGNORE_INDEX
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(ImageError, ValueError):
     """An image file or byte string could not be decoded."""
 
 

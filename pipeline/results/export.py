@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.data.atomic import atomic_write_bytes
 from pipeline.mask.codec import encode_mask
 from pipeline.data.outputs import MASK_FOLDER, failed_image_ids
@@ -23,7 +24,7 @@ from pipeline.data.safe_paths import file_in, key_problem
 
 
 
-class ExportError(ValueError):
+class ExportError(PipelineError, ValueError):
     """The job's outputs cannot be exported as asked; the message says why and what to do."""
 
 

