@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.segment.methods import diffseg
     from pipeline.segment.models import load_model
     from pipeline.mask.postprocess import finish_mask
+    from pipeline.results.compare import with_value
     from pipeline.segment.plan import PlannedScores
     from pipeline.segment.segmenter import Segmenter
 
@@ -319,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.goca:
                 config = base.model_copy(update={"method": "goca"})
                 if args.goca_propagation_power is not None:
-                    config = config.model_copy(update={"goca": config.goca.model_copy(
-                        update={"propagation_power": args.goca_propagation_power})})
+                    config = with_value(config, "goca.propagation_power", args.goca_propagation_power)
                 segmenter = Segmenter(model, config)
                 (scores,) = segmenter.segment([pixels], [classes])
                 ours = finish_mask(scores.maps, scores.classes, image, config, scores.background).labels
@@ -349,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.diffseg:
                 config = base.model_copy(update={"method": "diffseg"})
                 if args.diffseg_tau is not None:
-                    config = config.model_copy(update={"diffseg": config.diffseg.model_copy(
-                        update={"tau": args.diffseg_tau})})
+                    config = with_value(config, "diffseg.tau", args.diffseg_tau)
                 segmenter = Segmenter(model, config)
                 latents = segmenter.encode_images([pixels])
                 embeddings, (prompt,) = segmenter.encode_prompts([classes])

@@ -132,20 +132,24 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
     config.batch_size, and tally the results per table row. Rows whose segmenter config is the
     same share one segmentation of each batch (a post-process sweep segments once)."""
     rows = comparison_rows(methods, config, sweep)
-    segmenters: dict[str, Segmenter] = {}
-    for _, segment_config, _ in rows:
-        segmenters.setdefault(segment_config.model_dump_json(), Segmenter(model, segment_config))
+    # one segmenter per distinct segmenter config, with the (name, post-process config) rows it serves
+    groups: dict[str, tuple[Segmenter, list[tuple[str, SegmenterConfig]]]] = {}
+    for name, segment_config, finish_config in rows:
+        key = segment_config.model_dump_json()
+        if key not in groups:
+            groups[key] = (Segmenter(model, segment_config), [])
+        groups[key][1].append((name, finish_config))
     n_classes = len(config.classes) + 1
     tallies = {name: MethodTally(np.zeros((n_classes, n_classes + 1), dtype=np.int64)) for name, _, _ in rows}
     batch: list = []
 
     def run_batch():
-        for segment_key, segmenter in segmenters.items():
+        for segmenter, served in groups.values():
             start = time.perf_counter()
             scores = segmenter.segment([torch.from_numpy(img).permute(2, 0, 1) for _, img, _, _ in batch],
                                        [classes for _, _, classes, _ in batch])
             segment_seconds = time.perf_counter() - start
-            for name, _, finish_config in (r for r in rows if r[1].model_dump_json() == segment_key):
+            for name, finish_config in served:
                 start = time.perf_counter()
                 results = [finish_mask(s.maps, s.classes, img, finish_config, s.background)
                            for s, (_, img, _, _) in zip(scores, batch)]
