@@ -2,7 +2,7 @@
 and print how far their masks agree.
 
     python jobs/check_official.py --official ~/src/iseg.code --input 'shards/voc-train-*.tar' \
-        --model tiny [--config configs/voc.yaml] [--limit 48]
+        --model tiny [--config configs/voc.yaml] [--num-images 48]
 
 --official is a checkout of github.com/linsun449/iseg.code (checked at commit 2e8fb321) that
 you fetched yourself; nothing of it is part of this project. Its code is imported from that
@@ -165,10 +165,10 @@ def _maps_at_512(maps: torch.Tensor) -> np.ndarray:
     """Class maps [C, s, s] -> float32 [C, 512, 512], bilinear and min-max scaled per class."""
     import torch.nn.functional as F
 
-    from pipeline.segment.methods import iseg
+    from pipeline.segment.maps import minmax
 
     grid = F.interpolate(maps[None].float(), size=(512, 512), mode="bilinear", align_corners=False)
-    return iseg.minmax_per_class(grid)[0].numpy()
+    return minmax(grid, (2, 3))[0].numpy()
 
 
 def _ours_on_official_attention(cross: dict, self_attn: torch.Tensor, sample: dict, config, tokenizer) -> tuple:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="this project's config (default: the VOC settings)")
     parser.add_argument("--dataset", choices=("voc", "coco"), default=None,
                         help="the official settings to run (default: coco for a config with 80 classes)")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many images")
+    parser.add_argument("--num-images", type=int, default=None, help="at most this many images")
     parser.add_argument("--official-side", nargs=2, metavar=("SAMPLES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the config has {len(config.classes)} classes, the official {dataset} table "
               f"{len(words)}: pass --config configs/coco.yaml for COCO", file=sys.stderr)
         return 2
-    samples = read_samples(args.input, args.limit)
+    samples = read_samples(args.input, args.num_images)
     records = []
     for sample in samples:
         classes = sorted({config.class_index(name) for name in sample["names"]})

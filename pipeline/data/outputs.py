@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Container, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,13 +36,25 @@ def failed_image_ids(out_dir: str | Path) -> list[str]:
 
 @dataclass
 class MaskRecord:
-    """One image's job output: labels uint8 [H, W]; confidence float32 [H, W] or None; stats dict."""
+    """One image's job output, as its mask shard holds it; the PNGs are decoded on first use."""
 
     id: str
     shard: str
-    labels: np.ndarray
-    confidence: np.ndarray | None
-    stats: dict
+    sample: dict  # the mask shard's entries: png, conf.png (jobs since 0.1), json
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """uint8 [H, W]: 0 background, 1..C the classes, 255 ignore."""
+        return decode_mask(self.sample["png"])
+
+    @cached_property
+    def confidence(self) -> np.ndarray | None:
+        """float32 [H, W] in [0, 1]: the winning score per pixel; None from jobs before 0.1."""
+        return decode_confidence(self.sample["conf.png"]) if "conf.png" in self.sample else None
+
+    @cached_property
+    def stats(self) -> dict:
+        return json.loads(self.sample["json"])
 
 
 class JobOutput:
@@ -50,7 +63,7 @@ class JobOutput:
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
         if not (self.out_dir / "masks").is_dir():
-            raise InputError(f"{self.out_dir} has no masks/: pass the --output folder of a pseudolabel run")
+            raise InputError(f"{self.out_dir} has no masks/: pass the -o/--output folder of a pseudolabel run")
 
     def stats(self) -> pa.Table:
         """Every image's statistics row (the whole job)."""
@@ -62,11 +75,26 @@ class JobOutput:
         return sorted((self.out_dir / "masks").glob("*.tar"))
 
     def masks(self, shards: list[Path] | None = None) -> Iterator[MaskRecord]:
+        """Every mask of the given mask shards (default: all), in shard order."""
         for tar in shards or self.mask_shards():
             for sample in read_shard(str(tar)):
-                confidence = decode_confidence(sample["conf.png"]) if "conf.png" in sample else None
-                yield MaskRecord(id=sample["__key__"], shard=tar.stem, labels=decode_mask(sample["png"]),
-                                 confidence=confidence, stats=json.loads(sample["json"]))
+                yield MaskRecord(id=sample["__key__"], shard=tar.stem, sample=sample)
+
+    def joined(self, shards: list[Path] | None = None,
+               ids: Container[str] | None = None) -> Iterator[tuple[MaskRecord, dict | None]]:
+        """Each mask (only those in `ids`, when given) with the raw sample of the input shard it
+        was made from (jpg, json, gt.png), one shard at a time so memory stays flat: in input
+        order, then any mask whose image the input shard no longer holds, with None."""
+        for tar in shards or self.mask_shards():
+            masks = {r.id: r for r in self.masks([tar]) if ids is None or r.id in ids}
+            if not masks:
+                continue
+            for sample in self.input_samples(tar.stem):
+                record = masks.pop(sample["__key__"], None)
+                if record is not None:
+                    yield record, sample
+            for record in masks.values():
+                yield record, None
 
     def job(self) -> dict:
         """The job's record (config, config hash, model, input); {} without job.json."""

@@ -30,6 +30,7 @@ from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key
 from pipeline.data.shards import encode_json, read_shard, sample_classes
 from pipeline.mask.stats import failed_row, mask_statistics
+from pipeline.segment.segmenter import ClassScores, Segmenter
 
 
 # Images per post-processing task: with CRF on (about a second of CPU per image) a batch's
@@ -96,6 +97,17 @@ class ShardResult:
 
 
 @dataclass
+class SegmentedImage:
+    """One image of a batch after the model: its class scores, or the error that failed it."""
+
+    key: str
+    sample: dict
+    seconds: float  # the image's share of its batch's model time
+    scores: ClassScores | None = None
+    error: str | None = None  # "Type: message", set instead of scores
+
+
+@dataclass
 class ModelClock:
     """Seconds of a shard's batches: model, from launch to results (overlaps with the other
     shard's batches counted once); queueing, the host launching them (Segmenter.launch). On
@@ -139,7 +151,6 @@ class ShardWorker:
 
     def __init__(self, model_spec: str, config_json: str, device: str | None = None, threads: int | None = None):
         from pipeline.segment.models import load_model
-        from pipeline.segment.segmenter import Segmenter
 
         if threads:
             torch.set_num_threads(threads)
@@ -196,8 +207,7 @@ class ShardWorker:
 
     def _segment(self, batch: list[tuple[str, dict, np.ndarray, list[int]]], clock: ModelClock):
         """Run one batch; when the batch fails on one image's prompt, run images alone so
-        only that image fails. Yields (id, sample, ClassScores or error text, seconds: the
-        image's share of the batch's model time); adds the batch's times to clock.
+        only that image fails. Yields a SegmentedImage per image; adds the batch's times to clock.
 
         The batch is launched under the model lock and waited for outside it: on a GPU the
         other shard's thread queues its next batch while this one runs, so the device does
@@ -214,13 +224,13 @@ class ShardWorker:
         except ImageError as exc:  # one image's fault: it fails alone; anything else fails the shard
             if len(batch) == 1:
                 key, sample, _, _ = batch[0]
-                yield key, sample, f"{type(exc).__name__}: {exc}", time.perf_counter() - start
+                yield SegmentedImage(key, sample, time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
                 return
             for one in batch:
                 yield from self._segment([one], clock)
             return
         for (key, sample, _, _), score in zip(batch, scores):
-            yield key, sample, score, model_seconds / len(batch)
+            yield SegmentedImage(key, sample, model_seconds / len(batch), scores=score)
 
     def _busy_seconds(self, start: float, end: float) -> float:
         """Seconds of [start, end] (a batch from its launch to its results) not already counted
@@ -258,13 +268,14 @@ class ShardWorker:
 
         def flush():
             items = []
-            for key, sample, score, seconds in self._segment(batch, clock):
-                if isinstance(score, str):
-                    rows[key] = failed_row(key, shard, score)
+            for image in self._segment(batch, clock):
+                if image.scores is None:
+                    rows[image.key] = failed_row(image.key, shard, image.error)
                     continue
-                background = score.background.numpy() if score.background is not None else None
-                items.append(FinishItem(key, sample["jpg"], score.maps.numpy(), score.classes,
-                                        score.refinement_delta, seconds, background))
+                scores = image.scores
+                background = scores.background.numpy() if scores.background is not None else None
+                items.append(FinishItem(image.key, image.sample["jpg"], scores.maps.numpy(), scores.classes,
+                                        scores.refinement_delta, image.seconds, background))
             for index in range(0, len(items), FINISH_CHUNK):  # small tasks spread CRF over the CPUs
                 pending.append(self.submit_finish(self.config_json, shard, items[index : index + FINISH_CHUNK]))
             self._images_seen[shard] += len(batch)  # segmented (on a GPU: launched and waited for)

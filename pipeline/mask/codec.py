@@ -107,10 +107,13 @@ def write_mask(labels: np.ndarray, path: str | Path) -> None:
     Path(path).write_bytes(encode_mask(labels))
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """Image blended with the mask colours (background and ignore left as the image),
-    beside the mask itself: a PIL image [H, 2W]."""
+def overlay(image: np.ndarray, labels: np.ndarray, ground_truth: np.ndarray | None = None,
+            alpha: float = 0.5) -> Image.Image:
+    """The picture to look at a mask with: the image blended with the mask colours (background
+    and ignore left as the image) | the mask | the ground truth when given. uint8 [H, W, 3] and
+    [H, W] label maps in; a PIL image [H, 2W] (or [H, 3W]) out."""
     colours = _PALETTE[labels].astype(np.float32)
     blend_where = ((labels != 0) & (labels != IGNORE_INDEX))[..., None]
     blended = np.where(blend_where, (1 - alpha) * image + alpha * colours, image).astype(np.uint8)
-    return Image.fromarray(np.concatenate([blended, _PALETTE[labels]], axis=1))
+    panels = [blended, _PALETTE[labels]] + ([_PALETTE[ground_truth]] if ground_truth is not None else [])
+    return Image.fromarray(np.concatenate(panels, axis=1))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.segment.maps import minmax
 from pipeline.segment.methods import iseg
 from pipeline.config import SegmenterConfig
 from pipeline.mask.crf import crf_refine
@@ -37,7 +38,7 @@ class MaskResult:
 def upsample_class_maps(maps: torch.Tensor, model_size: int, out_hw: tuple[int, int]) -> torch.Tensor:
     """maps [C, s, s] -> [C, H, W]: bilinear to model_size, min-max per class, bilinear to out_hw."""
     grid = F.interpolate(maps[None].float(), size=(model_size, model_size), mode="bilinear", align_corners=False)
-    grid = iseg.minmax_per_class(grid)
+    grid = minmax(grid, (2, 3))
     return F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0]
 
 
@@ -73,7 +74,7 @@ def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[i
         return _labelled(shares, winner, shares.gather(0, winner[None])[0], classes)
     if config.method == "diffsegmenter":
         scores = F.interpolate(maps[None].float(), size=out_hw, mode="bilinear", align_corners=False)
-        scores = iseg.minmax_per_class(scores)[0]
+        scores = minmax(scores, (2, 3))[0]
         full = torch.cat([torch.full_like(scores[:1], config.diffsegmenter.background_score), scores])
     else:
         scores = upsample_class_maps(maps, config.image_size, out_hw)[None]

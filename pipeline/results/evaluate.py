@@ -65,6 +65,12 @@ def scores_from_confusion(conf: np.ndarray) -> Scores:
     )
 
 
+def _gt_file(gt_dir: str | Path, image_id: str) -> bytes | None:
+    """The bytes of gt_dir/<id>.png; None when missing or the id is not a safe file name."""
+    path = file_in(gt_dir, image_id, ".png") if key_problem(image_id) is None else None
+    return path.read_bytes() if path is not None and path.is_file() else None
+
+
 def evaluate_job(job, gt_dir: str | Path | None = None) -> tuple[Scores, np.ndarray]:
     """Score a job's masks against ground truth: PNGs `<id>.png` in gt_dir, else the `gt.png`
     entries of the job's input shards. The classes are the job's (background + its config's
@@ -72,17 +78,11 @@ def evaluate_job(job, gt_dir: str | Path | None = None) -> tuple[Scores, np.ndar
     n_classes = len(job.class_names) + 1
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
-    gt_cache: dict[str, dict[str, bytes]] = {}
-    for record in job.masks():
-        if gt_dir is not None:
-            path = file_in(gt_dir, record.id, ".png") if key_problem(record.id) is None else None
-            data = path.read_bytes() if path is not None and path.is_file() else None
-        else:
-            if record.shard not in gt_cache:
-                gt_cache.clear()  # one input shard at a time: memory stays flat
-                gt_cache[record.shard] = {s["__key__"]: s["gt.png"] for s in job.input_samples(record.shard)
-                                          if "gt.png" in s}
-            data = gt_cache[record.shard].get(record.id)
+    if gt_dir is not None:
+        pairs = ((record, _gt_file(gt_dir, record.id)) for record in job.masks())
+    else:
+        pairs = ((record, sample.get("gt.png") if sample else None) for record, sample in job.joined())
+    for record, data in pairs:
         if data is None:
             skipped.append(record.id)
             continue

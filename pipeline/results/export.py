@@ -2,7 +2,7 @@
 
 DEST/SegmentationClassPseudo/<id>.png  8-bit palette PNG, indices 0..20, 255 ignore
 DEST/ImageSets/Segmentation/<split>.txt ids exported, one per line
-DEST/JPEGImages/<id>.jpg               the original images, with --images
+DEST/JPEGImages/<id>.jpg               the original images, with --with-images
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     before anything is written."""
     dest = Path(dest).absolute()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not replace:
-        raise ExportError(f"{dest} already exists: pass a new --dest, or --force to replace it")
+        raise ExportError(f"{dest} already exists: pass a new -o/--output, or --force to replace it")
     if with_images:
         job.input_shards()  # raises (naming the missing shard) before anything is written
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -89,8 +89,7 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
 def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: bool) -> ExportSummary:
     summary = ExportSummary()
     ids: list[str] = []
-    wanted_images: dict[str, set[str]] = {}
-    for record in job.masks():
+    for record, sample in job.joined() if with_images else ((r, None) for r in job.masks()):
         reason = "unsafe key" if key_problem(record.id) else keep.rejects(record.stats)
         if reason:
             summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
@@ -102,13 +101,9 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
                                   "them): rerun the job into a new output folder to use --ignore-below")
             labels = apply_ignore(labels, record.confidence, keep.ignore_below)
         atomic_write_bytes(file_in(dest / MASK_FOLDER, record.id, ".png"), encode_mask(np.asarray(labels, np.uint8)))
+        if sample is not None:
+            atomic_write_bytes(file_in(dest / "JPEGImages", record.id, ".jpg"), sample["jpg"])
         ids.append(record.id)
-        wanted_images.setdefault(record.shard, set()).add(record.id)
-    if with_images:
-        for shard, wanted in wanted_images.items():
-            for sample in job.input_samples(shard):
-                if sample["__key__"] in wanted:
-                    atomic_write_bytes(file_in(dest / "JPEGImages", sample["__key__"], ".jpg"), sample["jpg"])
     failed = failed_image_ids(job.out_dir)
     if failed:
         summary.dropped["failed in the job"] = len(failed)

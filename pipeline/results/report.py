@@ -14,9 +14,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.results.evaluate import evaluate_job
-from pipeline.mask.codec import decode_image, decode_mask, voc_palette
-
-_PALETTE = voc_palette()
+from pipeline.data.safe_paths import file_in
+from pipeline.mask.codec import decode_image, decode_mask, overlay
 
 
 def _png_data_uri(image: Image.Image) -> str:
@@ -43,10 +42,8 @@ def pick_examples(rows: list[dict], per_group: int) -> dict[str, list[dict]]:
 
 
 def _strip(image: np.ndarray, mask: np.ndarray, gt: np.ndarray | None, height: int = 160) -> Image.Image:
-    """image with the mask blended | mask | ground truth, scaled to `height` pixels."""
-    blend = np.where(((mask != 0) & (mask != 255))[..., None], 0.5 * image + 0.5 * _PALETTE[mask], image)
-    panels = [blend.astype(np.uint8), _PALETTE[mask]] + ([_PALETTE[gt]] if gt is not None else [])
-    strip = Image.fromarray(np.concatenate(panels, axis=1))
+    """The overlay (image with mask | mask | ground truth), scaled to `height` pixels."""
+    strip = overlay(image, mask, gt)
     return strip.resize((max(1, strip.width * height // strip.height), height), Image.NEAREST)
 
 
@@ -96,20 +93,35 @@ def _plots(rows: list[dict]) -> dict[str, str]:
     return figures
 
 
+def _pictures(record, sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A mask's image [H, W, 3], labels [H, W] and ground truth [H, W] (None when its input sample
+    has none, or one of another size)."""
+    gt = decode_mask(sample["gt.png"]) if "gt.png" in sample else None
+    if gt is not None and gt.shape != record.labels.shape:
+        gt = None
+    return decode_image(sample["jpg"], record.id), record.labels, gt
+
+
+def write_overlays(job, dest: str | Path) -> int:
+    """An overlay PNG (image with mask | mask | ground truth) per mask of the job in dest/<id>.png;
+    returns how many were written."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for record, sample in job.joined():
+        if sample is not None:
+            overlay(*_pictures(record, sample)).save(file_in(dest, record.id, ".png"))
+            count += 1
+    return count
+
+
 def _examples_html(job, rows: list[dict], per_group: int) -> str:
     groups = pick_examples(rows, per_group)
     wanted = {r["id"]: r for group in groups.values() for r in group}
     strips: dict[str, str] = {}
-    masks = {rec.id: rec for rec in job.masks() if rec.id in wanted}
-    for shard in sorted({masks[i].shard for i in masks}):
-        for sample in job.input_samples(shard):
-            if sample["__key__"] in masks:
-                record = masks[sample["__key__"]]
-                gt = decode_mask(sample["gt.png"]) if "gt.png" in sample else None
-                if gt is not None and gt.shape != record.labels.shape:
-                    gt = None
-                image = decode_image(sample["jpg"], record.id)
-                strips[record.id] = _png_data_uri(_strip(image, record.labels, gt))
+    for record, sample in job.joined(ids=wanted):
+        if sample is not None:
+            strips[record.id] = _png_data_uri(_strip(*_pictures(record, sample)))
     parts = []
     for group, chosen in groups.items():
         title = "All images" if group == "all" else f"{group.capitalize()} by mean confidence"

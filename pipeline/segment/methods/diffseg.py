@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pipeline.segment.methods.iseg import symmetric_kl
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers
+from pipeline.segment.maps import upsample_maps
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.plan import Plan, PlannedScores
 from pipeline.segment.prompts import ClassPrompt
@@ -114,14 +115,9 @@ def naming_attention(maps_by_side: dict[int, torch.Tensor], columns: list[list[i
     len(columns)], candidate i the mean of its token columns."""
     out = None
     for side, maps in sorted(maps_by_side.items()):
-        batch = maps.shape[0]
         wanted = torch.stack([maps[..., cols].mean(dim=-1) for cols in columns], dim=-1)
         # bilinear is linear: upsampling the token sum equals summing the upsampled tokens
-        grid = torch.cat([wanted, maps.sum(dim=-1, keepdim=True)], dim=-1)
-        grid = grid.transpose(1, 2).reshape(batch, len(columns) + 1, side, side)
-        if side != out_side:
-            grid = F.interpolate(grid, size=(out_side, out_side), mode="bilinear", align_corners=False)
-        grid = grid.flatten(2).transpose(1, 2)
+        grid = upsample_maps(torch.cat([wanted, maps.sum(dim=-1, keepdim=True)], dim=-1), out_side)
         term = grid[..., :-1] / grid[..., -1:]
         out = term if out is None else out + term
     return out

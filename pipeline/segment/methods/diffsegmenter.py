@@ -9,15 +9,12 @@ are flattened row-major (N = side * side). float32 or float64 in and out.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers
+from pipeline.segment.maps import minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.plan import Plan, PlannedScores
 from pipeline.segment.prompts import ClassPrompt
-
-_TINY = 1e-30
-
 
 def fuse_class_maps(maps_by_side: dict[int, torch.Tensor], columns: list[list[int]], weights: dict[int, float],
                     out_side: int) -> torch.Tensor:
@@ -30,12 +27,7 @@ def fuse_class_maps(maps_by_side: dict[int, torch.Tensor], columns: list[list[in
         if side not in weights:
             raise ValueError(f"no DiffSegmenter weight for {side}x{side} cross-attention maps")
         classes = torch.stack([maps[..., cols].mean(dim=-1) for cols in columns], dim=-1)
-        grid = classes.transpose(1, 2).reshape(maps.shape[0], len(columns), side, side)
-        if side != out_side:
-            grid = F.interpolate(grid, size=(out_side, out_side), mode="bilinear", align_corners=False)
-        flat = grid.flatten(2)
-        low, high = flat.amin(dim=-1, keepdim=True), flat.amax(dim=-1, keepdim=True)
-        term = weights[side] * ((flat - low) / (high - low).clamp_min(_TINY)).transpose(1, 2)
+        term = weights[side] * minmax(upsample_maps(classes, out_side), dim=1)
         fused = term if fused is None else fused + term
     return fused
 

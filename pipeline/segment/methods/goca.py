@@ -13,12 +13,12 @@ import math
 import torch
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers, layer_side
+from pipeline.segment.maps import TINY, minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.plan import Plan, PlannedScores, single_side
 from pipeline.segment.prompts import ClassPrompt
 import torch.nn.functional as F
 
-_TINY = 1e-30
 
 
 def head_weights(head_outputs: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def head_weights(head_outputs: torch.Tensor) -> torch.Tensor:
     sum); a head opposing the others gets a negative weight. Returns [B, H, N]."""
     total = head_outputs.sum(dim=1, keepdim=True)
     dots = (head_outputs * total).sum(dim=-1)
-    return dots / dots.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    return dots / dots.sum(dim=1, keepdim=True).clamp_min(TINY)
 
 
 def pseudo_global_attention(queries: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def layer_weights(self_maps: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     global attention. The raw dot product of each layer with the reference, clamped at 0 and
     normalised over layers. Returns [L, B]."""
     similarity = (self_maps * reference[None]).flatten(2).sum(dim=-1).clamp_min(0)
-    return similarity / similarity.sum(dim=0, keepdim=True).clamp_min(_TINY)
+    return similarity / similarity.sum(dim=0, keepdim=True).clamp_min(TINY)
 
 
 def rescaled_objects(tokens: torch.Tensor, groups: list[list[int]], rescaling_columns: list[int]) -> torch.Tensor:
@@ -59,9 +59,9 @@ def rescaled_objects(tokens: torch.Tensor, groups: list[list[int]], rescaling_co
     at 0 and normalised over all T tokens at each pixel, each group (a class's or a background
     object's tokens) averaged, then divided by the sum over the rescaling (content) tokens."""
     raw = tokens.clamp_min(0)
-    raw = raw / raw.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    raw = raw / raw.sum(dim=1, keepdim=True).clamp_min(TINY)
     objects = torch.stack([raw[:, group].mean(dim=1) for group in groups], dim=1)
-    return objects / raw[:, rescaling_columns].sum(dim=1, keepdim=True).clamp_min(_TINY)
+    return objects / raw[:, rescaling_columns].sum(dim=1, keepdim=True).clamp_min(TINY)
 
 
 def gaussian_kernel(size: int, sigma: float, dtype=torch.float32) -> torch.Tensor:
@@ -70,19 +70,13 @@ def gaussian_kernel(size: int, sigma: float, dtype=torch.float32) -> torch.Tenso
     return (one[:, None] * one[None, :]) / one.sum() ** 2
 
 
-def minmax_columns(maps: torch.Tensor) -> torch.Tensor:
-    """maps [N, G] -> each column scaled to [0, 1] over the pixels."""
-    low, high = maps.amin(dim=0, keepdim=True), maps.amax(dim=0, keepdim=True)
-    return (maps - low) / (high - low).clamp_min(_TINY)
-
-
 def blur_and_minmax(maps: torch.Tensor, side: int, kernel: int = 5, sigma: float = 1.1) -> torch.Tensor:
     """maps [N, G] -> [N, G]: each map blurred with a kernel x kernel Gaussian (reflect
     padding, as torchvision's gaussian_blur) and min-max scaled to [0, 1]."""
     grid = maps.T.reshape(-1, 1, side, side)
     weight = gaussian_kernel(kernel, sigma, maps.dtype).to(maps.device)[None, None]
     blurred = F.conv2d(F.pad(grid, [kernel // 2] * 4, mode="reflect"), weight)
-    return minmax_columns(blurred.flatten(1).T)
+    return minmax(blurred.flatten(1).T, dim=0)
 
 
 def propagate(maps: torch.Tensor, affinity: torch.Tensor, power: int) -> torch.Tensor:
@@ -132,12 +126,7 @@ class GocaPlan(Plan):
         side, affinity = single_side(store.pooled_by_side(["propagation"]), "propagation_layers")
         fused = None
         for index, layer in enumerate(self.layers):
-            maps = store.sums[f"{layer}:cross"]  # [B, n, T]
-            n_side = int(round(maps.shape[1] ** 0.5))
-            grid = maps.transpose(1, 2).reshape(maps.shape[0], maps.shape[2], n_side, n_side)
-            if n_side != side:
-                grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-            term = weights[index][:, None, None] * grid.flatten(2).transpose(1, 2)
+            term = weights[index][:, None, None] * upsample_maps(store.sums[f"{layer}:cross"], side)  # [B, N, T]
             fused = term if fused is None else fused + term
         results = []
         for row, prompt in enumerate(prompts):
@@ -149,7 +138,7 @@ class GocaPlan(Plan):
             if objects.shape[1] > n_classes:  # background: the strongest background object
                 maps = torch.cat([maps, objects[:, n_classes:].amax(dim=1, keepdim=True)], dim=1)
             maps = propagate(maps[None], affinity[row : row + 1], settings.propagation_power)[0]
-            maps = minmax_columns(maps)
+            maps = minmax(maps, dim=0)
             background = maps[:, n_classes] if maps.shape[1] > n_classes else torch.zeros_like(maps[:, 0])
             results.append(PlannedScores(maps[:, :n_classes], background, 0.0, side))
         return results

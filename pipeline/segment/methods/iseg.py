@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import (CapturedAttention, CaptureSpec, Record, attention_modules, forward_rank,
                                       layer_side)
+from pipeline.segment.maps import TINY, grid_side, minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.plan import Plan, PlannedScores, single_side
 from pipeline.segment.prompts import ClassPrompt
 from pipeline.segment.transfer import to_device
 
 # Guards divisions by an all-zero row or column; far below any value the method produces.
-_TINY = 1e-30
 
 
 def fuse_cross_attention(
@@ -37,20 +37,16 @@ def fuse_cross_attention(
     """
     fused = None
     for side, maps in maps_by_side.items():
-        batch, n_pixels, n_tokens = maps.shape
-        if n_pixels != side * side:
-            raise ValueError(f"maps for side {side} have {n_pixels} pixels, expected {side * side}")
+        if grid_side(maps) != side:
+            raise ValueError(f"maps for side {side} have {maps.shape[1]} pixels, expected {side * side}")
         if side not in weights:
             raise ValueError(f"no fusion weight for {side}x{side} cross-attention maps")
-        normalised = maps / maps.sum(dim=1, keepdim=True).clamp_min(_TINY)
-        grid = normalised.transpose(1, 2).reshape(batch, n_tokens, side, side)
-        if side != out_side:
-            grid = F.interpolate(grid, size=(out_side, out_side), mode="bilinear", align_corners=False)
-        term = weights[side] * grid
+        normalised = maps / maps.sum(dim=1, keepdim=True).clamp_min(TINY)
+        term = weights[side] * upsample_maps(normalised, out_side)
         fused = term if fused is None else fused + term
     if fused is None:
         raise ValueError("no cross-attention maps to fuse")
-    return fused.flatten(2).transpose(1, 2)
+    return fused
 
 
 def symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float,
@@ -211,17 +207,17 @@ def entropy_reduced_self_attention(attn: torch.Tensor, ent: float) -> torch.Tens
     0) over the N x N tensor; attn itself is left unchanged.
     """
     if ent == 0:
-        refined = attn / attn.amax(dim=1, keepdim=True).clamp_min(_TINY)
+        refined = attn / attn.amax(dim=1, keepdim=True).clamp_min(TINY)
     else:
-        refined = attn * (math.e / attn.amax(dim=1, keepdim=True).clamp_min(_TINY))  # e * A
+        refined = attn * (math.e / attn.amax(dim=1, keepdim=True).clamp_min(TINY))  # e * A
         refined.add_(torch.log(refined), alpha=math.e * ent / math.log(10.0)).clamp_(min=0.0)
-    return refined.div_(refined.sum(dim=2, keepdim=True).clamp_min(_TINY))
+    return refined.div_(refined.sum(dim=2, keepdim=True).clamp_min(TINY))
 
 
 def shift_and_normalise(maps: torch.Tensor) -> torch.Tensor:
     """maps [B, N, C]: each class column shifted to minimum 0 and divided by its sum."""
     shifted = maps - maps.amin(dim=1, keepdim=True)
-    return shifted / shifted.sum(dim=1, keepdim=True).clamp_min(_TINY)
+    return shifted / shifted.sum(dim=1, keepdim=True).clamp_min(TINY)
 
 
 def iterative_refinement(cross: torch.Tensor, self_attn: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -237,20 +233,13 @@ def iterative_refinement(cross: torch.Tensor, self_attn: torch.Tensor, iteration
     return maps
 
 
-def minmax_per_class(scores: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """scores [B, C, H, W] -> each (b, c) map scaled to [0, 1] as (x - min) / (max - min + eps)."""
-    low = scores.amin(dim=(2, 3), keepdim=True)
-    high = scores.amax(dim=(2, 3), keepdim=True)
-    return (scores - low) / (high - low + eps).clamp_min(_TINY)
-
-
 def squared_background_scores(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """VOC rule. scores [B, C, H, W] (any range), present bool [B, C].
 
     Classes are min-max scaled (+1e-6), absent classes zeroed, and background scored
     (1 - max over classes)^2. Returns [B, 1 + C, H, W], background first.
     """
-    scaled = minmax_per_class(scores, eps=1e-6) * present[:, :, None, None].to(scores.dtype)
+    scaled = minmax(scores, (2, 3), eps=1e-6) * present[:, :, None, None].to(scores.dtype)
     background = (1.0 - scaled.amax(dim=1, keepdim=True)) ** 2
     return torch.cat([background, scaled], dim=1)
 
@@ -265,7 +254,7 @@ def threshold_background_scores(
 ) -> torch.Tensor:
     """COCO rule. Min-max scaled class scores below `threshold` are dropped; a pixel left
     with no class is background, scored 1 - its best class score. Returns [B, 1 + C, H, W]."""
-    scaled = minmax_per_class(scores, eps=1e-6) * present[:, :, None, None].to(scores.dtype)
+    scaled = minmax(scores, (2, 3), eps=1e-6) * present[:, :, None, None].to(scores.dtype)
     best = scaled.amax(dim=1, keepdim=True)
     kept = torch.where(scaled >= threshold, scaled, torch.zeros_like(scaled))
     background = torch.where(best >= threshold, torch.zeros_like(best), 1.0 - best)
