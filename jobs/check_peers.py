@@ -1,7 +1,7 @@
 """Run the peer methods' official code beside this project's, on the same model, images, labels,
 latents and prompt embeddings, and print how far their masks agree.
 
-    python jobs/check_peers.py --input 'shards/voc-train-*.tar' --model tiny --limit 8 \
+    python jobs/check_peers.py --input 'shards/voc-train-*.tar' --model tiny --num-images 8 \
         --goca ~/src/goca --diffsegmenter ~/src/DiffSegmenter \
         [--diffseg ~/src/diffseg --diffseg-python ~/tfenv/bin/python]
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="shards: a brace pattern, a glob or a shard folder")
     parser.add_argument("--model", default="tiny", help="tiny, sd21-random, a diffusers folder or a hub id")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many images")
+    parser.add_argument("--num-images", type=int, default=None, help="at most this many images")
     parser.add_argument("--goca", type=Path, help="checkout of Darkbblue/goca")
     parser.add_argument("--goca-float32", action="store_true", help="GoCA's feature store in float32")
     parser.add_argument("--goca-propagation-power", type=int, default=None,
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(args.model, device="cpu", dtype=torch.float32)
     base = SegmenterConfig()
-    samples = read_samples(args.input, args.limit)
+    samples = read_samples(args.input, args.num_images)
     totals: dict[str, list[float]] = {}
     namespace = _diffsegmenter_namespace(args.diffsegmenter, model) if args.diffsegmenter else None
     with tempfile.TemporaryDirectory() as scratch:

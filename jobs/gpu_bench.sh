@@ -56,8 +56,8 @@ profile() {
 bench() {
     wait  # for the CRF build
     python3 -c "import pydensecrf.densecrf" || echo "pydensecrf did not build: see pydensecrf-build.txt"
-    $PL bench --model sd21-random --device cuda --images 128 --batch-sizes 1,4,8,16,32 \
-        --pipeline-images 1024 --shard-size 128 --crf "${CRF:-both}" 2>&1 | tee "$RESULTS/bench.txt"
+    $PL bench --model sd21-random --device cuda --num-images 128 --batch-sizes 1,4,8,16,32 \
+        --pipeline-num-images 1024 --shard-size 128 --pipeline-crf "${CRF:-both}" 2>&1 | tee "$RESULTS/bench.txt"
 }
 
 trainaug() {
@@ -78,7 +78,7 @@ write_benchmark_shards(Path('$work/shards'), 10582, 256)"
 }
 
 scaling() {
-    python3 jobs/measure_scaling.py --model tiny --config tests/fast.yaml --device cpu --images 96 \
+    python3 jobs/measure_scaling.py --model tiny --config tests/fast.yaml --device cpu --num-images 96 \
         --per-shard 8 --workers 2 --cpu-threads 4 2>&1 | grep -v WARNING | tee "$RESULTS/scaling.txt"
 }
 

@@ -1,7 +1,7 @@
 """How close the segmenter is to being bound by the host (the Python thread that launches its
 kernels), on a GPU.
 
-Usage: python jobs/measure_host_headroom.py [--model sd21-random] [--device cuda] [--batch 32] [--images 256]
+Usage: python jobs/measure_host_headroom.py [--model sd21-random] [--device cuda] [--batch 32] [--num-images 256]
 Prints the in-process segmenter's images/s alone and with threads decoding JPEGs beside it
 (as fast as they can, and at a pipeline's pace), and, for a few batches, how long the host
 takes to queue a whole batch against when its results are on the host, alone and behind a
@@ -32,13 +32,13 @@ def main() -> None:
     parser.add_argument("--model", default="sd21-random")
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--paced", type=float, default=60.0, help="images/s of each paced decoding thread")
     args = parser.parse_args()
     model = load_model(args.model, device=args.device)
     config = load_config(None).model_copy(update={"batch_size": args.batch})
     segmenter = Segmenter(model, config)
-    samples = benchmark_images(args.images)
+    samples = benchmark_images(args.num_images)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [classes for _, classes in samples]
     jpegs = []

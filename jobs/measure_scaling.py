@@ -1,6 +1,6 @@
 """Pipeline throughput with 1 and then N workers on the same shards (does it scale?).
 
-Usage: python jobs/measure_scaling.py [--model sd21-random] [--images 8] [--per-shard 2]
+Usage: python jobs/measure_scaling.py [--model sd21-random] [--num-images 8] [--per-shard 2]
        [--workers 2] [--device cpu] [--cpu-threads 1] [--config CONFIG]
 Writes benchmark shards to a temporary folder, runs `run` (CRF off) once per worker count and
 prints images/s from the workers being ready to the last shard written, and the speed-up.
@@ -19,7 +19,7 @@ from pipeline.config import load_config
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd21-random")
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--per-shard", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -29,7 +29,7 @@ def main() -> None:
     config = load_config(args.config).model_copy(update={"batch_size": args.per_shard})
     rates = {}
     with tempfile.TemporaryDirectory(prefix="pseudolabel-scaling-") as tmp:
-        pattern = write_benchmark_shards(Path(tmp) / "shards", args.images, args.per_shard)
+        pattern = write_benchmark_shards(Path(tmp) / "shards", args.num_images, args.per_shard)
         for workers in (1, args.workers):
             summary = pipeline_path(args.model, config, pattern, Path(tmp) / f"out-{workers}", args.device,
                                     crf=False, workers=workers, cpu_threads=args.cpu_threads)

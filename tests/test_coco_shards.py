@@ -61,7 +61,7 @@ def coco_root(tmp_path):
 
 def test_shards_labels_and_ground_truth_from_the_annotations(coco_root, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "--out", str(out)]) == 0
+    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "-o", str(out)]) == 0
     samples = [s for tar in sorted(out.glob("*.tar")) for s in read_shard(str(tar))]
     assert [s["__key__"] for s in samples] == ["000000000003"]
     meta = json.loads(samples[0]["json"])
@@ -87,11 +87,11 @@ def test_shards_labels_and_ground_truth_from_the_annotations(coco_root, tmp_path
 ])
 def test_bad_annotation_files_are_one_line_errors(coco_root, tmp_path, capsys, change, message):
     change(coco_root)
-    code = main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "--out", str(tmp_path / "s")])
+    code = main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "-o", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_unknown_split_is_a_one_line_error(coco_root, tmp_path, capsys):
-    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2019", "--out", str(tmp_path)]) == 2
+    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2019", "-o", str(tmp_path)]) == 2
     assert "use one of train2014, val2014, train2017, val2017" in capsys.readouterr().err

@@ -16,7 +16,7 @@ def _read_like_mmseg(path):
 def test_export_writes_masks_split_list_and_images(tmp_path, capsys):
     out, gts = make_job_output(tmp_path, lambda gt, i: gt)
     dest = tmp_path / "export"
-    assert main(["export", str(out), "--format", "voc", "--dest", str(dest), "--images"]) == 0
+    assert main(["export", str(out), "--format", "voc", "-o", str(dest), "--with-images"]) == 0
     assert "exported 4 masks" in capsys.readouterr().out
     ids = (dest / "ImageSets/Segmentation/train_aug.txt").read_text().split()
     assert ids == sorted(gts)
@@ -31,11 +31,11 @@ def test_export_filters_and_ignore(tmp_path, capsys):
     # image i has confidence 0.2 + 0.2 i; image 1's prediction drops its labelled class 12.
     out, gts = make_job_output(tmp_path, lambda gt, i: np.where(gt == 12, 0, gt) if i == 1 else gt)
     dest = tmp_path / "e1"
-    assert main(["export", str(out), "--dest", str(dest), "--min-confidence", "0.5"]) == 0
+    assert main(["export", str(out), "-o", str(dest), "--min-confidence", "0.5"]) == 0
     assert (dest / "ImageSets/Segmentation/train_aug.txt").read_text().split() == ["2011_000002", "2011_000003"]
-    assert main(["export", str(out), "--dest", str(tmp_path / "e2"), "--require-all-labels", "--split", "x"]) == 0
+    assert main(["export", str(out), "-o", str(tmp_path / "e2"), "--require-all-labels", "--split", "x"]) == 0
     assert "2011_000001" not in (tmp_path / "e2/ImageSets/Segmentation/x.txt").read_text()
-    assert main(["export", str(out), "--dest", str(tmp_path / "e3"), "--ignore-below", "0.5"]) == 0
+    assert main(["export", str(out), "-o", str(tmp_path / "e3"), "--ignore-below", "0.5"]) == 0
     low = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000000.png")  # confidence 0.2
     high = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000003.png")  # confidence 0.8
     assert (low == 255).all() and (high == gts["2011_000003"]).all()
@@ -46,17 +46,17 @@ def test_export_is_all_or_nothing(tmp_path, capsys):
     dest = tmp_path / "export"
     dest.mkdir()
     (dest / "mine.txt").write_text("not the export's")
-    assert main(["export", str(out), "--dest", str(dest)]) == 2
+    assert main(["export", str(out), "-o", str(dest)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in dest.iterdir()] == ["mine.txt"]
-    # The input shards are gone: --images fails before anything is written.
+    # The input shards are gone: --with-images fails before anything is written.
     for shard in (tmp_path / "shards").glob("*.tar"):
         shard.unlink()
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(["export", str(out), "--dest", str(tmp_path / "new"), "--images"]) == 2
+    assert main(["export", str(out), "-o", str(tmp_path / "new"), "--with-images"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     # --force replaces an existing export in one rename.
-    assert main(["export", str(out), "--dest", str(dest), "--force"]) == 0
+    assert main(["export", str(out), "-o", str(dest), "--force"]) == 0
     assert sorted(p.name for p in dest.iterdir()) == ["ImageSets", "SegmentationClassPseudo"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -11,7 +11,7 @@ from pipeline.results.report import pick_examples
 
 def test_report_is_one_self_contained_page(tmp_path, capsys):
     out, _ = make_job_output(tmp_path, lambda gt, i: np.roll(gt, i, axis=1))
-    assert main(["report", str(out), "--dest", str(tmp_path / "report")]) == 0
+    assert main(["report", str(out), "-o", str(tmp_path / "report")]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
     images = re.findall(r"<img src='data:image/png;base64,", page)
     assert len(images) == 3 + 4  # worst, median and best strips (one each of 4 images) and four plots

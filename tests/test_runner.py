@@ -300,7 +300,7 @@ def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_p
     out, export = work / "out", work / "exp"
     summary = run_job(str(work / "shards" / "*.tar"), out, load_config(config), "tiny", workers=1, progress=False)
     assert (summary.images_ok, summary.images_failed) == (2, 6)
-    assert main(["export", str(out), "--dest", str(export), "--images"]) == 0
+    assert main(["export", str(out), "-o", str(export), "--with-images"]) == 0
     written = set(tmp_path.rglob("*")) - before
     assert written and all(p.is_relative_to(out) or p.is_relative_to(export) or p in (out, export)
                            for p in written), sorted(map(str, written))
@@ -339,7 +339,7 @@ def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shar
     masks, rows = _outputs(out)
     assert masks == clean_masks  # byte-identical masks at batch sizes 1, 2 and 3
     assert [r["id"] for r in rows] == [r["id"] for r in clean_rows]
-    assert main(["export", str(out), "--dest", str(tmp_path / "exp"), "--images"]) == 0
+    assert main(["export", str(out), "-o", str(tmp_path / "exp"), "--with-images"]) == 0
     assert len(list((tmp_path / "exp" / "JPEGImages").iterdir())) == 4
     assert main(["eval", str(out)]) == 0
 
@@ -378,5 +378,5 @@ def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp
     assert summary.failed_line.startswith("failed images: 2010_000002, 2010_000003 (errors in stats/")
     assert main(["status", str(out)]) == 0
     assert "2 failed image(s): 2010_000002, 2010_000003" in capsys.readouterr().out
-    assert main(["export", str(out), "--dest", str(tmp_path / "export")]) == 0
+    assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0
     assert "2 for failed in the job" in capsys.readouterr().out

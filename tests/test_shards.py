@@ -23,7 +23,7 @@ def _voc(tmp_path):
 
 def test_voc_shards_carry_image_labels_and_ground_truth(tmp_path):
     root = _voc(tmp_path)
-    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "--out", str(tmp_path / "s"),
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "-o", str(tmp_path / "s"),
                  "--shard-size", "2"]) == 0
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert [s["url"] for s in manifest["shards"]] == [f"voc-train-00000{i}.tar" for i in range(3)]
@@ -78,15 +78,15 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
     for name in ("a.jpg", "sub/b.v2.jpg", "c.jpg"):
         Image.fromarray(synthetic_image(20, 20, seed=1)).save(tmp_path / "imgs" / name)
     (tmp_path / "labels.csv").write_text("image,labels\na.jpg,cat;dog\nsub/b.v2.jpg,zebra\nc.jpg,\nmissing.jpg,cat\n")
-    assert main(["shard-folder", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.csv"),
-                 "--classes", "cat,dog", "--out", str(tmp_path / "out")]) == 0
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.csv"),
+                 "--classes", "cat,dog", "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "1 missing image" in out and "1 no labels" in out and "1 unknown class" in out
     samples = list(read_shard(str(tmp_path / "out" / "images-000000.tar")))
     assert [s["__key__"] for s in samples] == ["a", "sub_b_v2", "c"]
     assert json.loads(samples[0]["json"])["labels"] == [1, 2]
     (tmp_path / "labels.jsonl").write_text('{"image": "a.jpg", "labels": ["dog"]}\n')
-    assert main(["shard-folder", "--images", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.jsonl"),
-                 "--classes", "cat,dog", "--out", str(tmp_path / "out2"), "--prefix", "mine"]) == 0
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.jsonl"),
+                 "--classes", "cat,dog", "-o", str(tmp_path / "out2"), "--prefix", "mine"]) == 0
     (sample,) = read_shard(str(tmp_path / "out2" / "mine-000000.tar"))
     assert json.loads(sample["json"])["names"] == ["dog"]

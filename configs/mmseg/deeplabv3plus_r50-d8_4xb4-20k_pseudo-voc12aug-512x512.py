@@ -1,6 +1,6 @@
 # DeepLabV3+ R50-D8 (mmsegmentation 1.x, 4 GPUs x 4 images, 20k iterations, 512 x 512 crops)
-# trained on the pseudo masks of `pseudolabel export --images`, validated on VOC val.
-# Edit one line: pseudo_root, the --dest folder of the export. Then, from an mmsegmentation
+# trained on the pseudo masks of `pseudolabel export --with-images`, validated on VOC val.
+# Edit one line: pseudo_root, the -o/--output folder of the export. Then, from an mmsegmentation
 # checkout: tools/dist_train.sh <this file> 4
 _base_ = ['mmseg::deeplabv3plus/deeplabv3plus_r50-d8_4xb4-20k_voc12aug-512x512.py']
 

@@ -1,9 +1,9 @@
 # mmsegmentation 1.x dataset config: the pseudo masks of a COCO job (`pseudolabel run --config
-# coco`, then `pseudolabel export --images`) as an 81-class training set: 0 background, 1..80 the
+# coco`, then `pseudolabel export --with-images`) as an 81-class training set: 0 background, 1..80 the
 # classes of `--config coco` (COCO category-id order), 255 ignored. Pipelines and loaders are
 # mmseg's `pascal_voc12` ones; there is no validation set here (the base's is VOC): add one with
 # COCO ground truth in the same values.
-# Edit one line: pseudo_root, the --dest folder of the export.
+# Edit one line: pseudo_root, the -o/--output folder of the export.
 _base_ = ['mmseg::_base_/datasets/pascal_voc12.py']
 
 pseudo_root = 'pseudo-coco/'  # the export: JPEGImages/, SegmentationClassPseudo/, ImageSets/

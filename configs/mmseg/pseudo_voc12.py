@@ -1,6 +1,6 @@
-# mmsegmentation 1.x dataset config: the pseudo masks of `pseudolabel export --images` as the
+# mmsegmentation 1.x dataset config: the pseudo masks of `pseudolabel export --with-images` as the
 # training set over mmseg's stock `pascal_voc12` base; validation stays its VOC val set.
-# Edit one line: pseudo_root, the --dest folder of the export.
+# Edit one line: pseudo_root, the -o/--output folder of the export.
 _base_ = ['mmseg::_base_/datasets/pascal_voc12.py']
 
 pseudo_root = 'pseudo-voc/'  # the export: JPEGImages/, SegmentationClassPseudo/, ImageSets/

@@ -42,6 +42,10 @@ class JobMismatchError(PipelineError, RuntimeError):
     """The output folder belongs to a job with another config or model."""
 
 
+class NoJobError(PipelineError, FileNotFoundError):
+    """The folder given as a job's output holds no job.json."""
+
+
 class Ledger:
     """The state of a job's output folder."""
 
@@ -75,6 +79,14 @@ class Ledger:
 
     def job(self) -> dict | None:
         return json.loads(self.job_path.read_text()) if self.job_path.is_file() else None
+
+    def recorded_job(self) -> dict:
+        """The job.json of this folder; NoJobError when no job has run here."""
+        job = self.job()
+        if job is None:
+            raise NoJobError(f"{self.out_dir} has no job.json: no job has run there (start one with "
+                             f"pseudolabel run --input SHARDS -o {self.out_dir})")
+        return job
 
     def claim(self, job: dict, force: bool) -> None:
         """Record the job in the folder; refuse a folder made with another config or model

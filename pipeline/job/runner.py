@@ -16,7 +16,6 @@ import os
 import time
 import signal
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,22 +25,13 @@ from pipeline.config import SegmenterConfig
 from pipeline.segment.models import check_model_available
 from pipeline.data.atomic import atomic_write_bytes, file_sha256
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
-from pipeline.data.safe_paths import key_problem
 from pipeline.data.shards import InputError, expand_input, shard_name, tar_bytes
+from pipeline.job.summary import JobInterrupted, JobSummary
 from pipeline.mask.stats import rows_to_table
 
 
 class WorkerStartError(PipelineError, RuntimeError):
     """The segmenter actors failed while loading the model."""
-
-
-class JobInterrupted(Exception):
-    """The job was stopped by a signal (SIGINT, SIGTERM) after marking its shards in flight
-    interrupted; summary holds what was done."""
-
-    def __init__(self, signum: int, summary: "JobSummary", interrupted: list[str]):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum, self.summary, self.interrupted = signum, summary, interrupted
 
 
 class _Stop(BaseException):
@@ -69,68 +59,6 @@ def absolute_input(pattern: str) -> str:
     if "://" in pattern or pattern.startswith("pipe:") or os.path.isabs(pattern):
         return pattern
     return os.path.join(os.getcwd(), pattern)
-
-
-FAILED_IDS_SHOWN = 5
-
-
-def name_failed(ids: list[str], total: int) -> str:
-    """The first FAILED_IDS_SHOWN of `total` failed image ids for one output line ("a, b and 3
-    more"); an id that is not a safe key is quoted, so a crafted one cannot break the line."""
-    shown = [repr(i) if key_problem(i) else i for i in ids[:FAILED_IDS_SHOWN]]
-    more = total - len(shown)
-    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
-@dataclass
-class JobSummary:
-    shards_done: int
-    shards_failed: int
-    shards_skipped: int
-    images_ok: int
-    images_failed: int
-    seconds: float
-    processing_seconds: float = 0.0  # from the workers being ready (model loaded, GPU warmed up) to the end
-    peak_worker_rss_mb: float = 0.0
-    peak_worker_device_mb: float = 0.0
-    workers: int = 0
-    worker_nodes: int = 0  # Ray nodes the workers started on
-    model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
-    queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
-    failed_ids: list[str] = field(default_factory=list)  # the first FAILED_IDS_SHOWN failed images
-
-    def add_failed(self, ids: list[str]) -> None:
-        self.failed_ids.extend(ids[: max(0, FAILED_IDS_SHOWN - len(self.failed_ids))])
-
-    @property
-    def failed_line(self) -> str | None:
-        """The failed images, the first few by id, or None when none failed."""
-        if not self.images_failed:
-            return None
-        return (f"failed images: {name_failed(self.failed_ids, self.images_failed)} "
-                "(errors in stats/, status column 'failed')")
-
-    @property
-    def model_busy(self) -> float:
-        """Fraction of the processing time the workers' models were running batches (1.0: the
-        model never waited for decoding, post-processing or writing)."""
-        wall = self.processing_seconds * self.workers
-        return self.model_seconds / wall if wall else 0.0
-
-    @property
-    def host_queueing(self) -> float:
-        """Fraction of the model time the workers' host threads spent queueing batches: near
-        1.0 on a GPU, the host sets the pace (on a CPU the work is done while queueing)."""
-        return self.queueing_seconds / self.model_seconds if self.model_seconds else 0.0
-
-    @property
-    def line(self) -> str:
-        total = self.images_ok + self.images_failed
-        rate = total / self.seconds if self.seconds > 0 else 0.0
-        return (f"{total} images: {self.images_ok} ok, {self.images_failed} failed; "
-                f"shards {self.shards_done} done, {self.shards_failed} failed, {self.shards_skipped} skipped; "
-                f"{self.seconds:.1f} s, {rate:.2f} images/s"
-                + (f"; model busy {self.model_busy:.0%} of the processing time" if self.model_seconds else ""))
 
 
 def write_shard_outputs(out_dir: Path, result) -> dict[str, str]:

@@ -1,0 +1,164 @@
+"""`pseudolabel run | resume | status | demo`: the job over shards on Ray, its ledger, and the
+whole path on the bundled sample images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.cli.options import (add_command, add_device, add_input_shards, add_job_folder, add_job_options,
+                                  add_model_options, add_no_progress, add_output, require_positive)
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config
+
+
+def register_demo(sub) -> None:
+    demo = add_command(
+        sub, "demo", help="the whole job on the bundled sample images",
+        description="Shard the bundled VOC sample images, run the job on them, and write overlays, a VOC "
+                    "export, the evaluation and the report.",
+        examples=["pseudolabel demo --model tiny -o demo",
+                  "pseudolabel demo --model path/to/stable-diffusion-2-1-base --device cuda -o demo"])
+    outputs = demo.add_argument_group("output")
+    add_output(outputs, "folder for shards and outputs (default: ./demo)", required=False, default="demo")
+    add_no_progress(outputs)
+    add_model_options(demo)
+    demo.set_defaults(func=run_demo)
+
+
+def register(sub) -> None:
+    run = add_command(
+        sub, "run", help="segment every shard on Ray; resumable",
+        description="Run the job over image shards. Re-running skips shards already done.",
+        examples=["pseudolabel run --input shards/ -o out/",
+                  "pseudolabel run --input 'shards/voc-train_aug-{000000..000041}.tar' -o out/ --crf "
+                  "--address auto --batch-size 16"])
+    inputs = run.add_argument_group("input and output")
+    add_input_shards(inputs)
+    add_output(inputs, "the job's folder: masks/, stats/, ledger/, job.json")
+    inputs.add_argument("--crf", action="store_true", help="dense CRF on CPU workers")
+    inputs.add_argument("--retry-failed", action="store_true", help="also redo shards that failed before")
+    inputs.add_argument("--force", action="store_true",
+                        help="overwrite the job in the output folder when it was made with another config or "
+                             "model (every shard is redone)")
+    add_model_options(run)
+    add_job_options(run)
+    run.set_defaults(func=run_run)
+
+    resume = add_command(
+        sub, "resume", help="redo the failed and interrupted shards of a job",
+        description="Resume a job with its recorded input, config and model.",
+        examples=["pseudolabel resume out/", "pseudolabel resume out/ --batch-size 8 --device cuda:1"])
+    add_job_folder(resume.add_argument_group("input"))
+    add_device(resume.add_argument_group("model"))
+    add_job_options(resume)
+    resume.set_defaults(func=run_resume)
+
+    status = add_command(sub, "status", help="print a job's ledger", description="Print a job's per-shard state.",
+                         examples=["pseudolabel status out/"])
+    add_job_folder(status)
+    status.set_defaults(func=run_status)
+
+
+def _run_job(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, model: str,
+             retry_failed: bool, force: bool) -> int:
+    from pipeline.job.runner import run_job
+    from pipeline.job.summary import JobInterrupted
+
+    require_positive(args, "cpu_threads", "workers", "batch_size")
+    if args.retries < 0:
+        raise ConfigError(f"--retries must be 0 or more, got {args.retries}")
+    if args.batch_size is not None:
+        config = config.model_copy(update={"batch_size": args.batch_size})
+    out_dir = Path(args.output)
+    try:
+        summary = run_job(input_pattern, out_dir, config, model, address=args.address, workers=args.workers,
+                          retry_failed=retry_failed, force=force, retries=args.retries, device=args.device,
+                          progress=not args.no_progress, cpu_threads=args.cpu_threads)
+    except JobInterrupted as stop:
+        done = stop.summary
+        print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "
+              f"{done.images_failed} failed), {len(stop.interrupted)} in flight marked interrupted; "
+              f"resume with: pseudolabel resume {out_dir.absolute()}", file=sys.stderr)
+        return 128 + stop.signum
+    print(summary.line)
+    if summary.failed_line:
+        print(summary.failed_line)
+    print(f"masks in {out_dir / 'masks'}, statistics in {out_dir / 'stats'}, ledger in {out_dir / 'ledger'}")
+    return 0 if summary.shards_failed == 0 else 1
+
+
+def run_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if args.crf:
+        config = config.with_crf(True)
+    return _run_job(args, args.input, config, args.model, args.retry_failed, args.force)
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    from pipeline.data.ledger import Ledger
+
+    job = Ledger(args.job).recorded_job()
+    args.output = args.job
+    config = SegmenterConfig.model_validate(job["config"])
+    return _run_job(args, job["input"], config, job["model"], retry_failed=True, force=False)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from pipeline.data.ledger import Ledger
+    from pipeline.data.outputs import failed_image_ids
+    from pipeline.job.summary import name_failed
+
+    ledger = Ledger(args.job)
+    job = ledger.recorded_job()
+    entries = ledger.entries()
+    print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {job['input']}")
+    print(f"{'shard':32} {'state':12} {'attempts':>8} {'images':>7} {'failed':>7} {'seconds':>8}  error")
+    for e in entries:
+        print(f"{e.shard:32} {e.state:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} {e.seconds:8.1f}  "
+              f"{e.error or ''}")
+    states = [e.state for e in entries]
+    print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('interrupted')} "
+          f"interrupted, {states.count('in_progress')} in progress (interrupted unless a job is running)")
+    failed = failed_image_ids(args.job)
+    if failed:
+        print(f"{len(failed)} failed image(s): {name_failed(failed, len(failed))} "
+              "(errors in stats/, status column 'failed')")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from pipeline.data.outputs import JobOutput
+    from pipeline.data.shards import ShardingReport, voc_sources, write_image_shards
+    from pipeline.job.runner import run_job
+    from pipeline.results.evaluate import evaluate_job, write_json
+    from pipeline.results.export import export_voc
+    from pipeline.results.report import write_overlays, write_report
+
+    dest = Path(args.output)
+    sample = Path(str(resources.files("pipeline") / "sample" / "VOC2012"))
+    report = ShardingReport()
+    sources = voc_sources(sample, "train", None, report)
+    shards = dest / "shards"
+    write_image_shards(sources, shards, "voc-sample", 2, list(VOC_CLASS_NAMES), report)
+    print(f"1. sharded {len(sources)} PASCAL VOC sample images into {shards}")
+    config = load_config(args.config)
+    summary = run_job(str(shards), dest / "out", config, args.model, workers=1, device=args.device,
+                      force=True, progress=not args.no_progress)
+    print(f"2. ran the job: {summary.line}")
+    print(f"   masks: {dest / 'out' / 'masks'}  statistics: {dest / 'out' / 'stats'}  ledger: {dest / 'out' / 'ledger'}")
+    job = JobOutput(dest / "out")
+    written = write_overlays(job, dest / "overlays")
+    print(f"3. overlays (image with mask | mask | ground truth) of {written} images in {dest / 'overlays'}")
+    exported = export_voc(job, dest / "export", split="train", with_images=True, replace=True)
+    print(f"4. exported {exported.exported} masks in the VOC layout to {dest / 'export'}")
+    scores, conf = evaluate_job(job)
+    write_json(scores, conf, list(VOC_CLASS_NAMES), dest / "out" / "eval.json")
+    print(f"5. evaluated against the VOC ground truth: mIoU {scores.miou:.1f}, pixel accuracy "
+          f"{scores.pixel_accuracy:.1f}, coverage {scores.coverage:.1f} ({dest / 'out' / 'eval.json'})")
+    if args.model == "tiny":
+        print("   (the tiny model has random weights: these figures only show the wiring)")
+    print(f"6. report: {write_report(job, dest / 'report')}")
+    return 0 if summary.shards_failed == 0 else 1

@@ -1,0 +1,109 @@
+"""The options several commands share, each with one name and one meaning everywhere:
+
+- `-o/--output`: where the command writes (a file or a folder, as its help says);
+- `JOB` (positional): a job's folder, the `-o/--output` of `pseudolabel run`;
+- `--input`: image shards (a brace pattern, a glob, or a folder with manifest.json);
+- `--model`, `--config`, `--device`: what segments, with which settings, where;
+- `--address`, `--workers`, `--batch-size`, `--retries`, `--cpu-threads`: how a job runs on Ray;
+- `--num-images`: how many images a command uses; `--no-progress`: no progress bar.
+
+This module imports nothing heavy, so that `pseudolabel --help` answers at once: each command
+imports what it runs inside its function.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import DEFAULT_MODEL, ConfigError, SegmenterConfig
+
+
+EXAMPLES = "examples:\n"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, but the examples keep one command line each."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith(EXAMPLES):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def add_command(sub, name: str, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its examples, one command line each."""
+    epilog = EXAMPLES + "\n".join(f"  {line}" for line in examples)
+    return sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=_HelpFormatter)
+
+
+def add_output(group, help: str, required: bool = True, default: str | None = None) -> None:
+    group.add_argument("-o", "--output", required=required, default=default, help=help)
+
+
+def add_job_folder(group, help: str = "the job's folder (the -o/--output of pseudolabel run)") -> None:
+    group.add_argument("job", metavar="JOB", help=help)
+
+
+def add_input_shards(group) -> None:
+    group.add_argument("--input", required=True,
+                       help="image shards: a brace pattern 'shards/voc-train_aug-{000000..000041}.tar', a glob, "
+                            "or a folder with manifest.json")
+
+
+def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,
+                      with_config: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model,
+                       help=f"hub id, local diffusers folder, `tiny` (offline toy model) or `sd21-random` "
+                            f"(full size, random weights) (default: {default_model})")
+    if with_config:
+        group.add_argument("--config", default=None,
+                           help="YAML config file, or a built-in name: voc (the default) or coco")
+    add_device(group)
+
+
+def add_device(group) -> None:
+    group.add_argument("--device", default=None, help="torch device: cuda, cuda:1 or cpu (default: cuda if available)")
+
+
+def add_cpu_threads(group) -> None:
+    group.add_argument("--cpu-threads", type=int, default=None,
+                       help="torch threads of each CPU worker (default: its share of the machine's CPUs)")
+
+
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    """How a job runs on Ray (run and resume)."""
+    group = parser.add_argument_group("Ray job")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster to join: auto, host:6379 or ray://host:10001; local starts a private "
+                            "Ray (default: RAY_ADDRESS, else the cluster `ray start` runs on this machine, "
+                            "else a private Ray)")
+    group.add_argument("--workers", type=int, default=None,
+                       help="segmenter actors (default: one per GPU, or 1 on a CPU-only cluster)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="images per UNet forward, overriding the config's batch_size (not part of the "
+                            "config hash: a job resumes with another batch size)")
+    group.add_argument("--retries", type=int, default=2,
+                       help="times a shard is retried on a restarted worker after the worker dies (default 2)")
+    add_cpu_threads(group)
+    add_no_progress(group)
+
+
+def add_no_progress(group) -> None:
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def require_positive(args: argparse.Namespace, *names: str) -> None:
+    """ConfigError naming the first of these optional integer options that is set below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
+    """Comma-separated class names (dataset names or prompt words) -> sorted 0-based indices."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--labels is empty: give at least one class name, e.g. --labels cat,sofa")
+    return sorted({config.class_index(n) for n in names})

@@ -1,0 +1,208 @@
+"""`pseudolabel export | eval | report | compare | bench`: what a job's masks are worth and
+cost, and the hand-off to training."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli.options import (add_command, add_cpu_threads, add_input_shards, add_job_folder, add_model_options,
+                                  add_no_progress, add_output, require_positive)
+from pipeline.config import ConfigError, load_config
+
+
+def register(sub) -> None:
+    _register_export(sub)
+    _register_eval(sub)
+    _register_report(sub)
+    _register_compare(sub)
+    _register_bench(sub)
+
+
+def _register_export(sub) -> None:
+    export = add_command(
+        sub, "export", help="write a job's masks in the VOC layout for training",
+        description="Write OUTPUT/SegmentationClassPseudo/<id>.png and a split list, as mmsegmentation's "
+                    "PascalVOCDataset and DeepLab-style loaders read them.",
+        examples=["pseudolabel export out/ -o pseudo-voc/ --with-images",
+                  "pseudolabel export out/ -o pseudo-voc/ --min-confidence 0.5 --ignore-below 0.3 --force"])
+    add_job_folder(export.add_argument_group("input"))
+    outputs = export.add_argument_group("output")
+    add_output(outputs, "the folder to write the VOC layout into")
+    outputs.add_argument("--format", choices=["voc"], default="voc", help="layout (voc)")
+    outputs.add_argument("--split", default="train_aug",
+                         help="the split the list names: ImageSets/Segmentation/<split>.txt (default train_aug)")
+    outputs.add_argument("--with-images", action="store_true", help="also write JPEGImages/ from the input shards")
+    outputs.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    keep = export.add_argument_group("which masks and pixels")
+    keep.add_argument("--min-confidence", type=float, default=None,
+                      help="drop images whose mean winning score is below this")
+    keep.add_argument("--require-all-labels", action="store_true",
+                      help="drop images where a labelled class received no pixel")
+    keep.add_argument("--ignore-below", type=float, default=None,
+                      help="turn pixels whose winning score is below this into 255")
+    export.set_defaults(func=run_export)
+
+
+def _register_eval(sub) -> None:
+    evaluate = add_command(
+        sub, "eval", help="score a job's masks against ground truth",
+        description="Confusion matrix, per-class IoU, mIoU, pixel accuracy and coverage.",
+        examples=["pseudolabel eval out/", "pseudolabel eval out/ --gt VOCdevkit/VOC2012/SegmentationClassAug "
+                                           "-o out/eval-aug.json"])
+    inputs = evaluate.add_argument_group("input")
+    add_job_folder(inputs)
+    inputs.add_argument("--gt", default=None,
+                        help="ground-truth folder of <id>.png (default: the gt.png in the input shards)")
+    add_output(evaluate.add_argument_group("output"), "the JSON file of the scores (default JOB/eval.json)",
+               required=False)
+    evaluate.set_defaults(func=run_eval)
+
+
+def _register_report(sub) -> None:
+    report = add_command(
+        sub, "report", help="write an HTML quality report of a job",
+        description="Overlays of the worst, median and best images, plots of the statistics and the "
+                    "evaluation table, in one HTML file.",
+        examples=["pseudolabel report out/ -o report/"])
+    add_job_folder(report.add_argument_group("input"))
+    add_output(report.add_argument_group("output"), "the folder for index.html")
+    report.set_defaults(func=run_report)
+
+
+def _register_compare(sub) -> None:
+    compare = add_command(
+        sub, "compare", help="run several methods on the same shards and print one table",
+        description="Compare segmenter methods on the same shards with one model load: mIoU (where ground "
+                    "truth exists), mean confidence, seconds per image.",
+        examples=["pseudolabel compare --input shards/ --num-images 50",
+                  "pseudolabel compare --input shards/ --methods goca "
+                  "--sweep goca.background_offset=-0.4:0.4:0.1"])
+    inputs = compare.add_argument_group("input")
+    add_input_shards(inputs)
+    inputs.add_argument("--gt", default=None, help="ground-truth folder of <id>.png (default: the shards' gt.png)")
+    inputs.add_argument("--num-images", type=int, default=None,
+                        help="compare on the first N usable images only (default: all)")
+    methods = compare.add_argument_group("methods")
+    methods.add_argument("--methods", default="iseg,diffseg,goca,diffsegmenter",
+                         help="comma-separated: iseg, iseg-naive, iseg-no-cat-cross, diffseg, goca, diffsegmenter")
+    methods.add_argument("--sweep", default=None, metavar="KEY=START:STOP:STEP",
+                         help="one row per value of a config key, as the reference papers tune a constant "
+                              "against ground truth, e.g. goca.background_offset=-0.4:0.4:0.1 or "
+                              "diffsegmenter.background_score=0.3:0.74:0.04 (post-process keys segment once)")
+    add_model_options(compare)
+    add_no_progress(compare.add_argument_group("display"))
+    compare.set_defaults(func=run_compare)
+
+
+def _register_bench(sub) -> None:
+    bench = add_command(
+        sub, "bench", help="throughput of the bare model, the segmenter and the pipeline",
+        description="Images/s of the bare model (VAE + UNet), the segmenter in-process and the pipeline "
+                    "over shards, on the same images and model. The last line is "
+                    "`segmenter/bare=R1 pipeline/bare=R2`.",
+        examples=["pseudolabel bench --model sd21-random --num-images 8 --batch-sizes 1,2,4,8",
+                  "pseudolabel bench --model sd21-random --device cuda --num-images 128 --batch-sizes 1,4,8,16,32 "
+                  "--pipeline-num-images 1024 --shard-size 128"])
+    model = bench.add_argument_group("segmenter and bare model")
+    model.add_argument("--num-images", type=int, default=8, help="images per measurement (default 8)")
+    model.add_argument("--batch-sizes", default="1,2,4", help="bare-model batch sizes to try (default 1,2,4)")
+    model.add_argument("--label-sets", type=int, default=None,
+                       help="distinct label sets among the images, cycled (default 100); a worker encodes "
+                            "each set's prompt once, at the cost the `prompts` line prints")
+    pipeline = bench.add_argument_group("pipeline")
+    pipeline.add_argument("--no-pipeline", action="store_true", help="skip the pipeline measurements (no Ray)")
+    pipeline.add_argument("--pipeline-num-images", type=int, default=None,
+                          help="images for the pipeline measurement (default: --num-images)")
+    pipeline.add_argument("--shard-size", type=int, default=None,
+                          help="images per shard in the pipeline measurement (default: half of them)")
+    pipeline.add_argument("--pipeline-crf", choices=("both", "off", "on"), default="both",
+                          help="pipeline measured with CRF off, on, or both (default both)")
+    pipeline.add_argument("--workers", type=int, default=None, help="pipeline workers (default: one per GPU, else one)")
+    add_cpu_threads(pipeline)
+    add_model_options(bench, default_model="tiny")
+    bench.set_defaults(func=run_bench)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pipeline.data.outputs import JobOutput
+    from pipeline.results.export import ExportFilter, export_voc
+
+    keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
+                        ignore_below=args.ignore_below)
+    summary = export_voc(JobOutput(args.job), args.output, split=args.split, keep=keep, with_images=args.with_images,
+                         replace=args.force)
+    dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
+    print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
+          f"(dropped: {dropped}); split list {summary.split_file}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pipeline.data.outputs import JobOutput
+    from pipeline.data.shards import InputError
+    from pipeline.results.evaluate import evaluate_job, format_table, write_json
+
+    job = JobOutput(args.job)
+    scores, conf = evaluate_job(job, gt_dir=args.gt)
+    if not scores.images:
+        raise InputError("no image has ground truth: pass --gt with the SegmentationClass(Aug) folder")
+    names = job.class_names
+    print(format_table(scores, names))
+    json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"
+    write_json(scores, conf, names, json_path)
+    print(f"wrote {json_path}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pipeline.data.outputs import JobOutput
+    from pipeline.results.report import write_report
+
+    print(f"wrote {write_report(JobOutput(args.job), args.output)}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipeline.results.compare import comparison_rows, compare_methods, format_comparison, parse_methods, parse_sweep
+    from pipeline.segment.models import load_model
+
+    require_positive(args, "num_images")
+    methods = parse_methods(args.methods)
+    config = load_config(args.config)
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep is not None:
+        comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads
+    model = load_model(args.model, device=args.device)
+    with tqdm(unit="img", desc="compare", disable=args.no_progress) as bar:
+        tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.num_images,
+                                  progress=bar, sweep=sweep)
+    print(format_comparison(tallies))
+    if args.model in ("tiny", "sd21-random"):
+        print("(random weights: the figures show the wiring and the cost, not the quality)")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from pipeline.results.bench import LABEL_SETS, format_report, run_benchmark
+    from pipeline.segment.models import load_model
+
+    config = load_config(args.config)
+    try:
+        sizes = sorted({int(b) for b in args.batch_sizes.split(",") if b.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError("--batch-sizes takes positive integers, e.g. 1,2,4")
+    require_positive(args, "num_images", "pipeline_num_images", "shard_size", "workers", "cpu_threads", "label_sets")
+    label_sets = args.label_sets or LABEL_SETS
+    model = load_model(args.model, device=args.device)
+    crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.pipeline_crf]
+    result = run_benchmark(model, args.model, config, args.num_images, sizes, args.device,
+                           with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_num_images,
+                           shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,
+                           cpu_threads=args.cpu_threads, label_sets=label_sets)
+    print(format_report(result, args.model, model.device, args.num_images, label_sets))
+    return 0

@@ -1,0 +1,114 @@
+"""`pseudolabel shard-voc | shard-coco | shard-folder`: image shards (jpg, json labels, gt.png)
+from a dataset, ready for `pseudolabel run`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli.options import add_command, add_output
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, load_config
+
+OUTPUT_HELP = "folder for the shards and manifest.json"
+
+
+def register(sub) -> None:
+    voc = add_command(
+        sub, "shard-voc", help="write WebDataset shards of a VOC split",
+        description="Write WebDataset image shards (jpg, json labels, gt.png) of a VOC split.",
+        examples=["pseudolabel shard-voc --voc-root VOCdevkit/VOC2012 --split train_aug -o shards/",
+                  "pseudolabel shard-voc --voc-root VOCdevkit/VOC2012 --split train_aug "
+                  "--labels-file cls_labels.npy -o shards/"])
+    inputs = voc.add_argument_group("input")
+    inputs.add_argument("--voc-root", required=True, help="the VOC2012 folder (with JPEGImages/)")
+    inputs.add_argument("--split", default="train_aug",
+                        help="train, train_aug, val, or a file of ids (default train_aug)")
+    inputs.add_argument("--labels-file", default=None,
+                        help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: "
+                             "Annotations/*.xml, else the segmentation masks)")
+    _shard_outputs(voc)
+    voc.set_defaults(func=run_shard_voc)
+
+    coco = add_command(
+        sub, "shard-coco", help="write WebDataset shards of a COCO split",
+        description="Write WebDataset image shards (jpg, json labels, gt.png) of a COCO split: labels and "
+                    "semantic ground truth from the official instance annotations (docs/training.md says how "
+                    "crowd regions and overlaps count).",
+        examples=["pseudolabel shard-coco --coco-root coco/ --split train2014 -o coco-shards/"])
+    inputs = coco.add_argument_group("input")
+    inputs.add_argument("--coco-root", required=True, help="the COCO folder (with train2014/ ... and annotations/)")
+    inputs.add_argument("--split", required=True, help="train2014, val2014, train2017 or val2017")
+    inputs.add_argument("--annotations", default=None,
+                        help="instances JSON (default: <coco-root>/annotations/instances_<split>.json)")
+    _shard_outputs(coco)
+    coco.set_defaults(func=run_shard_coco)
+
+    folder = add_command(
+        sub, "shard-folder", help="write WebDataset shards of a labelled image folder",
+        description="Write WebDataset image shards of any image folder with a label file.",
+        examples=["pseudolabel shard-folder --image-dir photos/ --labels-file labels.csv --classes cat,dog,sofa "
+                  "-o shards/"])
+    inputs = folder.add_argument_group("input")
+    inputs.add_argument("--image-dir", required=True, help="the folder of images")
+    inputs.add_argument("--labels-file", required=True,
+                        help="CSV with columns image,labels (labels separated by ';') or JSONL {image, labels}")
+    inputs.add_argument("--classes", required=True, help="the class list, comma-separated, in label order")
+    outputs = _shard_outputs(folder)
+    outputs.add_argument("--prefix", default="images", help="shard name prefix (default images)")
+    folder.set_defaults(func=run_shard_folder)
+
+
+def _shard_outputs(parser: argparse.ArgumentParser):
+    outputs = parser.add_argument_group("output")
+    add_output(outputs, OUTPUT_HELP)
+    outputs.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    return outputs
+
+
+def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str], report) -> int:
+    """Write the shards with a progress bar and print what was written and what was wrong."""
+    from tqdm import tqdm
+
+    from pipeline.data.shards import write_image_shards
+
+    with tqdm(total=len(sources), unit="img", desc="sharding") as bar:
+        write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
+    samples = sum(s["samples"] for s in report.shards)
+    print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
+    if report.problems:
+        kinds: dict[str, int] = {}
+        for problem in report.problems:
+            kinds[problem["problem"]] = kinds.get(problem["problem"], 0) + 1
+        print("problems (all listed in manifest.json): " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        for problem in report.problems[:10]:
+            print(f"  {problem['id']}: {problem['problem']}: {problem['detail']}")
+    return 0
+
+
+def run_shard_voc(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import ShardingReport, voc_sources
+
+    report = ShardingReport()
+    sources = voc_sources(args.voc_root, args.split, args.labels_file, report)
+    return _write(sources, args, f"voc-{Path(args.split).stem}", list(VOC_CLASS_NAMES), report)
+
+
+def run_shard_coco(args: argparse.Namespace) -> int:
+    from pipeline.data.coco import coco_sources
+    from pipeline.data.shards import ShardingReport
+
+    class_names = load_config("coco").class_names
+    report = ShardingReport()
+    sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report)
+    return _write(sources, args, f"coco-{args.split}", class_names, report)
+
+
+def run_shard_folder(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import ShardingReport, folder_sources
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not classes:
+        raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
+    report = ShardingReport()
+    sources = folder_sources(args.image_dir, args.labels_file, report)
+    return _write(sources, args, args.prefix, classes, report)

@@ -1,0 +1,79 @@
+"""What a job did, for the CLI and the bench: counts, rates, the failed images by id, and the
+interruption that stops a job on a signal. No Ray, no torch: the CLI imports it to answer fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.data.safe_paths import key_problem
+
+
+class JobInterrupted(Exception):
+    """The job was stopped by a signal (SIGINT, SIGTERM) after marking its shards in flight
+    interrupted; summary holds what was done."""
+
+    def __init__(self, signum: int, summary: JobSummary, interrupted: list[str]):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum, self.summary, self.interrupted = signum, summary, interrupted
+
+
+FAILED_IDS_SHOWN = 5
+
+
+def name_failed(ids: list[str], total: int) -> str:
+    """The first FAILED_IDS_SHOWN of `total` failed image ids for one output line ("a, b and 3
+    more"); an id that is not a safe key is quoted, so a crafted one cannot break the line."""
+    shown = [repr(i) if key_problem(i) else i for i in ids[:FAILED_IDS_SHOWN]]
+    more = total - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+@dataclass
+class JobSummary:
+    shards_done: int
+    shards_failed: int
+    shards_skipped: int
+    images_ok: int
+    images_failed: int
+    seconds: float
+    processing_seconds: float = 0.0  # from the workers being ready (model loaded, GPU warmed up) to the end
+    peak_worker_rss_mb: float = 0.0
+    peak_worker_device_mb: float = 0.0
+    workers: int = 0
+    worker_nodes: int = 0  # Ray nodes the workers started on
+    model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
+    queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
+    failed_ids: list[str] = field(default_factory=list)  # the first FAILED_IDS_SHOWN failed images
+
+    def add_failed(self, ids: list[str]) -> None:
+        self.failed_ids.extend(ids[: max(0, FAILED_IDS_SHOWN - len(self.failed_ids))])
+
+    @property
+    def failed_line(self) -> str | None:
+        """The failed images, the first few by id, or None when none failed."""
+        if not self.images_failed:
+            return None
+        return (f"failed images: {name_failed(self.failed_ids, self.images_failed)} "
+                "(errors in stats/, status column 'failed')")
+
+    @property
+    def model_busy(self) -> float:
+        """Fraction of the processing time the workers' models were running batches (1.0: the
+        model never waited for decoding, post-processing or writing)."""
+        wall = self.processing_seconds * self.workers
+        return self.model_seconds / wall if wall else 0.0
+
+    @property
+    def host_queueing(self) -> float:
+        """Fraction of the model time the workers' host threads spent queueing batches: near
+        1.0 on a GPU, the host sets the pace (on a CPU the work is done while queueing)."""
+        return self.queueing_seconds / self.model_seconds if self.model_seconds else 0.0
+
+    @property
+    def line(self) -> str:
+        total = self.images_ok + self.images_failed
+        rate = total / self.seconds if self.seconds > 0 else 0.0
+        return (f"{total} images: {self.images_ok} ok, {self.images_failed} failed; "
+                f"shards {self.shards_done} done, {self.shards_failed} failed, {self.shards_skipped} skipped; "
+                f"{self.seconds:.1f} s, {rate:.2f} images/s"
+                + (f"; model busy {self.model_busy:.0%} of the processing time" if self.model_seconds else ""))
