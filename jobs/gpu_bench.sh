@@ -8,9 +8,10 @@
 #             with no host-device sync, GPU against CPU results, a job on a GPU worker); WHEELS
 #             needs pytest and its dependencies (pluggy, iniconfig, packaging, pygments)
 #   profile   stage times and top CUDA operators of one segmenter batch of BATCH (default 32)
-#   bench     pseudolabel bench on sd21-random: batch sizes 1-32, pipeline CRF off and on (CRF=off|on|both)
+#   bench     pseudolabel bench on sd21-random: batch sizes 1-32, the segmenter with and without early
+#             exit and compile, pipeline CRF off and on (CRF=off|on|both)
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
-#             configs/voc.yaml with batch_size 16
+#             configs/voc.yaml with batch_size 16 (COMPILE=true: with compile on)
 #   scaling   the pipeline with 1 and then 2 CPU workers of 4 threads each (tiny model, CPU slots)
 #   headroom  how close the segmenter is to host-bound: images/s beside decoding threads, the
 #             host's time to queue a batch against when its results arrive, and the calls that
@@ -67,7 +68,8 @@ trainaug() {
 write_benchmark_shards(Path('$work/shards'), 10582, 256)"
     local start end
     start=$(date +%s.%N)
-    sed 's/^batch_size: .*/batch_size: 16/' configs/voc.yaml > "$work/voc-batch16.yaml"
+    sed "s/^batch_size: .*/batch_size: 16/; s/^compile: .*/compile: ${COMPILE:-false}/" configs/voc.yaml \
+        > "$work/voc-batch16.yaml"
     $PL run --config "$work/voc-batch16.yaml" --input "$work/shards/bench-*.tar" --output "$work/job" \
         --model sd21-random --no-progress 2>&1 \
         | tee "$RESULTS/trainaug.txt"

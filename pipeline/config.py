@@ -223,6 +223,11 @@ class SegmenterConfig(_Strict):
     # Stop the UNet once the last layer the method reads has recorded (its own output and every
     # later block are skipped); the masks are the same either way.
     early_exit: bool = True
+    # torch.compile the VAE encoder's and the UNet's blocks that hold no attention (convolutions,
+    # norms, feed-forwards): faster batches once each block shape is compiled, which the first
+    # batch pays (a worker warms up with it). The maps equal the eager ones within float
+    # rounding, so it is not part of a job's config hash.
+    compile: bool = False
     background_context: str = "ground, land, grass, tree, building, wall, sky, lake, water"
     # Cat-Cross: token enhancement and KL cluster averaging. Off gives the paper's ablation.
     cat_cross: bool = True

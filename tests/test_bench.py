@@ -8,7 +8,7 @@ from pipeline.cli import main
 
 def test_bench_prints_figures_and_the_tracked_last_line(capsys):
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "1,2",
-                 "--no-pipeline"]) == 0
+                 "--no-pipeline", "--no-compile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"segmenter/bare=\d+\.\d\d pipeline/bare=0\.00", lines[-1])
     report = "\n".join(lines)

@@ -1,5 +1,5 @@
 """The CUDA-only paths: pinned copies, the results' event, a batch queued without the host
-waiting, a job on a GPU worker. Skipped without a GPU; on a GPU machine run them with
+waiting, compiled blocks on the GPU, a job on a GPU worker. Skipped without a GPU; on a GPU machine run them with
 `jobs/gpu_bench.sh cudatests` (or `python -m pytest tests/test_cuda.py`)."""
 
 import os
@@ -119,6 +119,17 @@ def test_the_gpu_gives_the_cpu_results_in_float64():
         assert have.classes == want.classes
         torch.testing.assert_close(have.maps, want.maps, rtol=1e-4, atol=1e-7)
         assert have.refinement_delta == pytest.approx(want.refinement_delta, rel=1e-4)
+
+
+def test_compiled_blocks_on_the_gpu_give_the_eager_maps_within_rounding():
+    model = load_model("tiny", device="cuda", dtype=torch.float32)
+    images, labels = _batch()
+    config = load_config(FAST_CONFIG)
+    eager = Segmenter(model, config).segment(images, labels)
+    compiled = Segmenter(model, config.model_copy(update={"compile": True})).segment(images, labels)
+    for a, b in zip(eager, compiled):
+        assert float((a.maps - b.maps).abs().max() / a.maps.abs().max()) < 1e-3
+        assert (a.maps.argmax(0) == b.maps.argmax(0)).float().mean() >= 0.99
 
 
 def test_a_job_on_a_gpu_worker_writes_every_mask(tmp_path):

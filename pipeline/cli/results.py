@@ -110,6 +110,9 @@ def _register_bench(sub) -> None:
     model.add_argument("--label-sets", type=int, default=None,
                        help="distinct label sets among the images, cycled (default 100); a worker encodes "
                             "each set's prompt once, at the cost the `prompts` line prints")
+    model.add_argument("--no-compile", action="store_true",
+                       help="skip the measurement with `compile` switched (compiling the model takes a minute "
+                            "or more on a CPU)")
     pipeline = bench.add_argument_group("pipeline")
     pipeline.add_argument("--no-pipeline", action="store_true", help="skip the pipeline measurements (no Ray)")
     pipeline.add_argument("--pipeline-num-images", type=int, default=None,
@@ -203,6 +206,6 @@ def run_bench(args: argparse.Namespace) -> int:
     result = run_benchmark(model, args.model, config, args.num_images, sizes, args.device,
                            with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_num_images,
                            shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,
-                           cpu_threads=args.cpu_threads, label_sets=label_sets)
+                           cpu_threads=args.cpu_threads, label_sets=label_sets, with_compile=not args.no_compile)
     print(format_report(result, args.model, model.device, args.num_images, label_sets))
     return 0

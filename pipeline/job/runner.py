@@ -43,7 +43,7 @@ class _Stop(BaseException):
 
 # Config keys that say how a job runs, not what a mask is: left out of the config hash, so a
 # job resumes with other values (a larger batch on a GPU, say).
-RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels", "early_exit"})
+RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels", "early_exit", "compile"})
 
 
 def config_hash(config: SegmenterConfig, model: str) -> str:

@@ -162,7 +162,7 @@ class ShardWorker:
         self._images_seen: dict[str, int] = {}  # shard in progress -> images segmented or failed so far
         self._busy_lock = threading.Lock()
         self._busy_until = 0.0  # when the last batch waited for finished (perf_counter seconds)
-        if self.model.device.type == "cuda":
+        if self.model.device.type == "cuda" or self.config.compile:
             self.warm_up()
 
     def warm_up(self) -> float:
@@ -171,8 +171,9 @@ class ShardWorker:
         A GPU pays one-time costs on its first batch (kernel loading, convolution and
         attention plan selection: seconds); paid here, they belong to the worker's start
         like the model load, and a batch size the device cannot hold fails the start with a
-        clear error instead of failing shards. CPU workers skip it: they have no such costs
-        and a full-size batch takes a minute there."""
+        clear error instead of failing shards. With `compile` on, the first batch compiles the
+        model's blocks: paid here too, once per worker. CPU workers skip it otherwise: they have
+        no such costs and a full-size batch takes a minute there."""
         blank = torch.full((3, 375, 500), 128, dtype=torch.uint8)
         size = self.config.batch_size
         start = time.perf_counter()

@@ -84,6 +84,9 @@ class BenchResult:
     bare_by_batch: dict[int, float] = field(default_factory=dict)
     segmenter_images_per_s: float = 0.0  # as configured (early exit by default)
     segmenter_full_unet_images_per_s: float = 0.0  # the same with early_exit off
+    segmenter_compiled_images_per_s: float = 0.0  # the same with compile on (measured when configured off)
+    compile_first_batch_s: float = 0.0  # the compiled segmenter's warm-up batches, compiling included
+    eager_first_batch_s: float = 0.0  # the same warm-up, eager
     segmenter_stages: dict[str, float] = field(default_factory=dict)  # seconds per image
     prompt_sets: int = 0  # distinct label sets whose prompts were encoded before the timed pass
     prompt_seconds_per_set: float = 0.0
@@ -142,14 +145,30 @@ def segment_queued(segmenter: Segmenter, images: list[torch.Tensor], labels: lis
         pending.wait()
 
 
+@dataclass
+class SegmenterFigures:
+    images_per_s: float
+    stages: dict[str, float]  # seconds per image
+    prompt_sets: int  # label sets encoded before the timed pass
+    seconds_per_prompt_set: float
+    warm_up_s: float  # the untimed first batch (and one of the last batch's size, if smaller)
+
+
 def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
-                   labels: list[list[int]], batch_size: int) -> tuple[float, dict[str, float], int, float]:
+                   labels: list[list[int]], batch_size: int) -> SegmenterFigures:
     """images/s of the full method in-process, seconds per image per stage, and the number of
     label sets encoded before the timed pass with the seconds each took (after the warm-up
-    batch, so the text encoder is warm). The timed pass runs as a job does, without stage
-    timing; the stage breakdown comes from one more pass over the first batch with it."""
+    batch, so the text encoder is warm). The warm-up runs a batch of each size the timed pass
+    meets (a compiled model compiles for each). The timed pass runs as a job does, without
+    stage timing; the stage breakdown comes from one more pass over the first batch with it."""
     segmenter = Segmenter(model, config)
+    start = time.perf_counter()
     segmenter.segment(images[:batch_size], labels[:batch_size])
+    if len(images) % batch_size:
+        last = len(images) % batch_size
+        segmenter.segment(images[-last:], labels[-last:])
+    sync_device(model.device)
+    warm_up = time.perf_counter() - start
     label_sets = sorted({tuple(sorted(set(classes))) for classes in labels[batch_size:]}
                         - {tuple(sorted(set(classes))) for classes in labels[:batch_size]})
     sync_device(model.device)
@@ -165,7 +184,7 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
     first = images[:batch_size]
     segmenter.segment(first, labels[:batch_size])
     stages = {k: v / len(first) for k, v in segmenter.times.seconds.items()}
-    return len(images) / elapsed, stages, len(label_sets), per_set
+    return SegmenterFigures(len(images) / elapsed, stages, len(label_sets), per_set, warm_up)
 
 
 def pipeline_path(model_spec: str, config: SegmenterConfig, pattern: str, out_dir: Path, device: str | None,
@@ -181,10 +200,12 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                   batch_sizes: list[int], device: str | None, with_pipeline: bool = True,
                   pipeline_images: int | None = None, shard_size: int | None = None,
                   crf_modes: tuple[bool, ...] = (False, True), workers: int | None = None,
-                  cpu_threads: int | None = None, label_sets: int = LABEL_SETS, log=print) -> BenchResult:
-    """bare and segmenter on n_images in-process; the pipeline over pipeline_images (default
-    n_images) in shards of shard_size (default half of them), once per CRF mode; the images
-    carry label_sets distinct label sets, cycled."""
+                  cpu_threads: int | None = None, label_sets: int = LABEL_SETS, with_compile: bool = True,
+                  log=print) -> BenchResult:
+    """bare and segmenter on n_images in-process (the segmenter as configured, then with the
+    whole UNet, then with `compile` switched, unless not with_compile); the pipeline over
+    pipeline_images (default n_images) in shards of shard_size (default half of them), once per
+    CRF mode; the images carry label_sets distinct label sets, cycled."""
     samples = benchmark_images(n_images, label_sets=label_sets)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]
@@ -197,16 +218,25 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
     result.bare_batch_size = max(result.bare_by_batch, key=result.bare_by_batch.get)
     result.bare_images_per_s = result.bare_by_batch[result.bare_batch_size]
     seg_config = config.model_copy(update={"batch_size": result.bare_batch_size})
-    (result.segmenter_images_per_s, result.segmenter_stages, result.prompt_sets,
-     result.prompt_seconds_per_set) = segmenter_path(model, seg_config, images, labels, result.bare_batch_size)
+    figures = segmenter_path(model, seg_config, images, labels, result.bare_batch_size)
+    result.segmenter_images_per_s, result.segmenter_stages = figures.images_per_s, figures.stages
+    result.prompt_sets, result.prompt_seconds_per_set = figures.prompt_sets, figures.seconds_per_prompt_set
     log(f"segmenter, batch {result.bare_batch_size}: {result.segmenter_images_per_s:.3f} images/s"
-        f"{' (early exit)' if seg_config.early_exit else ''}")
+        f"{' (early exit)' if seg_config.early_exit else ''}{' (compiled)' if seg_config.compile else ''}")
     if seg_config.early_exit:
         full_config = seg_config.model_copy(update={"early_exit": False})
         result.segmenter_full_unet_images_per_s = segmenter_path(model, full_config, images, labels,
-                                                                 result.bare_batch_size)[0]
+                                                                 result.bare_batch_size).images_per_s
         log(f"segmenter without early exit, batch {result.bare_batch_size}: "
             f"{result.segmenter_full_unet_images_per_s:.3f} images/s")
+    if with_compile:
+        other = segmenter_path(model, seg_config.model_copy(update={"compile": not seg_config.compile}), images,
+                               labels, result.bare_batch_size)
+        compiled, eager = (figures, other) if seg_config.compile else (other, figures)
+        result.segmenter_compiled_images_per_s = compiled.images_per_s
+        result.compile_first_batch_s, result.eager_first_batch_s = compiled.warm_up_s, eager.warm_up_s
+        log(f"segmenter {'eager' if seg_config.compile else 'compiled'}, batch {result.bare_batch_size}: "
+            f"{other.images_per_s:.3f} images/s (warm-up {other.warm_up_s:.1f} s)")
     if model.device.type == "cuda":
         result.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
     if with_pipeline:
@@ -247,6 +277,12 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
     if result.segmenter_full_unet_images_per_s:
         lines.append(f"segmenter     {result.segmenter_full_unet_images_per_s:8.3f} images/s (the same, whole UNet: "
                      "early_exit false)")
+    if result.segmenter_compiled_images_per_s:
+        ratio = result.segmenter_compiled_images_per_s / result.bare_images_per_s if result.bare_images_per_s else 0.0
+        lines.append(f"compiled      {result.segmenter_compiled_images_per_s:8.3f} images/s (the segmenter with "
+                     f"compile true: compiled/bare={ratio:.2f}; its first batches took "
+                     f"{result.compile_first_batch_s:.1f} s against {result.eager_first_batch_s:.1f} s eager, "
+                     "paid once per worker)")
     lines += [
         f"prompts       {result.prompt_sets} label sets encoded before the timed pass, "
         f"{result.prompt_seconds_per_set * 1e3:.1f} ms each (paid once per label set per worker)",

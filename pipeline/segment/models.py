@@ -4,6 +4,7 @@ spec (`tiny`, `sd21-random`: pipeline/segment/builtin_models.py), onto one devic
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,3 +197,49 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
         components[name] = module
     return ModelBundle(name=spec, device=device, dtype=dtype, **components)
 
+
+
+# The blocks CompiledBlocks compiles: every block of the VAE encoder and the UNet that holds no
+# attention (convolutions, group norms, the feed-forward of transformer blocks): most of the
+# model's work. Attention stays eager, so capture, the official kernel and early exit are
+# untouched.
+COMPILED_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "FeedForward")
+
+# Compiled graphs a block's forward may hold: one per distinct shape of its inputs (the SD UNet
+# has about a dozen resnet shapes); past torch's default of 8 the rest would run eagerly.
+_GRAPHS_PER_BLOCK = 64
+
+
+class CompiledBlocks:
+    """torch.compile'd stand-ins for the COMPILED_BLOCKS modules of a model's VAE encoder and
+    UNet (regional compilation: one graph per block shape, shared by the blocks of that shape).
+
+    They are in the model only inside `active()`, so other users of the same model (the bare
+    model in the bench, another config in compare) run it eagerly. The first batch of each new
+    shape pays the compile (seconds on a GPU, a minute on a CPU); a new batch size compiles
+    once more, with the batch dimension dynamic. No CUDA graphs: a block's graph runs several
+    times in one forward while the outputs of its earlier runs (the skip connections) are still
+    in use, which CUDA graph replays would overwrite."""
+
+    def __init__(self, model: ModelBundle, backend: str = "inductor"):
+        import torch._dynamo
+
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, _GRAPHS_PER_BLOCK)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * _GRAPHS_PER_BLOCK)
+        self.swaps = [(parent, name, child, torch.compile(child, fullgraph=True, backend=backend))
+                      for root in (model.vae.encoder, model.unet)
+                      for parent in root.modules()
+                      for name, child in parent.named_children()
+                      if type(child).__name__ in COMPILED_BLOCKS]
+
+    @contextmanager
+    def active(self):
+        """The compiled blocks in place of the eager ones for the duration."""
+        for parent, name, _, compiled in self.swaps:
+            setattr(parent, name, compiled)
+        try:
+            yield
+        finally:
+            for parent, name, eager, _ in self.swaps:
+                setattr(parent, name, eager)

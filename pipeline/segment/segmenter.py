@@ -19,7 +19,7 @@ from pipeline.errors import ImageError
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CaptureSpec, UNetStopped, attention_modules, capturing, classic_attention
 from pipeline.segment.methods import PLANS, diffsegmenter
-from pipeline.segment.models import ModelBundle
+from pipeline.segment.models import CompiledBlocks, ModelBundle
 from pipeline.segment.prompts import ClassPrompt, build_class_prompt
 from pipeline.segment.transfer import stack_to_device, start_copy_to_host, to_device
 
@@ -132,6 +132,7 @@ class Segmenter:
         self._text_cache: dict[str, torch.Tensor] = {}  # prompt text -> text-encoder output [77, D]
         self._prompt_cache: dict[tuple[int, ...], ClassPrompt] = {}  # class indices -> prompt
         self._noise_cache: dict[tuple, torch.Tensor] = {}  # (shape, device, dtype) -> the method's noise
+        self.compiled = CompiledBlocks(model) if config.compile else None
 
     @property
     def cross_specs(self) -> list[CaptureSpec]:
@@ -241,16 +242,18 @@ class Segmenter:
         start = time.perf_counter()
         embeddings, prompts = self.encode_prompts(class_lists)
         start = self._timed("text", start)
-        latents = self.encode_images(images)
-        start = self._timed("vae", start)
-        timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device, dtype=torch.long)
-        with (classic_attention(self.model.unet, self.classic_layers) if self.official_kernel else nullcontext(),
-              capturing(self.model.unet, self.plan.specs, self.config.attention_kernel,
-                        stop_early=self.config.early_exit) as store):
-            try:
-                self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
-            except UNetStopped:  # the last layer the method reads is recorded: nothing after it is
-                pass
+        with self.compiled.active() if self.compiled else nullcontext():
+            latents = self.encode_images(images)
+            start = self._timed("vae", start)
+            timesteps = torch.full((len(images),), self.config.method_timestep, device=latents.device,
+                                   dtype=torch.long)
+            with (classic_attention(self.model.unet, self.classic_layers) if self.official_kernel else nullcontext(),
+                  capturing(self.model.unet, self.plan.specs, self.config.attention_kernel,
+                            stop_early=self.config.early_exit) as store):
+                try:
+                    self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
+                except UNetStopped:  # the last layer the method reads is recorded: nothing after it is
+                    pass
         start = self._timed("unet", start)
         planned = self.plan.scores(store, prompts)
         # One device-to-host copy for the whole batch: maps, backgrounds and refinement deltas
