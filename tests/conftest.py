@@ -92,10 +92,10 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
     from pipeline.data.ledger import Ledger
     from pipeline.mask.codec import encode_confidence, encode_mask
     from pipeline.mask.postprocess import MaskResult
-    from pipeline.job.runner import config_hash, write_shard_outputs
+    from pipeline.data.outputs import write_shard_outputs
+    from pipeline.job.runner import config_hash
     from pipeline.data.shards import ShardingReport, encode_json, voc_sources, write_image_shards
     from pipeline.mask.stats import mask_statistics
-    from pipeline.job.worker import ShardResult
 
     pairs = [(8, 18), (12, 0), (15, 1), (7, 20)]
     gts = {f"2011_00000{i}": two_class_mask(30, 45, a, b) for i, (a, b) in enumerate(pairs)}
@@ -122,7 +122,7 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
             rows.append(row)
             samples.append({"__key__": image_id, "png": encode_mask(labels), "conf.png": encode_confidence(confidence),
                             "json": encode_json(row)})
-        write_shard_outputs(out, ShardResult(f"voc-train-00000{shard_index}", samples, rows))
+        write_shard_outputs(out, f"voc-train-00000{shard_index}", samples, rows)
     return out, gts
 
 

@@ -380,3 +380,14 @@ def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp
     assert "2 failed image(s): 2010_000002, 2010_000003" in capsys.readouterr().out
     assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0
     assert "2 for failed in the job" in capsys.readouterr().out
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
+    from pipeline.job.runner import join_failure
+
+    auth = join_failure("10.0.0.5:6379", "Failed to connect to GCS. Last connection error: Traceback ...\n"
+                                         "RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+    assert "\n" not in auth and "RAY_AUTH_MODE=token" in auth and "RAY_AUTH_TOKEN" in auth and "10.0.0.5:6379" in auth
+    down = join_failure("10.0.0.5:6379", "Failed to connect to Ray cluster at 10.0.0.5:6379\nmore")
+    assert "\n" not in down and "Failed to connect to Ray cluster" in down and "--address local" in down
+    assert "RAY_AUTH" not in down

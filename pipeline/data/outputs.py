@@ -1,8 +1,10 @@
-"""Reading a finished job's output folder: statistics, masks, and the input shards' images and
-ground truth, joined by id. Used by export, evaluation, the training datasets and the report."""
+"""A job's output folder: each shard's outputs written as it finishes, and a finished job read
+back (statistics, masks, and the input shards' images and ground truth, joined by id) for
+export, evaluation, the report and the training datasets."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -13,12 +15,27 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import VOC_CLASS_NAMES
+from pipeline.data.atomic import atomic_write_bytes, file_sha256
 from pipeline.data.ledger import Ledger
 from pipeline.mask.codec import decode_confidence, decode_mask
-from pipeline.data.shards import InputError, expand_input, read_shard, shard_name
+from pipeline.data.shards import InputError, expand_input, read_shard, shard_name, tar_bytes
+from pipeline.mask.stats import rows_to_table
 
 # The export's folder of label PNGs (SegmentationClass layout).
 MASK_FOLDER = "SegmentationClassPseudo"
+
+
+def write_shard_outputs(out_dir: Path, shard: str, mask_samples: list[dict], rows: list[dict]) -> dict[str, str]:
+    """A shard's outputs, each by atomic rename: masks/<shard>.tar (the mask samples) and
+    stats/<shard>.parquet (the rows); returns their paths relative to out_dir -> sha256."""
+    import pyarrow.parquet as pq
+
+    mask_rel, stats_rel = f"masks/{shard}.tar", f"stats/{shard}.parquet"
+    atomic_write_bytes(out_dir / mask_rel, tar_bytes(mask_samples))
+    buffer = io.BytesIO()
+    pq.write_table(rows_to_table(rows), buffer)
+    atomic_write_bytes(out_dir / stats_rel, buffer.getvalue())
+    return {rel: file_sha256(out_dir / rel) for rel in (mask_rel, stats_rel)}
 
 
 def failed_image_ids(out_dir: str | Path) -> list[str]:

@@ -9,7 +9,6 @@ new process (`max_task_retries`); past that the shard is marked failed and the j
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -18,20 +17,21 @@ import signal
 import threading
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipeline.errors import PipelineError
 from pipeline.config import SegmenterConfig
 from pipeline.segment.models import check_model_available
-from pipeline.data.atomic import atomic_write_bytes, file_sha256
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
-from pipeline.data.shards import InputError, expand_input, shard_name, tar_bytes
+from pipeline.data.outputs import write_shard_outputs
+from pipeline.data.shards import InputError, expand_input, shard_name
 from pipeline.job.summary import JobInterrupted, JobSummary
-from pipeline.mask.stats import rows_to_table
 
 
 class WorkerStartError(PipelineError, RuntimeError):
     """The segmenter actors failed while loading the model."""
+
+
+class ClusterJoinError(PipelineError, ConnectionError):
+    """The Ray cluster named by --address or RAY_ADDRESS could not be joined."""
 
 
 class _Stop(BaseException):
@@ -59,16 +59,6 @@ def absolute_input(pattern: str) -> str:
     if "://" in pattern or pattern.startswith("pipe:") or os.path.isabs(pattern):
         return pattern
     return os.path.join(os.getcwd(), pattern)
-
-
-def write_shard_outputs(out_dir: Path, result) -> dict[str, str]:
-    """Mask shard and statistics of a ShardResult, atomically; returns path -> sha256."""
-    mask_rel, stats_rel = f"masks/{result.shard}.tar", f"stats/{result.shard}.parquet"
-    atomic_write_bytes(out_dir / mask_rel, tar_bytes(result.mask_samples))
-    buffer = io.BytesIO()
-    pq.write_table(rows_to_table(result.rows), buffer)
-    atomic_write_bytes(out_dir / stats_rel, buffer.getvalue())
-    return {rel: file_sha256(out_dir / rel) for rel in (mask_rel, stats_rel)}
 
 
 def ray_shard_worker_class():
@@ -109,10 +99,28 @@ def _init_ray(address: str | None):
         address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
         if address != "local":
             print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError) as exc:
+                causes, cause = [], exc  # Ray's ConnectionError hides the reason (a missing token) in its cause
+                while cause is not None:
+                    causes.append(str(cause))
+                    cause = cause.__cause__ or cause.__context__
+                raise ClusterJoinError(join_failure(address, "\n".join(causes))) from exc
         else:
             ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     return ray
+
+
+def join_failure(address: str, error: str) -> str:
+    """One line saying why the cluster at address could not be joined, and the fix."""
+    if "InvalidAuthToken" in error or "Unauthenticated" in error:
+        return (f"cannot join the Ray cluster at {address}: it uses Ray's token authentication and this shell "
+                "sent no token or another one: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token "
+                "`ray get-auth-token` prints on the head> (or copy the head's ~/.ray/auth_token here)")
+    reason = next((line.strip() for line in error.splitlines() if line.strip()), "no answer")
+    return (f"cannot join the Ray cluster at {address}: {reason}; check the address (`ray status` on the head "
+            "prints it), or pass --address local for a private Ray")
 
 
 def ray_address(flag: str | None, environment: str | None, local_cluster_running) -> str:
@@ -286,7 +294,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                 except ray.exceptions.RayTaskError as exc:
                     entry.error = _first_line(exc)
                 else:
-                    entry.outputs = write_shard_outputs(out_dir, result)
+                    entry.outputs = write_shard_outputs(out_dir, result.shard, result.mask_samples, result.rows)
                     entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
                     summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
                     summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
