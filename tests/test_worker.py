@@ -115,3 +115,12 @@ def test_an_image_error_fails_the_image_and_a_programming_error_fails_the_shard(
     monkeypatch.setattr(worker.segmenter, "launch", shape_bug)
     with pytest.raises(ValueError, match="shapes"):
         worker.process_shard(url, "bench-000000")
+
+
+def test_a_compiled_worker_warms_up_every_size_a_last_batch_can_have():
+    from pipeline.job.worker import warm_up_batch_sizes
+
+    assert warm_up_batch_sizes(16, compiled=False) == [16]
+    assert warm_up_batch_sizes(16, compiled=True) == [16, 15, 1]
+    assert warm_up_batch_sizes(2, compiled=True) == [2, 1]
+    assert warm_up_batch_sizes(1, compiled=True) == [1]

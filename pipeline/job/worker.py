@@ -96,6 +96,15 @@ class ShardResult:
         return [row["id"] for row in self.rows if row["status"] != "ok"]
 
 
+def warm_up_batch_sizes(batch_size: int, compiled: bool) -> list[int]:
+    """The batch sizes a worker warms up with: the configured one; compiled, also one smaller
+    size (torch.compile then makes the batch dimension dynamic, which covers 2 .. batch_size)
+    and 1 (a size torch always compiles on its own), so that no shard's last batch compiles."""
+    if not compiled:
+        return [batch_size]
+    return [batch_size] + ([batch_size - 1] if batch_size > 2 else []) + ([1] if batch_size > 1 else [])
+
+
 @dataclass
 class SegmentedImage:
     """One image of a batch after the model: its class scores, or the error that failed it."""
@@ -166,22 +175,23 @@ class ShardWorker:
             self.warm_up()
 
     def warm_up(self) -> float:
-        """Run one batch of blank images at the configured batch size and return its seconds.
+        """Run batches of blank images (`warm_up_batch_sizes`) and return their seconds.
 
         A GPU pays one-time costs on its first batch (kernel loading, convolution and
         attention plan selection: seconds); paid here, they belong to the worker's start
         like the model load, and a batch size the device cannot hold fails the start with a
-        clear error instead of failing shards. With `compile` on, the first batch compiles the
-        model's blocks: paid here too, once per worker. CPU workers skip it otherwise: they have
-        no such costs and a full-size batch takes a minute there."""
+        clear error instead of failing shards. With `compile` on, the first batch of each size
+        compiles the model's blocks: paid here too, once per worker, for every size a shard's
+        last batch can have. CPU workers skip it otherwise: they have no such costs and a
+        full-size batch takes a minute there."""
         blank = torch.full((3, 375, 500), 128, dtype=torch.uint8)
-        size = self.config.batch_size
         start = time.perf_counter()
-        try:
-            self.segmenter.segment([blank] * size, [[0]] * size)
-        except torch.OutOfMemoryError as exc:
-            raise RuntimeError(f"batch_size {size} does not fit in the memory of {self.model.device}: "
-                               f"lower batch_size in the config") from exc
+        for size in warm_up_batch_sizes(self.config.batch_size, self.config.compile):
+            try:
+                self.segmenter.segment([blank] * size, [[0]] * size)
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeError(f"batch_size {size} does not fit in the memory of {self.model.device}: "
+                                   f"lower batch_size in the config") from exc
         return time.perf_counter() - start
 
     def ready(self) -> dict:
