@@ -60,7 +60,7 @@ def register(sub) -> None:
     status.set_defaults(func=run_status)
 
 
-def _run_job(args: argparse.Namespace, input_pattern: str, config: SegmenterConfig, model: str,
+def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config: SegmenterConfig, model: str,
              retry_failed: bool, force: bool) -> int:
     from pipeline.job.runner import run_job
     from pipeline.job.summary import JobInterrupted
@@ -70,7 +70,6 @@ def _run_job(args: argparse.Namespace, input_pattern: str, config: SegmenterConf
         raise ConfigError(f"--retries must be 0 or more, got {args.retries}")
     if args.batch_size is not None:
         config = config.model_copy(update={"batch_size": args.batch_size})
-    out_dir = Path(args.output)
     try:
         summary = run_job(input_pattern, out_dir, config, model, address=args.address, workers=args.workers,
                           retry_failed=retry_failed, force=force, retries=args.retries, device=args.device,
@@ -92,16 +91,15 @@ def run_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.crf:
         config = config.with_crf(True)
-    return _run_job(args, args.input, config, args.model, args.retry_failed, args.force)
+    return _run_job(args, args.input, Path(args.output), config, args.model, args.retry_failed, args.force)
 
 
 def run_resume(args: argparse.Namespace) -> int:
     from pipeline.data.ledger import Ledger
 
     job = Ledger(args.job).recorded_job()
-    args.output = args.job
     config = SegmenterConfig.model_validate(job["config"])
-    return _run_job(args, job["input"], config, job["model"], retry_failed=True, force=False)
+    return _run_job(args, job["input"], Path(args.job), config, job["model"], retry_failed=True, force=False)
 
 
 def run_status(args: argparse.Namespace) -> int:
