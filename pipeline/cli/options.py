@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import DEFAULT_MODEL, ConfigError, SegmenterConfig
+from pipeline.config import DEFAULT_MODEL, ConfigError
 
 
 EXAMPLES = "examples:\n"
@@ -40,8 +40,8 @@ def add_output(group, help: str, required: bool = True, default: str | None = No
     group.add_argument("-o", "--output", required=required, default=default, help=help)
 
 
-def add_job_folder(group, help: str = "the job's folder (the -o/--output of pseudolabel run)") -> None:
-    group.add_argument("job", metavar="JOB", help=help)
+def add_job_folder(group) -> None:
+    group.add_argument("job", metavar="JOB", help="the job's folder (the -o/--output of pseudolabel run)")
 
 
 def add_input_shards(group) -> None:
@@ -100,10 +100,3 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
-
-def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
-    """Comma-separated class names (dataset names or prompt words) -> sorted 0-based indices."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError("--labels is empty: give at least one class name, e.g. --labels cat,sofa")
-    return sorted({config.class_index(n) for n in names})

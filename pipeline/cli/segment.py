@@ -6,8 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.cli.options import add_command, add_model_options, add_output, parse_labels
-from pipeline.config import load_config
+from pipeline.cli.options import add_command, add_model_options, add_output
+from pipeline.config import ConfigError, SegmenterConfig, load_config
 
 
 def register(sub) -> None:
@@ -26,6 +26,14 @@ def register(sub) -> None:
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     add_model_options(parser)
     parser.set_defaults(func=run_segment)
+
+
+def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
+    """Comma-separated class names (dataset names or prompt words) -> sorted 0-based indices."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--labels is empty: give at least one class name, e.g. --labels cat,sofa")
+    return sorted({config.class_index(n) for n in names})
 
 
 def run_segment(args: argparse.Namespace) -> int:

@@ -102,11 +102,14 @@ class JobOutput:
         """Each mask (only those in `ids`, when given) with the raw sample of the input shard it
         was made from (jpg, json, gt.png), one shard at a time so memory stays flat: in input
         order, then any mask whose image the input shard no longer holds, with None."""
+        input_urls = None  # read from job.json once, at the first shard with a wanted mask
         for tar in shards or self.mask_shards():
             masks = {r.id: r for r in self.masks([tar]) if ids is None or r.id in ids}
             if not masks:
                 continue
-            for sample in self.input_samples(tar.stem):
+            if input_urls is None:
+                input_urls = self.input_shards()
+            for sample in read_shard(input_urls[tar.stem]):
                 record = masks.pop(sample["__key__"], None)
                 if record is not None:
                     yield record, sample
@@ -129,7 +132,3 @@ class JobOutput:
         if not job:
             raise InputError(f"{self.out_dir} has no job.json: the input shards are unknown")
         return {shard_name(u): u for u in expand_input(job["input"])}
-
-    def input_samples(self, shard: str) -> Iterator[dict]:
-        """The raw samples (jpg, json, gt.png) of the input shard a mask shard was made from."""
-        yield from read_shard(self.input_shards()[shard])

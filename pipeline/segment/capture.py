@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
+from pipeline.segment.maps import grid_side, square_side
+
 # Above this many (query x key) entries per head, heads are reduced one at a time.
 _PER_HEAD_ENTRIES = 1 << 20
 
@@ -69,7 +71,7 @@ class CapturedAttention:
         in_order: dict[int, list[torch.Tensor]] = {}
         for key in (k for k in self.head_maps if k in keys):  # forward order
             for probs in self.head_maps[key].values():
-                in_order.setdefault(int(round(probs.shape[1] ** 0.5)), []).append(probs)
+                in_order.setdefault(grid_side(probs), []).append(probs)
         for side, pairs in (order or {}).items():
             missing = [pair for pair in pairs if pair[1] not in self.head_maps.get(pair[0], {})]
             if missing:
@@ -87,8 +89,7 @@ class CapturedAttention:
                 continue
             if key not in self.sums:
                 raise KeyError(f"layer {key} captured nothing: was the UNet run after install_capture?")
-            n_query = self.sums[key].shape[1]
-            side = int(round(n_query ** 0.5))
+            side = grid_side(self.sums[key])
             sums[side] = sums[side] + self.sums[key] if side in sums else self.sums[key]
             counts[side] = counts.get(side, 0) + self.heads[key]
         if set(means) & set(sums):
@@ -143,7 +144,7 @@ def resize_query_key(attn: torch.Tensor, out_side: int) -> torch.Tensor:
     bilinearly (no antialiasing), the query axes by nearest neighbour; rows are not
     renormalised (GoCA's resize of a layer to its reference layer's side)."""
     batch, n, _ = attn.shape
-    side = int(round(n ** 0.5))
+    side = grid_side(attn)
     if side == out_side:
         return attn
     keys = F.interpolate(attn.reshape(batch * n, 1, side, side), size=(out_side, out_side), mode="bilinear",
@@ -200,7 +201,7 @@ class AttentionCaptureProcessor:
         probs [B, H, Nq, Nk] (the official kernel's softmax) or None (fused: computed here for
         the kept heads only); head_sums caches the head sum between the records of one call."""
         batch, heads_total, n_query, head_dim = query.shape
-        store_key = record.key.format(layer=self.spec.layer, kind=self.spec.kind, side=int(round(n_query ** 0.5)))
+        store_key = record.key.format(layer=self.spec.layer, kind=self.spec.kind, side=square_side(n_query))
         heads = sorted(self.spec.heads) if self.spec.heads is not None else list(range(heads_total))
         if record.what == "sum" and record.keep_heads and probs is not None:
             self.store.add_head_maps(store_key, probs, heads)

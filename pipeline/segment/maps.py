@@ -11,12 +11,17 @@ import torch.nn.functional as F
 TINY = 1e-30  # the floor of a denominator: an all-zero map stays zero instead of NaN
 
 
+def square_side(n_pixels: int) -> int:
+    """The side of a square grid of n_pixels; ValueError when n_pixels is not a square."""
+    side = math.isqrt(n_pixels)
+    if side * side != n_pixels:
+        raise ValueError(f"maps have {n_pixels} pixels, not a square grid")
+    return side
+
+
 def grid_side(maps: torch.Tensor) -> int:
     """The side of the square grid of maps [B, side^2, K]; ValueError when not square."""
-    side = math.isqrt(maps.shape[1])
-    if side * side != maps.shape[1]:
-        raise ValueError(f"maps have {maps.shape[1]} pixels, not a square grid")
-    return side
+    return square_side(maps.shape[1])
 
 
 def upsample_maps(maps: torch.Tensor, out_side: int) -> torch.Tensor:

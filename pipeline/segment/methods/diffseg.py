@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pipeline.segment.methods.iseg import symmetric_kl
 from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers
-from pipeline.segment.maps import upsample_maps
+from pipeline.segment.maps import grid_side, upsample_maps
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.plan import Plan, PlannedScores
 from pipeline.segment.prompts import ClassPrompt
@@ -163,7 +163,7 @@ class DiffSegPlan(Plan):
         """side -> [B, side^2, T]: the reference's per-resolution cross-attention, each block's
         head mean summed with weight 1/5, except 1/3 for the up blocks of the largest side."""
         means = {layer: store.sums[f"{layer}:cross"] / store.heads[f"{layer}:cross"] for layer in self.layers}
-        sides = {layer: int(round(maps.shape[1] ** 0.5)) for layer, maps in means.items()}
+        sides = {layer: grid_side(maps) for layer, maps in means.items()}
         top = max(sides.values())
         by_side: dict[int, torch.Tensor] = {}
         for layer, maps in means.items():

@@ -277,7 +277,7 @@ def iseg_class_maps(cross_by_side: dict[int, torch.Tensor], self_attn: torch.Ten
     Fusion, Cat-Cross KL cluster averaging (config.cat_cross), class columns, Ent-Self
     (config.ent_self) and `config.iterations` rounds of refinement, with the config's constants.
     """
-    side = int(round(self_attn.shape[1] ** 0.5))
+    side = grid_side(self_attn)
     fused = fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
     if config.cat_cross:
         fused = kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations,
