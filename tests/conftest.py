@@ -1,14 +1,23 @@
 import os
+import shutil
 import tempfile
 
 import numpy as np
 import pytest
 
-# Built-in models are built into a per-session cache, never the user's.
-os.environ.setdefault("PSEUDOLABEL_CACHE", tempfile.mkdtemp(prefix="pseudolabel-test-cache-"))
+# Built-in models are built into a per-session cache, never the user's, removed when the
+# session ends (about 140 MB a run; one set in the environment is the caller's and is kept).
+_SESSION_CACHE = None if "PSEUDOLABEL_CACHE" in os.environ else tempfile.mkdtemp(prefix="pseudolabel-test-cache-")
+if _SESSION_CACHE:
+    os.environ["PSEUDOLABEL_CACHE"] = _SESSION_CACHE
 # Every Ray the tests start, in this process or a CLI subprocess, is a new private instance:
 # never a cluster of the user's (`ray start`) that RAY_ADDRESS or /tmp/ray points at.
 os.environ["RAY_ADDRESS"] = "local"
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
