@@ -134,6 +134,22 @@ def test_official_kernel_keeps_each_head_and_averages_them_in_the_given_order(fr
         handle.store.pooled_by_side([s.layer + ":cross" for s in specs], {16: order + [(f"{CROSS_LAYER}:cross", 5)]})
 
 
+def test_row_major_head_mean_sums_left_to_right_and_equals_the_key_major_mean_for_two_heads():
+    store = CapturedAttention()
+    torch.manual_seed(0)
+    heads = [torch.rand(2, 16, 16).softmax(dim=-1) for _ in range(3)]
+    store.add_head_maps("two:self", torch.stack(heads[:2], dim=1), [0, 1])
+    store.add_head_maps("three:self", torch.stack(heads, dim=1), [0, 1, 2])
+    key_major = store.pooled_by_side(["two:self"])[4]
+    row_major = store.pooled_by_side(["two:self"], key_major=False)[4]
+    assert row_major.is_contiguous() and not key_major.is_contiguous()
+    assert torch.equal(row_major, key_major)  # a mean of two rounds once, whatever the layout
+    three = store.pooled_by_side(["three:self"], key_major=False)[4]
+    assert three.is_contiguous()
+    assert torch.equal(three, (heads[0] + heads[1] + heads[2]) / 3)
+    assert torch.equal(store.head_maps["three:self"][0], heads[0])  # the kept maps are not summed into
+
+
 def test_pooled_by_side_is_the_mean_over_all_kept_heads():
     store = CapturedAttention()
     store.add("a", torch.full((1, 4, 3), 6.0), 3)   # three heads summing to 6 -> mean 2
