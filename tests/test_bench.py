@@ -60,3 +60,28 @@ def test_benchmark_label_sets_cycle():
 def test_bench_rejects_bad_label_sets(capsys):
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--label-sets", "0"]) == 2
     assert "--label-sets must be at least 1" in capsys.readouterr().err
+
+
+def test_ratio_over_rounds_is_the_median_of_each_rounds_ratio():
+    # A machine twice as fast in round 2 and four times in round 3: the ratio of the medians
+    # (1.6 / 2.0) mixes rounds, the median of the rounds' ratios does not.
+    result = BenchResult(bare_images_per_s=2.0, segmenter_images_per_s=1.6,
+                         rounds={"bare": [1.0, 2.0, 4.0], "segmenter": [1.1, 1.6, 4.4]})
+    assert result.ratio_line == "segmenter/bare=1.10 pipeline/bare=0.00"
+    assert BenchResult(bare_images_per_s=2.0, segmenter_images_per_s=1.6).over_bare("segmenter") == 0.8
+
+
+def test_bench_rounds_print_each_round_and_medians(capsys):
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "2",
+                 "--no-pipeline", "--no-compile", "--rounds", "2"]) == 0
+    report = capsys.readouterr().out
+    assert re.search(r"^rounds +2: ", report, re.M)
+    rounds = {m.group(1): m.group(2) for m in re.finditer(r"^  (bare|segmenter|whole UNet) +([\d. ]+) images/s by round",
+                                                          report, re.M)}
+    assert sorted(rounds) == ["bare", "segmenter", "whole UNet"]
+    assert all(len(rates.split()) == 2 for rates in rounds.values())
+    seg = sorted(float(r) for r in rounds["segmenter"].split())
+    median = float(re.search(r"segmenter +([\d.]+) images/s \(full method", report).group(1))
+    assert abs(median - sum(seg) / 2) <= 0.0011  # the median of two rounds (printed rounded)
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err

@@ -110,6 +110,9 @@ def _register_bench(sub) -> None:
     model.add_argument("--label-sets", type=int, default=None,
                        help="distinct label sets among the images, cycled (default 100); a worker encodes "
                             "each set's prompt once, at the cost the `prompts` line prints")
+    model.add_argument("--rounds", type=int, default=1,
+                       help="time the bare model and each segmenter pass in turn this many times and print "
+                            "medians (default 1); on a machine whose speed drifts, 3 or more")
     model.add_argument("--no-compile", action="store_true",
                        help="skip the measurement with `compile` switched (compiling the model takes a minute "
                             "or more on a CPU)")
@@ -199,13 +202,15 @@ def run_bench(args: argparse.Namespace) -> int:
         sizes = []
     if not sizes or min(sizes) < 1:
         raise ConfigError("--batch-sizes takes positive integers, e.g. 1,2,4")
-    require_positive(args, "num_images", "pipeline_num_images", "shard_size", "workers", "cpu_threads", "label_sets")
+    require_positive(args, "num_images", "pipeline_num_images", "shard_size", "workers", "cpu_threads", "label_sets",
+                     "rounds")
     label_sets = args.label_sets or LABEL_SETS
     model = load_model(args.model, device=args.device)
     crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.pipeline_crf]
     result = run_benchmark(model, args.model, config, args.num_images, sizes, args.device,
                            with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_num_images,
                            shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,
-                           cpu_threads=args.cpu_threads, label_sets=label_sets, with_compile=not args.no_compile)
+                           cpu_threads=args.cpu_threads, label_sets=label_sets, with_compile=not args.no_compile,
+                           rounds=args.rounds)
     print(format_report(result, args.model, model.device, args.num_images, label_sets))
     return 0

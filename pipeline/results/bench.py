@@ -10,16 +10,22 @@ worker keeps the text embeddings), so that cost grows with the number of distinc
 sets, not with the number of images. Pipeline figures are taken from the workers being ready
 to the last shard written (Ray start, model load and a GPU worker's warm-up batch excluded:
 they are paid once per job, not per image); the end-to-end wall time is printed beside them.
+
+With rounds > 1 the in-process passes (bare, segmenter, whole UNet, compiled) are timed in
+turn, round after round, and each figure is the median over the rounds; a ratio is the median
+of the rounds' ratios, so a machine whose speed drifts between passes moves both sides of it.
 """
 
 from __future__ import annotations
 
 import io
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,37 +104,58 @@ class BenchResult:
     peak_device_mb: float = 0.0
     peak_worker_rss_mb: float = 0.0
     peak_worker_device_mb: float = 0.0
+    rounds: dict[str, list[float]] = field(default_factory=dict)  # pass -> images/s of each round
+    compiled_pass: str = ""  # the pass of `rounds` that ran compiled, if one did
+
+    def over_bare(self, name: str) -> float:
+        """The median over the rounds of pass `name`'s images/s over the bare model's in the same
+        round (the plain ratio of the figures without rounds)."""
+        pairs = list(zip(self.rounds.get(name, []), self.rounds.get("bare", [])))
+        if pairs:
+            return statistics.median(rate / bare for rate, bare in pairs)
+        figure = {"segmenter": self.segmenter_images_per_s, "whole UNet": self.segmenter_full_unet_images_per_s,
+                  "compiled": self.segmenter_compiled_images_per_s}.get(name, 0.0)
+        return figure / self.bare_images_per_s if self.bare_images_per_s else 0.0
 
     @property
     def ratio_line(self) -> str:
-        seg = self.segmenter_images_per_s / self.bare_images_per_s if self.bare_images_per_s else 0.0
         pipe = self.pipeline_images_per_s / self.bare_images_per_s if self.bare_images_per_s else 0.0
-        return f"segmenter/bare={seg:.2f} pipeline/bare={pipe:.2f}"
+        return f"segmenter/bare={self.over_bare('segmenter'):.2f} pipeline/bare={pipe:.2f}"
 
 
 def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-@torch.inference_mode()
-def bare_model(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor], batch_size: int) -> float:
-    """images/s of VAE encode + one UNet forward with stock attention (text embeddings given)."""
+def images_per_second(run: Callable[[], None], n_images: int, device: torch.device) -> float:
+    """n_images over the seconds one call of run takes, the device synchronised around it."""
+    sync_device(device)
+    start = time.perf_counter()
+    run()
+    sync_device(device)
+    return n_images / (time.perf_counter() - start)
+
+
+def bare_pass(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
+              batch_size: int) -> Callable[[], None]:
+    """After one untimed batch, a callable that runs VAE encode + one UNet forward with stock
+    attention (text embeddings given) over images in batches of batch_size."""
     segmenter = Segmenter(model, config)  # only for its image preprocessing and noise
     context = torch.zeros(batch_size, model.tokenizer.model_max_length, model.text_encoder.config.hidden_size,
                           device=model.device, dtype=model.dtype)
 
-    def run(batch):
+    @torch.inference_mode()
+    def run_batch(batch):
         latents = segmenter.encode_images(batch)
         t = torch.full((len(batch),), config.timestep, device=model.device, dtype=torch.long)
         model.unet(latents, t, encoder_hidden_states=context[: len(batch)])
 
-    run(images[:batch_size])
-    sync_device(model.device)
-    start = time.perf_counter()
-    for batch in _batches(images, batch_size):
-        run(batch)
-    sync_device(model.device)
-    return len(images) / (time.perf_counter() - start)
+    run_batch(images[:batch_size])
+
+    def run():
+        for batch in _batches(images, batch_size):
+            run_batch(batch)
+    return run
 
 
 def segment_queued(segmenter: Segmenter, images: list[torch.Tensor], labels: list[list[int]],
@@ -146,21 +173,21 @@ def segment_queued(segmenter: Segmenter, images: list[torch.Tensor], labels: lis
 
 
 @dataclass
-class SegmenterFigures:
-    images_per_s: float
-    stages: dict[str, float]  # seconds per image
-    prompt_sets: int  # label sets encoded before the timed pass
-    seconds_per_prompt_set: float
+class SegmenterPass:
+    """The segmenter warmed up on the images: `run` segments them all as a worker does."""
+    segmenter: Segmenter
+    run: Callable[[], None]
     warm_up_s: float  # the untimed first batch (and one of the last batch's size, if smaller)
+    prompt_sets: int  # label sets encoded before the timed passes
+    seconds_per_prompt_set: float
 
 
-def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
-                   labels: list[list[int]], batch_size: int) -> SegmenterFigures:
-    """images/s of the full method in-process, seconds per image per stage, and the number of
-    label sets encoded before the timed pass with the seconds each took (after the warm-up
-    batch, so the text encoder is warm). The warm-up runs a batch of each size the timed pass
-    meets (a compiled model compiles for each). The timed pass runs as a job does, without
-    stage timing; the stage breakdown comes from one more pass over the first batch with it."""
+def segmenter_pass(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
+                   labels: list[list[int]], batch_size: int) -> SegmenterPass:
+    """The full method in-process, warmed up with a batch of each size a pass meets (a compiled
+    model compiles for each), then every label set's prompt encoded (timed, after the warm-up
+    so the text encoder is warm), so that a timed pass measures what every later image costs.
+    The pass runs as a job does, without stage timing (`stage_seconds` has it)."""
     segmenter = Segmenter(model, config)
     start = time.perf_counter()
     segmenter.segment(images[:batch_size], labels[:batch_size])
@@ -177,14 +204,18 @@ def segmenter_path(model: ModelBundle, config: SegmenterConfig, images: list[tor
         segmenter.encode_prompts([list(classes) for classes in label_sets])
     sync_device(model.device)
     per_set = (time.perf_counter() - start) / len(label_sets) if label_sets else 0.0
-    start = time.perf_counter()
-    segment_queued(segmenter, images, labels, batch_size)
-    elapsed = time.perf_counter() - start
+    return SegmenterPass(segmenter, lambda: segment_queued(segmenter, images, labels, batch_size), warm_up,
+                         len(label_sets), per_set)
+
+
+def stage_seconds(segmenter: Segmenter, images: list[torch.Tensor], labels: list[list[int]]) -> dict[str, float]:
+    """Seconds per image of each segmenter stage over one batch of images, the device
+    synchronised after each stage."""
     segmenter.time_stages = True
-    first = images[:batch_size]
-    segmenter.segment(first, labels[:batch_size])
-    stages = {k: v / len(first) for k, v in segmenter.times.seconds.items()}
-    return SegmenterFigures(len(images) / elapsed, stages, len(label_sets), per_set, warm_up)
+    segmenter.times.seconds.clear()
+    segmenter.segment(images, labels)
+    segmenter.time_stages = False
+    return {k: v / len(images) for k, v in segmenter.times.seconds.items()}
 
 
 def pipeline_path(model_spec: str, config: SegmenterConfig, pattern: str, out_dir: Path, device: str | None,
@@ -201,42 +232,54 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                   pipeline_images: int | None = None, shard_size: int | None = None,
                   crf_modes: tuple[bool, ...] = (False, True), workers: int | None = None,
                   cpu_threads: int | None = None, label_sets: int = LABEL_SETS, with_compile: bool = True,
-                  log=print) -> BenchResult:
+                  rounds: int = 1, log=print) -> BenchResult:
     """bare and segmenter on n_images in-process (the segmenter as configured, then with the
-    whole UNet, then with `compile` switched, unless not with_compile); the pipeline over
-    pipeline_images (default n_images) in shards of shard_size (default half of them), once per
-    CRF mode; the images carry label_sets distinct label sets, cycled."""
+    whole UNet, then with `compile` switched, unless not with_compile), timed in turn `rounds`
+    times (the bare model at the best of batch_sizes; the sweep's pass is its first round); the
+    pipeline over pipeline_images (default n_images) in shards of shard_size (default half of
+    them), once per CRF mode; the images carry label_sets distinct label sets, cycled."""
     samples = benchmark_images(n_images, label_sets=label_sets)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]
     result = BenchResult()
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
+    bare_runs = {}
     for size in batch_sizes:
-        result.bare_by_batch[size] = bare_model(model, config, images, size)
+        bare_runs[size] = bare_pass(model, config, images, size)
+        result.bare_by_batch[size] = images_per_second(bare_runs[size], len(images), model.device)
         log(f"bare model, batch {size}: {result.bare_by_batch[size]:.3f} images/s")
-    result.bare_batch_size = max(result.bare_by_batch, key=result.bare_by_batch.get)
-    result.bare_images_per_s = result.bare_by_batch[result.bare_batch_size]
-    seg_config = config.model_copy(update={"batch_size": result.bare_batch_size})
-    figures = segmenter_path(model, seg_config, images, labels, result.bare_batch_size)
-    result.segmenter_images_per_s, result.segmenter_stages = figures.images_per_s, figures.stages
-    result.prompt_sets, result.prompt_seconds_per_set = figures.prompt_sets, figures.seconds_per_prompt_set
-    log(f"segmenter, batch {result.bare_batch_size}: {result.segmenter_images_per_s:.3f} images/s"
-        f"{' (early exit)' if seg_config.early_exit else ''}{' (compiled)' if seg_config.compile else ''}")
+    size = result.bare_batch_size = max(result.bare_by_batch, key=result.bare_by_batch.get)
+    seg_config = config.model_copy(update={"batch_size": size})
+    configured = segmenter_pass(model, seg_config, images, labels, size)
+    result.prompt_sets, result.prompt_seconds_per_set = configured.prompt_sets, configured.seconds_per_prompt_set
+    passes: dict[str, Callable[[], None]] = {"bare": bare_runs[size], "segmenter": configured.run}
     if seg_config.early_exit:
-        full_config = seg_config.model_copy(update={"early_exit": False})
-        result.segmenter_full_unet_images_per_s = segmenter_path(model, full_config, images, labels,
-                                                                 result.bare_batch_size).images_per_s
-        log(f"segmenter without early exit, batch {result.bare_batch_size}: "
-            f"{result.segmenter_full_unet_images_per_s:.3f} images/s")
+        passes["whole UNet"] = segmenter_pass(model, seg_config.model_copy(update={"early_exit": False}),
+                                              images, labels, size).run
     if with_compile:
-        other = segmenter_path(model, seg_config.model_copy(update={"compile": not seg_config.compile}), images,
-                               labels, result.bare_batch_size)
-        compiled, eager = (figures, other) if seg_config.compile else (other, figures)
-        result.segmenter_compiled_images_per_s = compiled.images_per_s
+        other = segmenter_pass(model, seg_config.model_copy(update={"compile": not seg_config.compile}), images,
+                               labels, size)
+        compiled, eager = (configured, other) if seg_config.compile else (other, configured)
         result.compile_first_batch_s, result.eager_first_batch_s = compiled.warm_up_s, eager.warm_up_s
-        log(f"segmenter {'eager' if seg_config.compile else 'compiled'}, batch {result.bare_batch_size}: "
-            f"{other.images_per_s:.3f} images/s (warm-up {other.warm_up_s:.1f} s)")
+        passes["eager" if seg_config.compile else "compiled"] = other.run
+    result.rounds = {name: [] for name in passes}
+    result.rounds["bare"].append(result.bare_by_batch[size])
+    for round_number in range(1, rounds + 1):
+        for name, run in passes.items():
+            if name == "bare" and round_number == 1:
+                continue
+            result.rounds[name].append(images_per_second(run, len(images), model.device))
+            log(f"{name}, batch {size}{f', round {round_number}' if rounds > 1 else ''}: "
+                f"{result.rounds[name][-1]:.3f} images/s")
+    median = {name: statistics.median(rates) for name, rates in result.rounds.items()}
+    result.bare_images_per_s = median["bare"]
+    result.segmenter_images_per_s = median["segmenter"]
+    result.segmenter_full_unet_images_per_s = median.get("whole UNet", 0.0)
+    if with_compile:
+        result.compiled_pass = "segmenter" if seg_config.compile else "compiled"
+        result.segmenter_compiled_images_per_s = median[result.compiled_pass]
+    result.segmenter_stages = stage_seconds(configured.segmenter, images[:size], labels[:size])
     if model.device.type == "cuda":
         result.peak_device_mb = torch.cuda.max_memory_allocated(model.device) / 2**20
     if with_pipeline:
@@ -278,11 +321,19 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
         lines.append(f"segmenter     {result.segmenter_full_unet_images_per_s:8.3f} images/s (the same, whole UNet: "
                      "early_exit false)")
     if result.segmenter_compiled_images_per_s:
-        ratio = result.segmenter_compiled_images_per_s / result.bare_images_per_s if result.bare_images_per_s else 0.0
+        ratio = result.over_bare(result.compiled_pass)
         lines.append(f"compiled      {result.segmenter_compiled_images_per_s:8.3f} images/s (the segmenter with "
                      f"compile true: compiled/bare={ratio:.2f}; its first batches took "
                      f"{result.compile_first_batch_s:.1f} s against {result.eager_first_batch_s:.1f} s eager, "
                      "paid once per worker)")
+    n_rounds = len(result.rounds.get("bare", []))
+    if n_rounds > 1:
+        lines.insert(1, f"rounds        {n_rounds}: the in-process figures are medians of their rounds (the batch sizes "
+                        "are the sweep's single pass), the ratios medians of the rounds' ratios")
+        lines += [f"  {name:<12}" + " ".join(f"{rate:.3f}" for rate in rates) + " images/s by round"
+                  + (f"; over bare {' '.join(f'{r / b:.2f}' for r, b in zip(rates, result.rounds['bare']))}"
+                     if name != "bare" else "")
+                  for name, rates in result.rounds.items()]
     lines += [
         f"prompts       {result.prompt_sets} label sets encoded before the timed pass, "
         f"{result.prompt_seconds_per_set * 1e3:.1f} ms each (paid once per label set per worker)",
