@@ -9,7 +9,9 @@
 #             needs pytest and its dependencies (pluggy, iniconfig, packaging, pygments)
 #   profile   stage times and top CUDA operators of one segmenter batch of BATCH (default 32)
 #   bench     pseudolabel bench on sd21-random: batch sizes 1-32, the segmenter with and without early
-#             exit and compile, pipeline CRF off and on (CRF=off|on|both)
+#             exit and compile (3 rounds in turn, medians), pipeline CRF off and on (CRF=off|on|both)
+#   fused     the same in-process figures at batch 32 with attention_kernel: fused (the official
+#             kernel's GPU cost is the difference)
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
 #             configs/voc.yaml with batch_size 16 (COMPILE=true: with compile on)
 #   scaling   the pipeline with 1 and then 2 CPU workers of 4 threads each (tiny model, CPU slots)
@@ -57,8 +59,14 @@ profile() {
 bench() {
     wait  # for the CRF build
     python3 -c "import pydensecrf.densecrf" || echo "pydensecrf did not build: see pydensecrf-build.txt"
-    $PL bench --model sd21-random --device cuda --num-images 128 --batch-sizes 1,4,8,16,32 \
+    $PL bench --model sd21-random --device cuda --num-images 128 --batch-sizes 1,4,8,16,32 --rounds 3 \
         --pipeline-num-images 1024 --shard-size 128 --pipeline-crf "${CRF:-both}" 2>&1 | tee "$RESULTS/bench.txt"
+}
+
+fused() {
+    printf 'attention_kernel: fused\n' > /tmp/pseudolabel-fused.yaml
+    $PL bench --config /tmp/pseudolabel-fused.yaml --model sd21-random --device cuda --num-images 128 \
+        --batch-sizes 32 --rounds 3 --no-pipeline 2>&1 | tee "$RESULTS/fused.txt"
 }
 
 trainaug() {
