@@ -101,7 +101,7 @@ def _register_bench(sub) -> None:
         description="Images/s of the bare model (VAE + UNet), the segmenter in-process and the pipeline "
                     "over shards, on the same images and model. The last line is "
                     "`segmenter/bare=R1 pipeline/bare=R2`.",
-        examples=["pseudolabel bench --model sd21-random --num-images 8 --batch-sizes 1,2,4,8",
+        examples=["pseudolabel bench --model sd21-random --num-images 8 --batch-sizes 1,2,4,8 --rounds 3",
                   "pseudolabel bench --model sd21-random --device cuda --num-images 128 --batch-sizes 1,4,8,16,32 "
                   "--pipeline-num-images 1024 --shard-size 128"])
     model = bench.add_argument_group("segmenter and bare model")
