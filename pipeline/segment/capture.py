@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -132,25 +132,31 @@ def _head_probability_sum(query: torch.Tensor, key: torch.Tensor, heads: list[in
     return total
 
 
+def _left_to_right_sum(maps: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of same-shape maps, added one at a time in the given order into one new
+    row-major tensor (the maps themselves are left as they are). Maps may come from a
+    generator, so that only one converted map exists at a time."""
+    maps = iter(maps)
+    first, second = next(maps), next(maps, None)
+    total = first.clone() if second is None else first + second
+    for more in maps:
+        total.add_(more)
+    return total
+
+
 def _sequential_mean(maps: list[torch.Tensor]) -> torch.Tensor:
     """The mean of same-shape maps, summed left to right into one new row-major tensor. A CPU
     matmul with a 4096 x 4096 map as its left operand runs at a fifth of the speed over
     key-major memory, and each fresh 64 MiB tensor costs its page faults (a stack and a mean
     of two such maps took 0.14 s per image on the development CPU)."""
-    total = maps[0] + maps[1] if len(maps) > 1 else maps[0].clone()
-    for more in maps[2:]:
-        total.add_(more)
-    return total.div_(len(maps))
+    return _left_to_right_sum(maps).div_(len(maps))
 
 
 def _sequential_head_sum(probs: torch.Tensor, heads: list[int]) -> torch.Tensor:
     """probs [B, H, Nq, Nk] -> the sum over `heads` [B, Nq, Nk] in float32, one head at a time
     in the listed order (as a mean over a head axis sums)."""
     dtype = torch.promote_types(probs.dtype, torch.float32)
-    total = probs[:, heads[0]].to(dtype)
-    for head in heads[1:]:
-        total = total + probs[:, head].to(dtype)
-    return total
+    return _left_to_right_sum(probs[:, head].to(dtype) for head in heads)
 
 
 def resize_query_key(attn: torch.Tensor, out_side: int) -> torch.Tensor:
