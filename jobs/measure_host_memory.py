@@ -1,7 +1,7 @@
 """Driver and worker memory as a job runs over many shards (is host memory flat?).
 
 Usage: python jobs/measure_host_memory.py [--shards 24] [--per-shard 2] [--batch-size N] [--model tiny]
-                                          [--config CONFIG]
+                                          [--config CONFIG] [--cpu-allocator keep-freed|unchanged]
 Writes synthetic shards to a temporary folder, runs the job, samples the RSS of the driver and
 of the largest segmenter worker every 0.5 s and prints their maximum per quarter of the run
 (the first quarter includes the worker's model load), with the workers' peak RSS. Beside each
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 
+from pipeline.job.allocator import CPU_ALLOCATORS
 from pipeline.results.bench import pipeline_path, write_benchmark_shards
 from pipeline.config import load_config
 
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--config", default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="default: --per-shard")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
+                        help="glibc settings of the CPU worker, as `pseudolabel run --cpu-allocator`")
     args = parser.parse_args()
     config = load_config(args.config).model_copy(update={"batch_size": args.batch_size or args.per_shard})
     driver = psutil.Process()
@@ -54,7 +57,8 @@ def main() -> None:
     threading.Thread(target=sample, daemon=True).start()
     with tempfile.TemporaryDirectory() as tmp:
         pattern = write_benchmark_shards(Path(tmp) / "shards", args.shards * args.per_shard, args.per_shard)
-        summary = pipeline_path(args.model, config, pattern, Path(tmp) / "out", device=None, crf=False)
+        summary = pipeline_path(args.model, config, pattern, Path(tmp) / "out", device=None, crf=False,
+                                cpu_allocator=args.cpu_allocator)
     running = False
     start, end = trace[0][0], trace[-1][0]
     print(f"{summary.line}")

@@ -2,11 +2,14 @@
 
 import re
 
-from pipeline.results.bench import BenchResult, benchmark_images
+from pipeline.job.allocator import KEEP_FREED_MEMORY
+from pipeline.results.bench import BenchResult, allocator_line, benchmark_images
 from pipeline.cli import main
 
 
-def test_bench_prints_figures_and_the_tracked_last_line(capsys):
+def test_bench_prints_figures_and_the_tracked_last_line(capsys, monkeypatch):
+    for name in KEEP_FREED_MEMORY:
+        monkeypatch.delenv(name, raising=False)
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "1,2",
                  "--no-pipeline", "--no-compile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -20,6 +23,8 @@ def test_bench_prints_figures_and_the_tracked_last_line(capsys):
                      report)
     assert re.search(r"segmenter +\d+\.\d+ images/s \(the same, whole UNet: early_exit false\)", report)
     assert "peak host RSS" in report
+    assert "allocator     glibc's defaults here and in the pipeline's workers" in report
+    assert allocator_line("keep-freed").startswith("allocator     keep-freed here and in the pipeline's workers")
 
 
 def test_ratio_line_format_and_images():

@@ -277,6 +277,31 @@ def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threa
         assert options["num_cpus"] <= threads
 
 
+def test_cpu_workers_start_with_the_allocator_settings_unless_the_shell_sets_them_or_asks_unchanged():
+    from pipeline.job.allocator import KEEP_FREED_MEMORY, allocator_of, cpu_allocator_line, cpu_worker_env
+    from pipeline.job.runner import _actor_options
+
+    _, options, _ = _actor_options(_Cluster(CPU=4), 1, 2, environment={})
+    assert options["runtime_env"] == {"env_vars": KEEP_FREED_MEMORY}
+    assert KEEP_FREED_MEMORY == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                                 "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+    # a variable the shell sets keeps its value (a tight host's MALLOC_ARENA_MAX=2, say)
+    assert cpu_worker_env("keep-freed", {"MALLOC_ARENA_MAX": "2"})["MALLOC_ARENA_MAX"] == "2"
+    assert "runtime_env" not in _actor_options(_Cluster(CPU=4), 1, 2, cpu_allocator="unchanged")[1]
+    assert "runtime_env" not in _actor_options(_Cluster(CPU=4, GPU=1), 1, 2, environment={})[1]  # GPU workers
+    with pytest.raises(ValueError, match="--cpu-allocator must be one of keep-freed, unchanged, got 'jemalloc'"):
+        cpu_worker_env("jemalloc", {})
+    assert allocator_of(KEEP_FREED_MEMORY) == "keep-freed"
+    assert allocator_of({"MALLOC_ARENA_MAX": "1"}) == "unchanged"
+    started = [{"pid": 11, "device": "cpu", "malloc": KEEP_FREED_MEMORY},
+               {"pid": 12, "device": "cpu", "malloc": {"MALLOC_ARENA_MAX": "1"}}]
+    assert "warning: CPU worker(s) 12 did not start with MALLOC_ARENA_MAX=1" in cpu_allocator_line(KEEP_FREED_MEMORY,
+                                                                                                      started)
+    assert cpu_allocator_line(KEEP_FREED_MEMORY, started[:1]).startswith("CPU workers keep freed memory")
+    assert cpu_allocator_line({}, started) is None
+    assert cpu_allocator_line(KEEP_FREED_MEMORY, [{"pid": 13, "device": "cuda:0", "malloc": {}}]) is None
+
+
 def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slots():
     from pipeline.data.shards import InputError
     from pipeline.job.runner import _actor_options
@@ -327,15 +352,19 @@ def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shar
     monkeypatch.chdir(shards.parent)
     config = load_config(FAST_CONFIG).model_copy(update={"batch_size": 1})
     run_job("shards/*.tar", out, config, "tiny", workers=1, progress=False)
+    # the worker's process started with the allocator settings (read from its /proc/self/environ)
+    assert ("CPU workers keep freed memory for reuse: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
+            "MALLOC_TRIM_THRESHOLD_=68719476736") in capsys.readouterr().out
     job = json.loads((out / "job.json").read_text())
     assert job["input"] == str(shards / "*.tar")
     entry = Ledger(out).get("voc-train-000002")
     entry.state = "in_progress"
     Ledger(out).put(entry)
     monkeypatch.chdir(tmp_path)
-    assert main(["resume", str(out), "--batch-size", "3", "--no-progress"]) == 0
-    assert "1 done" in capsys.readouterr().out.split("shards ")[1]
-    clean_masks, clean_rows = _outputs(clean_run[0])  # batch size 2
+    assert main(["resume", str(out), "--batch-size", "3", "--no-progress", "--cpu-allocator", "unchanged"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 done" in printed.split("shards ")[1] and "keep freed memory" not in printed
+    clean_masks, clean_rows = _outputs(clean_run[0])  # batch size 2, glibc settings as resumed here
     masks, rows = _outputs(out)
     assert masks == clean_masks  # byte-identical masks at batch sizes 1, 2 and 3
     assert [r["id"] for r in rows] == [r["id"] for r in clean_rows]
@@ -370,6 +399,20 @@ def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards
     assert resumed.returncode == 0, resumed.stderr
     assert _states(out) == ["done"] * 3
     assert _outputs(out) == _outputs(clean_run[0])
+
+
+def test_a_signal_is_recorded_and_raised_at_the_driver_loops_next_check_and_a_second_one_acts_at_once():
+    from pipeline.job.runner import _Stop, _stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(_Stop) as stopped:
+        with _stop_on_signals() as stop:
+            stop.check()  # nothing came yet
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler has run and raised nothing
+            assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+            stop.check()
+    assert stopped.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp_path):

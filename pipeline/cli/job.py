@@ -73,7 +73,8 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
     try:
         summary = run_job(input_pattern, out_dir, config, model, address=args.address, workers=args.workers,
                           retry_failed=retry_failed, force=force, retries=args.retries, device=args.device,
-                          progress=not args.no_progress, cpu_threads=args.cpu_threads)
+                          progress=not args.no_progress, cpu_threads=args.cpu_threads,
+                          cpu_allocator=args.cpu_allocator)
     except JobInterrupted as stop:
         done = stop.summary
         print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "

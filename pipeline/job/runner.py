@@ -15,6 +15,7 @@ import os
 import time
 import signal
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -23,6 +24,7 @@ from pipeline.segment.models import check_model_available
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
 from pipeline.data.shards import InputError, expand_input, shard_name
+from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.summary import JobInterrupted, JobSummary
 
 
@@ -35,7 +37,7 @@ class ClusterJoinError(PipelineError, ConnectionError):
 
 
 class _Stop(BaseException):
-    """Raised by the signal handler inside the driver loop."""
+    """Raised in the driver loop once SIGINT or SIGTERM came (`_stop_on_signals.check`)."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -158,13 +160,15 @@ SHARDS_PER_WORKER = 2
 
 
 def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | None = None,
-                   device: str | None = None) -> tuple[int, dict, int]:
+                   device: str | None = None, cpu_allocator: str = "keep-freed",
+                   environment: Mapping[str, str] = os.environ) -> tuple[int, dict, int]:
     """(workers, actor options, torch threads per actor): one GPU each where the cluster has
     GPUs (unless device is "cpu"), else CPU slots. CPU workers together reserve all but at
     least one CPU (fractions allowed), so post-processing tasks can always be scheduled; the
     reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
     cpu_threads threads, by default on its whole share of the CPUs: the model is idle while
-    its results are post-processed."""
+    its results are post-processed. CPU workers start with `cpu_worker_env(cpu_allocator,
+    environment)`; a GPU worker's large tensors live on the GPU."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     # One concurrency slot beyond the shards, for the driver's progress polls.
@@ -178,21 +182,26 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     n = workers or 1
     share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
     reserved = min(cpu_threads, share) if cpu_threads else share
+    env_vars = cpu_worker_env(cpu_allocator, environment)
     # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
-    return (n, dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault),
-            cpu_threads or max(1, cpus // n))
+    options = dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault)
+    if env_vars:
+        options["runtime_env"] = {"env_vars": env_vars}
+    return n, options, cpu_threads or max(1, cpus // n)
 
 
 def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
             address: str | None = None, workers: int | None = None, retry_failed: bool = False,
             force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True,
-            cpu_threads: int | None = None) -> JobSummary:
+            cpu_threads: int | None = None, cpu_allocator: str = "keep-freed") -> JobSummary:
     """Run (or resume) a job: every shard of input_pattern not yet done under this config.
-    cpu_threads: torch threads of each CPU worker (default: its share of the machine)."""
+    cpu_threads: torch threads of each CPU worker (default: its share of the machine);
+    cpu_allocator: glibc settings of CPU workers, one of CPU_ALLOCATORS (`cpu_worker_env`)."""
     from tqdm import tqdm
 
     from pipeline.job.worker import start_post_processing_worker
 
+    cpu_worker_env(cpu_allocator, {})  # a bad value fails before anything starts
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     input_pattern = absolute_input(input_pattern)
@@ -216,7 +225,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         return summary
 
     ray = _init_ray(address)
-    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device)
+    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_allocator)
     n_workers = min(n_workers, len(todo))
     summary.workers = n_workers
     config_json = config.model_dump_json()
@@ -231,6 +240,9 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     except ray.exceptions.RayActorError as exc:
         raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
     summary.worker_nodes = len({where["node"] for where in started_on})
+    allocator_line = cpu_allocator_line(options.get("runtime_env", {}).get("env_vars", {}), started_on)
+    if allocator_line:
+        print(allocator_line)
 
     processing_start = time.perf_counter()
     total_images = _count_images([by_name[name] for name in todo])
@@ -266,13 +278,14 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         ref = actor.process_shard.remote(by_name[name], name)
         in_flight[ref] = (name, slot, time.perf_counter(), attempts)
 
-    with _stop_on_signals():
+    with _stop_on_signals() as stop:
         try:
             for _ in range(SHARDS_PER_WORKER):
                 for slot in range(len(actors)):
                     dispatch(slot)
             while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)  # a signal is seen within 1 s
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                stop.check()  # a signal is acted on within a second
                 if not ready:
                     if progress:
                         poll_workers()
@@ -329,24 +342,34 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
 
 
 class _stop_on_signals:
-    """Within the block, SIGINT and SIGTERM raise _Stop in the driver (main thread only), so
-    the job can mark its shards in flight and say how to resume; the previous handlers come
-    back on exit."""
+    """Within the block, the first SIGINT or SIGTERM in the driver (main thread only) is
+    recorded, and `check()` then raises _Stop, so the job can mark its shards in flight and say
+    how to resume. The handler does not raise itself: an exception raised while Ray's blocking
+    calls run signal handlers comes out of them as a SystemError. After the first signal the
+    previous handlers are back (a second Ctrl-C stops at once); they are on exit too."""
 
     def __enter__(self):
-        self.previous = {}
+        self.previous, self.signum = {}, None
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._raise)
+                self.previous[signum] = signal.signal(signum, self._record)
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
-        raise _Stop(signum)
+    def _record(self, signum, frame):
+        self.signum = signum
+        self._restore()
 
-    def __exit__(self, *exc):
+    def check(self) -> None:
+        """Raise _Stop if a signal came."""
+        if self.signum is not None:
+            raise _Stop(self.signum)
+
+    def _restore(self):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ImageError
+from pipeline.job.allocator import startup_malloc_settings
 from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.mask.codec import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from pipeline.mask.postprocess import finish_mask
@@ -195,8 +196,10 @@ class ShardWorker:
         return time.perf_counter() - start
 
     def ready(self) -> dict:
-        """Where this worker runs: pid, device, and its node (`node_id`)."""
-        return {"pid": os.getpid(), "device": str(self.model.device), "node": self.node_id()}
+        """Where this worker runs: pid, device, its node (`node_id`) and the glibc allocator
+        settings its process started with (`startup_malloc_settings`)."""
+        return {"pid": os.getpid(), "device": str(self.model.device), "node": self.node_id(),
+                "malloc": startup_malloc_settings()}
 
     # What a job runner (job/runner.py) overrides to run the worker as a Ray actor.
 

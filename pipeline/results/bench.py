@@ -19,6 +19,7 @@ of the rounds' ratios, so a machine whose speed drifts between passes moves both
 from __future__ import annotations
 
 import io
+import os
 import resource
 import statistics
 import tempfile
@@ -32,6 +33,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
+from pipeline.job.allocator import KEEP_FREED_MEMORY, allocator_of
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.segmenter import Segmenter
 
@@ -106,6 +108,9 @@ class BenchResult:
     peak_worker_device_mb: float = 0.0
     rounds: dict[str, list[float]] = field(default_factory=dict)  # pass -> images/s of each round
     compiled_pass: str = ""  # the pass of `rounds` that ran compiled, if one did
+    # CPU_ALLOCATORS choice of this process, which the pipeline's CPU workers are given too, so
+    # that pipeline and in-process figures are measured under the same allocator
+    allocator: str = "unchanged"
 
     def over_bare(self, name: str) -> float:
         """The median over the rounds of pass `name`'s images/s over the bare model's in the same
@@ -219,12 +224,13 @@ def stage_seconds(segmenter: Segmenter, images: list[torch.Tensor], labels: list
 
 
 def pipeline_path(model_spec: str, config: SegmenterConfig, pattern: str, out_dir: Path, device: str | None,
-                  crf: bool, workers: int | None = None, cpu_threads: int | None = None):
+                  crf: bool, workers: int | None = None, cpu_threads: int | None = None,
+                  cpu_allocator: str = "keep-freed"):
     """JobSummary of `run` over the shards of pattern into out_dir (CRF on or off)."""
     from pipeline.job.runner import run_job
 
     return run_job(pattern, out_dir, config.with_crf(crf), model_spec, workers=workers, device=device,
-                   progress=False, cpu_threads=cpu_threads)
+                   progress=False, cpu_threads=cpu_threads, cpu_allocator=cpu_allocator)
 
 
 def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, n_images: int,
@@ -241,7 +247,7 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
     samples = benchmark_images(n_images, label_sets=label_sets)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]
-    result = BenchResult()
+    result = BenchResult(allocator=allocator_of(os.environ))
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     bare_runs = {}
@@ -289,7 +295,7 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
             pattern = write_benchmark_shards(Path(tmp) / "shards", pipeline_images, per_shard, label_sets)
             for crf in crf_modes:
                 summary = pipeline_path(model_spec, seg_config, pattern, Path(tmp) / f"out-crf-{crf}", device,
-                                        crf, workers, cpu_threads)
+                                        crf, workers, cpu_threads, result.allocator)
                 rate = (summary.images_ok + summary.images_failed) / summary.processing_seconds
                 log(f"pipeline, CRF {'on' if crf else 'off'}: {rate:.3f} images/s over {pipeline_images} images "
                     f"in shards of {per_shard} ({summary.seconds:.1f} s end to end with Ray start, model load and warm-up; "
@@ -304,6 +310,17 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                 result.peak_worker_rss_mb = max(result.peak_worker_rss_mb, summary.peak_worker_rss_mb)
                 result.peak_worker_device_mb = max(result.peak_worker_device_mb, summary.peak_worker_device_mb)
     return result
+
+
+def allocator_line(allocator: str) -> str:
+    """The report's line on the glibc allocator of a CPU bench (in-process and pipeline)."""
+    settings = " ".join(f"{name}={value}" for name, value in KEEP_FREED_MEMORY.items())
+    if allocator == "keep-freed":
+        return (f"allocator     keep-freed here and in the pipeline's workers ({settings} in this process's "
+                "environment), as a job's CPU workers run by default")
+    return ("allocator     glibc's defaults here and in the pipeline's workers; a job's CPU workers keep freed memory "
+            f"by default (--cpu-allocator), 1.6-2x faster on the development CPU: run the bench with {settings} "
+            "to measure that")
 
 
 def format_report(result: BenchResult, model_spec: str, device: torch.device, n_images: int,
@@ -334,6 +351,8 @@ def format_report(result: BenchResult, model_spec: str, device: torch.device, n_
                   + (f"; over bare {' '.join(f'{r / b:.2f}' for r, b in zip(rates, result.rounds['bare']))}"
                      if name != "bare" else "")
                   for name, rates in result.rounds.items()]
+    if device.type == "cpu":
+        lines.append(allocator_line(result.allocator))
     lines += [
         f"prompts       {result.prompt_sets} label sets encoded before the timed pass, "
         f"{result.prompt_seconds_per_set * 1e3:.1f} ms each (paid once per label set per worker)",
