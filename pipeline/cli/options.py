@@ -73,9 +73,9 @@ def add_cpu_threads(group) -> None:
 
 
 def add_cpu_allocator(group) -> None:
-    from pipeline.job.allocator import CPU_ALLOCATORS, KEEP_FREED_MEMORY
+    from pipeline.job.allocator import CPU_ALLOCATORS, KEEP_FREED_MEMORY, as_shell
 
-    settings = " ".join(f"{name}={value}" for name, value in KEEP_FREED_MEMORY.items())
+    settings = as_shell(KEEP_FREED_MEMORY)
     group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
                        help=f"glibc settings of CPU workers. keep-freed (the default): they start with {settings} "
                             "(a variable set in this shell keeps its value), 1.6-2x the images/s of glibc's "

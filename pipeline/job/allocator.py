@@ -31,13 +31,18 @@ def allocator_of(environment: Mapping[str, str]) -> str:
     return "keep-freed" if all(name in environment for name in KEEP_FREED_MEMORY) else "unchanged"
 
 
+def as_shell(variables: Mapping[str, str]) -> str:
+    """Environment variables as a shell writes them: `NAME=value NAME=value`."""
+    return " ".join(f"{name}={value}" for name, value in variables.items())
+
+
 def cpu_allocator_line(asked: Mapping[str, str], started_on: list[dict]) -> str | None:
     """What the CPU workers' allocator is, from the settings their processes started with
     (`ready()["malloc"]`), or None without CPU workers or settings asked for."""
     cpu_workers = [where for where in started_on if where["device"] == "cpu"]
     if not cpu_workers or not asked:
         return None
-    settings = " ".join(f"{name}={value}" for name, value in asked.items())
+    settings = as_shell(asked)
     missed = [where["pid"] for where in cpu_workers if any(where["malloc"].get(n) != v for n, v in asked.items())]
     if missed:
         return (f"warning: CPU worker(s) {', '.join(map(str, missed))} did not start with {settings} "

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
-from pipeline.job.allocator import KEEP_FREED_MEMORY, allocator_of
+from pipeline.job.allocator import KEEP_FREED_MEMORY, allocator_of, as_shell
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.segmenter import Segmenter
 
@@ -314,7 +314,7 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
 
 def allocator_line(allocator: str) -> str:
     """The report's line on the glibc allocator of a CPU bench (in-process and pipeline)."""
-    settings = " ".join(f"{name}={value}" for name, value in KEEP_FREED_MEMORY.items())
+    settings = as_shell(KEEP_FREED_MEMORY)
     if allocator == "keep-freed":
         return (f"allocator     keep-freed here and in the pipeline's workers ({settings} in this process's "
                 "environment), as a job's CPU workers run by default")
