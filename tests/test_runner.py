@@ -281,14 +281,16 @@ def test_cpu_workers_start_with_the_allocator_settings_unless_the_shell_sets_the
     from pipeline.job.allocator import KEEP_FREED_MEMORY, allocator_of, cpu_allocator_line, cpu_worker_env
     from pipeline.job.runner import _actor_options
 
-    _, options, _ = _actor_options(_Cluster(CPU=4), 1, 2, environment={})
+    _, options, _ = _actor_options(_Cluster(CPU=4), 1, 2, cpu_env=cpu_worker_env("keep-freed", {}))
     assert options["runtime_env"] == {"env_vars": KEEP_FREED_MEMORY}
     assert KEEP_FREED_MEMORY == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
                                  "MALLOC_TRIM_THRESHOLD_": "68719476736"}
     # a variable the shell sets keeps its value (a tight host's MALLOC_ARENA_MAX=2, say)
     assert cpu_worker_env("keep-freed", {"MALLOC_ARENA_MAX": "2"})["MALLOC_ARENA_MAX"] == "2"
-    assert "runtime_env" not in _actor_options(_Cluster(CPU=4), 1, 2, cpu_allocator="unchanged")[1]
-    assert "runtime_env" not in _actor_options(_Cluster(CPU=4, GPU=1), 1, 2, environment={})[1]  # GPU workers
+    unchanged = cpu_worker_env("unchanged", {"MALLOC_ARENA_MAX": "2"})
+    assert "runtime_env" not in _actor_options(_Cluster(CPU=4), 1, 2, cpu_env=unchanged)[1]
+    assert "runtime_env" not in _actor_options(_Cluster(CPU=4, GPU=1), 1, 2,
+                                               cpu_env=cpu_worker_env("keep-freed", {}))[1]  # GPU workers
     with pytest.raises(ValueError, match="--cpu-allocator must be one of keep-freed, unchanged, got 'jemalloc'"):
         cpu_worker_env("jemalloc", {})
     assert allocator_of(KEEP_FREED_MEMORY) == "keep-freed"

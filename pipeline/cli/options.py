@@ -78,9 +78,9 @@ def add_cpu_allocator(group) -> None:
     settings = as_shell(KEEP_FREED_MEMORY)
     group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
                        help=f"glibc settings of CPU workers. keep-freed (the default): they start with {settings} "
-                            "(a variable set in this shell keeps its value), 1.6-2x the images/s of glibc's "
-                            "defaults on the development CPU for 0.7-1.9 GB more memory per worker; unchanged: "
-                            "the environment Ray starts workers with")
+                            "(a variable set in this shell keeps its value): jobs ran at 1.24-2.03x the images/s of "
+                            "glibc's defaults on the development CPU, for 0.5-1.9 GB more memory per worker "
+                            "(docs/performance.md); unchanged: the environment Ray starts workers with")
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:

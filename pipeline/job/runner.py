@@ -160,15 +160,14 @@ SHARDS_PER_WORKER = 2
 
 
 def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | None = None,
-                   device: str | None = None, cpu_allocator: str = "keep-freed",
-                   environment: Mapping[str, str] = os.environ) -> tuple[int, dict, int]:
+                   device: str | None = None, cpu_env: Mapping[str, str] | None = None) -> tuple[int, dict, int]:
     """(workers, actor options, torch threads per actor): one GPU each where the cluster has
     GPUs (unless device is "cpu"), else CPU slots. CPU workers together reserve all but at
     least one CPU (fractions allowed), so post-processing tasks can always be scheduled; the
     reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
     cpu_threads threads, by default on its whole share of the CPUs: the model is idle while
-    its results are post-processed. CPU workers start with `cpu_worker_env(cpu_allocator,
-    environment)`; a GPU worker's large tensors live on the GPU."""
+    its results are post-processed. CPU workers start with the environment variables cpu_env
+    (`cpu_worker_env`); a GPU worker's large tensors live on the GPU."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     # One concurrency slot beyond the shards, for the driver's progress polls.
@@ -182,11 +181,10 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     n = workers or 1
     share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
     reserved = min(cpu_threads, share) if cpu_threads else share
-    env_vars = cpu_worker_env(cpu_allocator, environment)
     # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
     options = dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault)
-    if env_vars:
-        options["runtime_env"] = {"env_vars": env_vars}
+    if cpu_env:
+        options["runtime_env"] = {"env_vars": dict(cpu_env)}
     return n, options, cpu_threads or max(1, cpus // n)
 
 
@@ -201,7 +199,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
 
     from pipeline.job.worker import start_post_processing_worker
 
-    cpu_worker_env(cpu_allocator, {})  # a bad value fails before anything starts
+    cpu_env = cpu_worker_env(cpu_allocator, os.environ)  # a bad value fails before anything starts
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     input_pattern = absolute_input(input_pattern)
@@ -225,7 +223,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         return summary
 
     ray = _init_ray(address)
-    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_allocator)
+    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env)
     n_workers = min(n_workers, len(todo))
     summary.workers = n_workers
     config_json = config.model_dump_json()
@@ -240,7 +238,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     except ray.exceptions.RayActorError as exc:
         raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
     summary.worker_nodes = len({where["node"] for where in started_on})
-    allocator_line = cpu_allocator_line(options.get("runtime_env", {}).get("env_vars", {}), started_on)
+    allocator_line = cpu_allocator_line(cpu_env, started_on)
     if allocator_line:
         print(allocator_line)
 
