@@ -427,6 +427,22 @@ def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp
     assert "2 for failed in the job" in capsys.readouterr().out
 
 
+def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_line(shards, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: no Ray listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Ray alone would retry for about 14 minutes; the subprocess timeout turns such a hang into a failure.
+    job = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--input", str(shards), "--output",
+                          str(tmp_path / "out"), "--model", "tiny", "--address", f"127.0.0.1:{port}", "--no-progress"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert job.returncode == 2, job.stdout + job.stderr
+    error = job.stderr.strip().splitlines()
+    assert len(error) == 1, job.stderr
+    assert f"127.0.0.1:{port}" in error[0] and "nothing answers" in error[0] and "--address local" in error[0]
+
+
 def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
     from pipeline.job.runner import join_failure
 

@@ -101,6 +101,9 @@ def _init_ray(address: str | None):
         address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
         if address != "local":
             print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
+            silence = _silent_address(address)
+            if silence:  # ray.init itself would wait about 14 minutes, deaf to Ctrl-C
+                raise ClusterJoinError(join_failure(address, silence))
             try:
                 ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError) as exc:
@@ -139,19 +142,43 @@ def ray_address(flag: str | None, environment: str | None, local_cluster_running
 def _local_cluster_running() -> bool:
     """Whether the cluster the last `ray start` on this machine recorded (the file Ray itself
     reads for this) still accepts connections."""
-    import socket
-
     try:
         from ray._private.services import find_bootstrap_address
 
         address = find_bootstrap_address(None)
-        if not address:
-            return False
-        host, port = address.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=1.0):
-            return True
+        return bool(address) and _refused(address, timeout=1.0) is None
     except Exception:  # no address file, a stale one, or a Ray without that helper
         return False
+
+
+def _refused(host_port: str, timeout: float) -> str | None:
+    """Why a TCP connection to host_port failed within timeout (seconds), or None if it opened."""
+    import socket
+
+    host, port = host_port.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {host_port} ({exc.strerror or exc})"
+
+
+def _silent_address(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing would answer a join of address (host:port, auto, ray://host:port), or None
+    when something accepts connections where Ray would connect (Ray's own canonical address:
+    `localhost` becomes this node's IP) or when Ray can tell the fault itself at once."""
+    if address.startswith("ray://"):
+        target = address[len("ray://"):]
+    else:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address)
+        except Exception:  # a malformed address: ray.init names it
+            return None
+    if not target or ":" not in target:
+        return None
+    return _refused(target, timeout)
 
 
 # Shards in flight on each worker: the next shard is queued (and its decoding under way) while
