@@ -37,9 +37,18 @@ def test_job_with_another_config_is_refused_unless_forced(tmp_path):
     ledger = Ledger(tmp_path)
     ledger.claim({"config_hash": "h1", "model": "m"}, force=False)
     ledger.claim({"config_hash": "h1", "model": "m"}, force=False)
+    _entry(ledger, "a", DONE)
     with pytest.raises(JobMismatchError, match="another config or model .* --force"):
         ledger.claim({"config_hash": "h2", "model": "m"}, force=False)
     ledger.claim({"config_hash": "h2", "model": "m"}, force=True)
+    assert ledger.job()["config_hash"] == "h2"
+
+
+def test_a_job_that_recorded_no_shard_does_not_hold_its_folder(tmp_path):
+    """A job that stopped before its first shard (a cluster it could not join) protects nothing."""
+    ledger = Ledger(tmp_path)
+    ledger.claim({"config_hash": "h1", "model": "m"}, force=False)
+    ledger.claim({"config_hash": "h2", "model": "m"}, force=False)
     assert ledger.job()["config_hash"] == "h2"
 
 

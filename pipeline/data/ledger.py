@@ -89,10 +89,11 @@ class Ledger:
         return job
 
     def claim(self, job: dict, force: bool) -> None:
-        """Record the job in the folder; refuse a folder made with another config or model
-        unless force."""
+        """Record the job in the folder; refuse a folder where a job with another config or
+        model has recorded a shard, unless force (a job that never got to its first shard, say
+        one whose cluster could not be joined, leaves nothing to protect)."""
         previous = self.job()
-        if previous and previous["config_hash"] != job["config_hash"] and not force:
+        if previous and previous["config_hash"] != job["config_hash"] and self.entries() and not force:
             raise JobMismatchError(
                 f"{self.out_dir} holds a job with another config or model (hash {previous['config_hash'][:12]}, "
                 f"model {previous['model']}); use a new --output folder, or --force to redo every shard"
