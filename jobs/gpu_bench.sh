@@ -2,6 +2,9 @@
 # GPU figures for docs/performance.md, on an offline GPU machine whose python3 already has torch.
 #
 # Usage: WHEELS=.whl RESULTS=results bash jobs/gpu_bench.sh STEP...
+#   `bash jobs/gpu_wheels.sh` fills .whl beforehand, where the package registry is reachable (40 MB).
+#   Through the device tool: carry [".whl"], command
+#   `RESULTS=$OUT bash jobs/gpu_bench.sh install cudatests fused bench`, then `CRF=off`, `COMPILE=true ... trainaug`.
 #   install   put the wheels of WHEELS into SITE (ray may come as a .tar.xz of its unpacked wheel,
 #             pydensecrf2 as its sdist, built here); skipped when SITE already has them
 #   cudatests the tests of the CUDA-only paths (tests/test_cuda.py: pinned copies, a batch queued
