@@ -443,6 +443,23 @@ def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_line(shar
     assert f"127.0.0.1:{port}" in error[0] and "nothing answers" in error[0] and "--address local" in error[0]
 
 
+def test_the_join_probe_tells_a_listening_address_from_a_silent_one():
+    import socket
+
+    from pipeline.job.runner import _silent_address
+
+    with socket.socket() as listener:  # on every interface: Ray turns 127.0.0.1 into this node's IP
+        listener.bind(("", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert _silent_address(f"127.0.0.1:{port}") is None
+        assert _silent_address(f"ray://127.0.0.1:{port}") is None
+    assert "nothing answers" in _silent_address(f"127.0.0.1:{port}")
+    assert f"127.0.0.1:{port}" in _silent_address(f"ray://127.0.0.1:{port}")
+    assert "nothing answers at nohost.invalid:6379" in _silent_address("nohost.invalid:6379")
+    assert _silent_address("not an address") is None  # left to ray.init, which names it
+
+
 def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
     from pipeline.job.runner import join_failure
 
