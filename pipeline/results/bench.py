@@ -124,8 +124,13 @@ class BenchResult:
 
     @property
     def ratio_line(self) -> str:
-        pipe = self.pipeline_images_per_s / self.bare_images_per_s if self.bare_images_per_s else 0.0
-        return f"segmenter/bare={self.over_bare('segmenter'):.2f} pipeline/bare={pipe:.2f}"
+        """The tracked last line; `pipeline/bare=n/a` when the pipeline was not run (--no-pipeline),
+        rather than a 0.00 that reads as a measured figure."""
+        if self.pipeline_images_per_s and self.bare_images_per_s:
+            pipe = f"{self.pipeline_images_per_s / self.bare_images_per_s:.2f}"
+        else:
+            pipe = "n/a"
+        return f"segmenter/bare={self.over_bare('segmenter'):.2f} pipeline/bare={pipe}"
 
 
 def _batches(items: list, size: int) -> list[list]:
