@@ -102,7 +102,7 @@ def _init_ray(address: str | None):
         if address != "local":
             print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
             silence = _silent_address(address)
-            if silence:  # ray.init itself would wait about 14 minutes, deaf to Ctrl-C
+            if silence:  # ray.init would retry for about 14 minutes, hearing Ctrl-C only between attempts
                 raise ClusterJoinError(join_failure(address, silence))
             try:
                 ray.init(address=address, **kwargs)
