@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import FAST_CONFIG, write_voc_shards
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.data.ledger import JobMismatchError, Ledger
+from pipeline.data.ledger import JobMismatchError, Ledger, ShardEntry
 from pipeline.job.runner import run_job
 from pipeline.data.shards import encode_json, read_shard, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA
@@ -425,6 +425,24 @@ def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp
     assert "2 failed image(s): 2010_000002, 2010_000003" in capsys.readouterr().out
     assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0
     assert "2 for failed in the job" in capsys.readouterr().out
+
+
+def test_status_counts_the_input_shards_not_started(shards, tmp_path, capsys):
+    """A job stopped before some shards (here: before any) names them and the command that runs them."""
+    out = tmp_path / "job"
+    ledger = Ledger(out)
+    ledger.claim({"config": {}, "config_hash": "h", "model": "tiny", "input": str(shards / "*.tar")}, force=False)
+    ledger.put(ShardEntry(shard="voc-train-000001", url="u", state="done", config_hash="h", model="tiny"))
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"2 of 3 input shard(s) not started (first: voc-train-000000): `pseudolabel resume {out}`" in printed
+    moved = tmp_path / "moved"
+    shards.rename(moved)
+    try:
+        assert main(["status", str(out)]) == 0
+        assert "input shards not listed: --input" in capsys.readouterr().out
+    finally:
+        moved.rename(shards)
 
 
 def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_line(shards, tmp_path):

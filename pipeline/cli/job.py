@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.cli.options import (add_command, add_device, add_input_shards, add_job_folder, add_job_options,
                                   add_model_options, add_no_progress, add_output, require_positive)
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config
+from pipeline.errors import PipelineError
 
 
 def register_demo(sub) -> None:
@@ -119,11 +120,25 @@ def run_status(args: argparse.Namespace) -> int:
     states = [e.state for e in entries]
     print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('interrupted')} "
           f"interrupted, {states.count('in_progress')} in progress (interrupted unless a job is running)")
+    print(_not_started_line(job["input"], {e.shard for e in entries}, args.job))
     failed = failed_image_ids(args.job)
     if failed:
         print(f"{len(failed)} failed image(s): {name_failed(failed, len(failed))} "
               "(errors in stats/, status column 'failed')")
     return 0
+
+
+def _not_started_line(input_pattern: str, recorded: set[str], job_folder) -> str:
+    """How many of the job's input shards have no ledger entry yet, and the command that runs them."""
+    from pipeline.data.shards import expand_input, shard_name
+
+    try:
+        names = [shard_name(url) for url in expand_input(input_pattern)]
+    except PipelineError as exc:
+        return f"input shards not listed: {exc}"
+    waiting = [name for name in names if name not in recorded]
+    return (f"{len(waiting)} of {len(names)} input shard(s) not started"
+            + (f" (first: {waiting[0]}): `pseudolabel resume {job_folder}` runs them" if waiting else ""))
 
 
 def run_demo(args: argparse.Namespace) -> int:
