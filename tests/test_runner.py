@@ -428,7 +428,7 @@ def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp
 
 
 def test_status_counts_the_input_shards_not_started(shards, tmp_path, capsys):
-    """A job stopped before some shards (here: before any) names them and the command that runs them."""
+    """A job stopped with shards still to run (here 2 of 3) counts them and names the command that runs them."""
     out = tmp_path / "job"
     ledger = Ledger(out)
     ledger.claim({"config": {}, "config_hash": "h", "model": "tiny", "input": str(shards / "*.tar")}, force=False)
