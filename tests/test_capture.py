@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from pipeline.segment.capture import (AttentionCaptureProcessor, CaptureSpec, CapturedAttention, Record, classic_attention,
-                              install_capture)
+from pipeline.segment.capture import (AttentionCaptureProcessor, CaptureSpec, CapturedAttention, Record, UNetStopped,
+                                      capturing, classic_attention, install_capture)
 from pipeline.segment.models import load_model
 
 SELF_LAYER = "up_blocks.3.attentions.1"
@@ -134,12 +134,39 @@ def test_official_kernel_keeps_each_head_and_averages_them_in_the_given_order(fr
         handle.store.pooled_by_side([s.layer + ":cross" for s in specs], {16: order + [(f"{CROSS_LAYER}:cross", 5)]})
 
 
+def test_the_layer_the_unet_stops_at_scores_only_its_kept_heads_and_keeps_their_bits(fresh_model, monkeypatch):
+    # Early exit: nothing reads the last layer's output, so the official kernel computes the
+    # scores and softmax of its kept heads only; each kept map is the same bits as with all heads.
+    unet = fresh_model.unet
+    specs = [CaptureSpec(SELF_LAYER, "self", [1, 2], (Record(keep_heads=True),))]
+    scored = []
+    original = Attention.get_attention_scores
+    monkeypatch.setattr(Attention, "get_attention_scores",
+                        lambda self, query, key, mask=None: scored.append(query.shape[0]) or original(self, query, key, mask))
+    latents, t, context = _inputs(batch=2)
+    maps = {}
+    with torch.inference_mode():
+        for stop in (False, True):
+            scored.clear()
+            with capturing(unet, specs, "official", stop_early=stop) as store:
+                try:
+                    unet(latents, t, encoder_hidden_states=context)
+                except UNetStopped:
+                    assert stop
+                maps[stop] = dict(store.head_maps[f"{SELF_LAYER}:self"])
+            # the captured layer is the only classic one here: batch 2 x its heads
+            assert scored == ([2 * 2] if stop else [2 * unet.get_submodule(SELF_LAYER).transformer_blocks[0].attn1.heads])
+    assert list(maps[True]) == [1, 2]
+    for head in (1, 2):
+        assert torch.equal(maps[True][head], maps[False][head])
+
+
 def test_row_major_head_mean_sums_left_to_right_and_equals_the_key_major_mean_for_two_heads():
     store = CapturedAttention()
     torch.manual_seed(0)
     heads = [torch.rand(2, 16, 16).softmax(dim=-1) for _ in range(3)]
-    store.add_head_maps("two:self", torch.stack(heads[:2], dim=1), [0, 1])
-    store.add_head_maps("three:self", torch.stack(heads, dim=1), [0, 1, 2])
+    store.add_head_maps("two:self", dict(enumerate(heads[:2])))
+    store.add_head_maps("three:self", dict(enumerate(heads)))
     key_major = store.pooled_by_side(["two:self"])[4]
     row_major = store.pooled_by_side(["two:self"], key_major=False)[4]
     assert row_major.is_contiguous() and not key_major.is_contiguous()

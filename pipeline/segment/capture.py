@@ -44,14 +44,14 @@ class CapturedAttention:
         self.heads.clear()
         self.head_maps.clear()
 
-    def add_head_maps(self, key: str, probs: torch.Tensor, heads: list[int]) -> None:
-        """Keep each listed head's map of probs [B, H, Nq, Nk] (float32) under key; keys are
-        kept in the order they are first added (the UNet's forward order)."""
+    def add_head_maps(self, key: str, by_head: dict[int, torch.Tensor]) -> None:
+        """Keep each head's map [B, Nq, Nk] of by_head (head index -> map; float32) under key;
+        keys are kept in the order they are first added (the UNet's forward order)."""
         maps = self.head_maps.setdefault(key, {})
-        for head in heads:
+        for head, probs in by_head.items():
             if head in maps:
                 raise ValueError(f"{key} recorded head {head} twice: name one attention module per layer key")
-            maps[head] = probs[:, head].to(torch.promote_types(probs.dtype, torch.float32))
+            maps[head] = probs.to(torch.promote_types(probs.dtype, torch.float32))
 
     def add(self, key: str, head_sum: torch.Tensor, n_heads: int) -> None:
         if key in self.sums:
@@ -215,19 +215,25 @@ class AttentionCaptureProcessor:
         self.stop_after = stop_after  # raise UNetStopped once recorded (the last layer read)
         self.key = f"{spec.layer}:{spec.kind}"
 
+    def _kept_heads(self, heads_total: int) -> list[int]:
+        return sorted(self.spec.heads) if self.spec.heads is not None else list(range(heads_total))
+
     def _record(self, record: "Record", attn: Attention, query: torch.Tensor, key: torch.Tensor,
-                head_outputs: torch.Tensor, probs: torch.Tensor | None, head_sums: dict) -> None:
+                head_outputs: torch.Tensor, probs: torch.Tensor | None, head_sums: dict,
+                prob_heads: list[int] | None = None) -> None:
         """query, key [B, H, N, D]; head_outputs [B, H, Nq, D] (softmax(q k^T) v per head);
-        probs [B, H, Nq, Nk] (the official kernel's softmax) or None (fused: computed here for
-        the kept heads only); head_sums caches the head sum between the records of one call."""
+        probs [B, H', Nq, Nk] (the official kernel's softmax of the heads prob_heads, in that
+        order; every head when None) or None (fused: computed here for the kept heads only);
+        head_sums caches the head sum between the records of one call."""
         batch, heads_total, n_query, head_dim = query.shape
         store_key = record.key.format(layer=self.spec.layer, kind=self.spec.kind, side=square_side(n_query))
-        heads = sorted(self.spec.heads) if self.spec.heads is not None else list(range(heads_total))
+        heads = self._kept_heads(heads_total)
+        slots = heads if prob_heads is None else [prob_heads.index(head) for head in heads]  # into probs' head axis
         if record.what == "sum" and record.keep_heads and probs is not None:
-            self.store.add_head_maps(store_key, probs, heads)
+            self.store.add_head_maps(store_key, {head: probs[:, slot] for head, slot in zip(heads, slots)})
         elif record.what == "sum":
             if "sum" not in head_sums:
-                head_sums["sum"] = (_sequential_head_sum(probs, heads) if probs is not None
+                head_sums["sum"] = (_sequential_head_sum(probs, slots) if probs is not None
                                     else _head_probability_sum(query, key, heads, attn.scale))
             total = head_sums["sum"]
             if record.resize_to is None:
@@ -262,25 +268,33 @@ class AttentionCaptureProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         # the layer's output is computed unless the UNet stops here and no record reads it
         needs_output = not self.stop_after or any(r.what == "weighted" for r in self.spec.records)
+        prob_heads = None  # the heads of the official kernel's probs: all of them
         if self.kernel == "official":
             # diffusers' classic path, as the official code's processor: [B*H, N, D] per head,
             # baddbmm(q, k^T, alpha=scale), softmax (upcast where the layer says), bmm.
-            query, key, value = (attn.head_to_batch_dim(t) for t in (attn.to_q(hidden_states),
-                                                                     attn.to_k(context), attn.to_v(context)))
-            probs = attn.get_attention_scores(query, key)
-            by_head = lambda t: t.view(batch, attn.heads, t.shape[1], t.shape[2])  # noqa: E731
-            out = by_head(torch.bmm(probs, value)) if needs_output else None
-            query, key, probs = by_head(query), by_head(key), by_head(probs)
+            by_head = lambda t: t.view(batch, -1, t.shape[1], t.shape[2])  # [B*H, ...] -> [B, H, ...]  # noqa: E731
+            query, key = (by_head(attn.head_to_batch_dim(t)) for t in (attn.to_q(hidden_states), attn.to_k(context)))
+            if needs_output:
+                probs = attn.get_attention_scores(query.flatten(0, 1), key.flatten(0, 1))
+                value = attn.head_to_batch_dim(attn.to_v(context))
+                out, probs = by_head(torch.bmm(probs, value)), by_head(probs)
+            else:
+                # Nothing reads this layer's output: the scores and softmax of the kept heads only
+                # (every head is its own batch entry of baddbmm and softmax, so the same bits).
+                prob_heads = self._kept_heads(attn.heads)
+                index = _head_index(tuple(prob_heads), query.device)
+                kept = lambda t: t.index_select(1, index).flatten(0, 1)  # noqa: E731
+                probs, out = by_head(attn.get_attention_scores(kept(query), kept(key))), None
         else:
             head_dim = attn.to_k.out_features // attn.heads
-            query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-                                 for t in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
-            out = (F.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
-                   if needs_output else None)
-            probs = None
+            by_head = lambda t: t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731
+            query, key, probs, out = by_head(attn.to_q(hidden_states)), by_head(attn.to_k(context)), None, None
+            if needs_output:
+                out = F.scaled_dot_product_attention(query, key, by_head(attn.to_v(context)), attn_mask=None,
+                                                     dropout_p=0.0, is_causal=False)
         head_sums: dict = {}  # shared by the records of this call
         for record in self.spec.records:
-            self._record(record, attn, query, key, out, probs, head_sums)
+            self._record(record, attn, query, key, out, probs, head_sums, prob_heads)
         if self.stop_after:
             raise UNetStopped(self.key)
 
