@@ -20,6 +20,18 @@ def pytest_unconfigure(config):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def mallopt_calls(monkeypatch):
+    """The mallopt calls an in-process command asks for (segment, compare, bench), recorded
+    instead of made: the test process keeps glibc's settings (test_runner runs the real call
+    in a subprocess)."""
+    from pipeline.job import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from pipeline.segment.models import load_model

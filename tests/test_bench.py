@@ -2,14 +2,13 @@
 
 import re
 
-from pipeline.job.allocator import KEEP_FREED_MEMORY
+from pipeline.job.allocator import KEEP_FREED_MEMORY, as_shell
 from pipeline.results.bench import BenchResult, allocator_line, benchmark_images
 from pipeline.cli import main
 
 
-def test_bench_prints_figures_and_the_tracked_last_line(capsys, monkeypatch):
-    for name in KEEP_FREED_MEMORY:
-        monkeypatch.delenv(name, raising=False)
+def test_bench_prints_figures_and_the_tracked_last_line(capsys, monkeypatch, mallopt_calls):
+    monkeypatch.setattr("pipeline.job.allocator.startup_malloc_settings", dict)  # started without MALLOC_*
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "1,2",
                  "--no-pipeline", "--no-compile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -23,8 +22,10 @@ def test_bench_prints_figures_and_the_tracked_last_line(capsys, monkeypatch):
                      report)
     assert re.search(r"segmenter +\d+\.\d+ images/s \(the same, whole UNet: early_exit false\)", report)
     assert "peak host RSS" in report
-    assert "allocator     glibc's defaults here and in the pipeline's workers" in report
-    assert allocator_line("keep-freed").startswith("allocator     keep-freed here and in the pipeline's workers")
+    # on the CPU the bench keeps freed memory in its own process, as a job's CPU workers do
+    assert sorted(mallopt_calls) == [(-8, 1), (-4, 0), (-1, -1)]
+    assert f"allocator     keep-freed here and in the pipeline's workers ({as_shell(KEEP_FREED_MEMORY)})" in report
+    assert allocator_line("unchanged").startswith("allocator     glibc's defaults here and in the pipeline's workers")
 
 
 def test_ratio_line_format_and_images():

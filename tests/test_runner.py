@@ -304,6 +304,50 @@ def test_cpu_workers_start_with_the_allocator_settings_unless_the_shell_sets_the
     assert cpu_allocator_line(KEEP_FREED_MEMORY, [{"pid": 13, "device": "cuda:0", "malloc": {}}]) is None
 
 
+# In a fresh process: 256 MiB malloc'd, written, freed; prints the allocator and how much of
+# it the process still holds (MiB of resident memory gained).
+_FREED_AND_HELD = """
+import ctypes, sys
+from pipeline.job.allocator import keep_freed_memory_here
+print(keep_freed_memory_here(sys.argv[1]))
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+before = resident()
+block = libc.malloc(256 << 20)
+ctypes.memset(block, 1, 256 << 20)
+libc.free(block)
+print(round(resident() - before))
+"""
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION")),
+                    reason="glibc's mallopt and /proc: Linux with glibc only")
+def test_an_in_process_command_keeps_freed_memory_like_a_cpu_worker():
+    # glibc unmaps a freed 256 MiB block at once (the kernel faults it in again at the next
+    # batch); under keep-freed, applied with mallopt in the running process, it stays for reuse
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    held = {}
+    for allocator in ("keep-freed", "unchanged"):
+        run = subprocess.run([sys.executable, "-c", _FREED_AND_HELD, allocator], env=environment,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        applied, held[allocator] = run.stdout.split()
+        assert applied == allocator
+    assert int(held["keep-freed"]) >= 200 and int(held["unchanged"]) <= 50, held
+
+
+def test_mallopt_applies_only_what_the_start_environment_did_not_set(mallopt_calls):
+    from pipeline.job.allocator import keep_freed_memory_here
+
+    assert keep_freed_memory_here("keep-freed", {"MALLOC_ARENA_MAX": "2"}) == "keep-freed"
+    assert sorted(mallopt_calls) == [(-4, 0), (-1, -1)]  # the shell's MALLOC_ARENA_MAX=2 stays
+    mallopt_calls.clear()
+    assert keep_freed_memory_here("unchanged", {}) == "unchanged" and mallopt_calls == []
+    with pytest.raises(ValueError, match="--cpu-allocator must be one of"):
+        keep_freed_memory_here("tcmalloc", {})
+
+
 def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slots():
     from pipeline.data.shards import InputError
     from pipeline.job.runner import _actor_options

@@ -72,15 +72,33 @@ def add_cpu_threads(group) -> None:
                        help="torch threads of each CPU worker (default: its share of the machine's CPUs)")
 
 
-def add_cpu_allocator(group) -> None:
+def add_cpu_allocator(group, in_process: bool = False) -> None:
+    """--cpu-allocator: of the job's CPU workers, or (in_process) of this command's own process
+    where it runs the model on the CPU, and of the bench's pipeline workers."""
     from pipeline.job.allocator import CPU_ALLOCATORS, KEEP_FREED_MEMORY, as_shell
 
     settings = as_shell(KEEP_FREED_MEMORY)
+    if in_process:
+        group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
+                           help="glibc settings where the model runs on the CPU (this process; the bench's "
+                                "pipeline workers too). keep-freed (the default): freed memory is kept for reuse, as "
+                                f"a job's CPU workers do ({settings}, applied here with mallopt; a variable set in "
+                                "this shell keeps its value); unchanged: glibc's defaults, 0.5-0.7x the images/s "
+                                "on the development CPU (docs/performance.md)")
+        return
     group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
                        help=f"glibc settings of CPU workers. keep-freed (the default): they start with {settings} "
                             "(a variable set in this shell keeps its value): jobs ran at 1.24-2.03x the images/s of "
                             "glibc's defaults on the development CPU, for 0.5-1.9 GB more memory per worker "
                             "(docs/performance.md); unchanged: the environment Ray starts workers with")
+
+
+def in_process_allocator(args: argparse.Namespace, device) -> str:
+    """Apply --cpu-allocator to this process if the model runs on the CPU here (segment,
+    compare, bench); the allocator it then runs under ("unchanged" on a GPU)."""
+    from pipeline.job.allocator import keep_freed_memory_here
+
+    return keep_freed_memory_here(args.cpu_allocator) if device.type == "cpu" else "unchanged"
 
 
 def add_job_options(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli.options import (add_command, add_cpu_threads, add_input_shards, add_job_folder, add_model_options,
-                                  add_no_progress, add_output, require_positive)
+from pipeline.cli.options import (add_command, add_cpu_allocator, add_cpu_threads, add_input_shards, add_job_folder,
+                                  add_model_options, add_no_progress, add_output, in_process_allocator,
+                                  require_positive)
 from pipeline.config import ConfigError, load_config
 
 
@@ -91,6 +92,7 @@ def _register_compare(sub) -> None:
                               "against ground truth, e.g. goca.background_offset=-0.4:0.4:0.1 or "
                               "diffsegmenter.background_score=0.3:0.74:0.04 (post-process keys segment once)")
     add_model_options(compare)
+    add_cpu_allocator(compare.add_argument_group("host memory"), in_process=True)
     add_no_progress(compare.add_argument_group("display"))
     compare.set_defaults(func=run_compare)
 
@@ -126,6 +128,7 @@ def _register_bench(sub) -> None:
                           help="pipeline measured with CRF off, on, or both (default both)")
     pipeline.add_argument("--workers", type=int, default=None, help="pipeline workers (default: one per GPU, else one)")
     add_cpu_threads(pipeline)
+    add_cpu_allocator(bench.add_argument_group("host memory"), in_process=True)
     add_model_options(bench, default_model="tiny")
     bench.set_defaults(func=run_bench)
 
@@ -182,6 +185,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if sweep is not None:
         comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads
     model = load_model(args.model, device=args.device)
+    in_process_allocator(args, model.device)
     with tqdm(unit="img", desc="compare", disable=args.no_progress) as bar:
         tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.num_images,
                                   progress=bar, sweep=sweep)
@@ -206,11 +210,12 @@ def run_bench(args: argparse.Namespace) -> int:
                      "rounds")
     label_sets = args.label_sets or LABEL_SETS
     model = load_model(args.model, device=args.device)
+    allocator = in_process_allocator(args, model.device)
     crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.pipeline_crf]
     result = run_benchmark(model, args.model, config, args.num_images, sizes, args.device,
                            with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_num_images,
                            shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,
                            cpu_threads=args.cpu_threads, label_sets=label_sets, with_compile=not args.no_compile,
-                           rounds=args.rounds)
+                           rounds=args.rounds, allocator=allocator)
     print(format_report(result, args.model, model.device, args.num_images, label_sets))
     return 0

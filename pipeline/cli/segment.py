@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pipeline.cli.options import add_command, add_model_options, add_output
+from pipeline.cli.options import add_command, add_cpu_allocator, add_model_options, add_output, in_process_allocator
 from pipeline.config import ConfigError, SegmenterConfig, load_config
 
 
@@ -25,6 +25,7 @@ def register(sub) -> None:
     outputs.add_argument("--overlay", default=None, help="also write an overlay picture (image with mask | mask)")
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     add_model_options(parser)
+    add_cpu_allocator(parser.add_argument_group("host memory"), in_process=True)
     parser.set_defaults(func=run_segment)
 
 
@@ -52,6 +53,7 @@ def run_segment(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     started = time.perf_counter()
     model = load_model(args.model, device=args.device)
+    in_process_allocator(args, model.device)
     segmenter = Segmenter(model, config)
     loaded = time.perf_counter()
     scores = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [classes])[0]

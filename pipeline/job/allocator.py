@@ -3,6 +3,7 @@ it did start with. Imports nothing heavy (the CLI's --help reads the settings)."
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Mapping
 
@@ -12,6 +13,11 @@ from collections.abc import Mapping
 # batch (docs/performance.md, "CPU workers: glibc's allocator").
 KEEP_FREED_MEMORY = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
 CPU_ALLOCATORS = ("keep-freed", "unchanged")
+
+# The same settings for a process already running, as glibc's mallopt(3) parameters: (param,
+# value) per variable. mallopt takes a C int, so the trim threshold is -1: never trim (the
+# 64 GiB of the variable, in effect).
+_MALLOPT = {"MALLOC_ARENA_MAX": (-8, 1), "MALLOC_MMAP_MAX_": (-4, 0), "MALLOC_TRIM_THRESHOLD_": (-1, -1)}
 
 
 def cpu_worker_env(allocator: str, environment: Mapping[str, str]) -> dict[str, str]:
@@ -23,6 +29,29 @@ def cpu_worker_env(allocator: str, environment: Mapping[str, str]) -> dict[str, 
     if allocator == "unchanged":
         return {}
     return {name: environment.get(name, value) for name, value in KEEP_FREED_MEMORY.items()}
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt(param, value) on this process; False where the C library has none (not
+    glibc) or refuses the value."""
+    function = getattr(ctypes.CDLL(None), "mallopt", None)
+    return function is not None and function(ctypes.c_int(param), ctypes.c_int(value)) == 1
+
+
+def keep_freed_memory_here(allocator: str, environment: Mapping[str, str] | None = None) -> str:
+    """Give this running process a CPU worker's allocator: with "keep-freed", each
+    KEEP_FREED_MEMORY setting its start environment (default: `startup_malloc_settings()`)
+    does not set is applied now through mallopt, for the allocations from then on (an
+    in-process command on a CPU: segment, compare, bench). Returns the allocator the process
+    then runs under: "keep-freed", or "unchanged" (asked for, or no glibc)."""
+    if allocator not in CPU_ALLOCATORS:
+        raise ValueError(f"--cpu-allocator must be one of {', '.join(CPU_ALLOCATORS)}, got {allocator!r}")
+    if allocator == "unchanged":
+        return "unchanged"
+    environment = startup_malloc_settings() if environment is None else environment
+    missing = [name for name in KEEP_FREED_MEMORY if name not in environment]
+    applied = [_mallopt(*_MALLOPT[name]) for name in missing]
+    return "keep-freed" if all(applied) else "unchanged"
 
 
 def allocator_of(environment: Mapping[str, str]) -> str:

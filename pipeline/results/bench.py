@@ -19,7 +19,6 @@ of the rounds' ratios, so a machine whose speed drifts between passes moves both
 from __future__ import annotations
 
 import io
-import os
 import resource
 import statistics
 import tempfile
@@ -33,7 +32,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
-from pipeline.job.allocator import KEEP_FREED_MEMORY, allocator_of, as_shell
+from pipeline.job.allocator import KEEP_FREED_MEMORY, as_shell
 from pipeline.segment.models import ModelBundle
 from pipeline.segment.segmenter import Segmenter
 
@@ -243,16 +242,18 @@ def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, 
                   pipeline_images: int | None = None, shard_size: int | None = None,
                   crf_modes: tuple[bool, ...] = (False, True), workers: int | None = None,
                   cpu_threads: int | None = None, label_sets: int = LABEL_SETS, with_compile: bool = True,
-                  rounds: int = 1, log=print) -> BenchResult:
+                  rounds: int = 1, allocator: str = "unchanged", log=print) -> BenchResult:
     """bare and segmenter on n_images in-process (the segmenter as configured, then with the
     whole UNet, then with `compile` switched, unless not with_compile), timed in turn `rounds`
     times (the bare model at the best of batch_sizes; the sweep's pass is its first round); the
     pipeline over pipeline_images (default n_images) in shards of shard_size (default half of
-    them), once per CRF mode; the images carry label_sets distinct label sets, cycled."""
+    them), once per CRF mode; the images carry label_sets distinct label sets, cycled.
+    allocator: the CPU_ALLOCATORS choice this process runs under, given to the pipeline's CPU
+    workers too, so that in-process and pipeline figures are taken under the same one."""
     samples = benchmark_images(n_images, label_sets=label_sets)
     images = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in samples]
     labels = [lab for _, lab in samples]
-    result = BenchResult(allocator=allocator_of(os.environ))
+    result = BenchResult(allocator=allocator)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
     bare_runs = {}
@@ -321,11 +322,11 @@ def allocator_line(allocator: str) -> str:
     """The report's line on the glibc allocator of a CPU bench (in-process and pipeline)."""
     settings = as_shell(KEEP_FREED_MEMORY)
     if allocator == "keep-freed":
-        return (f"allocator     keep-freed here and in the pipeline's workers ({settings} in this process's "
-                "environment), as a job's CPU workers run by default")
-    return ("allocator     glibc's defaults here and in the pipeline's workers; a job's CPU workers keep freed memory "
-            f"by default (--cpu-allocator; 1.24-2.03x the images/s in jobs on the development CPU): run the bench "
-            f"with {settings} to measure that")
+        return (f"allocator     keep-freed here and in the pipeline's workers ({settings}), as a job's CPU "
+                "workers run by default")
+    return ("allocator     glibc's defaults here and in the pipeline's workers (--cpu-allocator unchanged, or a C "
+            "library without mallopt); a job's CPU workers keep freed memory by default, 1.24-2.03x the images/s "
+            "in jobs on the development CPU")
 
 
 def format_report(result: BenchResult, model_spec: str, device: torch.device, n_images: int,
