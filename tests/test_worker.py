@@ -82,15 +82,30 @@ def test_release_free_memory_hands_a_threads_freed_heap_back_to_the_system():
     assert before - psutil.Process().memory_info().rss > 64 * 2**20  # most of the 128 MiB freed
 
 
-def test_worker_releases_free_memory_after_every_shard_it_ran(worker, tmp_path, monkeypatch):
+def test_worker_releases_free_memory_after_every_shard_it_ran_unless_it_keeps_freed_memory(worker, tmp_path,
+                                                                                           monkeypatch):
     releases = []
     monkeypatch.setattr(worker_module, "release_free_memory", lambda: releases.append(True))
     pattern = write_benchmark_shards(tmp_path, n_images=2, per_shard=2)
+    worker.trims_after_shard = True  # glibc's defaults: per-thread arenas would creep up shard after shard
     result = worker.process_shard(pattern.replace("*", "000000"), "bench-000000")
     assert [row["status"] for row in result.rows] == ["ok", "ok"] and releases == [True]
     with pytest.raises(FileNotFoundError):
         worker.process_shard(str(tmp_path / "missing.tar"), "missing")
     assert releases == [True, True]  # a failed shard's memory too
+    worker.trims_after_shard = False  # keep-freed: one heap at its peak, which the next shard reuses
+    worker.process_shard(pattern.replace("*", "000000"), "bench-000000")
+    assert releases == [True, True]
+
+
+def test_a_worker_started_with_the_keep_freed_settings_does_not_trim(tiny_model, monkeypatch):
+    from pipeline.job.allocator import KEEP_FREED_MEMORY
+
+    config = load_config(FAST_CONFIG).model_dump_json()
+    monkeypatch.setattr(worker_module, "startup_malloc_settings", lambda: dict(KEEP_FREED_MEMORY))
+    assert not ShardWorker("tiny", config, device="cpu").trims_after_shard
+    monkeypatch.setattr(worker_module, "startup_malloc_settings", dict)
+    assert ShardWorker("tiny", config, device="cpu").trims_after_shard
 
 
 def test_an_image_error_fails_the_image_and_a_programming_error_fails_the_shard(worker, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ImageError
-from pipeline.job.allocator import startup_malloc_settings
+from pipeline.job.allocator import allocator_of, startup_malloc_settings
 from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.mask.codec import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from pipeline.mask.postprocess import finish_mask
@@ -172,6 +172,9 @@ class ShardWorker:
         self._images_seen: dict[str, int] = {}  # shard in progress -> images segmented or failed so far
         self._busy_lock = threading.Lock()
         self._busy_until = 0.0  # when the last batch waited for finished (perf_counter seconds)
+        # A process that keeps freed memory (a CPU worker's default) holds one heap at its peak;
+        # trimming it after a shard only makes the next shard fault it in again.
+        self.trims_after_shard = allocator_of(startup_malloc_settings()) != "keep-freed"
         if self.model.device.type == "cuda" or self.config.compile:
             self.warm_up()
 
@@ -257,7 +260,8 @@ class ShardWorker:
     def process_shard(self, url: str, shard: str) -> ShardResult:
         """Process every sample of a shard, post-processing through `submit_finish`. A device
         failure (CUDA error, out of memory) goes to `on_device_failure` before it propagates.
-        Either way the C heap the shard freed goes back to the system."""
+        Either way the C heap the shard freed goes back to the system, unless this process
+        keeps freed memory for reuse (`trims_after_shard`)."""
         self._images_seen[shard] = 0
         try:
             return self._process_shard(url, shard)
@@ -267,7 +271,8 @@ class ShardWorker:
             raise
         finally:
             self._images_seen.pop(shard, None)
-            release_free_memory()
+            if self.trims_after_shard:
+                release_free_memory()
 
     def progress(self) -> dict[str, int]:
         """Images of each shard in progress that were segmented or failed so far (the driver's
