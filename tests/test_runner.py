@@ -338,12 +338,14 @@ def test_an_in_process_command_keeps_freed_memory_like_a_cpu_worker():
 
 
 def test_mallopt_applies_only_what_the_start_environment_did_not_set(mallopt_calls):
-    from pipeline.job.allocator import keep_freed_memory_here
+    from pipeline.job.allocator import KEEP_FREED_MEMORY, keep_freed_memory_here
 
     assert keep_freed_memory_here("keep-freed", {"MALLOC_ARENA_MAX": "2"}) == "keep-freed"
     assert sorted(mallopt_calls) == [(-4, 0), (-1, -1)]  # the shell's MALLOC_ARENA_MAX=2 stays
     mallopt_calls.clear()
     assert keep_freed_memory_here("unchanged", {}) == "unchanged" and mallopt_calls == []
+    # left as it is, a process the shell started with the settings runs under them anyway
+    assert keep_freed_memory_here("unchanged", dict(KEEP_FREED_MEMORY)) == "keep-freed" and mallopt_calls == []
     with pytest.raises(ValueError, match="--cpu-allocator must be one of"):
         keep_freed_memory_here("tcmalloc", {})
 

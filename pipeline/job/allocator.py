@@ -42,13 +42,14 @@ def keep_freed_memory_here(allocator: str, environment: Mapping[str, str] | None
     """Give this running process a CPU worker's allocator: with "keep-freed", each
     KEEP_FREED_MEMORY setting its start environment (default: `startup_malloc_settings()`)
     does not set is applied now through mallopt, for the allocations from then on (an
-    in-process command on a CPU: segment, compare, bench). Returns the allocator the process
-    then runs under: "keep-freed", or "unchanged" (asked for, or no glibc)."""
+    in-process command on a CPU: segment, compare, bench); "unchanged" changes nothing.
+    Returns the allocator the process then runs under: "keep-freed", or "unchanged" (no glibc,
+    or left as the environment has it)."""
     if allocator not in CPU_ALLOCATORS:
         raise ValueError(f"--cpu-allocator must be one of {', '.join(CPU_ALLOCATORS)}, got {allocator!r}")
-    if allocator == "unchanged":
-        return "unchanged"
     environment = startup_malloc_settings() if environment is None else environment
+    if allocator == "unchanged":
+        return allocator_of(environment)
     missing = [name for name in KEEP_FREED_MEMORY if name not in environment]
     applied = [_mallopt(*_MALLOPT[name]) for name in missing]
     return "keep-freed" if all(applied) else "unchanged"
