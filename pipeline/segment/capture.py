@@ -220,15 +220,15 @@ class AttentionCaptureProcessor:
 
     def _record(self, record: "Record", attn: Attention, query: torch.Tensor, key: torch.Tensor,
                 head_outputs: torch.Tensor, probs: torch.Tensor | None, head_sums: dict,
-                prob_heads: list[int] | None = None) -> None:
+                kept_only: bool = False) -> None:
         """query, key [B, H, N, D]; head_outputs [B, H, Nq, D] (softmax(q k^T) v per head);
-        probs [B, H', Nq, Nk] (the official kernel's softmax of the heads prob_heads, in that
-        order; every head when None) or None (fused: computed here for the kept heads only);
-        head_sums caches the head sum between the records of one call."""
+        probs [B, H', Nq, Nk] (the official kernel's softmax: of every head, or with kept_only of
+        the kept heads alone, in ascending order) or None (fused: computed here for the kept
+        heads only); head_sums caches the head sum between the records of one call."""
         batch, heads_total, n_query, head_dim = query.shape
         store_key = record.key.format(layer=self.spec.layer, kind=self.spec.kind, side=square_side(n_query))
         heads = self._kept_heads(heads_total)
-        slots = heads if prob_heads is None else [prob_heads.index(head) for head in heads]  # into probs' head axis
+        slots = list(range(len(heads))) if kept_only else heads  # into probs' head axis
         if record.what == "sum" and record.keep_heads and probs is not None:
             self.store.add_head_maps(store_key, {head: probs[:, slot] for head, slot in zip(heads, slots)})
         elif record.what == "sum":
@@ -268,7 +268,7 @@ class AttentionCaptureProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         # the layer's output is computed unless the UNet stops here and no record reads it
         needs_output = not self.stop_after or any(r.what == "weighted" for r in self.spec.records)
-        prob_heads = None  # the heads of the official kernel's probs: all of them
+        kept_only = False  # the official kernel's probs hold every head
         if self.kernel == "official":
             # diffusers' classic path, as the official code's processor: [B*H, N, D] per head,
             # baddbmm(q, k^T, alpha=scale), softmax (upcast where the layer says), bmm.
@@ -281,8 +281,8 @@ class AttentionCaptureProcessor:
             else:
                 # Nothing reads this layer's output: the scores and softmax of the kept heads only
                 # (every head is its own batch entry of baddbmm and softmax, so the same bits).
-                prob_heads = self._kept_heads(attn.heads)
-                index = _head_index(tuple(prob_heads), query.device)
+                kept_only = True
+                index = _head_index(tuple(self._kept_heads(attn.heads)), query.device)
                 kept = lambda t: t.index_select(1, index).flatten(0, 1)  # noqa: E731
                 probs, out = by_head(attn.get_attention_scores(kept(query), kept(key))), None
         else:
@@ -294,7 +294,7 @@ class AttentionCaptureProcessor:
                                                      dropout_p=0.0, is_causal=False)
         head_sums: dict = {}  # shared by the records of this call
         for record in self.spec.records:
-            self._record(record, attn, query, key, out, probs, head_sums, prob_heads)
+            self._record(record, attn, query, key, out, probs, head_sums, kept_only)
         if self.stop_after:
             raise UNetStopped(self.key)
 
