@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import image_tensor, synthetic_image
 from pipeline.segment.methods import iseg
@@ -89,6 +90,25 @@ def test_aggregation_upsamples_keys_repeats_queries_and_weights_by_side():
     # weights 2/6 and 4/6; every query row equal (queries repeated, the 4x4 map uniform)
     torch.testing.assert_close(out[0, 0], out[0, 15])
     assert out[0, 0, 0] > out[0, 0, 15]  # key 0's mass, upsampled, stays in the top-left
+
+
+def test_aggregation_gives_every_query_pixel_its_coarse_pixels_row():
+    # Query (i, j) of the 8x8 grid reads, at side s, the row of pixel (i // f, j // f), f = 8 / s:
+    # written out pixel by pixel, against the broadcast the function does.
+    torch.manual_seed(0)
+    maps = {side: torch.softmax(torch.randn(2, side * side, side * side, dtype=torch.float64), dim=-1)
+            for side in (2, 4, 8)}
+    out = diffseg.aggregate_self_attention(maps, out_side=8)
+    expected = torch.zeros(2, 64, 64, dtype=torch.float64)
+    for side, m in maps.items():
+        keys = F.interpolate(m.reshape(-1, 1, side, side), size=(8, 8), mode="bilinear", align_corners=False)
+        keys = keys.reshape(2, side * side, 64)
+        keys = keys / keys.sum(dim=-1, keepdim=True)
+        factor = 8 // side
+        for i in range(8):
+            for j in range(8):
+                expected[:, i * 8 + j] += side / 14 * keys[:, (i // factor) * side + j // factor]
+    torch.testing.assert_close(out, expected)
 
 
 def test_naming_votes_with_l2_normalised_maps():

@@ -27,20 +27,22 @@ def aggregate_self_attention(maps_by_side: dict[int, torch.Tensor], out_side: in
     """Multi-resolution aggregation: side -> [B, side^2, side^2] head- and layer-averaged
     self-attention. Key axes are upsampled bilinearly to out_side, each map renormalised to sum
     1, query axes repeated, each side weighted by side / sum of sides (64:32:16:8).
-    Returns [B, out_side^2, out_side^2], rows summing to 1."""
+    Returns [B, out_side^2, out_side^2], rows summing to 1. The query repeat is a broadcast
+    add into the result, so no repeated copy of a side's maps is ever made."""
     total_weight = float(sum(maps_by_side))
-    aggregated = None
+    reference = next(iter(maps_by_side.values()))
+    batch, n_pixels = reference.shape[0], out_side * out_side
+    aggregated = torch.zeros(batch, n_pixels, n_pixels, dtype=reference.dtype, device=reference.device)
     for side, maps in sorted(maps_by_side.items()):
-        batch = maps.shape[0]
         keys = maps.reshape(batch * side * side, 1, side, side)
         if side != out_side:
             keys = F.interpolate(keys, size=(out_side, out_side), mode="bilinear", align_corners=False)
-        keys = keys.reshape(batch, side, side, out_side * out_side)
+        keys = keys.reshape(batch, side, side, n_pixels)
         keys = keys / keys.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         factor = out_side // side
-        full = keys.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-        term = (side / total_weight) * full.reshape(batch, out_side * out_side, out_side * out_side)
-        aggregated = term if aggregated is None else aggregated.add_(term)
+        # query (i, j) of the out_side grid reads the side grid's (i // factor, j // factor)
+        queries = aggregated.view(batch, side, factor, side, factor, n_pixels)
+        queries.add_(((side / total_weight) * keys)[:, :, None, :, None, :])
     return aggregated
 
 
