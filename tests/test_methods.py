@@ -345,6 +345,37 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
     assert main(["compare", "--methods", "iseg,nope", "--input", str(tmp_path / "shards"), "--model", "tiny"]) == 2
 
 
+def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_model, monkeypatch):
+    # A first call that costs 5 s more (as a process's first batch does) must not reach the
+    # seconds per image: each segmenter segments the first batch once before the timed ones.
+    import time
+
+    from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
+    from pipeline.config import VOC_CLASS_NAMES, load_config
+    from pipeline.data.shards import ShardingReport, voc_sources, write_image_shards
+    from pipeline.results.compare import compare_methods
+
+    images = {f"2012_00000{i}": (synthetic_image(40, 40, seed=i), two_class_mask(40, 40, 8, 0)) for i in range(3)}
+    root = write_voc_folder(tmp_path / "VOC2012", images)
+    write_image_shards(voc_sources(root, "train", None, ShardingReport()), tmp_path / "shards", "voc", 2,
+                       list(VOC_CLASS_NAMES), ShardingReport())
+    calls: dict[int, list[int]] = {}
+    real_segment = Segmenter.segment
+
+    def segment(self, images, class_lists):
+        calls.setdefault(id(self), []).append(len(images))
+        if len(calls[id(self)]) == 1:
+            time.sleep(5.0)
+        return real_segment(self, images, class_lists)
+
+    monkeypatch.setattr(Segmenter, "segment", segment)
+    config = load_config(FAST_CONFIG).model_copy(update={"batch_size": 2})
+    tallies = compare_methods(str(tmp_path / "shards"), ["iseg", "diffsegmenter"], config, tiny_model)
+    assert sorted(calls.values()) == [[2, 2, 1], [2, 2, 1]]  # the first batch twice, the last once
+    for tally in tallies.values():
+        assert tally.images == 3 and 0 < tally.seconds < 5.0
+
+
 def test_sweep_parses_values_and_rejects_bad_keys():
     from pipeline.results.compare import comparison_rows, parse_sweep
     from pipeline.config import ConfigError

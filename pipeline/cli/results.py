@@ -75,7 +75,8 @@ def _register_compare(sub) -> None:
     compare = add_command(
         sub, "compare", help="run several methods on the same shards and print one table",
         description="Compare segmenter methods on the same shards with one model load: mIoU (where ground "
-                    "truth exists), mean confidence, seconds per image.",
+                    "truth exists), mean confidence, seconds per image (each method's first batch is run once "
+                    "untimed before it is timed, so the figure is what a long job pays per image).",
         examples=["pseudolabel compare --input shards/ --num-images 50",
                   "pseudolabel compare --input shards/ --methods goca "
                   "--sweep goca.background_offset=-0.4:0.4:0.1"])
