@@ -346,7 +346,7 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
 
 
 def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_model, monkeypatch):
-    # A first call that costs 5 s more (as a process's first batch does) must not reach the
+    # A first call that costs 3 s more (as a process's first batch does) must not reach the
     # seconds per image: each segmenter segments the first batch once before the timed ones.
     import time
 
@@ -365,7 +365,7 @@ def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_mo
     def segment(self, images, class_lists):
         calls.setdefault(id(self), []).append(len(images))
         if len(calls[id(self)]) == 1:
-            time.sleep(5.0)
+            time.sleep(3.0)
         return real_segment(self, images, class_lists)
 
     monkeypatch.setattr(Segmenter, "segment", segment)
@@ -373,7 +373,7 @@ def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_mo
     tallies = compare_methods(str(tmp_path / "shards"), ["iseg", "diffsegmenter"], config, tiny_model)
     assert sorted(calls.values()) == [[2, 2, 1], [2, 2, 1]]  # the first batch twice, the last once
     for tally in tallies.values():
-        assert tally.images == 3 and 0 < tally.seconds < 5.0
+        assert tally.images == 3 and 0 < tally.seconds < 3.0
 
 
 def test_sweep_parses_values_and_rejects_bad_keys():
