@@ -87,13 +87,15 @@ def test_worker_releases_free_memory_after_every_shard_it_ran_unless_it_keeps_fr
     releases = []
     monkeypatch.setattr(worker_module, "release_free_memory", lambda: releases.append(True))
     pattern = write_benchmark_shards(tmp_path, n_images=2, per_shard=2)
-    worker.trims_after_shard = True  # glibc's defaults: per-thread arenas would creep up shard after shard
+    # glibc's defaults: per-thread arenas would creep up shard after shard
+    monkeypatch.setattr(worker, "trims_after_shard", True)
     result = worker.process_shard(pattern.replace("*", "000000"), "bench-000000")
     assert [row["status"] for row in result.rows] == ["ok", "ok"] and releases == [True]
     with pytest.raises(FileNotFoundError):
         worker.process_shard(str(tmp_path / "missing.tar"), "missing")
     assert releases == [True, True]  # a failed shard's memory too
-    worker.trims_after_shard = False  # keep-freed: one heap at its peak, which the next shard reuses
+    # keep-freed: one heap at its peak, which the next shard reuses
+    monkeypatch.setattr(worker, "trims_after_shard", False)
     worker.process_shard(pattern.replace("*", "000000"), "bench-000000")
     assert releases == [True, True]
 

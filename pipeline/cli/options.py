@@ -79,18 +79,17 @@ def add_cpu_allocator(group, in_process: bool = False) -> None:
 
     settings = as_shell(KEEP_FREED_MEMORY)
     if in_process:
-        group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
-                           help="glibc settings where the model runs on the CPU (this process; the bench's "
-                                "pipeline workers too). keep-freed (the default): freed memory is kept for reuse, as "
-                                f"a job's CPU workers do ({settings}, applied here with mallopt; a variable set in "
-                                "this shell keeps its value); unchanged: glibc's defaults, 0.5-0.7x the images/s "
-                                "on the development CPU (docs/performance.md)")
-        return
-    group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed",
-                       help=f"glibc settings of CPU workers. keep-freed (the default): they start with {settings} "
-                            "(a variable set in this shell keeps its value): jobs ran at 1.24-2.03x the images/s of "
-                            "glibc's defaults on the development CPU, for 0.5-1.9 GB more memory per worker "
-                            "(docs/performance.md); unchanged: the environment Ray starts workers with")
+        help_text = ("glibc settings where the model runs on the CPU (this process; the bench's pipeline workers "
+                     "too). keep-freed (the default): freed memory is kept for reuse, as a job's CPU workers do "
+                     f"({settings}, applied here with mallopt; a variable set in this shell keeps its value); "
+                     "unchanged: glibc's defaults, 0.5-0.7x the images/s on the development CPU "
+                     "(docs/performance.md)")
+    else:
+        help_text = (f"glibc settings of CPU workers. keep-freed (the default): they start with {settings} (a "
+                     "variable set in this shell keeps its value): jobs ran at 1.24-2.03x the images/s of glibc's "
+                     "defaults on the development CPU, for 0.5-1.9 GB more memory per worker "
+                     "(docs/performance.md); unchanged: the environment Ray starts workers with")
+    group.add_argument("--cpu-allocator", choices=CPU_ALLOCATORS, default="keep-freed", help=help_text)
 
 
 def in_process_allocator(args: argparse.Namespace, device) -> str:
