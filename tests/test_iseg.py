@@ -222,6 +222,32 @@ def test_kl_cluster_average_batch_matches_per_image_reference_with_dropped_clust
         torch.testing.assert_close(iseg.kl_cluster_average(batch[b], 12, 16, 6), out[b], rtol=0, atol=1e-12)
 
 
+def test_the_gpu_centres_equal_the_cpu_centres_and_empty_clusters_stay_zero(monkeypatch):
+    # The centres of a round: gathered per cluster on the CPU (the official order), from one
+    # one-hot matmul on a GPU. Cluster 2 of image 0 and cluster 0 of image 1 have no point.
+    generator = torch.Generator().manual_seed(5)
+    points = torch.rand(2, 50, 7, generator=generator, dtype=torch.float64)
+    nearest = torch.stack([torch.tensor([0, 1, 3] * 16 + [0, 1]), torch.tensor([1, 2, 3] * 16 + [1, 2])])
+    members = torch.nn.functional.one_hot(nearest, 4).to(points.dtype)
+    gathered = iseg.gathered_means(points, nearest, 4)
+    torch.testing.assert_close(iseg.one_hot_means(points, members, members.sum(dim=1)), gathered)
+    assert gathered[0, 2].abs().sum() == 0 and gathered[1, 0].abs().sum() == 0
+    assert torch.equal(gathered[0, 3], points[0, nearest[0] == 3].mean(dim=0))
+    # The whole clustering with the GPU's centres, on the dropped-cluster case above.
+    palette = torch.rand(2, 6, 5, generator=generator, dtype=torch.float64).softmax(dim=-1)
+    pick = torch.randint(0, 6, (2, 144), generator=generator)
+    batch = torch.stack([palette[b, pick[b]] for b in range(2)])
+    cpu = iseg.kl_cluster_average(batch, 12, n_clusters=16, iterations=6, distance_dtype=torch.float32)
+
+    def one_hot_centres(points, nearest, n_centres):
+        members = torch.nn.functional.one_hot(nearest, n_centres).to(points.dtype)
+        return iseg.one_hot_means(points, members, members.sum(dim=1))
+
+    monkeypatch.setattr(iseg, "gathered_means", one_hot_centres)
+    gpu_like = iseg.kl_cluster_average(batch, 12, n_clusters=16, iterations=6, distance_dtype=torch.float32)
+    torch.testing.assert_close(gpu_like, cpu, rtol=0, atol=1e-12)
+
+
 def test_fuse_cross_attention_weights_and_normalises():
     # 2x2 map with all mass on pixel 0 for token 0, and a uniform 4x4 map; output side 4.
     low = torch.zeros(1, 4, 1)

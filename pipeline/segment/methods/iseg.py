@@ -109,25 +109,25 @@ def symmetric_kl_half(centres: torch.Tensor, points: torch.Tensor, eps: float) -
     return out
 
 
-def _member_means(points: torch.Tensor, nearest: torch.Tensor, members: torch.Tensor,
-                  counts: torch.Tensor) -> torch.Tensor:
-    """Cluster centres [B, K, T]: the mean of each cluster's points [B, N, T] (nearest [B, N]
-    the cluster of each point, members its one-hot [B, N, K], counts [B, K]); rows of empty
-    clusters are 0.
-
-    On the CPU each mean is torch's own mean over the gathered members, as the official code
-    computes it: a one-hot matmul sums in another order, and near-flat attention (random
-    weights) turns those last-bit differences into other clusters within a few rounds. On a
-    GPU no reduction order matches the CPU reference anyway, so the means come from one
-    matmul, which keeps the batch free of host synchronisation.
-    """
-    if points.device.type != "cpu":
-        return (members.transpose(1, 2) @ points) / counts.clamp_min(1)[:, :, None]
-    centres = torch.zeros(members.shape[0], members.shape[2], points.shape[2], dtype=points.dtype)
+def gathered_means(points: torch.Tensor, nearest: torch.Tensor, n_centres: int) -> torch.Tensor:
+    """Cluster centres [B, K, T] as the official code computes them on the CPU: torch's own
+    mean over each cluster's gathered points [B, N, T] (nearest [B, N]: each point's cluster);
+    rows of empty clusters are 0. A one-hot matmul sums in another order, and near-flat
+    attention (random weights) turns those last-bit differences into other clusters within a
+    few rounds. One host synchronisation per image and cluster."""
+    centres = torch.zeros(points.shape[0], n_centres, points.shape[2], dtype=points.dtype, device=points.device)
     for image, (image_points, image_nearest) in enumerate(zip(points, nearest)):
         for cluster in torch.unique(image_nearest).tolist():
             centres[image, cluster] = image_points[image_nearest == cluster].mean(dim=0)
     return centres
+
+
+def one_hot_means(values: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Cluster means [B, K, T] of values [B, N, T] from one matmul: members [B, N, K] is each
+    point's one-hot cluster, counts [B, K] the cluster sizes; rows of empty clusters are 0.
+    No host synchronisation (the centres on a GPU, where no reduction order matches the CPU
+    reference anyway)."""
+    return (members.transpose(1, 2) @ values) / counts.clamp_min(1)[:, :, None]
 
 
 def kl_cluster_average(
@@ -166,9 +166,11 @@ def kl_cluster_average(
         members = F.one_hot(nearest, n_centres).to(points.dtype)  # [B, N, K]
         counts = members.sum(dim=1)  # [B, K]
         alive = alive & (counts > 0)
-        centres = _member_means(points, nearest, members, counts)
-    means = (members.transpose(1, 2) @ raw) / counts.clamp_min(1)[:, :, None]
-    return (members @ means).reshape(x.shape)
+        if points.device.type == "cpu":
+            centres = gathered_means(points, nearest, n_centres)
+        else:
+            centres = one_hot_means(points, members, counts)
+    return (members @ one_hot_means(raw, members, counts)).reshape(x.shape)
 
 
 def class_maps_from_tokens(token_maps: torch.Tensor, columns: list[list[int]]) -> torch.Tensor:
