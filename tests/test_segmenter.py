@@ -203,3 +203,27 @@ def test_fused_kernel_gives_the_official_kernels_maps_up_to_rounding():
         config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"distance_dtype": "float32"})})
         (maps[kernel],) = Segmenter(model, config).segment([image], [[2, 14]])
     torch.testing.assert_close(maps["fused"].maps, maps["official"].maps, rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def half_model():
+    return load_model("tiny", device="cpu", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("method, kernel", [("iseg", "official"), ("iseg", "fused"), ("diffseg", "official"),
+                                            ("goca", "official"), ("diffsegmenter", "official")])
+def test_a_float16_model_runs_every_method_to_float32_maps(tiny_model, half_model, method, kernel):
+    # float16 is the model's dtype on a GPU: every method and kernel runs on a float16 model
+    # here, so a dtype mix-up shows on the CPU, not first on a GPU.
+    images = [image_tensor(synthetic_image(48, 64, seed=i)) for i in range(2)]
+    labels = [[2, 14], [7]]
+    config = load_config(FAST_CONFIG).model_copy(update={"method": method, "attention_kernel": kernel})
+    results = {dtype: Segmenter(model, config).segment(images, labels)
+               for dtype, model in ((torch.float32, tiny_model), (torch.float16, half_model))}
+    for full, reduced in zip(results[torch.float32], results[torch.float16]):
+        assert reduced.classes == full.classes
+        assert reduced.maps.dtype == torch.float32 and reduced.maps.shape == full.maps.shape
+        assert torch.isfinite(reduced.maps).all()
+        assert (reduced.background is None) == (full.background is None)
+        if method in ("iseg", "diffsegmenter"):  # no min-max of near-flat maps to magnify float16 rounding
+            torch.testing.assert_close(reduced.maps, full.maps, rtol=0, atol=2e-3)
