@@ -9,9 +9,10 @@ you fetched yourself; nothing of it is part of this project. Its code is importe
 path at run time, in a child process (it vendors its own `diffusers`, which cannot share a
 process with the installed one), with import shims only: huggingface_hub names that newer
 releases dropped, a `pytorch_lightning.LightningModule` stand-in where Lightning is not
-installed, `Tensor.cuda()` as a no-op (everything runs in float32 on the CPU), and its model
-loading pointed at the weights given here instead of the hub. Its maths run as written, with
-`half=False` and the argument defaults of its `wsss/arguments.py` for the dataset.
+installed, `Tensor.cuda()` as a no-op (everything runs on the CPU), and its model loading
+pointed at the weights given here instead of the hub. Its maths run as written, with `half=False`
+(float32; `--half`: its default half=True, and this project's model in float16, as both run on
+a GPU) and the argument defaults of its `wsss/arguments.py` for the dataset.
 
 Both sides read the same shard samples (the image bytes and the image-level labels in each
 sample's .json). The official side gets the labels as a mask holding one pixel per label, so
@@ -190,9 +191,10 @@ def _ours_on_official_attention(cross: dict, self_attn: torch.Tensor, sample: di
 
 
 def run_official(official: Path, model_spec: str, samples_file: Path, dataset: str, out: Path,
-                 ours) -> None:
-    """Child process: the official iSeg over the samples; writes per image its mask and class
-    maps, and the mask and maps of this project's later stages on the official attention."""
+                 ours, half: bool) -> None:
+    """Child process: the official iSeg over the samples (`half`: its default half=True, the
+    model in float16; else half=False); writes per image its mask and class maps, and the mask
+    and maps of this project's later stages on the official attention."""
     from pipeline.segment.models import load_model
 
     bundle = load_model(model_spec, device="cpu", dtype=torch.float32)
@@ -215,7 +217,7 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
     # Its head subsets index SD 2.x's heads; on another layout (the tiny model) both sides
     # average every cross-attention head, as this project does there.
     config.att_mean = config.att_mean or bundle.heads_per_block != _SD2_HEADS
-    model = iSeg(config, half=False)
+    model = iSeg(config, half=half)
     model.on_test_start()
     names = model.class_name
 
@@ -277,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=("voc", "coco"), default=None,
                         help="the official settings to run (default: coco for a config with 80 classes)")
     parser.add_argument("--num-images", type=int, default=None, help="at most this many images")
+    parser.add_argument("--half", action="store_true",
+                        help="both sides in float16, as a GPU runs them (the official code's default half=True; "
+                             "slow on a CPU)")
     parser.add_argument("--official-side", nargs=2, metavar=("SAMPLES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     official = args.official.expanduser().resolve()
     if args.official_side:
         run_official(official, args.model, Path(args.official_side[0]), dataset, Path(args.official_side[1]),
-                     config)
+                     config, args.half)
         return 0
     if not (official / "wsss" / "iSeg.py").is_file():
         print(f"error: {official} is not a checkout of linsun449/iseg.code (no wsss/iSeg.py): "
@@ -318,16 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="check-official-") as work:
         samples_file, out = Path(work) / "samples.json", Path(work) / "official.npz"
         samples_file.write_text(json.dumps(records))
-        print(f"running the official code on {len(records)} images ({args.model}, {dataset}) ...", flush=True)
+        print(f"running the official code on {len(records)} images ({args.model}, {dataset}, "
+              f"{'float16' if args.half else 'float32'}) ...", flush=True)
         command = [sys.executable, str(Path(__file__).resolve()), "--official", str(official), "--input",
                    args.input, "--model", args.model, "--dataset", dataset,
                    "--official-side", str(samples_file), str(out)]
         if args.config:
             command += ["--config", args.config]
+        if args.half:
+            command.append("--half")
         subprocess.run(command, check=True)
         reference = dict(np.load(out))
 
-    model = load_model(args.model, device="cpu", dtype=torch.float32)
+    model = load_model(args.model, device="cpu", dtype=torch.float16 if args.half else torch.float32)
     segmenter = Segmenter(model, config)
     totals = {"end to end": [0, 0, 1.0], "same attention": [0, 0, 1.0]}  # agreeing, pixels, worst share
     for record, sample in zip(records, samples):

@@ -227,3 +227,25 @@ def test_a_float16_model_runs_every_method_to_float32_maps(tiny_model, half_mode
         assert (reduced.background is None) == (full.background is None)
         if method in ("iseg", "diffsegmenter"):  # no min-max of near-flat maps to magnify float16 rounding
             torch.testing.assert_close(reduced.maps, full.maps, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_noise_is_the_official_draw_in_the_latents_dtype(tiny_model, dtype):
+    # The official code seeds and calls randn_like on the latents (on their device, in their
+    # dtype); a float64 draw is not a float32 draw widened.
+    segmenter = Segmenter(tiny_model, SegmenterConfig())
+    noise = segmenter._noise(3, (4, 8, 8), torch.device("cpu"), dtype)
+    torch.manual_seed(SegmenterConfig().noise_seed)
+    official = torch.randn_like(torch.zeros(1, 4, 8, 8, dtype=dtype))
+    assert noise.dtype == dtype and all(torch.equal(row, official[0]) for row in noise)
+
+
+def test_float16_enhancement_rounds_once_as_the_official_in_place_multiply(half_model):
+    segmenter = Segmenter(half_model, SegmenterConfig())
+    embeddings, (prompt,) = segmenter.encode_prompts([[7, 17]])
+    ids = half_model.tokenizer([prompt.text], padding="max_length", max_length=half_model.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        official = half_model.text_encoder(ids)[0]
+        official[:, prompt.all_columns] *= SegmenterConfig().enhancement
+    assert embeddings.dtype == torch.float16 and torch.equal(embeddings, official)

@@ -153,12 +153,14 @@ class Segmenter:
 
     def _noise(self, batch: int, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The same seeded noise for every image (as the reference), so an image's result
-        does not depend on its batch: [batch, *shape], an expanded view of one noise tensor
-        drawn on the host and moved to device once."""
+        does not depend on its batch: [batch, *shape], an expanded view of one noise tensor.
+        Drawn as the official code draws it (`randn_like` of the latents after seeding): on the
+        latents' device, in their dtype, from a generator of that device seeded noise_seed, so a
+        GPU gets the official GPU noise (CUDA's generator draws other numbers than the CPU's)."""
         key = (shape, device, dtype)
         if key not in self._noise_cache:
-            generator = torch.Generator().manual_seed(self.config.noise_seed)
-            self._noise_cache[key] = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+            generator = torch.Generator(device).manual_seed(self.config.noise_seed)
+            self._noise_cache[key] = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         return self._noise_cache[key].expand(batch, *shape)
 
     @torch.inference_mode()
@@ -211,10 +213,14 @@ class Segmenter:
             embeddings = torch.stack([diffsegmenter.emphasise_tokens(row, empty, prompt.columns, self.plan.emphasis)
                                       for row, prompt in zip(embeddings, prompts)])
         if self.plan.enhance and self.config.cat_cross:
-            gain = torch.ones(embeddings.shape[:2], dtype=embeddings.dtype)
+            # float16 embeddings are multiplied in float32 and rounded once, as the official
+            # in-place `*= 1.6` computes them (a float16 gain would round 1.6 to 1.5996 first)
+            compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+            gain = torch.ones(embeddings.shape[:2], dtype=compute)
             for row, prompt in enumerate(prompts):
                 gain[row, prompt.all_columns] = self.config.enhancement
-            embeddings = embeddings * to_device(gain, embeddings.device)[:, :, None]
+            gain = to_device(gain, embeddings.device)[:, :, None]
+            embeddings = (embeddings.to(compute) * gain).to(embeddings.dtype)
         return embeddings, prompts
 
     def segment(self, images: list[torch.Tensor], class_lists: list[list[int]]) -> list[ClassScores]:
