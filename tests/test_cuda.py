@@ -115,7 +115,11 @@ def test_the_gpu_gives_the_cpu_results_in_float64():
     images, labels = _batch()
     on_cpu = Segmenter(load_model("tiny", device="cpu", dtype=torch.float64), SegmenterConfig())
     on_gpu = Segmenter(load_model("tiny", device="cuda", dtype=torch.float64), SegmenterConfig())
-    for want, have in zip(on_cpu.segment(images, labels), on_gpu.segment(images, labels)):
+    wanted = on_cpu.segment(images, labels)
+    # the CPU's noise on the GPU too: a GPU's generator draws other numbers, as the official code's does
+    for (shape, _, dtype), noise in on_cpu._noise_cache.items():
+        on_gpu._noise_cache[(shape, torch.device("cuda", torch.cuda.current_device()), dtype)] = noise.cuda()
+    for want, have in zip(wanted, on_gpu.segment(images, labels)):
         assert have.classes == want.classes
         torch.testing.assert_close(have.maps, want.maps, rtol=1e-4, atol=1e-7)
         assert have.refinement_delta == pytest.approx(want.refinement_delta, rel=1e-4)
@@ -150,3 +154,13 @@ def test_a_job_on_a_gpu_worker_writes_every_mask(tmp_path):
     assert 0.0 < summary.queueing_seconds <= summary.model_seconds * 1.05
     assert summary.peak_worker_device_mb > 0  # the worker's model was on the GPU
     assert len(list((tmp_path / "out" / "masks").glob("*.tar"))) == 3
+
+
+def test_the_gpu_noise_is_the_official_gpu_draw():
+    # the official code: torch.cuda.manual_seed(seed); torch.randn_like(latents) on the GPU, in float16
+    segmenter = Segmenter(load_model("tiny", device="cuda"), SegmenterConfig())
+    device = torch.device("cuda", torch.cuda.current_device())
+    noise = segmenter._noise(2, (4, 64, 64), device, torch.float16)
+    torch.cuda.manual_seed(SegmenterConfig().noise_seed)
+    official = torch.randn_like(torch.zeros(1, 4, 64, 64, device=device, dtype=torch.float16))
+    assert torch.equal(noise[0], official[0]) and torch.equal(noise[1], official[0])
