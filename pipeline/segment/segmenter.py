@@ -215,7 +215,7 @@ class Segmenter:
         if self.plan.enhance and self.config.cat_cross:
             # float16 embeddings are multiplied in float32 and rounded once, as the official
             # in-place `*= 1.6` computes them (a float16 gain would round 1.6 to 1.5996 first)
-            compute = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+            compute = torch.promote_types(embeddings.dtype, torch.float32)
             gain = torch.ones(embeddings.shape[:2], dtype=compute)
             for row, prompt in enumerate(prompts):
                 gain[row, prompt.all_columns] = self.config.enhancement
