@@ -226,7 +226,7 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
         for side, values in cross_attention_maps.items():
             if len(values) and side in (16, 32):
                 heads = values[:, model.index[side]] if model.index is not None else values
-                pooled[side] = heads.mean(1).flatten(-2).transpose(1, 2).float()  # [1, side*side, T]
+                pooled[side] = heads.mean(1).flatten(-2).transpose(1, 2)  # [1, side*side, T], its dtype
         return pooled
 
     self_heads = ours.self_attention.layers[0].heads
@@ -237,7 +237,7 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
         model.get_masks = lambda *a, **k: maps.append(get_masks(*a, **k)) or maps[-1]
 
         def recording_get_att_map(cross_maps, self_maps):
-            self64 = self_maps[64][:, self_heads].mean(1).flatten(-2).transpose(1, 2).float()  # [1, query, key]
+            self64 = self_maps[64][:, self_heads].mean(1).flatten(-2).transpose(1, 2)  # [1, query, key], its dtype
             attention.append((pooled_cross(cross_maps), self64))
             return get_att_map(cross_maps, self_maps)
 

@@ -177,6 +177,22 @@ def test_row_major_head_mean_sums_left_to_right_and_equals_the_key_major_mean_fo
     assert torch.equal(store.head_maps["three:self"][0], heads[0])  # the kept maps are not summed into
 
 
+def test_float16_head_maps_are_kept_and_averaged_in_float16_as_torchs_float16_mean():
+    # A float16 model (a GPU) records float16 probabilities; the official code averages them in
+    # float16 (torch sums in float32 and rounds once), and so must both layouts here.
+    store = CapturedAttention()
+    torch.manual_seed(1)
+    heads = [torch.rand(1, 64, 64).softmax(dim=-1).half() for _ in range(3)]
+    store.add_head_maps("a:self", dict(enumerate(heads)))
+    assert store.head_maps["a:self"][0].dtype == torch.float16
+    official = torch.stack(heads, dim=1).mean(dim=1)  # the official `values.mean(1)` in float16
+    for key_major in (True, False):
+        mean = store.pooled_by_side(["a:self"], key_major=key_major)[8]
+        assert mean.dtype == torch.float16 and torch.equal(mean, official)
+    sequential_in_float16 = (heads[0] + heads[1] + heads[2]) / 3
+    assert not torch.equal(sequential_in_float16, official)  # what rounding at every step would give
+
+
 def test_pooled_by_side_is_the_mean_over_all_kept_heads():
     store = CapturedAttention()
     store.add("a", torch.full((1, 4, 3), 6.0), 3)   # three heads summing to 6 -> mean 2

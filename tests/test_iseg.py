@@ -263,6 +263,59 @@ def test_fuse_cross_attention_weights_and_normalises():
         iseg.fuse_cross_attention({8: torch.ones(1, 64, 1)}, {16: 1.0}, 16)
 
 
+def test_float16_fusion_and_class_columns_round_as_the_official_float16_code():
+    # On a float16 model the official code fuses, and averages class tokens, in float16: each
+    # map normalised, upsampled and weighted in float16, the weighted maps stacked and summed
+    # (rounded once), a class the float16 mean of its token columns. The reference below is
+    # that sequence of torch calls.
+    generator = torch.Generator().manual_seed(3)
+    by_side = {side: torch.rand(2, side * side, 6, generator=generator).softmax(dim=-1).half() for side in (8, 16)}
+    weights = {8: 0.3, 16: 0.7}
+    columns = [[[1], [2, 3, 4]], [[5], [1, 2]]]
+
+    def official(maps, side):
+        grid = maps.transpose(1, 2).reshape(2, 6, side, side)
+        normed = grid / grid.sum(dim=(-2, -1), keepdim=True)
+        if side != 16:
+            normed = torch.nn.functional.interpolate(normed, size=(16, 16), mode="bilinear", align_corners=False)
+        return weights[side] * normed
+
+    reference = torch.stack([official(maps, side) for side, maps in by_side.items()]).sum(0).flatten(-2).transpose(1, 2)
+    fused = iseg.fuse_cross_attention(by_side, weights, 16)
+    assert fused.dtype == torch.float16 and torch.equal(fused, reference)
+    classes = iseg.class_maps_from_token_batch(fused, columns)
+    expected = torch.stack([torch.stack([reference[b][:, cols].mean(1) for cols in per_image], dim=1)
+                            for b, per_image in enumerate(columns)])
+    assert classes.dtype == torch.float16 and torch.equal(classes, expected)
+    in_float32 = iseg.fuse_cross_attention({s: m.float() for s, m in by_side.items()}, weights, 16)
+    assert not torch.equal(in_float32.half(), reference)  # float32 stages round elsewhere
+
+
+def test_float16_cluster_means_count_members_exactly_past_2048():
+    # 2049 pixels of one vector and 2047 of another on a 64 x 64 grid: two clusters. float16
+    # counts stop at 2048, so a float16 count would give 2049 members the mean sum / 2048.
+    a, b = torch.tensor([0.25, 0.75]), torch.tensor([0.6, 0.4])
+    x = torch.cat([a.expand(2049, 2), b.expand(2047, 2)]).half()
+    out = iseg.kl_cluster_average(x, 64, n_clusters=32, iterations=2)
+    assert out.dtype == torch.float16
+    expected_a = (x[:2049].float().sum(0).half().float() / 2049).half()  # sum rounded, then the quotient
+    expected_b = (x[2049:].float().sum(0).half().float() / 2047).half()
+    assert torch.equal(out[0], expected_a) and torch.equal(out[-1], expected_b)
+    assert not torch.equal(expected_a, (x[:2049].float().sum(0).half() / torch.tensor(2049.0).half()))
+
+
+def test_iseg_class_maps_of_float16_attention_are_float32():
+    from pipeline.config import SegmenterConfig
+
+    config = SegmenterConfig()
+    generator = torch.Generator().manual_seed(4)
+    cross = {side: torch.rand(1, side * side, 77, generator=generator).softmax(dim=-1).half() for side in (16, 32)}
+    self_attn = torch.rand(1, 4096, 4096, generator=generator).softmax(dim=-1).half()
+    maps, deltas = iseg.iseg_class_maps(cross, self_attn, [[[5], [6, 7]]], config)
+    assert maps.dtype == torch.float32 and maps.shape == (1, 4096, 2) and torch.isfinite(maps).all()
+    torch.testing.assert_close(maps.sum(dim=1), torch.ones(1, 2))
+
+
 def test_class_maps_from_tokens_averages_columns():
     maps = torch.arange(12.0).reshape(3, 4)
     out = iseg.class_maps_from_tokens(maps, [[1], [2, 3]])

@@ -45,13 +45,14 @@ class CapturedAttention:
         self.head_maps.clear()
 
     def add_head_maps(self, key: str, by_head: dict[int, torch.Tensor]) -> None:
-        """Keep each head's map [B, Nq, Nk] of by_head (head index -> map; float32) under key;
-        keys are kept in the order they are first added (the UNet's forward order)."""
+        """Keep each head's map [B, Nq, Nk] of by_head (head index -> map) under key, in its own
+        dtype (the model's: float16 on a GPU, as the official code keeps them); keys are kept in
+        the order they are first added (the UNet's forward order)."""
         maps = self.head_maps.setdefault(key, {})
         for head, probs in by_head.items():
             if head in maps:
                 raise ValueError(f"{key} recorded head {head} twice: name one attention module per layer key")
-            maps[head] = probs.to(torch.promote_types(probs.dtype, torch.float32))
+            maps[head] = probs
 
     def add(self, key: str, head_sum: torch.Tensor, n_heads: int) -> None:
         if key in self.sums:
@@ -67,7 +68,9 @@ class CapturedAttention:
         side -> [B, side*side, N_key]. Layers recorded head by head (`add_head_maps`) are
         stacked in `order[side]` ((key, head) pairs) where given, else layer by layer in
         forward order and heads ascending, and averaged with one `mean` over the stack: a view
-        of key-major memory (key_major), else row-major, queries outermost."""
+        of key-major memory (key_major), else row-major, queries outermost. Their means keep
+        the maps' dtype (float16 maps: summed in float32, rounded once, as torch's float16
+        mean); summed layers (`add`) are float32."""
         in_order: dict[int, list[torch.Tensor]] = {}
         for key in (k for k in self.head_maps if k in keys):  # forward order
             for probs in self.head_maps[key].values():
@@ -145,11 +148,14 @@ def _left_to_right_sum(maps: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 def _sequential_mean(maps: list[torch.Tensor]) -> torch.Tensor:
-    """The mean of same-shape maps, summed left to right into one new row-major tensor. A CPU
-    matmul with a 4096 x 4096 map as its left operand runs at a fifth of the speed over
-    key-major memory, and each fresh 64 MiB tensor costs its page faults (a stack and a mean
-    of two such maps took 0.14 s per image on the development CPU)."""
-    return _left_to_right_sum(maps).div_(len(maps))
+    """The mean of same-shape maps, summed left to right into one new row-major tensor, in
+    their dtype; float16 maps are summed and divided in float32 and rounded once (as torch's
+    float16 mean). A CPU matmul with a 4096 x 4096 map as its left operand runs at a fifth of
+    the speed over key-major memory, and each fresh 64 MiB tensor costs its page faults (a
+    stack and a mean of two such maps took 0.14 s per image on the development CPU)."""
+    dtype = maps[0].dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    return _left_to_right_sum(m.to(compute) for m in maps).div_(len(maps)).to(dtype)
 
 
 def _sequential_head_sum(probs: torch.Tensor, heads: list[int]) -> torch.Tensor:

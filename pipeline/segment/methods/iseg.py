@@ -2,8 +2,9 @@
 and its plan (what it captures and how it turns that into class maps).
 
 The functions take tensors and return tensors: no models, no files, no devices chosen there. Every function accepts
-float32 or float64 and returns the same dtype. Pixel axes are flattened row-major
-(N = side * side) unless a function says otherwise.
+float32 or float64 and returns the same dtype; the stages the official code runs in float16 on a
+float16 model (fusion, the cluster average, the class columns) also take float16 and round as it
+does. Pixel axes are flattened row-major (N = side * side) unless a function says otherwise.
 """
 
 from __future__ import annotations
@@ -32,21 +33,22 @@ def fuse_cross_attention(
 
     maps_by_side: side -> [B, side*side, T] head-averaged probabilities of one resolution.
     Each token map is normalised to sum 1 over pixels, upsampled bilinearly
-    (align_corners=False) to out_side x out_side and weighted by weights[side].
-    Returns [B, out_side*out_side, T].
+    (align_corners=False) to out_side x out_side and weighted by weights[side], in the maps'
+    dtype; the weighted maps are summed in float32 or wider and rounded once to that dtype (as
+    the official stack-and-sum). Returns [B, out_side*out_side, T].
     """
-    fused = None
+    fused, dtype = None, None
     for side, maps in maps_by_side.items():
         if grid_side(maps) != side:
             raise ValueError(f"maps for side {side} have {maps.shape[1]} pixels, expected {side * side}")
         if side not in weights:
             raise ValueError(f"no fusion weight for {side}x{side} cross-attention maps")
         normalised = maps / maps.sum(dim=1, keepdim=True).clamp_min(TINY)
-        term = weights[side] * upsample_maps(normalised, out_side)
-        fused = term if fused is None else fused + term
+        term = (weights[side] * upsample_maps(normalised, out_side)).to(torch.promote_types(maps.dtype, torch.float32))
+        fused, dtype = (term, maps.dtype) if fused is None else (fused + term, dtype)
     if fused is None:
         raise ValueError("no cross-attention maps to fuse")
-    return fused
+    return fused.to(dtype)
 
 
 def symmetric_kl(points: torch.Tensor, centres: torch.Tensor, eps: float,
@@ -123,11 +125,13 @@ def gathered_means(points: torch.Tensor, nearest: torch.Tensor, n_centres: int) 
 
 
 def one_hot_means(values: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Cluster means [B, K, T] of values [B, N, T] from one matmul: members [B, N, K] is each
-    point's one-hot cluster, counts [B, K] the cluster sizes; rows of empty clusters are 0.
-    No host synchronisation (the centres on a GPU, where no reduction order matches the CPU
+    """Cluster means [B, K, T] of values [B, N, T] from one matmul: members [B, N, K] (values'
+    dtype) is each point's one-hot cluster, counts [B, K] the cluster sizes (float32 or wider:
+    float16 counts stop being exact above 2048); rows of empty clusters are 0. The sums are
+    rounded to values' dtype, then the quotients (as the official matmul then division). No
+    host synchronisation (the centres on a GPU, where no reduction order matches the CPU
     reference anyway)."""
-    return (members.transpose(1, 2) @ values) / counts.clamp_min(1)[:, :, None]
+    return ((members.transpose(1, 2) @ values) / counts.clamp_min(1)[:, :, None]).to(values.dtype)
 
 
 def kl_cluster_average(
@@ -144,7 +148,8 @@ def kl_cluster_average(
     centres to their members' means. The result keeps the last round's assignment (no extra
     assignment after the last move) and averages the raw values of x, not the substituted
     ones. A cluster that loses all its pixels is dropped for good (ties go to the lowest seed
-    index, as if dropped clusters were removed). Returns x's shape and dtype.
+    index, as if dropped clusters were removed). Means are taken in x's dtype (float16 x as
+    the official code on a float16 model). Returns x's shape and dtype.
     """
     if x.shape[-2] != side * side:
         raise ValueError(f"x has {x.shape[-2]} rows, expected side*side = {side * side}")
@@ -164,7 +169,7 @@ def kl_cluster_average(
             distance = symmetric_kl(points, centres, eps, point_terms)  # [B, N, K]
             nearest = distance.masked_fill(~alive[:, None, :], math.inf).argmin(dim=2)
         members = F.one_hot(nearest, n_centres).to(points.dtype)  # [B, N, K]
-        counts = members.sum(dim=1)  # [B, K]
+        counts = members.sum(dim=1, dtype=torch.promote_types(points.dtype, torch.float32))  # [B, K]
         alive = alive & (counts > 0)
         if points.device.type == "cpu":
             centres = gathered_means(points, nearest, n_centres)
@@ -185,15 +190,18 @@ def class_maps_from_token_batch(token_maps: torch.Tensor, columns: list[list[lis
     """`class_maps_from_tokens` for a batch in one matmul.
 
     token_maps: [B, N, T]; columns: per image, one list of token positions per class.
-    Returns [B, N, Cmax], Cmax the most classes of an image; an image's columns past its own
-    classes are zero.
+    Returns [B, N, Cmax] in token_maps' dtype (computed in float32 or wider and rounded once,
+    as torch's float16 mean), Cmax the most classes of an image; an image's columns past its
+    own classes are zero.
     """
     batch, _, n_tokens = token_maps.shape
     weights = np.zeros((batch, n_tokens, max(len(c) for c in columns)))  # built on the host, one copy over
     for row, per_class in enumerate(columns):
         for index, cols in enumerate(per_class):
             weights[row, cols, index] = 1.0 / len(cols)
-    return torch.bmm(token_maps, to_device(torch.from_numpy(weights), token_maps.device).to(token_maps.dtype))
+    compute = torch.promote_types(token_maps.dtype, torch.float32)
+    weights = to_device(torch.from_numpy(weights), token_maps.device).to(compute)
+    return torch.bmm(token_maps.to(compute), weights).to(token_maps.dtype)
 
 
 def entropy_reduced_self_attention(attn: torch.Tensor, ent: float) -> torch.Tensor:
@@ -278,13 +286,18 @@ def iseg_class_maps(cross_by_side: dict[int, torch.Tensor], self_attn: torch.Ten
 
     Fusion, Cat-Cross KL cluster averaging (config.cat_cross), class columns, Ent-Self
     (config.ent_self) and `config.iterations` rounds of refinement, with the config's constants.
+    As the official code, the stages up to the class columns run in the attention's dtype
+    (float16 from a float16 model) and the rest in float32 or wider: the maps returned are
+    float32 for float16 attention.
     """
     side = grid_side(self_attn)
     fused = fuse_cross_attention(cross_by_side, config.cross_attention.resolution_weights, side)
     if config.cat_cross:
         fused = kl_cluster_average(fused, side, config.cluster.n_clusters, config.cluster.iterations,
                                    distance_dtype=getattr(torch, config.cluster.distance_dtype))
-    padded = class_maps_from_token_batch(fused, columns)  # [B, N, Cmax]
+    compute = torch.promote_types(fused.dtype, torch.float32)
+    padded = class_maps_from_token_batch(fused, columns).to(compute)  # [B, N, Cmax]
+    self_attn = self_attn.to(compute)
     propagation = entropy_reduced_self_attention(self_attn, config.ent) if config.ent_self else self_attn
     iterations = config.iterations
     before = iterative_refinement(padded, propagation, max(iterations - 1, 0))
