@@ -241,11 +241,26 @@ def test_the_gpu_centres_equal_the_cpu_centres_and_empty_clusters_stay_zero(monk
 
     def one_hot_centres(points, nearest, n_centres):
         members = torch.nn.functional.one_hot(nearest, n_centres).to(points.dtype)
-        return iseg.one_hot_means(points, members, members.sum(dim=1))
+        return iseg.one_hot_centres(points, members, members.sum(dim=1))
 
     monkeypatch.setattr(iseg, "gathered_means", one_hot_centres)
     gpu_like = iseg.kl_cluster_average(batch, 12, n_clusters=16, iterations=6, distance_dtype=torch.float32)
     torch.testing.assert_close(gpu_like, cpu, rtol=0, atol=1e-12)
+
+
+def test_float16_gpu_centres_round_once_as_the_cpu_mean_of_the_gathered_members():
+    # A GPU takes the centres from one matmul; in float16 it must sum in float32 and round once,
+    # as torch's float16 mean over a cluster's gathered members (the official and CPU path).
+    generator = torch.Generator().manual_seed(6)
+    points = torch.rand(2, 300, 7, generator=generator).half()
+    nearest = torch.randint(0, 5, (2, 300), generator=generator)
+    nearest[1][nearest[1] == 2] = 3  # an empty cluster
+    members = torch.nn.functional.one_hot(nearest, 5).half()
+    counts = members.sum(dim=1, dtype=torch.float32)
+    gathered = iseg.gathered_means(points, nearest, 5)
+    centres = iseg.one_hot_centres(points, members, counts)
+    assert centres.dtype == torch.float16 and torch.equal(centres, gathered)
+    assert not torch.equal(iseg.one_hot_means(points, members, counts), gathered)  # rounding the sums first
 
 
 def test_fuse_cross_attention_weights_and_normalises():

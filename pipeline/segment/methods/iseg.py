@@ -134,6 +134,15 @@ def one_hot_means(values: torch.Tensor, members: torch.Tensor, counts: torch.Ten
     return ((members.transpose(1, 2) @ values) / counts.clamp_min(1)[:, :, None]).to(values.dtype)
 
 
+def one_hot_centres(points: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Cluster centres [B, K, T] as a GPU computes them: `one_hot_means` of points [B, N, T]
+    summed in counts' dtype (float32 or wider) and rounded once to points' dtype, as torch's
+    mean of a float16 cluster's gathered members rounds (`gathered_means`, the official and
+    CPU path); members [B, N, K] one-hot, counts [B, K] cluster sizes."""
+    wide = counts.dtype
+    return one_hot_means(points.to(wide), members.to(wide), counts).to(points.dtype)
+
+
 def kl_cluster_average(
     x: torch.Tensor, side: int, n_clusters: int = 32, iterations: int = 20, eps: float = 1e-5,
     distance_dtype: torch.dtype = torch.float16,
@@ -174,7 +183,8 @@ def kl_cluster_average(
         if points.device.type == "cpu":
             centres = gathered_means(points, nearest, n_centres)
         else:
-            centres = one_hot_means(points, members, counts)
+            centres = one_hot_centres(points, members, counts)
+    # the official average: the members' sums rounded to x's dtype, then the quotients
     return (members @ one_hot_means(raw, members, counts)).reshape(x.shape)
 
 
