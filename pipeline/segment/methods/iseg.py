@@ -37,17 +37,18 @@ def fuse_cross_attention(
     dtype; the weighted maps are summed in float32 or wider and rounded once to that dtype (as
     the official stack-and-sum). Returns [B, out_side*out_side, T].
     """
-    fused, dtype = None, None
+    if not maps_by_side:
+        raise ValueError("no cross-attention maps to fuse")
+    dtype = next(iter(maps_by_side.values())).dtype
+    fused = None
     for side, maps in maps_by_side.items():
         if grid_side(maps) != side:
             raise ValueError(f"maps for side {side} have {maps.shape[1]} pixels, expected {side * side}")
         if side not in weights:
             raise ValueError(f"no fusion weight for {side}x{side} cross-attention maps")
         normalised = maps / maps.sum(dim=1, keepdim=True).clamp_min(TINY)
-        term = (weights[side] * upsample_maps(normalised, out_side)).to(torch.promote_types(maps.dtype, torch.float32))
-        fused, dtype = (term, maps.dtype) if fused is None else (fused + term, dtype)
-    if fused is None:
-        raise ValueError("no cross-attention maps to fuse")
+        term = (weights[side] * upsample_maps(normalised, out_side)).to(torch.promote_types(dtype, torch.float32))
+        fused = term if fused is None else fused + term
     return fused.to(dtype)
 
 
