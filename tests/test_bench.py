@@ -2,6 +2,7 @@
 
 import re
 
+from conftest import FAST_CONFIG
 from pipeline.job.allocator import KEEP_FREED_MEMORY, as_shell
 from pipeline.results.bench import BenchResult, allocator_line, benchmark_images
 from pipeline.cli import main
@@ -9,8 +10,8 @@ from pipeline.cli import main
 
 def test_bench_prints_figures_and_the_tracked_last_line(capsys, monkeypatch, mallopt_calls):
     monkeypatch.setattr("pipeline.job.allocator.startup_malloc_settings", dict)  # started without MALLOC_*
-    assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "1,2",
-                 "--no-pipeline", "--no-compile"]) == 0
+    assert main(["bench", "--model", "tiny", "--config", FAST_CONFIG, "--device", "cpu", "--num-images", "2",
+                 "--batch-sizes", "1,2", "--no-pipeline", "--no-compile"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"segmenter/bare=\d+\.\d\d pipeline/bare=n/a", lines[-1])
     report = "\n".join(lines)
@@ -78,8 +79,8 @@ def test_ratio_over_rounds_is_the_median_of_each_rounds_ratio():
 
 
 def test_bench_rounds_print_each_round_and_medians(capsys):
-    assert main(["bench", "--model", "tiny", "--device", "cpu", "--num-images", "2", "--batch-sizes", "2",
-                 "--no-pipeline", "--no-compile", "--rounds", "2"]) == 0
+    assert main(["bench", "--model", "tiny", "--config", FAST_CONFIG, "--device", "cpu", "--num-images", "2",
+                 "--batch-sizes", "2", "--no-pipeline", "--no-compile", "--rounds", "2"]) == 0
     report = capsys.readouterr().out
     assert re.search(r"^rounds +2: ", report, re.M)
     rounds = {m.group(1): m.group(2) for m in re.finditer(r"^  (bare|segmenter|whole UNet) +([\d. ]+) images/s by round",
