@@ -21,6 +21,8 @@ its `test_step` picks the same classes; it prepares the image as its own dataset
 
 Per image: the class maps' largest difference (both bilinear to 512 px and min-max scaled)
 and the share of mask pixels that agree; last line `official agreement: X% of pixels`.
+This project segments one image at a time, as the official code does; `--batch-size 4` (the
+configs' batch_size) measures the masks a job writes, whose batched kernels round differently.
 Needs `pip install -e ".[official]"` (opencv-python-headless, imageio, texttable: the
 official code's imports).
 """
@@ -279,11 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=("voc", "coco"), default=None,
                         help="the official settings to run (default: coco for a config with 80 classes)")
     parser.add_argument("--num-images", type=int, default=None, help="at most this many images")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="this project's images per segmenter call (default 1, as the official code runs; "
+                             "a job runs the config's batch_size, and batched kernels round differently)")
     parser.add_argument("--half", action="store_true",
                         help="both sides in float16, as a GPU runs them (the official code's default half=True; "
                              "slow on a CPU)")
     parser.add_argument("--official-side", nargs=2, metavar=("SAMPLES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
 
     from pipeline.config import load_config
 
@@ -338,9 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device="cpu", dtype=torch.float16 if args.half else torch.float32)
     segmenter = Segmenter(model, config)
     totals = {"end to end": [0, 0, 1.0], "same attention": [0, 0, 1.0]}  # agreeing, pixels, worst share
-    for record, sample in zip(records, samples):
-        image = decode_image(sample["jpg"], record["key"])
-        (scores,) = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [record["classes"]])
+    decoded = [decode_image(sample["jpg"], record["key"]) for record, sample in zip(records, samples)]
+    all_scores = []
+    for start in range(0, len(records), args.batch_size):
+        chunk = range(start, min(start + args.batch_size, len(records)))
+        all_scores += segmenter.segment([torch.from_numpy(decoded[i]).permute(2, 0, 1) for i in chunk],
+                                        [records[i]["classes"] for i in chunk])
+    for record, image, scores in zip(records, decoded, all_scores):
         theirs = reference[record["key"] + ".mask"]
         their_maps = reference[record["key"] + ".maps"]
         compared = {
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         names = ",".join(config.classes[c].name for c in record["classes"])
         print(f"{record['key']} [{names}]  " + "; ".join(parts), flush=True)
     agreement = {what: 100 * t[0] / max(t[1], 1) for what, t in totals.items()}
-    print(f"images {len(records)}; worst image: end to end {100 * totals['end to end'][2]:.2f}%, "
+    print(f"images {len(records)} (this project at batch size {args.batch_size}); worst image: end to end {100 * totals['end to end'][2]:.2f}%, "
           f"same attention {100 * totals['same attention'][2]:.2f}%")
     print(f"official agreement on the official attention maps: {agreement['same attention']:.2f}% of pixels")
     print(f"official agreement: {agreement['end to end']:.2f}% of pixels")
