@@ -41,7 +41,7 @@ def test_an_image_gives_the_same_result_alone_and_in_a_batch_of_four():
     # padding, per-image clustering): batched kernels' float32 rounding (~1e-7) can flip
     # k-means near-ties on random weights, which says nothing about the pipeline.
     model64 = load_model("tiny", device="cpu", dtype=torch.float64)
-    segmenter = Segmenter(model64, SegmenterConfig())
+    segmenter = Segmenter(model64, load_config(FAST_CONFIG))  # 256 px: the same code paths
     images = [synthetic_image(96 + 16 * (i % 2), 128, seed=i) for i in range(4)]  # two sizes, resized in groups
     labels = [[7, 17], [0], [10, 15, 19], [14]]
     (alone,) = segmenter.segment([image_tensor(images[2])], [labels[2]])
@@ -69,8 +69,9 @@ def test_decoded_and_channel_first_images_encode_to_the_same_latents(segmenter):
     assert not torch.equal(from_views[0], from_views[1])
 
 
-def test_batches_launched_ahead_and_waited_out_of_order_give_their_own_results(segmenter):
+def test_batches_launched_ahead_and_waited_out_of_order_give_their_own_results(tiny_model):
     # A worker launches the next batch before waiting for the last one (two shards in flight).
+    segmenter = Segmenter(tiny_model, load_config(FAST_CONFIG))  # 256 px: the same code paths
     first = ([image_tensor(synthetic_image(64, 80, seed=i)) for i in range(2)], [[2, 9], [4]])
     second = ([image_tensor(synthetic_image(80, 64, seed=10 + i)) for i in range(3)], [[1], [5, 6, 18], [12]])
     expected = [segmenter.segment(*first), segmenter.segment(*second)]
