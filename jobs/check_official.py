@@ -345,31 +345,33 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device="cpu", dtype=torch.float16 if args.half else torch.float32)
     segmenter = Segmenter(model, config)
     totals = {"end to end": [0, 0, 1.0], "same attention": [0, 0, 1.0]}  # agreeing, pixels, worst share
-    decoded = [decode_image(sample["jpg"], record["key"]) for record, sample in zip(records, samples)]
-    all_scores = []
     for start in range(0, len(records), args.batch_size):
-        chunk = range(start, min(start + args.batch_size, len(records)))
-        all_scores += segmenter.segment([torch.from_numpy(decoded[i]).permute(2, 0, 1) for i in chunk],
-                                        [records[i]["classes"] for i in chunk])
-    for record, image, scores in zip(records, decoded, all_scores):
-        theirs = reference[record["key"] + ".mask"]
-        their_maps = reference[record["key"] + ".maps"]
-        compared = {
-            "end to end": (finish_mask(scores.maps, scores.classes, image, config).labels, _maps_at_512(scores.maps)),
-            "same attention": (reference[record["key"] + ".ours_on_official_attention.mask"],
-                               reference[record["key"] + ".ours_on_official_attention.maps"]),
-        }
-        parts = []
-        for what, (ours, our_maps) in compared.items():
-            share = float((ours == theirs).mean())
-            total = totals[what]
-            total[0], total[1], total[2] = total[0] + int((ours == theirs).sum()), total[1] + ours.size, min(total[2], share)
-            parts.append(f"{what}: maps max|diff| {np.abs(our_maps - their_maps).max():.1e}, mask {100 * share:.2f}%")
-        names = ",".join(config.classes[c].name for c in record["classes"])
-        print(f"{record['key']} [{names}]  " + "; ".join(parts), flush=True)
+        chunk = list(zip(records, samples))[start:start + args.batch_size]
+        images = [decode_image(sample["jpg"], record["key"]) for record, sample in chunk]
+        batch = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1) for image in images],
+                                  [record["classes"] for record, _ in chunk])
+        for (record, _), image, scores in zip(chunk, images, batch):
+            theirs = reference[record["key"] + ".mask"]
+            their_maps = reference[record["key"] + ".maps"]
+            compared = {
+                "end to end": (finish_mask(scores.maps, scores.classes, image, config).labels,
+                               _maps_at_512(scores.maps)),
+                "same attention": (reference[record["key"] + ".ours_on_official_attention.mask"],
+                                   reference[record["key"] + ".ours_on_official_attention.maps"]),
+            }
+            parts = []
+            for what, (ours, our_maps) in compared.items():
+                share = float((ours == theirs).mean())
+                total = totals[what]
+                total[0], total[1] = total[0] + int((ours == theirs).sum()), total[1] + ours.size
+                total[2] = min(total[2], share)
+                parts.append(f"{what}: maps max|diff| {np.abs(our_maps - their_maps).max():.1e}, mask {100 * share:.2f}%")
+            names = ",".join(config.classes[c].name for c in record["classes"])
+            print(f"{record['key']} [{names}]  " + "; ".join(parts), flush=True)
     agreement = {what: 100 * t[0] / max(t[1], 1) for what, t in totals.items()}
-    print(f"images {len(records)} (this project at batch size {args.batch_size}); worst image: end to end {100 * totals['end to end'][2]:.2f}%, "
-          f"same attention {100 * totals['same attention'][2]:.2f}%")
+    worst = {what: 100 * t[2] for what, t in totals.items()}
+    print(f"images {len(records)} (this project at batch size {args.batch_size}); worst image: "
+          f"end to end {worst['end to end']:.2f}%, same attention {worst['same attention']:.2f}%")
     print(f"official agreement on the official attention maps: {agreement['same attention']:.2f}% of pixels")
     print(f"official agreement: {agreement['end to end']:.2f}% of pixels")
     return 0
