@@ -108,10 +108,16 @@ def test_another_config_on_the_same_output_is_refused(clean_run, shards, capsys)
     assert code == 2 and "--force" in capsys.readouterr().err
 
 
-def _start_cli(shards, out):
+def _run_args(shards, out, *extra):
+    """The CLI arguments of the tests' job: the shards into out, one worker, the test config."""
+    return ["run", "--config", FAST_CONFIG, "--input", str(shards), "--output", str(out), "--model", "tiny",
+            "--workers", "1", "--no-progress", *extra]
+
+
+def _start_cli(shards, out, *extra):
+    """The tests' job in a process of its own (which starts its own Ray), its output piped."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", FAST_CONFIG, "--input",
-                             str(shards), "--output", str(out), "--model", "tiny", "--workers", "1", "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *_run_args(shards, out, *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -176,8 +182,7 @@ def test_killed_driver_then_rerun_gives_the_same_outputs(clean_run, shards, tmp_
     assert "in_progress" in _states(out) or len(_states(out)) < 3
     # the same command again, in this process on the test's own Ray
     capsys.readouterr()
-    assert main(["run", "--config", FAST_CONFIG, "--input", str(shards), "--output", str(out), "--model", "tiny",
-                 "--workers", "1", "--no-progress"]) == 0
+    assert main(_run_args(shards, out)) == 0
     assert "0 failed" in capsys.readouterr().out
     assert _outputs(out) == _outputs(clean_run[0])
     assert _states(out) == ["done"] * 3
@@ -222,10 +227,7 @@ def test_input_patterns(shards, tmp_path):
 
 def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, shards, tmp_path, capsys):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", FAST_CONFIG, "--input",
-                            str(shards), "--output", str(out), "--model", "tiny", "--workers", "1", "--retries", "0",
-                            "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    job = _start_cli(shards, out, "--retries", "0")
 
     def busy_worker():
         return _busy_worker_on_first_shard(job, out)
