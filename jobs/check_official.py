@@ -345,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device="cpu", dtype=torch.float16 if args.half else torch.float32)
     segmenter = Segmenter(model, config)
     totals = {"end to end": [0, 0, 1.0], "same attention": [0, 0, 1.0]}  # agreeing, pixels, worst share
-    for start in range(0, len(records), args.batch_size):
-        chunk = list(zip(records, samples))[start:start + args.batch_size]
+    pairs = list(zip(records, samples))
+    for start in range(0, len(pairs), args.batch_size):
+        chunk = pairs[start:start + args.batch_size]
         images = [decode_image(sample["jpg"], record["key"]) for record, sample in chunk]
         batch = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1) for image in images],
                                   [record["classes"] for record, _ in chunk])

@@ -40,6 +40,7 @@ def fuse_cross_attention(
     if not maps_by_side:
         raise ValueError("no cross-attention maps to fuse")
     dtype = next(iter(maps_by_side.values())).dtype
+    wide = torch.promote_types(dtype, torch.float32)
     fused = None
     for side, maps in maps_by_side.items():
         if grid_side(maps) != side:
@@ -47,7 +48,7 @@ def fuse_cross_attention(
         if side not in weights:
             raise ValueError(f"no fusion weight for {side}x{side} cross-attention maps")
         normalised = maps / maps.sum(dim=1, keepdim=True).clamp_min(TINY)
-        term = (weights[side] * upsample_maps(normalised, out_side)).to(torch.promote_types(dtype, torch.float32))
+        term = (weights[side] * upsample_maps(normalised, out_side)).to(wide)
         fused = term if fused is None else fused + term
     return fused.to(dtype)
 
