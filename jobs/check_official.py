@@ -21,8 +21,9 @@ its `test_step` picks the same classes; it prepares the image as its own dataset
 
 Per image: the class maps' largest difference (both bilinear to 512 px and min-max scaled)
 and the share of mask pixels that agree; last line `official agreement: X% of pixels`.
-This project segments one image at a time, as the official code does; `--batch-size 4` (the
-configs' batch_size) measures the masks a job writes, whose batched kernels round differently.
+This project segments one image at a time, as the official code does and a job does on a CPU
+(`batch_size: auto`); `--batch-size 16` measures the masks a GPU job writes at `auto`, whose
+batched kernels round differently.
 Needs `pip install -e ".[official]"` (opencv-python-headless, imageio, texttable: the
 official code's imports).
 """
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=None, help="at most this many images")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="this project's images per segmenter call (default 1, as the official code runs; "
-                             "a job runs the config's batch_size, and batched kernels round differently)")
+                             "a GPU job's batch_size auto is 16, and batched kernels round differently)")
     parser.add_argument("--half", action="store_true",
                         help="both sides in float16, as a GPU runs them (the official code's default half=True; "
                              "slow on a CPU)")

@@ -60,6 +60,9 @@ def test_class_lookup_by_name_or_prompt_words():
     ("attention_kernel: flash\n", "attention_kernel"),
     ("classic_attention_layers: [mid_block.attentions.0]\n", "classic_attention_layers"),
     ("classes:\n  - {name: x, prompt: y z, focus: [w]}\n", "classes.0"),
+    ("batch_size: 0\n", "batch_size"),
+    ("batch_size: big\n", "batch_size"),
+    ("batch_size: true\n", "batch_size"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
@@ -75,3 +78,13 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("ent: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_batch_size_auto_is_one_image_on_a_cpu_and_a_full_batch_on_a_gpu(tmp_path):
+    config = SegmenterConfig()
+    assert config.batch_size == "auto"
+    assert config.batch_size_on("cpu") == 1  # the official one-image arithmetic, at no cost on a CPU
+    assert config.batch_size_on("cuda") == 16
+    path = tmp_path / "batch.yaml"
+    path.write_text("batch_size: 8\n")
+    assert load_config(path).batch_size_on("cpu") == load_config(path).batch_size_on("cuda") == 8

@@ -396,15 +396,18 @@ def test_ray_address_follows_rays_convention():
 
 
 def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shards, tmp_path, monkeypatch, capsys):
-    # The job is started from the shards' parent with a relative --input and batch size 1,
-    # interrupted (one shard left in progress), then resumed from elsewhere with batch size 3.
+    # The job is started from the shards' parent with a relative --input and batch size auto
+    # (1 on a CPU), interrupted (one shard left in progress), then resumed from elsewhere with
+    # batch size 3.
     out = tmp_path / "out"
     monkeypatch.chdir(shards.parent)
-    config = load_config(FAST_CONFIG).model_copy(update={"batch_size": 1})
+    config = load_config(FAST_CONFIG).model_copy(update={"batch_size": "auto"})
     run_job("shards/*.tar", out, config, "tiny", workers=1, progress=False)
+    printed = capsys.readouterr().out
+    assert "1 segmenter worker(s) on cpu; 1 image(s) per batch (batch_size: auto)" in printed
     # the worker's process started with the allocator settings (read from its /proc/self/environ)
     assert ("CPU workers keep freed memory for reuse: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
-            "MALLOC_TRIM_THRESHOLD_=68719476736") in capsys.readouterr().out
+            "MALLOC_TRIM_THRESHOLD_=68719476736") in printed
     job = json.loads((out / "job.json").read_text())
     assert job["input"] == str(shards / "*.tar")
     entry = Ledger(out).get("voc-train-000002")
@@ -414,6 +417,7 @@ def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shar
     assert main(["resume", str(out), "--batch-size", "3", "--no-progress", "--cpu-allocator", "unchanged"]) == 0
     printed = capsys.readouterr().out
     assert "1 done" in printed.split("shards ")[1] and "keep freed memory" not in printed
+    assert "; 3 image(s) per batch\n" in printed
     clean_masks, clean_rows = _outputs(clean_run[0])  # batch size 2, glibc settings as resumed here
     masks, rows = _outputs(out)
     assert masks == clean_masks  # byte-identical masks at batch sizes 1, 2 and 3

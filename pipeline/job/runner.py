@@ -25,7 +25,7 @@ from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger,
 from pipeline.data.outputs import write_shard_outputs
 from pipeline.data.shards import InputError, expand_input, shard_name
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
-from pipeline.job.summary import JobInterrupted, JobSummary
+from pipeline.job.summary import JobInterrupted, JobSummary, workers_line
 
 
 class WorkerStartError(PipelineError, RuntimeError):
@@ -265,6 +265,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     except ray.exceptions.RayActorError as exc:
         raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
     summary.worker_nodes = len({where["node"] for where in started_on})
+    print(workers_line(started_on, config.batch_size))
     allocator_line = cpu_allocator_line(cpu_env, started_on)
     if allocator_line:
         print(allocator_line)

@@ -28,6 +28,17 @@ def name_failed(ids: list[str], total: int) -> str:
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
+def workers_line(started_on: list[dict], configured: int | str) -> str:
+    """One line on the segmenter workers from their `ready()` reports: how many on which
+    devices and nodes, and the batch size each runs (`configured`: the config's batch_size)."""
+    devices = sorted({where["device"] for where in started_on})
+    nodes = len({where["node"] for where in started_on})
+    sizes = ", ".join(str(size) for size in sorted({where["batch_size"] for where in started_on}))
+    return (f"{len(started_on)} segmenter worker(s) on {', '.join(devices)}"
+            + (f" over {nodes} nodes" if nodes > 1 else "") + f"; {sizes} image(s) per batch"
+            + (" (batch_size: auto)" if configured == "auto" else ""))
+
+
 @dataclass
 class JobSummary:
     shards_done: int

@@ -165,8 +165,9 @@ class ShardWorker:
         if threads:
             torch.set_num_threads(threads)
         self.config_json = config_json
-        self.config = SegmenterConfig.model_validate_json(config_json)
         self.model = load_model(model_spec, device=device)
+        config = SegmenterConfig.model_validate_json(config_json)
+        self.config = config.model_copy(update={"batch_size": config.batch_size_on(self.model.device.type)})
         self.segmenter = Segmenter(self.model, self.config)
         self._model_lock = threading.Lock()  # one batch launched at a time when shards run concurrently
         self._images_seen: dict[str, int] = {}  # shard in progress -> images segmented or failed so far
@@ -199,10 +200,10 @@ class ShardWorker:
         return time.perf_counter() - start
 
     def ready(self) -> dict:
-        """Where this worker runs: pid, device, its node (`node_id`) and the glibc allocator
-        settings its process started with (`startup_malloc_settings`)."""
+        """Where this worker runs: pid, device, its node (`node_id`), the glibc allocator
+        settings its process started with (`startup_malloc_settings`) and its batch size."""
         return {"pid": os.getpid(), "device": str(self.model.device), "node": self.node_id(),
-                "malloc": startup_malloc_settings()}
+                "malloc": startup_malloc_settings(), "batch_size": self.config.batch_size}
 
     # What a job runner (job/runner.py) overrides to run the worker as a Ray actor.
 

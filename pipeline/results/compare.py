@@ -128,8 +128,8 @@ def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
 def compare_methods(input_pattern: str, methods: list[str], config: SegmenterConfig, model,
                     gt_dir: str | Path | None = None, limit: int | None = None, progress=None,
                     sweep: Sweep | None = None) -> dict[str, MethodTally]:
-    """Run each method (each value of the sweep) on every sample, in batches of
-    config.batch_size, and tally the results per table row. Rows whose segmenter config is the
+    """Run each method (each value of the sweep) on every sample, in batches of the config's
+    batch size on the model's device, and tally the results per table row. Rows whose segmenter config is the
     same share one segmentation of each batch (a post-process sweep segments once). Each
     segmenter first segments the first batch once untimed, so seconds per image are what a
     long job pays (the first batch's label sets then have their prompts encoded, as a job's
@@ -144,6 +144,7 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
         groups[key][1].append((name, finish_config))
     n_classes = len(config.classes) + 1
     tallies = {name: MethodTally(np.zeros((n_classes, n_classes + 1), dtype=np.int64)) for name, _, _ in rows}
+    batch_size = config.batch_size_on(model.device.type)
     batch: list = []
     warmed_up = False
 
@@ -175,7 +176,7 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
 
     for item in _samples(input_pattern, config, limit):
         batch.append(item)
-        if len(batch) == config.batch_size:
+        if len(batch) == batch_size:
             run_batch()
     if batch:
         run_batch()
