@@ -23,7 +23,8 @@ Per image: the class maps' largest difference (both bilinear to 512 px and min-m
 and the share of mask pixels that agree; last line `official agreement: X% of pixels`.
 This project segments one image at a time, as the official code does and a job does on a CPU
 (`batch_size: auto`); `--batch-size 16` measures the masks a GPU job writes at `auto`, whose
-batched kernels round differently.
+batched kernels round differently. `--job OUT` also compares the masks a `pseudolabel run` over
+the same shards wrote into OUT (what a user of the job gets).
 Needs `pip install -e ".[official]"` (opencv-python-headless, imageio, texttable: the
 official code's imports).
 """
@@ -263,6 +264,20 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
 
 # --- this project's side and the comparison -----------------------------------------------------
 
+def read_job_masks(job: Path) -> dict[str, np.ndarray]:
+    """{image id: uint8 [H, W] labels} of every mask a job wrote (OUT/masks/*.tar)."""
+    from PIL import Image
+
+    from pipeline.data.shards import read_shard
+
+    masks = {}
+    for shard in sorted((job / "masks").glob("*.tar")):
+        for sample in read_shard(str(shard)):
+            with Image.open(io.BytesIO(sample["png"])) as mask:
+                masks[sample["__key__"]] = np.asarray(mask)
+    return masks
+
+
 def official_class_words(official: Path, dataset: str) -> list[str]:
     """The official class table's words, in its class order (read from the checkout)."""
     source = official / "data" / ("voc/voc_name20.py" if dataset == "voc" else "coco14/coco_name80.py")
@@ -285,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="this project's images per segmenter call (default 1, as the official code runs; "
                              "a GPU job's batch_size auto is 16, and batched kernels round differently)")
+    parser.add_argument("--job", type=Path, default=None,
+                        help="also compare the masks a `pseudolabel run` over the same shards wrote into this folder")
     parser.add_argument("--half", action="store_true",
                         help="both sides in float16, as a GPU runs them (the official code's default half=True; "
                              "slow on a CPU)")
@@ -320,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(words)}: pass --config configs/coco.yaml for COCO", file=sys.stderr)
         return 2
     samples = read_samples(args.input, args.num_images)
+    job_masks = read_job_masks(args.job) if args.job else {}
+    missing = [sample["key"] for sample in samples if args.job and sample["key"] not in job_masks]
+    if missing:
+        print(f"error: {args.job} has no mask of {len(missing)} of the images (first: {missing[0]}): "
+              "pass the output folder of a job over the same --input", file=sys.stderr)
+        return 2
     records = []
     for sample in samples:
         classes = sorted({config.class_index(name) for name in sample["names"]})
@@ -346,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device="cpu", dtype=torch.float16 if args.half else torch.float32)
     segmenter = Segmenter(model, config)
     totals = {"end to end": [0, 0, 1.0], "same attention": [0, 0, 1.0]}  # agreeing, pixels, worst share
+    if args.job:
+        totals["job's masks"] = [0, 0, 1.0]
     pairs = list(zip(records, samples))
     for start in range(0, len(pairs), args.batch_size):
         chunk = pairs[start:start + args.batch_size]
@@ -361,19 +386,25 @@ def main(argv: list[str] | None = None) -> int:
                 "same attention": (reference[record["key"] + ".ours_on_official_attention.mask"],
                                    reference[record["key"] + ".ours_on_official_attention.maps"]),
             }
+            if args.job:
+                compared["job's masks"] = (job_masks[record["key"]], None)
             parts = []
             for what, (ours, our_maps) in compared.items():
                 share = float((ours == theirs).mean())
                 total = totals[what]
                 total[0], total[1] = total[0] + int((ours == theirs).sum()), total[1] + ours.size
                 total[2] = min(total[2], share)
-                parts.append(f"{what}: maps max|diff| {np.abs(our_maps - their_maps).max():.1e}, mask {100 * share:.2f}%")
+                maps = "" if our_maps is None else f"maps max|diff| {np.abs(our_maps - their_maps).max():.1e}, "
+                parts.append(f"{what}: {maps}mask {100 * share:.2f}%")
             names = ",".join(config.classes[c].name for c in record["classes"])
             print(f"{record['key']} [{names}]  " + "; ".join(parts), flush=True)
     agreement = {what: 100 * t[0] / max(t[1], 1) for what, t in totals.items()}
     worst = {what: 100 * t[2] for what, t in totals.items()}
     print(f"images {len(records)} (this project at batch size {args.batch_size}); worst image: "
-          f"end to end {worst['end to end']:.2f}%, same attention {worst['same attention']:.2f}%")
+          + ", ".join(f"{what} {share:.2f}%" for what, share in worst.items()))
+    if args.job:
+        job_agreement = agreement["job's masks"]
+        print(f"official agreement of the job's masks ({args.job}): {job_agreement:.2f}% of pixels")
     print(f"official agreement on the official attention maps: {agreement['same attention']:.2f}% of pixels")
     print(f"official agreement: {agreement['end to end']:.2f}% of pixels")
     return 0

@@ -51,7 +51,7 @@ def test_batch_size_the_device_cannot_hold_fails_the_start_with_the_fix(worker, 
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(worker.segmenter, "segment", out_of_memory)
-    with pytest.raises(RuntimeError, match=r"batch_size 2 does not fit .*: lower batch_size in the config"):
+    with pytest.raises(RuntimeError, match=r"a batch of 2 images does not fit .*: set batch_size below 2 in the config"):
         worker.warm_up()
 
 

@@ -195,8 +195,8 @@ class ShardWorker:
             try:
                 self.segmenter.segment([blank] * size, [[0]] * size)
             except torch.OutOfMemoryError as exc:
-                raise RuntimeError(f"batch_size {size} does not fit in the memory of {self.model.device}: "
-                                   f"lower batch_size in the config") from exc
+                raise RuntimeError(f"a batch of {size} images does not fit in the memory of {self.model.device}: "
+                                   f"set batch_size below {size} in the config") from exc
         return time.perf_counter() - start
 
     def ready(self) -> dict:
