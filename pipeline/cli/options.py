@@ -110,8 +110,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=None,
                        help="segmenter actors (default: one per GPU, or 1 on a CPU-only cluster)")
     group.add_argument("--batch-size", type=int, default=None,
-                       help="images per UNet forward, overriding the config's batch_size (not part of the "
-                            "config hash: a job resumes with another batch size)")
+                       help="images per UNet forward, overriding the config's batch_size (default auto: 1 on "
+                            "a CPU, 16 on a GPU; not part of the config hash: a job resumes with another one)")
     group.add_argument("--retries", type=int, default=2,
                        help="times a shard is retried on a restarted worker after the worker dies (default 2)")
     add_cpu_threads(group)
