@@ -129,11 +129,11 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
                     gt_dir: str | Path | None = None, limit: int | None = None, progress=None,
                     sweep: Sweep | None = None) -> dict[str, MethodTally]:
     """Run each method (each value of the sweep) on every sample, in batches of the config's
-    batch size on the model's device, and tally the results per table row. Rows whose segmenter config is the
-    same share one segmentation of each batch (a post-process sweep segments once). Each
-    segmenter first segments the first batch once untimed, so seconds per image are what a
-    long job pays (the first batch's label sets then have their prompts encoded, as a job's
-    recurring label sets do)."""
+    batch size on the model's device, and tally the results per table row. Rows whose
+    segmenter config is the same share one segmentation of each batch (a post-process sweep
+    segments once). Each segmenter first segments the first batch once untimed, so seconds
+    per image are what a long job pays (the first batch's label sets then have their prompts
+    encoded, as a job's recurring label sets do)."""
     rows = comparison_rows(methods, config, sweep)
     # one segmenter per distinct segmenter config, with the (name, post-process config) rows it serves
     groups: dict[str, tuple[Segmenter, list[tuple[str, SegmenterConfig]]]] = {}
