@@ -264,20 +264,6 @@ def run_official(official: Path, model_spec: str, samples_file: Path, dataset: s
 
 # --- this project's side and the comparison -----------------------------------------------------
 
-def read_job_masks(job: Path) -> dict[str, np.ndarray]:
-    """{image id: uint8 [H, W] labels} of every mask a job wrote (OUT/masks/*.tar)."""
-    from PIL import Image
-
-    from pipeline.data.shards import read_shard
-
-    masks = {}
-    for shard in sorted((job / "masks").glob("*.tar")):
-        for sample in read_shard(str(shard)):
-            with Image.open(io.BytesIO(sample["png"])) as mask:
-                masks[sample["__key__"]] = np.asarray(mask)
-    return masks
-
-
 def official_class_words(official: Path, dataset: str) -> list[str]:
     """The official class table's words, in its class order (read from the checkout)."""
     source = official / "data" / ("voc/voc_name20.py" if dataset == "voc" else "coco14/coco_name80.py")
@@ -337,12 +323,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(words)}: pass --config configs/coco.yaml for COCO", file=sys.stderr)
         return 2
     samples = read_samples(args.input, args.num_images)
-    job_masks = read_job_masks(args.job) if args.job else {}
-    missing = [sample["key"] for sample in samples if args.job and sample["key"] not in job_masks]
-    if missing:
-        print(f"error: {args.job} has no mask of {len(missing)} of the images (first: {missing[0]}): "
-              "pass the output folder of a job over the same --input", file=sys.stderr)
-        return 2
+    job_masks = {}
+    if args.job:
+        from pipeline.data.outputs import JobOutput
+        from pipeline.data.shards import InputError
+
+        try:
+            job_masks = {record.id: record.labels for record in JobOutput(args.job).masks()}
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        missing = [sample["key"] for sample in samples if sample["key"] not in job_masks]
+        if missing:
+            print(f"error: {args.job} has no mask of {len(missing)} of the images (first: {missing[0]}): "
+                  "pass the output folder of a job over the same --input", file=sys.stderr)
+            return 2
     records = []
     for sample in samples:
         classes = sorted({config.class_index(name) for name in sample["names"]})
