@@ -45,6 +45,18 @@ def test_segment_with_crf(image_file, tmp_path, capsys):
     assert set(np.unique(np.array(Image.open(out)))) <= {0, 11}
 
 
+def test_segment_lays_a_phone_photo_out_upright(tmp_path, capsys):
+    # stored 160 wide and 120 high, tagged to be shown turned 90 degrees clockwise: 120 wide, 160 high
+    photo, out, over = tmp_path / "phone.jpg", tmp_path / "mask.png", tmp_path / "overlay.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(synthetic_image(120, 160, seed=4)).save(photo, exif=exif)
+    assert main(["segment", str(photo), "--labels", "cat", "--model", "tiny", "--device", "cpu", "-o", str(out),
+                 "--overlay", str(over)]) == 0
+    assert f"wrote {out} (120x160, upright by its EXIF orientation 6)" in capsys.readouterr().out
+    assert Image.open(out).size == (120, 160) and Image.open(over).size == (240, 160)
+
+
 @pytest.mark.parametrize("labels, message", [
     ("cat,giraffe", "unknown class name 'giraffe': use one of aeroplane, bicycle"),
     (" , ", "--labels is empty"),

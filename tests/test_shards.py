@@ -90,3 +90,80 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
                  "--classes", "cat,dog", "-o", str(tmp_path / "out2"), "--prefix", "mine"]) == 0
     (sample,) = read_shard(str(tmp_path / "out2" / "mine-000000.tar"))
     assert json.loads(sample["json"])["names"] == ["dog"]
+
+
+def _tagged(image: np.ndarray, path, orientation: int, **save) -> bytes:
+    """Save image with an EXIF orientation tag (format from the suffix); returns the file's bytes."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(image).save(path, exif=exif, **save)
+    return path.read_bytes()
+
+
+# Orientation 6: a viewer shows the stored pixels turned 90 degrees clockwise; 3: turned 180; 8: 90 anticlockwise.
+@pytest.mark.parametrize("orientation, upright", [(6, lambda a: np.rot90(a, -1)), (3, lambda a: np.rot90(a, 2)),
+                                                  (8, lambda a: np.rot90(a, 1))])
+def test_upright_image_bytes_turns_the_pixels_as_a_viewer_shows_them(tmp_path, orientation, upright):
+    from PIL import Image
+
+    from pipeline.mask.codec import decode_image, exif_orientation, upright_image_bytes
+
+    stored = synthetic_image(20, 30, seed=2)
+    data = _tagged(stored, tmp_path / "photo.png", orientation)
+    turned, found = upright_image_bytes(data)
+    assert found == orientation
+    assert np.array_equal(decode_image(turned), upright(stored))  # PNG: lossless
+    with Image.open(tmp_path / "photo.png") as img:
+        assert exif_orientation(img) == orientation
+    assert np.array_equal(decode_image(data, upright=True), upright(stored))
+    assert np.array_equal(decode_image(data), stored)  # the stored grid by default
+
+
+def test_upright_image_bytes_keeps_upright_images_and_drops_the_tag_of_a_turned_jpeg(tmp_path):
+    from PIL import Image
+
+    from pipeline.mask.codec import upright_image_bytes
+
+    stored = synthetic_image(20, 30, seed=3)
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(stored).save(plain)
+    assert upright_image_bytes(plain.read_bytes()) == (plain.read_bytes(), 1)
+    tagged_upright = _tagged(stored, tmp_path / "one.jpg", 1)
+    assert upright_image_bytes(tagged_upright) == (tagged_upright, 1)
+    assert upright_image_bytes(b"not an image") == (b"not an image", 1)
+    turned, orientation = upright_image_bytes(_tagged(stored, tmp_path / "six.jpg", 6, quality=95))
+    import io
+
+    with Image.open(io.BytesIO(turned)) as img:
+        assert (orientation, img.format, img.size) == (6, "JPEG", (20, 30))
+        assert img.getexif().get(0x0112) is None  # no loader turns it again
+        pixels = np.asarray(img, dtype=float)
+    # re-encoded, so near the turned pixels, and far from the other way round
+    assert np.abs(pixels - np.rot90(stored, -1)).mean() < 0.5 * np.abs(pixels - np.rot90(stored, 1)).mean()
+
+
+def test_folder_shards_hold_photos_upright_and_voc_shards_keep_the_stored_grid(tmp_path, capsys):
+    from pipeline.data.shards import SourceImage, _image_sample
+    from pipeline.mask.codec import decode_image
+
+    (tmp_path / "imgs").mkdir()
+    stored = synthetic_image(20, 30, seed=5)
+    original = _tagged(stored, tmp_path / "imgs" / "phone.png", 6)
+    _tagged(stored, tmp_path / "imgs" / "flat.png", 1)
+    (tmp_path / "labels.csv").write_text("image,labels\nphone.png,cat\nflat.png,dog\n")
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.csv"),
+                 "--classes", "cat,dog", "-o", str(tmp_path / "out")]) == 0
+    assert "turned 1 image(s) upright by their EXIF orientation" in capsys.readouterr().out
+    samples = {s["__key__"]: s for s in read_shard(str(tmp_path / "out" / "images-000000.tar"))}
+    phone = json.loads(samples["phone"]["json"])
+    assert (phone["width"], phone["height"], phone["exif_orientation"]) == (20, 30, 6)
+    assert np.array_equal(decode_image(samples["phone"]["jpg"]), np.rot90(stored, -1))
+    assert np.array_equal(decode_image(samples["flat"]["jpg"]), stored)
+    assert "exif_orientation" not in json.loads(samples["flat"]["json"])
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["turned_upright"] == [{"id": "phone", "exif_orientation": 6}]
+    # VOC and COCO annotations refer to the stored pixels: those sources keep the bytes as they are
+    sample = _image_sample(SourceImage("phone", tmp_path / "imgs" / "phone.png", ["cat"]), ["cat"], ShardingReport())
+    assert sample["jpg"] == original and json.loads(sample["json"])["width"] == 30

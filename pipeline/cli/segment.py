@@ -17,7 +17,8 @@ def register(sub) -> None:
         examples=["pseudolabel segment photo.jpg --labels cat,sofa -o mask.png --overlay overlay.png",
                   "pseudolabel segment photo.jpg --labels dog --crf --model path/to/sd21 -o mask.png"])
     inputs = parser.add_argument_group("input")
-    inputs.add_argument("image", help="image file (JPEG, PNG, ...)")
+    inputs.add_argument("image", help="image file (JPEG, PNG, ...); a photo with an EXIF orientation is segmented "
+                                      "upright, as a viewer shows it, and its mask is laid out upright")
     inputs.add_argument("--labels", required=True,
                         help="comma-separated class names present in the image, e.g. cat,sofa")
     outputs = parser.add_argument_group("output")
@@ -41,7 +42,9 @@ def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from pipeline.mask.codec import overlay, read_image, write_mask
+    from PIL import Image
+
+    from pipeline.mask.codec import exif_orientation, overlay, read_image, write_mask
     from pipeline.mask.postprocess import finish_mask
     from pipeline.segment.models import load_model
     from pipeline.segment.segmenter import Segmenter
@@ -50,7 +53,9 @@ def run_segment(args: argparse.Namespace) -> int:
     if args.crf:
         config = config.with_crf(True)
     classes = parse_labels(args.labels, config)
-    image = read_image(args.image)
+    image = read_image(args.image, upright=True)
+    with Image.open(args.image) as img:
+        orientation = exif_orientation(img)
     started = time.perf_counter()
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
@@ -68,7 +73,8 @@ def run_segment(args: argparse.Namespace) -> int:
     shares = ", ".join(
         f"{'ignore' if v == 255 else names[v]} {c / result.labels.size:.1%}" for v, c in zip(values, counts)
     )
-    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}): {shares}")
+    turned = f", upright by its EXIF orientation {orientation}" if orientation != 1 else ""
+    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}{turned}): {shares}")
     if args.overlay:
         print(f"wrote {args.overlay}")
     print(f"model load {loaded - started:.1f} s, segment {time.perf_counter() - loaded:.1f} s on {model.device}")

@@ -75,6 +75,10 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
     print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
+    if report.turned_upright:
+        print(f"turned {len(report.turned_upright)} image(s) upright by their EXIF orientation: the shards hold "
+              "them upright, re-encoded, so masks, exports and every image loader agree (manifest.json: "
+              "turned_upright)")
     if report.problems:
         kinds: dict[str, int] = {}
         for problem in report.problems:

@@ -1,8 +1,10 @@
 """WebDataset shards: writing image shards from VOC or a labelled folder, reading them back,
 and writing mask shards.
 
-An image shard sample is `<id>.jpg` (the original bytes), `<id>.json` (id, labels as mask
-values and names, width, height, source) and, where ground truth exists, `<id>.gt.png`.
+An image shard sample is `<id>.jpg` (the original bytes; a labelled folder's photo with an EXIF
+orientation is turned upright and re-encoded), `<id>.json` (id, labels as mask values and names,
+width, height, source, exif_orientation where turned) and, where ground truth exists,
+`<id>.gt.png`.
 Ids have no dots (WebDataset keys). Tars are written with a fixed mtime, so the same samples
 give the same bytes.
 """
@@ -27,6 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
+from pipeline.mask.codec import upright_image_bytes
 
 _MTIME = 0
 
@@ -38,13 +41,16 @@ class ShardingError(PipelineError, ValueError):
 @dataclass
 class SourceImage:
     """One image to shard: its id, file, class names and optional ground truth: a mask file,
-    or gt_png, a function that renders the mask PNG when the sample is written."""
+    or gt_png, a function that renders the mask PNG when the sample is written. upright: store
+    the image turned by its EXIF orientation (`upright_image_bytes`), for images that no
+    annotation ties to their stored pixel grid."""
 
     id: str
     image: Path
     names: list[str]
     gt: Path | None = None
     gt_png: Callable[[], bytes] | None = None
+    upright: bool = False
 
 
 @dataclass
@@ -53,6 +59,7 @@ class ShardingReport:
 
     shards: list[dict] = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)
+    turned_upright: list[dict] = field(default_factory=list)  # {id, exif_orientation} per image
 
     def problem(self, sample_id: str, kind: str, detail: str) -> None:
         self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
@@ -207,7 +214,7 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
         if not image.is_file():
             report.problem(key, "missing image", f"{image} does not exist")
             continue
-        sources.append(SourceImage(id=key, image=image, names=names))
+        sources.append(SourceImage(id=key, image=image, names=names, upright=True))
     return sources
 
 
@@ -217,6 +224,11 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
     data = source.image.read_bytes()
     meta = {"id": source.id, "names": source.names, "source": str(source.image),
             "labels": [class_names.index(n) + 1 if n in class_names else None for n in source.names]}
+    if source.upright:
+        data, orientation = upright_image_bytes(data)
+        if orientation != 1:
+            meta["exif_orientation"] = orientation
+            report.turned_upright.append({"id": source.id, "exif_orientation": orientation})
     try:
         with Image.open(io.BytesIO(data)) as img:
             meta["width"], meta["height"] = img.size
@@ -260,7 +272,8 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
         if progress is not None:
             progress.update(len(chunk))
     atomic_write_json(out_dir / "manifest.json",
-                      {"shards": report.shards, "classes": class_names, "problems": report.problems})
+                      {"shards": report.shards, "classes": class_names, "problems": report.problems,
+                       "turned_upright": report.turned_upright})
     return report
 
 

@@ -7,10 +7,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ImageError
-from pipeline.mask.postprocess import IGNORE_INDEX
+
+# The mask value of pixels no class claims (the ignore index of VOC masks and training losses).
+IGNORE_INDEX = 255
 
 
 # decode_image checks its own limit before decoding; PIL's warning would only repeat it.
@@ -43,9 +45,46 @@ _PALETTE = voc_palette()
 CONFIDENCE_PNG_LEVEL = 3
 
 
-def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image: 1 (stored upright) to 8; 1 where it has none
+    or an invalid one."""
+    try:
+        orientation = int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except (TypeError, ValueError, OSError, SyntaxError):
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def upright_image_bytes(data: bytes) -> tuple[bytes, int]:
+    """Image bytes -> (the image turned upright by its EXIF orientation, orientation).
+
+    An image stored upright (orientation 1, no tag, or undecodable) comes back as the same
+    bytes. Otherwise its pixels are transposed and re-encoded without EXIF (JPEG at quality
+    95 for a JPEG, else PNG), so a loader that applies the tag (OpenCV, viewers) and one that
+    ignores it (PIL, torchvision) see the same pixels.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            orientation = exif_orientation(img)
+            if orientation == 1:
+                return data, 1
+            upright = ImageOps.exif_transpose(img)
+            buffer = io.BytesIO()
+            if img.format == "JPEG":
+                upright.save(buffer, format="JPEG", quality=95)
+            else:
+                upright.save(buffer, format="PNG")
+            return buffer.getvalue(), orientation
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return data, 1
+
+
+def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None,
+                 upright: bool = False) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB [H, W, 3]; ImageDecodeError names `name` otherwise.
 
+    The stored pixel grid, which annotations (VOC, COCO) and the official code use; with
+    upright, turned by the image's EXIF orientation first, as a viewer shows it.
     max_pixels: images with more pixels fail before they are decoded (a decompression bomb
     guard: a small file can declare a huge image); it is also PIL's own limit while decoding.
     """
@@ -57,19 +96,19 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageDecodeError(f"{name} is {width} x {height} = {width * height:,} pixels, over the limit of "
                                        f"{max_pixels:,}: shrink the image or raise max_image_pixels in the config")
-            return np.array(img.convert("RGB"))
+            return np.array((ImageOps.exif_transpose(img) if upright else img).convert("RGB"))
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode {name}: {exc}; replace or remove the file") from exc
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Image file -> uint8 RGB [H, W, 3]."""
+def read_image(path: str | Path, upright: bool = False) -> np.ndarray:
+    """Image file -> uint8 RGB [H, W, 3] (upright: as `decode_image`)."""
     path = Path(path)
     if not path.is_file():
         raise ImageDecodeError(f"image {path} not found: check the path")
-    return decode_image(path.read_bytes(), str(path))
+    return decode_image(path.read_bytes(), str(path), upright=upright)
 
 
 def encode_mask(labels: np.ndarray) -> bytes:

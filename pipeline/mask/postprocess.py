@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from pipeline.segment.maps import minmax
 from pipeline.segment.methods import iseg
 from pipeline.config import SegmenterConfig
+from pipeline.mask.codec import IGNORE_INDEX
 from pipeline.mask.crf import crf_refine
-
-IGNORE_INDEX = 255
 
 
 @dataclass
