@@ -57,3 +57,28 @@ def test_cached_hub_snapshot_is_used_without_network(monkeypatch, tmp_path):
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, **kw: str(folder))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_model("someone/cached-model") == folder
+
+
+def test_folder_of_fp16_variant_files_loads(tiny_model, tmp_path):
+    # A download of a hub repository's fp16 files alone: `*.fp16.safetensors` and no plain weights.
+    import shutil
+
+    folder = tmp_path / "sd"
+    shutil.copytree(tiny_model_path(), folder)
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        (folder / part / f"{name}.safetensors").rename(folder / part / f"{name}.fp16.safetensors")
+    assert models.weights_variant(folder / "unet") == "fp16"
+    assert models.weights_variant(tiny_model_path() / "unet") is None
+    again = load_model(str(folder), device="cpu")
+    for part in ("unet", "vae", "text_encoder"):
+        for (name, a), (_, b) in zip(getattr(tiny_model, part).state_dict().items(),
+                                     getattr(again, part).state_dict().items()):
+            assert torch.equal(a, b), f"{part}.{name}"
+
+
+def test_single_file_checkpoint_says_how_to_convert_it(tmp_path):
+    checkpoint = tmp_path / "v2-1_512-ema-pruned.safetensors"
+    checkpoint.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="single-file checkpoint: convert it to a diffusers folder once"):
+        resolve_model(str(checkpoint))

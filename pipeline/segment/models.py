@@ -46,6 +46,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def weights_variant(component: Path) -> str | None:
+    """None where a component folder (unet/, vae/, text_encoder/) holds plain weight files;
+    "fp16" where it holds only fp16-variant ones (`diffusion_pytorch_model.fp16.safetensors`,
+    as a download of a hub repository's fp16 files alone leaves it)."""
+    weights = [p.name for p in component.glob("*") if p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    if weights and all(".fp16." in name for name in weights):
+        return "fp16"
+    return None
+
+
 def _load_components(folder: Path, dtype: torch.dtype) -> dict:
     import diffusers
     import transformers
@@ -55,11 +65,14 @@ def _load_components(folder: Path, dtype: torch.dtype) -> dict:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     source, kwargs = str(folder), {"local_files_only": True}
+    variant = {part: weights_variant(folder / part) for part in ("text_encoder", "vae", "unet")}
     return dict(
         tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs),
-        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs),
-        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
+                                                   variant=variant["text_encoder"], **kwargs),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, variant=variant["vae"], **kwargs),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype,
+                                                  variant=variant["unet"], **kwargs),
         scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
     )
 
@@ -155,6 +168,12 @@ def resolve_model(spec: str) -> Path:
         return path
     if _looks_like_hub_id(spec):
         return _hub_folder(spec)
+    if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        raise ModelLoadError(
+            f"model {spec!r} is a single-file checkpoint: convert it to a diffusers folder once, e.g. "
+            "python -c \"from diffusers import StableDiffusionPipeline as P; "
+            f"P.from_single_file('{path}').save_pretrained('sd21-folder')\", then pass --model sd21-folder"
+        )
     raise ModelLoadError(
         f"model {spec!r} is neither a local folder nor a hub id: pass a diffusers folder, "
         f"a hub id such as {DEFAULT_MODEL}, or `tiny`"
