@@ -225,6 +225,47 @@ def test_input_patterns(shards, tmp_path):
         expand_input(str(tmp_path))
 
 
+def test_shard_names_come_from_paths_urls_and_pipes_and_may_not_collide(shards, tmp_path):
+    import shutil
+
+    from pipeline.data.shards import InputError, shard_name
+
+    assert shard_name("/data/voc-train-000003.tar") == "voc-train-000003"
+    assert shard_name("pipe:aws s3 cp s3://bucket/voc/voc-train-000003.tar -") == "voc-train-000003"
+    assert shard_name("pipe:curl -s -L https://host/voc-train-000003.tar") == "voc-train-000003"
+    assert shard_name("https://host/voc-train-000003.tar?token=abc") == "voc-train-000003"
+    assert shard_name("/data/images-000001.tar.gz") == "images-000001.tar.gz"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(shards / "voc-train-000000.tar", tmp_path / folder)
+    with pytest.raises(InputError, match=r"a/voc-train-000000.tar and .*b/voc-train-000000.tar share the name "
+                                         r"'voc-train-000000'"):
+        run_job(str(tmp_path / "{a,b}" / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG),
+                "tiny", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was recorded
+
+
+def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_path):
+    # Through a `pipe:` command as from object storage: shard 0 whole, shard 1 cut short (an
+    # interrupted copy), shard 2 missing. WebDataset's exceptions carry file objects that cannot
+    # leave the worker's process; the ledger gets one line saying what is wrong instead.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "voc-train-000000.tar").write_bytes((shards / "voc-train-000000.tar").read_bytes())
+    cut = (shards / "voc-train-000002.tar").read_bytes()
+    (tmp_path / "in" / "voc-train-000001.tar").write_bytes(cut[: len(cut) // 2])
+    pattern = f"pipe:cat {tmp_path}/in/voc-train-{{000000..000002}}.tar"
+    summary = run_job(pattern, tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
+    assert (summary.shards_done, summary.shards_failed) == (1, 2)
+    ledger = {e.shard: e for e in Ledger(tmp_path / "out").entries()}
+    assert ledger["voc-train-000000"].state == "done" and ledger["voc-train-000000"].samples == 2
+    assert ledger["voc-train-000001"].error.startswith(
+        f"ShardReadError: cannot read shard pipe:cat {tmp_path}/in/voc-train-000001.tar: ReadError: ")
+    assert ledger["voc-train-000002"].error == (
+        f"ShardReadError: cannot read shard pipe:cat {tmp_path}/in/voc-train-000002.tar: OSError: the command "
+        f"'cat {tmp_path}/in/voc-train-000002.tar' exited with status 1; check that it is complete "
+        "(manifest.json has its sha256) and readable from this machine")
+
+
 def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, shards, tmp_path, capsys):
     out = tmp_path / "out"
     job = _start_cli(shards, out, "--retries", "0")

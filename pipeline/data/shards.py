@@ -97,13 +97,37 @@ def tar_bytes(samples: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+class ShardReadError(PipelineError, OSError):
+    """A shard cannot be read to its end (missing, truncated, not a tar, a failing `pipe:`)."""
+
+
+def _read_failure(url: str, exc: Exception) -> str:
+    """One line saying why WebDataset could not read url (its exceptions carry file objects and
+    pipes, which cannot cross a process boundary, so only this text travels)."""
+    reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
+    reason = reason.split(" @ <")[0]  # tarfile's "... @ <_io.BufferedReader ...>"
+    status = re.search(r"exit (-?\d+)", reason)
+    if url.startswith("pipe:") and status:
+        reason = f"the command {url[5:].strip()!r} exited with status {status.group(1)}"
+    return (f"cannot read shard {url}: {type(exc).__name__}: {reason}; check that it is complete (manifest.json "
+            "has its sha256) and readable from this machine")
+
+
 def read_shard(url: str) -> Iterator[dict]:
-    """Raw samples of a shard: dicts with "__key__" and bytes per extension, in tar order."""
+    """Raw samples of a shard: dicts with "__key__" and bytes per extension, in tar order.
+    A shard that cannot be read to its end raises ShardReadError after the samples before it."""
     import webdataset as wds
 
     dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
                              workersplitter=None)
-    for sample in dataset:
+    samples = iter(dataset)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise ShardReadError(_read_failure(url, exc)) from None
         yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
 
 
@@ -306,9 +330,16 @@ def expand_input(pattern: str) -> list[str]:
     return urls
 
 
+# The last `<name>.tar` of a path, a URL (before its query) or a `pipe:` command.
+_TAR_NAME = re.compile(r"([^/\s?#]+)\.tar(?=[?#\s]|$)")
+
+
 def shard_name(url: str) -> str:
-    name = url.rstrip("/").split("/")[-1]
-    return name[:-4] if name.endswith(".tar") else name
+    """The name a shard's outputs take (masks/<name>.tar, ledger/<name>.json): its file name
+    without .tar, also inside a URL or a `pipe:` command (`pipe:aws s3 cp s3://b/voc-000003.tar -`
+    -> voc-000003); else the input's last path component."""
+    found = _TAR_NAME.findall(url)
+    return found[-1] if found else url.rstrip("/").split("/")[-1]
 
 
 def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:

@@ -232,8 +232,11 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     input_pattern = absolute_input(input_pattern)
     urls = expand_input(input_pattern)
     names = [shard_name(u) for u in urls]
-    if len(set(names)) != len(names):
-        raise InputError("two input shards share a file name; output shards are named after them")
+    first_url: dict[str, str] = {}
+    for name, url in zip(names, urls):
+        if first_url.setdefault(name, url) != url:
+            raise InputError(f"input shards {first_url[name]} and {url} share the name {name!r}, which names their "
+                             "outputs: rename one of them, or run them as two jobs")
     check_model_available(model)
     digest = config_hash(config, model)
     ledger = Ledger(out_dir)
