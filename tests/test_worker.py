@@ -141,3 +141,26 @@ def test_a_compiled_worker_warms_up_every_size_a_last_batch_can_have():
     assert warm_up_batch_sizes(16, compiled=True) == [16, 15, 1]
     assert warm_up_batch_sizes(2, compiled=True) == [2, 1]
     assert warm_up_batch_sizes(1, compiled=True) == [1]
+
+
+def test_shards_of_other_webdataset_tools_may_carry_png_or_jpeg_images(worker, tmp_path):
+    # Any of WebDataset's image extensions; a sample with no image fails alone, saying so.
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.shards import encode_json, tar_bytes
+
+    samples = []
+    for index, extension in enumerate(("png", "jpeg", "webp", "txt")):
+        buffer = io.BytesIO()
+        Image.fromarray(synthetic_image(48, 64, seed=index)).save(buffer, format="PNG" if extension == "txt" else
+                                                                  {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[extension])
+        samples.append({"__key__": f"img{index}", extension: buffer.getvalue(),
+                        "json": encode_json({"names": ["cat"]})})
+    (tmp_path / "other-000000.tar").write_bytes(tar_bytes(samples))
+    result = worker.process_shard(str(tmp_path / "other-000000.tar"), "other-000000")
+    assert [row["status"] for row in result.rows] == ["ok", "ok", "ok", "failed"]
+    assert result.rows[3]["error"].startswith("sample 'img3' has no image (no file ending in .jpg, "
+                                              ".jpeg, .png")
+    assert [sample["__key__"] for sample in result.mask_samples] == ["img0", "img1", "img2"]

@@ -24,6 +24,7 @@ from pipeline.data.outputs import MASK_FOLDER
 from pipeline.mask.codec import decode_image, decode_mask, read_image
 from pipeline.mask.postprocess import IGNORE_INDEX
 from pipeline.data.safe_paths import file_in
+from pipeline.data.shards import sample_image
 
 __all__ = ["IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "PseudoMaskFolder", "PseudoMaskShards",
            "VocTrainTransform"]
@@ -155,7 +156,7 @@ class PseudoMaskShards(IterableDataset):
         for url in urls:
             for record, sample in self.job.joined([Path(url["url"])]):
                 if sample is not None:
-                    yield record.id, *_to_tensors(decode_image(sample["jpg"], record.id), record.labels)
+                    yield record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
 
     def _finished(self, samples):
         for key, image, mask in samples:

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
-from pipeline.mask.codec import upright_image_bytes
+from pipeline.mask.codec import ImageDecodeError, upright_image_bytes
 
 _MTIME = 0
 
@@ -111,6 +111,21 @@ def _read_failure(url: str, exc: Exception) -> str:
         reason = f"the command {url[5:].strip()!r} exited with status {status.group(1)}"
     return (f"cannot read shard {url}: {type(exc).__name__}: {reason}; check that it is complete (manifest.json "
             "has its sha256) and readable from this machine")
+
+
+# Where a sample may carry its image (WebDataset's image extensions), in the order looked for.
+# The project's own shards always use jpg, whatever the image's format.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+
+
+def sample_image(sample: dict) -> bytes:
+    """The image bytes of a shard sample: under the first of IMAGE_EXTENSIONS it has, so shards
+    written by other WebDataset tools work too; an ImageDecodeError naming the sample if none."""
+    for extension in IMAGE_EXTENSIONS:
+        if extension in sample:
+            return sample[extension]
+    raise ImageDecodeError(f"sample {sample.get('__key__')!r} has no image (no file ending in "
+                           f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}): add its image to the shard")
 
 
 def read_shard(url: str) -> Iterator[dict]:

@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.mask.codec import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key
-from pipeline.data.shards import encode_json, read_shard, sample_classes
+from pipeline.data.shards import encode_json, read_shard, sample_classes, sample_image
 from pipeline.mask.stats import failed_row, mask_statistics
 from pipeline.segment.segmenter import ClassScores, Segmenter
 
@@ -138,7 +138,7 @@ def _prefetch(url: str, depth: int, max_pixels: int | None = None):
             for sample in read_shard(url):
                 try:
                     key = check_key(sample["__key__"])
-                    image = decode_image(sample.get("jpg", b""), f"image {key}", max_pixels)
+                    image = decode_image(sample_image(sample), f"image {key}", max_pixels)
                 except (ImageDecodeError, UnsafeKeyError) as exc:
                     image = exc
                 buffer.put((sample, image))
@@ -294,7 +294,7 @@ class ShardWorker:
                     continue
                 scores = image.scores
                 background = scores.background.numpy() if scores.background is not None else None
-                items.append(FinishItem(image.key, image.sample["jpg"], scores.maps.numpy(), scores.classes,
+                items.append(FinishItem(image.key, sample_image(image.sample), scores.maps.numpy(), scores.classes,
                                         scores.refinement_delta, image.seconds, background))
             for index in range(0, len(items), FINISH_CHUNK):  # small tasks spread CRF over the CPUs
                 pending.append(self.submit_finish(self.config_json, shard, items[index : index + FINISH_CHUNK]))

@@ -18,7 +18,7 @@ from pipeline.mask.codec import ImageDecodeError, decode_image, decode_mask
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key, file_in
 from pipeline.segment.segmenter import Segmenter
-from pipeline.data.shards import expand_input, read_shard, sample_classes
+from pipeline.data.shards import expand_input, read_shard, sample_classes, sample_image
 
 # Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
 VARIANTS = {method: {"method": method} for method in METHODS} | {
@@ -116,7 +116,7 @@ def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
                 return
             try:
                 key = check_key(sample["__key__"])
-                image = decode_image(sample.get("jpg", b""), key, config.max_image_pixels)
+                image = decode_image(sample_image(sample), key, config.max_image_pixels)
                 classes = sample_classes(sample, config)
             except (ImageDecodeError, ConfigError, UnsafeKeyError) as exc:
                 print(f"skipped {sample['__key__']!r}: {exc}")

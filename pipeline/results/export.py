@@ -21,6 +21,7 @@ from pipeline.mask.codec import encode_mask
 from pipeline.data.outputs import MASK_FOLDER, failed_image_ids
 from pipeline.mask.postprocess import apply_ignore
 from pipeline.data.safe_paths import file_in, key_problem
+from pipeline.data.shards import sample_image
 
 
 
@@ -102,7 +103,7 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
             labels = apply_ignore(labels, record.confidence, keep.ignore_below)
         atomic_write_bytes(file_in(dest / MASK_FOLDER, record.id, ".png"), encode_mask(np.asarray(labels, np.uint8)))
         if sample is not None:
-            atomic_write_bytes(file_in(dest / "JPEGImages", record.id, ".jpg"), sample["jpg"])
+            atomic_write_bytes(file_in(dest / "JPEGImages", record.id, ".jpg"), sample_image(sample))
         ids.append(record.id)
     failed = failed_image_ids(job.out_dir)
     if failed:

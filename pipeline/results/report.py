@@ -15,6 +15,7 @@ from PIL import Image
 
 from pipeline.results.evaluate import evaluate_job
 from pipeline.data.safe_paths import file_in
+from pipeline.data.shards import sample_image
 from pipeline.mask.codec import decode_image, decode_mask, overlay
 
 
@@ -99,7 +100,7 @@ def _pictures(record, sample: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray 
     gt = decode_mask(sample["gt.png"]) if "gt.png" in sample else None
     if gt is not None and gt.shape != record.labels.shape:
         gt = None
-    return decode_image(sample["jpg"], record.id), record.labels, gt
+    return decode_image(sample_image(sample), record.id), record.labels, gt
 
 
 def write_overlays(job, dest: str | Path) -> int:
