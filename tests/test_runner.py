@@ -245,6 +245,31 @@ def test_shard_names_come_from_paths_urls_and_pipes_and_may_not_collide(shards, 
     assert not (tmp_path / "out").exists()  # refused before anything was recorded
 
 
+def test_shards_made_for_other_classes_are_refused_with_the_config_to_pass(shards, tmp_path):
+    # VOC shards (manifest: the 20 VOC classes) run with the COCO config: every label would fail.
+    from pipeline.data.shards import InputError
+
+    with pytest.raises(InputError, match=rf"the shards in {shards} were written for 20 classes \(aeroplane, "
+                                         r"bicycle, bird, \.\.\.\) but the config has 80 \(person, bicycle, car, "
+                                         r"\.\.\.\): pass --config voc"):
+        run_job(str(shards), tmp_path / "out", load_config("coco"), "tiny", progress=False)
+    assert not (tmp_path / "out").exists()
+    config = load_config(FAST_CONFIG)
+    renamed = config.model_copy(update={"classes": [config.classes[0].model_copy(update={"name": "plane"})]
+                                        + config.classes[1:]})
+    with pytest.raises(InputError, match=r"but the config has 20 \(plane, bicycle, bird, \.\.\.\): pass --config voc"):
+        run_job(str(shards), tmp_path / "out", renamed, "tiny", progress=False)
+    # shards of a folder labelled with classes of its own, run with a built-in config
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "voc-train-000000.tar").write_bytes((shards / "voc-train-000000.tar").read_bytes())
+    (tmp_path / "own" / "manifest.json").write_text(json.dumps(
+        {"shards": [{"url": "voc-train-000000.tar", "samples": 2}], "classes": ["cat", "dog"]}))
+    with pytest.raises(InputError, match=r"written for 2 classes \(cat, dog\) .*: pass a config whose "
+                                         "classes are the manifest's, in its order"):
+        run_job(str(tmp_path / "own"), tmp_path / "out", config, "tiny", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_path):
     # Through a `pipe:` command as from object storage: shard 0 whole, shard 1 cut short (an
     # interrupted copy), shard 2 missing. WebDataset's exceptions carry file objects that cannot

@@ -345,6 +345,26 @@ def expand_input(pattern: str) -> list[str]:
     return urls
 
 
+def check_shard_classes(urls: list[str], class_names: list[str]) -> None:
+    """InputError when a manifest.json beside the shards lists other classes than the config's:
+    every image's labels would fail (their values number the manifest's classes). Shards
+    without a manifest (URLs, pipes, other tools) are checked image by image as they run."""
+    from pipeline.config import BUILT_IN_CONFIGS, load_config
+
+    for folder in sorted({Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")}):
+        try:
+            listed = json.loads((folder / "manifest.json").read_text()).get("classes")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if not isinstance(listed, list) or not listed or listed == list(class_names):
+            continue
+        match = next((name for name in BUILT_IN_CONFIGS if load_config(name).class_names == listed), None)
+        fix = f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its order"
+        first = [", ".join(names[:3]) + (", ..." if len(names) > 3 else "") for names in (listed, class_names)]
+        raise InputError(f"the shards in {folder} were written for {len(listed)} classes ({first[0]}) but the config "
+                         f"has {len(class_names)} ({first[1]}): {fix}")
+
+
 # The last `<name>.tar` of a path, a URL (before its query) or a `pipe:` command.
 _TAR_NAME = re.compile(r"([^/\s?#]+)\.tar(?=[?#\s]|$)")
 

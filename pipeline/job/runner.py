@@ -23,7 +23,7 @@ from pipeline.config import SegmenterConfig
 from pipeline.segment.models import check_model_available
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
-from pipeline.data.shards import InputError, expand_input, shard_name
+from pipeline.data.shards import InputError, check_shard_classes, expand_input, shard_name
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.summary import JobInterrupted, JobSummary, workers_line
 
@@ -231,6 +231,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     out_dir = Path(out_dir).absolute()
     input_pattern = absolute_input(input_pattern)
     urls = expand_input(input_pattern)
+    check_shard_classes(urls, config.class_names)
     names = [shard_name(u) for u in urls]
     first_url: dict[str, str] = {}
     for name, url in zip(names, urls):

@@ -18,7 +18,7 @@ from pipeline.mask.codec import ImageDecodeError, decode_image, decode_mask
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key, file_in
 from pipeline.segment.segmenter import Segmenter
-from pipeline.data.shards import expand_input, read_shard, sample_classes, sample_image
+from pipeline.data.shards import check_shard_classes, expand_input, read_shard, sample_classes, sample_image
 
 # Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
 VARIANTS = {method: {"method": method} for method in METHODS} | {
@@ -110,7 +110,9 @@ def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
     """(id, image, classes, gt bytes or None) of every usable sample; unusable ones are
     reported and skipped."""
     count = 0
-    for url in expand_input(input_pattern):
+    urls = expand_input(input_pattern)
+    check_shard_classes(urls, config.class_names)
+    for url in urls:
         for sample in read_shard(url):
             if limit is not None and count >= limit:
                 return
