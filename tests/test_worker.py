@@ -13,6 +13,7 @@ from conftest import FAST_CONFIG, image_tensor, synthetic_image
 from pipeline.job import worker as worker_module
 from pipeline.results.bench import write_benchmark_shards
 from pipeline.config import load_config
+from pipeline.data.shards import ShardReadError
 from pipeline.job.worker import ShardWorker, release_free_memory
 
 
@@ -91,7 +92,7 @@ def test_worker_releases_free_memory_after_every_shard_it_ran_unless_it_keeps_fr
     monkeypatch.setattr(worker, "trims_after_shard", True)
     result = worker.process_shard(pattern.replace("*", "000000"), "bench-000000")
     assert [row["status"] for row in result.rows] == ["ok", "ok"] and releases == [True]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ShardReadError, match="missing.tar: FileNotFoundError"):
         worker.process_shard(str(tmp_path / "missing.tar"), "missing")
     assert releases == [True, True]  # a failed shard's memory too
     # keep-freed: one heap at its peak, which the next shard reuses
