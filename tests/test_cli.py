@@ -71,7 +71,11 @@ def test_bad_labels_are_one_line_errors(image_file, tmp_path, capsys, labels, me
 def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    for path, message in ((broken, f"cannot decode {broken}"), (tmp_path / "nope.jpg", "not found")):
+    phone = tmp_path / "IMG_0001.HEIC"  # the start of an iPhone photo: an ISO-BMFF box of brand heic
+    phone.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    for path, message in ((broken, f"cannot decode {broken}"), (tmp_path / "nope.jpg", "not found"),
+                          (phone, "is a HEIF/HEIC image, which Pillow cannot decode without a plug-in: convert it "
+                                  "to JPEG or PNG")):
         code = main(["segment", str(path), "--labels", "cat", "--model", "tiny", "-o", str(tmp_path / "m.png")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
-from pipeline.mask.codec import ImageDecodeError, upright_image_bytes
+from pipeline.mask.codec import ImageDecodeError, undecodable_reason, upright_image_bytes
 
 _MTIME = 0
 
@@ -272,7 +272,7 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
         with Image.open(io.BytesIO(data)) as img:
             meta["width"], meta["height"] = img.size
     except Exception as exc:  # any decoder failure: the image still goes in, the run fails it
-        report.problem(source.id, "unreadable image", f"{source.image}: {exc}")
+        report.problem(source.id, "unreadable image", f"{source.image}: {undecodable_reason(data, exc)}")
     if not source.names:
         report.problem(source.id, "no labels", "no image-level label found; the run will fail this image")
     unknown = [n for n in source.names if n not in class_names]

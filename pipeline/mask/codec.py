@@ -45,6 +45,18 @@ _PALETTE = voc_palette()
 CONFIDENCE_PNG_LEVEL = 3
 
 
+# ISO-BMFF brands of HEIF images (what phones save as .heic), which Pillow cannot open by itself.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def undecodable_reason(data: bytes, exc: Exception) -> str:
+    """Why Pillow could not decode data, with the fix where one is known (HEIF photos)."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return ("it is a HEIF/HEIC image, which Pillow cannot decode without a plug-in: convert it to JPEG or PNG "
+                "(e.g. with pillow-heif or heif-convert)")
+    return f"{exc}; replace or remove the file"
+
+
 def exif_orientation(img: Image.Image) -> int:
     """The EXIF orientation of an opened image: 1 (stored upright) to 8; 1 where it has none
     or an invalid one."""
@@ -100,7 +112,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"cannot decode {name}: {exc}; replace or remove the file") from exc
+        raise ImageDecodeError(f"cannot decode {name}: {undecodable_reason(data, exc)}") from exc
 
 
 def read_image(path: str | Path, upright: bool = False) -> np.ndarray:
