@@ -34,13 +34,31 @@ def test_voc_shards_carry_image_labels_and_ground_truth(tmp_path):
     assert [s["__key__"] for s in samples] == [f"2008_00000{i}" for i in range(5)]
     meta = {s["__key__"]: json.loads(s["json"]) for s in samples}
     assert meta["2008_000000"]["names"] == ["cat", "sofa"] and meta["2008_000000"]["labels"] == [8, 18]
-    assert meta["2008_000001"]["names"] == ["dog", "person"]  # Annotations/ wins over the mask
+    # the mask's classes win over the XML's, as in the official code; the difference is reported
+    assert meta["2008_000001"]["names"] == ["cat", "sofa"] and meta["2008_000001"]["label_source"] == "mask"
+    assert {"id": "2008_000001", "problem": "labels differ",
+            "detail": "Annotations XML names ['dog', 'person'], the mask shows ['cat', 'sofa']: took the mask's, as "
+                      "the official iSeg code"} in manifest["problems"]
+    assert manifest["label_sources"] == {"mask": 4, "none": 1}
     assert (meta["2008_000000"]["width"], meta["2008_000000"]["height"]) == (60, 40)
     gt = decode_mask(samples[0]["gt.png"])
     assert set(np.unique(gt)) == {0, 8, 18}
     assert samples[0]["jpg"] == (root / "JPEGImages" / "2008_000000.jpg").read_bytes()
     assert "gt.png" not in samples[3]
-    assert {"id": "2008_000003", "problem": "no labels"}.items() <= manifest["problems"][0].items()
+    assert ("2008_000003", "no labels") in {(p["id"], p["problem"]) for p in manifest["problems"]}
+
+
+def test_voc_images_without_a_mask_take_their_labels_from_annotations(tmp_path, capsys):
+    images = {"2008_000010": (synthetic_image(40, 60, seed=1), None),
+              "2008_000011": (synthetic_image(40, 60, seed=2), two_class_mask(40, 60, 8, 18))}
+    root = write_voc_folder(tmp_path / "VOC2012", images,
+                            annotations={"2008_000010": ["bird", "person", "bird"], "2008_000011": ["cat", "sofa"]})
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "-o", str(tmp_path / "s")]) == 0
+    assert "image-level labels from the ground-truth masks for 1, Annotations XML for 1" in capsys.readouterr().out
+    meta = {s["__key__"]: json.loads(s["json"]) for s in read_shard(str(tmp_path / "s" / "voc-train-000000.tar"))}
+    assert (meta["2008_000010"]["names"], meta["2008_000010"]["label_source"]) == (["bird", "person"], "xml")
+    assert (meta["2008_000011"]["names"], meta["2008_000011"]["label_source"]) == (["cat", "sofa"], "mask")
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["problems"] == []  # XML and mask agree
 
 
 def test_sharding_is_deterministic_and_reports_duplicates_and_missing(tmp_path):

@@ -24,8 +24,9 @@ def register(sub) -> None:
     inputs.add_argument("--split", default="train_aug",
                         help="train, train_aug, val, or a file of ids (default train_aug)")
     inputs.add_argument("--labels-file", default=None,
-                        help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: "
-                             "Annotations/*.xml, else the segmentation masks)")
+                        help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: the "
+                             "classes in each image's SegmentationClassAug/ or SegmentationClass/ mask, as the "
+                             "official iSeg code; Annotations/*.xml for images without a mask)")
     _shard_outputs(voc)
     voc.set_defaults(func=run_shard_voc)
 
@@ -75,6 +76,10 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
     print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
+    sources = {"mask": "the ground-truth masks", "xml": "Annotations XML", "labels-file": "the labels file",
+               "none": "nowhere (no labels)"}
+    print("image-level labels from " + ", ".join(f"{sources.get(k, k)} for {n}" for k, n in
+                                                  sorted(report.label_sources.items())))
     if report.turned_upright:
         print(f"turned {len(report.turned_upright)} image(s) upright by their EXIF orientation: the shards hold "
               "them upright, re-encoded, so masks, exports and every image loader agree (manifest.json: "

@@ -99,7 +99,7 @@ def coco_sources(coco_root: str | Path, split: str, annotations: str | Path | No
                            else "no instance annotation; not sharded")
             continue
         sources.append(SourceImage(key, path, [class_names[v - 1] for v in present],
-                                   gt_png=_renderer(coco, image_id, indices)))
+                                   gt_png=_renderer(coco, image_id, indices), label_source="mask"))
     return sources
 
 

@@ -43,7 +43,8 @@ class SourceImage:
     """One image to shard: its id, file, class names and optional ground truth: a mask file,
     or gt_png, a function that renders the mask PNG when the sample is written. upright: store
     the image turned by its EXIF orientation (`upright_image_bytes`), for images that no
-    annotation ties to their stored pixel grid."""
+    annotation ties to their stored pixel grid. label_source: where names came from (`mask`,
+    `xml`, `labels-file`, ...), recorded in the sample's json."""
 
     id: str
     image: Path
@@ -51,6 +52,7 @@ class SourceImage:
     gt: Path | None = None
     gt_png: Callable[[], bytes] | None = None
     upright: bool = False
+    label_source: str | None = None
 
 
 @dataclass
@@ -60,6 +62,7 @@ class ShardingReport:
     shards: list[dict] = field(default_factory=list)
     problems: list[dict] = field(default_factory=list)
     turned_upright: list[dict] = field(default_factory=list)  # {id, exif_orientation} per image
+    label_sources: dict[str, int] = field(default_factory=dict)  # images sharded per label source
 
     def problem(self, sample_id: str, kind: str, detail: str) -> None:
         self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
@@ -190,8 +193,10 @@ def _labels_file(path: Path) -> dict[str, list[str]]:
 
 def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None,
                 report: ShardingReport) -> list[SourceImage]:
-    """The images of a VOC split with their labels: from --labels-file, else Annotations/*.xml,
-    else the segmentation masks (SegmentationClassAug, then SegmentationClass)."""
+    """The images of a VOC split with their labels: from --labels-file, else the classes present
+    in the image's ground-truth mask (SegmentationClassAug, then SegmentationClass), as the
+    official iSeg code takes them and its published numbers use, else Annotations/*.xml. An
+    image whose XML names other classes than its mask shows is reported (`labels differ`)."""
     root = Path(voc_root)
     if not (root / "JPEGImages").is_dir():
         raise ShardingError(f"{root} has no JPEGImages/: pass the VOC2012 folder (VOCdevkit/VOC2012)")
@@ -210,14 +215,19 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
                                root / "SegmentationClass" / f"{image_id}.png") if p.is_file()), None)
         xml = root / "Annotations" / f"{image_id}.xml"
         if table is not None:
-            names = table.get(image_id, [])
-        elif xml.is_file():
-            names = _labels_from_xml(xml)
+            names, label_source = table.get(image_id, []), "labels-file"
         elif gt is not None:
-            names = _labels_from_mask(gt)
+            names, label_source = _labels_from_mask(gt), "mask"
+            listed = _labels_from_xml(xml) if xml.is_file() else names
+            if listed != names:
+                report.problem(image_id, "labels differ", f"Annotations XML names {listed}, the mask shows {names}: "
+                                                          "took the mask's, as the official iSeg code")
+        elif xml.is_file():
+            names, label_source = _labels_from_xml(xml), "xml"
         else:
-            names = []
-        sources.append(SourceImage(id=sample_key(image_id), image=image, names=names, gt=gt))
+            names, label_source = [], None
+        sources.append(SourceImage(id=sample_key(image_id), image=image, names=names, gt=gt,
+                                   label_source=label_source))
     return sources
 
 
@@ -253,7 +263,7 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
         if not image.is_file():
             report.problem(key, "missing image", f"{image} does not exist")
             continue
-        sources.append(SourceImage(id=key, image=image, names=names, upright=True))
+        sources.append(SourceImage(id=key, image=image, names=names, upright=True, label_source="labels-file"))
     return sources
 
 
@@ -263,6 +273,8 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
     data = source.image.read_bytes()
     meta = {"id": source.id, "names": source.names, "source": str(source.image),
             "labels": [class_names.index(n) + 1 if n in class_names else None for n in source.names]}
+    if source.label_source is not None:
+        meta["label_source"] = source.label_source
     if source.upright:
         data, orientation = upright_image_bytes(data)
         if orientation != 1:
@@ -303,6 +315,9 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
     if not sources:
         raise ShardingError("no images to shard")
     out_dir = Path(out_dir)
+    for source in sources:
+        kind = source.label_source or "none"
+        report.label_sources[kind] = report.label_sources.get(kind, 0) + 1
     for number, start in enumerate(range(0, len(sources), shard_size)):
         chunk = sources[start : start + shard_size]
         path = out_dir / f"{prefix}-{number:06d}.tar"
@@ -311,8 +326,8 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
         if progress is not None:
             progress.update(len(chunk))
     atomic_write_json(out_dir / "manifest.json",
-                      {"shards": report.shards, "classes": class_names, "problems": report.problems,
-                       "turned_upright": report.turned_upright})
+                      {"shards": report.shards, "classes": class_names, "label_sources": report.label_sources,
+                       "problems": report.problems, "turned_upright": report.turned_upright})
     return report
 
 
