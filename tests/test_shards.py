@@ -185,3 +185,26 @@ def test_folder_shards_hold_photos_upright_and_voc_shards_keep_the_stored_grid(t
     # VOC and COCO annotations refer to the stored pixels: those sources keep the bytes as they are
     sample = _image_sample(SourceImage("phone", tmp_path / "imgs" / "phone.png", ["cat"]), ["cat"], ShardingReport())
     assert sample["jpg"] == original and json.loads(sample["json"])["width"] == 30
+
+
+def test_irn_cls_labels_npy_with_integer_ids_labels_the_split(tmp_path, capsys):
+    # IRN's cls_labels.npy (the official iSeg code ships one) keys the ids as integers: 2008000000.
+    root = _voc(tmp_path)
+    multi_hot = np.zeros((2, 20), dtype=np.float32)
+    multi_hot[0, [11, 14]] = 1  # dog, person
+    multi_hot[1, 6] = 1  # car
+    np.save(tmp_path / "cls_labels.npy", {np.int32(2008000000): multi_hot[0], np.int32(2008000001): multi_hot[1]})
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "--labels-file",
+                 str(tmp_path / "cls_labels.npy"), "-o", str(tmp_path / "s")]) == 0
+    meta = {s["__key__"]: json.loads(s["json"]) for s in read_shard(str(tmp_path / "s" / "voc-train-000000.tar"))}
+    assert meta["2008_000000"]["names"] == ["dog", "person"] and meta["2008_000000"]["labels"] == [12, 15]
+    assert (meta["2008_000001"]["names"], meta["2008_000001"]["label_source"]) == (["car"], "labels-file")
+    np.save(tmp_path / "other.npy", {np.int32(2011999999): multi_hot[0]})
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "--labels-file",
+                 str(tmp_path / "other.npy"), "-o", str(tmp_path / "s2")]) == 2
+    assert "labels none of the split's images (its ids look like '2011_999999', the split's like '2008_000000')" in (
+        capsys.readouterr().err)
+    np.save(tmp_path / "matrix.npy", multi_hot)
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "--labels-file",
+                 str(tmp_path / "matrix.npy"), "-o", str(tmp_path / "s3")]) == 2
+    assert "is not a dict of image id -> 20 multi-hot labels" in capsys.readouterr().err

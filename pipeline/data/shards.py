@@ -179,13 +179,25 @@ def _labels_from_mask(path: Path) -> list[str]:
     return [VOC_CLASS_NAMES[v - 1] for v in values if 0 < v <= len(VOC_CLASS_NAMES)]
 
 
+def _voc_id(key) -> str:
+    """A labels table's key as VOC spells the id: IRN's cls_labels.npy (also the official iSeg
+    code's) keys the ids as integers, 2007000032 for 2007_000032."""
+    text = str(int(key)) if isinstance(key, (int, np.integer)) else str(key)
+    return f"{text[:4]}_{text[4:]}" if text.isdigit() and len(text) == 10 else text
+
+
 def _labels_file(path: Path) -> dict[str, list[str]]:
     """cls_labels.npy (dict id -> 20 multi-hot, the IRN format) or JSON {id: [names]}."""
     if not path.is_file():
         raise ShardingError(f"labels file {path} not found: pass an existing .npy or .json file")
     if path.suffix == ".npy":
-        table = np.load(path, allow_pickle=True).item()
-        return {str(k): [VOC_CLASS_NAMES[i] for i in np.flatnonzero(v)] for k, v in table.items()}
+        try:
+            table = np.load(path, allow_pickle=True).item()
+            return {_voc_id(k): [VOC_CLASS_NAMES[i] for i in np.flatnonzero(np.asarray(v)[:len(VOC_CLASS_NAMES)])]
+                    for k, v in table.items()}
+        except (ValueError, AttributeError, TypeError, OSError) as exc:
+            raise ShardingError(f"labels file {path} is not a dict of image id -> 20 multi-hot labels (IRN's "
+                                f"cls_labels.npy): {exc}") from exc
     if path.suffix == ".json":
         return {str(k): list(v) for k, v in json.loads(path.read_text()).items()}
     raise ShardingError(f"labels file {path} must be .npy (IRN cls_labels) or .json ({{id: [names]}})")
@@ -228,6 +240,10 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
             names, label_source = [], None
         sources.append(SourceImage(id=sample_key(image_id), image=image, names=names, gt=gt,
                                    label_source=label_source))
+    if table is not None and sources and not any(s.names for s in sources):
+        raise ShardingError(f"labels file {labels_file} labels none of the split's images (its ids look like "
+                            f"{next(iter(table), 'nothing')!r}, the split's like {sources[0].id!r}): pass the labels "
+                            "file of this dataset")
     return sources
 
 
