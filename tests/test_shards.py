@@ -208,3 +208,12 @@ def test_irn_cls_labels_npy_with_integer_ids_labels_the_split(tmp_path, capsys):
     assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "--labels-file",
                  str(tmp_path / "matrix.npy"), "-o", str(tmp_path / "s3")]) == 2
     assert "is not a dict of image id -> 20 multi-hot labels" in capsys.readouterr().err
+
+
+def test_a_deeplab_style_split_list_names_the_same_images(tmp_path):
+    root = _voc(tmp_path)
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    deeplab = tmp_path / "train_aug.txt"
+    deeplab.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+    sources = voc_sources(root, str(deeplab), None, ShardingReport())
+    assert [s.id for s in sources] == ids

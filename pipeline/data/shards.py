@@ -19,7 +19,7 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 import numpy as np
@@ -160,8 +160,8 @@ def _split_ids(voc_root: Path, split: str) -> list[str]:
     else:
         candidates = [Path(split)]
     for path in candidates:
-        if path.is_file():
-            return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+        if path.is_file():  # one id per line, or DeepLab's "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
+            return [PurePosixPath(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
     raise ShardingError(
         f"split list for {split!r} not found (looked for {', '.join(map(str, candidates))}): "
         "pass train, train_aug, val or the path of a file with one image id per line"
