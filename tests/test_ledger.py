@@ -55,3 +55,50 @@ def test_a_job_that_recorded_no_shard_does_not_hold_its_folder(tmp_path):
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_bytes(tmp_path / "x" / "f.bin", b"123")
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["f.bin"]
+
+
+def test_one_running_job_holds_its_folder_until_its_process_lets_go(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.data.ledger import JobBusyError
+
+    ledger = Ledger(tmp_path / "out")
+    assert ledger.running_job() is None
+    with ledger.locked():
+        assert ledger.running_job().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(JobBusyError, match=rf"out is in use by a running job \(pid {os.getpid()} on .*\): wait"):
+            with Ledger(tmp_path / "out").locked():
+                pass
+    assert ledger.running_job() is None
+    # a driver killed with SIGKILL holds nothing: the kernel ends its lock with it
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.data.ledger import Ledger\n"
+                               f"with Ledger({str(tmp_path / 'out')!r}).locked():\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert ledger.running_job().startswith(f"pid {holder.pid} on ")
+        holder.kill()
+        holder.wait(timeout=30)
+        assert ledger.running_job() is None
+        with ledger.locked():
+            pass
+    finally:
+        holder.kill()
+        holder.stdout.close()
+
+
+def test_a_file_system_without_locks_runs_the_job_unguarded(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.data import ledger as ledger_module
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(ledger_module.fcntl, "flock", no_locks)
+    ledger = Ledger(tmp_path / "out")
+    with ledger.locked():
+        assert ledger.running_job() is None
+    assert (tmp_path / "out").is_dir()

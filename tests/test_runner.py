@@ -270,6 +270,21 @@ def test_shards_made_for_other_classes_are_refused_with_the_config_to_pass(shard
     assert not (tmp_path / "out").exists()
 
 
+def test_a_second_job_on_a_folder_in_use_is_refused_and_status_names_the_running_one(clean_run, shards, capsys):
+    from pipeline.data.ledger import JobBusyError
+
+    out, _ = clean_run
+    before = (out / "job.json").read_bytes()
+    with Ledger(out).locked():  # as a running driver holds it
+        with pytest.raises(JobBusyError, match=f"{out} is in use by a running job \\(pid {os.getpid()} on "):
+            run_job(str(shards), out, load_config(FAST_CONFIG), "tiny", workers=1, progress=False, retry_failed=True)
+        assert main(["status", str(out)]) == 0
+        assert f"; a job is running here (pid {os.getpid()} on " in capsys.readouterr().out
+    assert (out / "job.json").read_bytes() == before
+    assert main(["status", str(out)]) == 0
+    assert "; no job is running here" in capsys.readouterr().out
+
+
 def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_path):
     # Through a `pipe:` command as from object storage: shard 0 whole, shard 1 cut short (an
     # interrupted copy), shard 2 missing. WebDataset's exceptions carry file objects that cannot

@@ -118,8 +118,10 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{e.shard:32} {e.state:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} {e.seconds:8.1f}  "
               f"{e.error or ''}")
     states = [e.state for e in entries]
+    running = ledger.running_job()
     print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('interrupted')} "
-          f"interrupted, {states.count('in_progress')} in progress (interrupted unless a job is running)")
+          f"interrupted, {states.count('in_progress')} in progress"
+          + (f"; a job is running here ({running})" if running else "; no job is running here"))
     print(_not_started_line(job["input"], {e.shard for e in entries}, args.job))
     failed = failed_image_ids(args.job)
     if failed:

@@ -8,8 +8,12 @@ under a final name.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,6 +50,10 @@ class NoJobError(PipelineError, FileNotFoundError):
     """The folder given as a job's output holds no job.json."""
 
 
+class JobBusyError(PipelineError, RuntimeError):
+    """Another running job holds the output folder."""
+
+
 class Ledger:
     """The state of a job's output folder."""
 
@@ -72,6 +80,47 @@ class Ledger:
         return [ShardEntry(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
 
     # --- the job --------------------------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.out_dir / ".job.lock"
+
+    def running_job(self) -> str | None:
+        """Who holds the folder (`pid N on HOST, since ...`) while a job runs on it, else None."""
+        if not self.lock_path.is_file():
+            return None
+        with open(self.lock_path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "another process"
+            except OSError:  # a file system without locks: nothing can be said
+                return None
+        return None
+
+    @contextmanager
+    def locked(self):
+        """Hold the folder for one running job: a second job on it, from this machine or
+        another that shares the file system, is refused with a JobBusyError naming the holder.
+        The lock is the kernel's (flock on `.job.lock`), so it ends with the holding process,
+        however that ends; the file itself stays."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise JobBusyError(f"{self.out_dir} is in use by a running job ({holder}): wait for it to end or "
+                                   "stop it, then resume") from exc
+            except OSError:  # a file system without locks (some network mounts): run unguarded, as before
+                yield
+                return
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            yield
 
     @property
     def job_path(self) -> Path:

@@ -241,134 +241,135 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     check_model_available(model)
     digest = config_hash(config, model)
     ledger = Ledger(out_dir)
-    ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
-                  "input": input_pattern}, force=force)
-    plan = ledger.plan(names, digest, retry_failed)
-    by_name = dict(zip(names, urls))
-    todo = list(plan["run"])
-    summary = JobSummary(0, 0, len(plan["done"]) + len(plan["failed"]), 0, 0, 0.0)
-    if plan["failed"]:
-        print(f"{len(plan['failed'])} shard(s) failed before and are skipped: add --retry-failed to redo them")
-    if not todo:
+    with ledger.locked():  # one running job per output folder
+        ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
+                      "input": input_pattern}, force=force)
+        plan = ledger.plan(names, digest, retry_failed)
+        by_name = dict(zip(names, urls))
+        todo = list(plan["run"])
+        summary = JobSummary(0, 0, len(plan["done"]) + len(plan["failed"]), 0, 0, 0.0)
+        if plan["failed"]:
+            print(f"{len(plan['failed'])} shard(s) failed before and are skipped: add --retry-failed to redo them")
+        if not todo:
+            summary.seconds = time.perf_counter() - started
+            return summary
+
+        ray = _init_ray(address)
+        n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env)
+        n_workers = min(n_workers, len(todo))
+        summary.workers = n_workers
+        config_json = config.model_dump_json()
+        actor_class = ray.remote(ray_shard_worker_class())
+        actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
+        # Post-processing workers import torch while the model loads (not waited for).
+        starter = ray.remote(num_cpus=1)(start_post_processing_worker)
+        for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+            starter.remote()
+        try:
+            started_on = ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+        except ray.exceptions.RayActorError as exc:
+            raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+        summary.worker_nodes = len({where["node"] for where in started_on})
+        print(workers_line(started_on, config.batch_size))
+        allocator_line = cpu_allocator_line(cpu_env, started_on)
+        if allocator_line:
+            print(allocator_line)
+
+        processing_start = time.perf_counter()
+        total_images = _count_images([by_name[name] for name in todo])
+        bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        in_flight: dict = {}
+        dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
+        finished_images = 0  # images of shards whose results are in
+        seen_in_flight: dict[str, int] = {}  # shard in flight -> images its worker has handled
+
+        def show_progress() -> None:
+            bar.n = finished_images + sum(seen_in_flight.get(name, 0) for name, *_ in in_flight.values())
+            elapsed = time.perf_counter() - processing_start
+            bar.set_postfix_str(f"{bar.n / elapsed if elapsed > 0 else 0.0:.2f} images/s", refresh=True)
+
+        def poll_workers() -> None:
+            try:
+                for report in ray.get([actor.progress.remote() for actor in actors], timeout=5.0):
+                    seen_in_flight.update(report)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass  # a worker restarting: the bar catches up at its next report
+
+        def dispatch(slot: int) -> None:
+            if not todo:
+                return
+            actor = actors[slot]
+            name = todo.pop(0)
+            entry = ledger.get(name)
+            attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
+            dispatched[name] = attempts
+            ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
+                                  model=model, attempts=attempts))
+            ref = actor.process_shard.remote(by_name[name], name)
+            in_flight[ref] = (name, slot, time.perf_counter(), attempts)
+
+        with _stop_on_signals() as stop:
+            try:
+                for _ in range(SHARDS_PER_WORKER):
+                    for slot in range(len(actors)):
+                        dispatch(slot)
+                while in_flight:
+                    ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                    stop.check()  # a signal is acted on within a second
+                    if not ready:
+                        if progress:
+                            poll_workers()
+                            show_progress()
+                        continue
+                    ref = ready[0]
+                    name, slot, shard_start, attempts = in_flight.pop(ref)
+                    seen_in_flight.pop(name, None)
+                    entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
+                                       attempts=attempts, seconds=time.perf_counter() - shard_start)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
+                        # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
+                        # restarted worker before sending it more: a call sent mid-restart would fail too.
+                        entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
+                        actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
+                                                         (model, config_json, device, threads))
+                    except ray.exceptions.RayTaskError as exc:
+                        entry.error = _first_line(exc)
+                    else:
+                        entry.outputs = write_shard_outputs(out_dir, result.shard, result.mask_samples, result.rows)
+                        entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
+                        summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
+                        summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
+                        summary.model_seconds += result.model_seconds
+                        summary.queueing_seconds += result.queueing_seconds
+                        summary.add_failed(result.failed_ids)
+                    ledger.put(entry)
+                    dispatched.pop(name, None)
+                    if entry.state == DONE:
+                        summary.shards_done += 1
+                        summary.images_ok += entry.samples - entry.failed_samples
+                        summary.images_failed += entry.failed_samples
+                        finished_images += entry.samples
+                    else:
+                        summary.shards_failed += 1
+                        bar.write(f"shard {name} failed: {entry.error}")
+                    show_progress()
+                    dispatch(slot)
+            except _Stop as stop:
+                interrupted = sorted(dispatched)
+                for name, attempts in dispatched.items():
+                    ledger.put(ShardEntry(shard=name, url=by_name[name], state=INTERRUPTED, config_hash=digest,
+                                          model=model, attempts=attempts, error=f"interrupted by signal {stop.signum}"))
+                # The job's workers end with this driver (Ray ends a job's actors when it leaves).
+                summary.seconds = time.perf_counter() - started
+                raise JobInterrupted(stop.signum, summary, interrupted) from None
+            finally:
+                bar.close()
+        summary.processing_seconds = time.perf_counter() - processing_start
         summary.seconds = time.perf_counter() - started
         return summary
-
-    ray = _init_ray(address)
-    n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env)
-    n_workers = min(n_workers, len(todo))
-    summary.workers = n_workers
-    config_json = config.model_dump_json()
-    actor_class = ray.remote(ray_shard_worker_class())
-    actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
-    # Post-processing workers import torch while the model loads (not waited for).
-    starter = ray.remote(num_cpus=1)(start_post_processing_worker)
-    for _ in range(int(ray.cluster_resources().get("CPU", 1))):
-        starter.remote()
-    try:
-        started_on = ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
-    except ray.exceptions.RayActorError as exc:
-        raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
-    summary.worker_nodes = len({where["node"] for where in started_on})
-    print(workers_line(started_on, config.batch_size))
-    allocator_line = cpu_allocator_line(cpu_env, started_on)
-    if allocator_line:
-        print(allocator_line)
-
-    processing_start = time.perf_counter()
-    total_images = _count_images([by_name[name] for name in todo])
-    bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-    in_flight: dict = {}
-    dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
-    finished_images = 0  # images of shards whose results are in
-    seen_in_flight: dict[str, int] = {}  # shard in flight -> images its worker has handled
-
-    def show_progress() -> None:
-        bar.n = finished_images + sum(seen_in_flight.get(name, 0) for name, *_ in in_flight.values())
-        elapsed = time.perf_counter() - processing_start
-        bar.set_postfix_str(f"{bar.n / elapsed if elapsed > 0 else 0.0:.2f} images/s", refresh=True)
-
-    def poll_workers() -> None:
-        try:
-            for report in ray.get([actor.progress.remote() for actor in actors], timeout=5.0):
-                seen_in_flight.update(report)
-        except (ray.exceptions.RayError, TimeoutError):
-            pass  # a worker restarting: the bar catches up at its next report
-
-    def dispatch(slot: int) -> None:
-        if not todo:
-            return
-        actor = actors[slot]
-        name = todo.pop(0)
-        entry = ledger.get(name)
-        attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
-        dispatched[name] = attempts
-        ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
-                              model=model, attempts=attempts))
-        ref = actor.process_shard.remote(by_name[name], name)
-        in_flight[ref] = (name, slot, time.perf_counter(), attempts)
-
-    with _stop_on_signals() as stop:
-        try:
-            for _ in range(SHARDS_PER_WORKER):
-                for slot in range(len(actors)):
-                    dispatch(slot)
-            while in_flight:
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                stop.check()  # a signal is acted on within a second
-                if not ready:
-                    if progress:
-                        poll_workers()
-                        show_progress()
-                    continue
-                ref = ready[0]
-                name, slot, shard_start, attempts = in_flight.pop(ref)
-                seen_in_flight.pop(name, None)
-                entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
-                                   attempts=attempts, seconds=time.perf_counter() - shard_start)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
-                    # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
-                    # restarted worker before sending it more: a call sent mid-restart would fail too.
-                    entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
-                    actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
-                                                     (model, config_json, device, threads))
-                except ray.exceptions.RayTaskError as exc:
-                    entry.error = _first_line(exc)
-                else:
-                    entry.outputs = write_shard_outputs(out_dir, result.shard, result.mask_samples, result.rows)
-                    entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
-                    summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
-                    summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
-                    summary.model_seconds += result.model_seconds
-                    summary.queueing_seconds += result.queueing_seconds
-                    summary.add_failed(result.failed_ids)
-                ledger.put(entry)
-                dispatched.pop(name, None)
-                if entry.state == DONE:
-                    summary.shards_done += 1
-                    summary.images_ok += entry.samples - entry.failed_samples
-                    summary.images_failed += entry.failed_samples
-                    finished_images += entry.samples
-                else:
-                    summary.shards_failed += 1
-                    bar.write(f"shard {name} failed: {entry.error}")
-                show_progress()
-                dispatch(slot)
-        except _Stop as stop:
-            interrupted = sorted(dispatched)
-            for name, attempts in dispatched.items():
-                ledger.put(ShardEntry(shard=name, url=by_name[name], state=INTERRUPTED, config_hash=digest,
-                                      model=model, attempts=attempts, error=f"interrupted by signal {stop.signum}"))
-            # The job's workers end with this driver (Ray ends a job's actors when it leaves).
-            summary.seconds = time.perf_counter() - started
-            raise JobInterrupted(stop.signum, summary, interrupted) from None
-        finally:
-            bar.close()
-    summary.processing_seconds = time.perf_counter() - processing_start
-    summary.seconds = time.perf_counter() - started
-    return summary
 
 
 class _stop_on_signals:
