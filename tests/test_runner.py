@@ -620,3 +620,12 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
     down = join_failure("10.0.0.5:6379", "Failed to connect to Ray cluster at 10.0.0.5:6379\nmore")
     assert "\n" not in down and "Failed to connect to Ray cluster" in down and "--address local" in down
     assert "RAY_AUTH" not in down
+
+
+def test_export_eval_and_report_of_a_running_job_say_they_read_what_is_done(clean_run, tmp_path, capsys):
+    out, _ = clean_run
+    with Ledger(out).locked():
+        assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0
+        assert f"a job is still running on {out} (pid {os.getpid()} on " in capsys.readouterr().out
+    assert main(["export", str(out), "-o", str(tmp_path / "export2")]) == 0
+    assert "still running" not in capsys.readouterr().out

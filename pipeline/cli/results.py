@@ -134,13 +134,24 @@ def _register_bench(sub) -> None:
     bench.set_defaults(func=run_bench)
 
 
-def run_export(args: argparse.Namespace) -> int:
+def finished_part(job_dir: str):
+    """The job's outputs (a JobOutput), saying first when a job is still running there (what
+    is read is then the shards done so far)."""
+    from pipeline.data.ledger import Ledger
     from pipeline.data.outputs import JobOutput
+
+    running = Ledger(job_dir).running_job()
+    if running:
+        print(f"a job is still running on {job_dir} ({running}): this reads the shards done so far")
+    return JobOutput(job_dir)
+
+
+def run_export(args: argparse.Namespace) -> int:
     from pipeline.results.export import ExportFilter, export_voc
 
     keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
                         ignore_below=args.ignore_below)
-    summary = export_voc(JobOutput(args.job), args.output, split=args.split, keep=keep, with_images=args.with_images,
+    summary = export_voc(finished_part(args.job), args.output, split=args.split, keep=keep, with_images=args.with_images,
                          replace=args.force)
     dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
     print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
@@ -149,11 +160,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pipeline.data.outputs import JobOutput
     from pipeline.data.shards import InputError
     from pipeline.results.evaluate import evaluate_job, format_table, write_json
 
-    job = JobOutput(args.job)
+    job = finished_part(args.job)
     scores, conf = evaluate_job(job, gt_dir=args.gt)
     if not scores.images:
         raise InputError("no image has ground truth: pass --gt with the SegmentationClass(Aug) folder")
@@ -166,10 +176,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from pipeline.data.outputs import JobOutput
     from pipeline.results.report import write_report
 
-    print(f"wrote {write_report(JobOutput(args.job), args.output)}")
+    print(f"wrote {write_report(finished_part(args.job), args.output)}")
     return 0
 
 
