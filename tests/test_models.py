@@ -77,8 +77,13 @@ def test_folder_of_fp16_variant_files_loads(tiny_model, tmp_path):
             assert torch.equal(a, b), f"{part}.{name}"
 
 
-def test_single_file_checkpoint_says_how_to_convert_it(tmp_path):
+def test_single_file_checkpoint_says_how_to_convert_it(tmp_path, monkeypatch):
     checkpoint = tmp_path / "v2-1_512-ema-pruned.safetensors"
     checkpoint.write_bytes(b"")
     with pytest.raises(ModelLoadError, match="single-file checkpoint: convert it to a diffusers folder once"):
         resolve_model(str(checkpoint))
+    # a relative path of two parts looks like a hub id (owner/name), and is still the file
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=5.0: pytest.fail("the hub was asked"))
+    with pytest.raises(ModelLoadError, match="single-file checkpoint"):
+        models.check_model_available(f"{tmp_path.name}/v2-1_512-ema-pruned.safetensors")

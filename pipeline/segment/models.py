@@ -112,7 +112,7 @@ def check_model_available(spec: str) -> None:
     if spec in (TINY_MODEL, SD21_RANDOM_MODEL):
         return
     path = Path(spec).expanduser()
-    if path.is_dir() or not _looks_like_hub_id(spec):
+    if path.exists() or not _looks_like_hub_id(spec):
         resolve_model(spec)
     elif _cached_hub_folder(spec) is None:
         _require_hub(spec)
@@ -166,14 +166,14 @@ def resolve_model(spec: str) -> Path:
                 "pass the folder that holds model_index.json"
             )
         return path
-    if _looks_like_hub_id(spec):
-        return _hub_folder(spec)
     if path.is_file() and path.suffix in (".safetensors", ".ckpt"):
         raise ModelLoadError(
             f"model {spec!r} is a single-file checkpoint: convert it to a diffusers folder once, e.g. "
             "python -c \"from diffusers import StableDiffusionPipeline as P; "
             f"P.from_single_file('{path}').save_pretrained('sd21-folder')\", then pass --model sd21-folder"
         )
+    if _looks_like_hub_id(spec):
+        return _hub_folder(spec)
     raise ModelLoadError(
         f"model {spec!r} is neither a local folder nor a hub id: pass a diffusers folder, "
         f"a hub id such as {DEFAULT_MODEL}, or `tiny`"
