@@ -1,6 +1,7 @@
 """Export in the VOC layout, read back the way mmsegmentation reads masks (PIL index values)."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import make_job_output
@@ -60,3 +61,33 @@ def test_export_is_all_or_nothing(tmp_path, capsys):
     assert main(["export", str(out), "-o", str(dest), "--force"]) == 0
     assert sorted(p.name for p in dest.iterdir()) == ["ImageSets", "SegmentationClassPseudo"]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_no_export(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from pipeline.results import export
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    written = []
+
+    def fills_the_disk(path, data):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        real(path, data)
+
+    real = export.atomic_write_bytes
+    monkeypatch.setattr(export, "atomic_write_bytes", fills_the_disk)
+    assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pseudolabel: error: No space left on device: ") and err.count("\n") == 1
+    assert "free space there or make it writable, then run the command again" in err
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))  # no partial export left
+
+    def fails_otherwise(path, data):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(export, "atomic_write_bytes", fails_otherwise)
+    with pytest.raises(OSError, match="Input/output error"):  # other failures keep their traceback
+        main(["export", str(out), "-o", str(tmp_path / "export")])

@@ -5,12 +5,15 @@ shared options in options.py. Commands import what they run inside their functio
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from pipeline.cli import job, results, segment, shard
 from pipeline.errors import PipelineError
 
 USER_ERRORS = (PipelineError, FileNotFoundError)
+# What a full or read-only disk answers: one line that says so, not a traceback.
+FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def _version() -> str:
@@ -43,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as exc:
         print(f"pseudolabel: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in FILE_SYSTEM_REFUSALS:
+            raise
+        print(f"pseudolabel: error: {exc.strerror}: {exc.filename or 'a file being written'}: free space there or "
+              "make it writable, then run the command again (a job resumes where it stopped)", file=sys.stderr)
         return 2
 
 
