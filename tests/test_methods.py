@@ -324,7 +324,7 @@ def test_all_layer_methods_keep_one_map_per_resolution(tiny_model):
     assert store.sums["self:64"].shape == (1, 4096, 4096)
 
 
-def test_compare_prints_one_row_per_method(tmp_path, capsys):
+def test_compare_prints_one_row_per_method(tmp_path, capsys, monkeypatch):
     from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
     from pipeline.cli import main
     from pipeline.config import VOC_CLASS_NAMES
@@ -343,6 +343,11 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys):
     for row in table:
         assert row[1] == "3" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 1 and float(row[4]) > 0
     assert main(["compare", "--methods", "iseg,nope", "--input", str(tmp_path / "shards"), "--model", "tiny"]) == 2
+    capsys.readouterr()
+    # VOC shards with the COCO config: refused before the model loads (a real one takes minutes)
+    monkeypatch.setattr("pipeline.segment.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["compare", "--methods", "iseg", "--input", str(tmp_path / "shards"), "--config", "coco"]) == 2
+    assert "written for 20 classes (aeroplane, bicycle, bird, ...) but the config has 80" in capsys.readouterr().err
 
 
 def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_model, monkeypatch):

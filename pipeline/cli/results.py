@@ -185,6 +185,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from pipeline.data.shards import check_shard_classes, expand_input
     from pipeline.results.compare import comparison_rows, compare_methods, format_comparison, parse_methods, parse_sweep
     from pipeline.segment.models import load_model
 
@@ -194,6 +195,7 @@ def run_compare(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep is not None:
         comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads
+    check_shard_classes(expand_input(args.input), config.class_names)  # so do missing shards, other classes
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
     with tqdm(unit="img", desc="compare", disable=args.no_progress) as bar:

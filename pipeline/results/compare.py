@@ -110,9 +110,7 @@ def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
     """(id, image, classes, gt bytes or None) of every usable sample; unusable ones are
     reported and skipped."""
     count = 0
-    urls = expand_input(input_pattern)
-    check_shard_classes(urls, config.class_names)
-    for url in urls:
+    for url in expand_input(input_pattern):
         for sample in read_shard(url):
             if limit is not None and count >= limit:
                 return
@@ -137,6 +135,7 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
     per image are what a long job pays (the first batch's label sets then have their prompts
     encoded, as a job's recurring label sets do)."""
     rows = comparison_rows(methods, config, sweep)
+    check_shard_classes(expand_input(input_pattern), config.class_names)
     # one segmenter per distinct segmenter config, with the (name, post-process config) rows it serves
     groups: dict[str, tuple[Segmenter, list[tuple[str, SegmenterConfig]]]] = {}
     for name, segment_config, finish_config in rows:
