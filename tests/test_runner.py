@@ -629,3 +629,24 @@ def test_export_eval_and_report_of_a_running_job_say_they_read_what_is_done(clea
         assert f"a job is still running on {out} (pid {os.getpid()} on " in capsys.readouterr().out
     assert main(["export", str(out), "-o", str(tmp_path / "export2")]) == 0
     assert "still running" not in capsys.readouterr().out
+
+
+def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(shards, tmp_path / "old")
+    out = tmp_path / "out"
+    config = load_config(FAST_CONFIG)
+    run_job(str(tmp_path / "old" / "voc-train-00000{0,2}.tar"), out, config, "tiny", workers=1, progress=False)
+    (tmp_path / "old").rename(tmp_path / "new")
+    assert main(["resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "voc-train-000000.tar does not exist" in err
+    assert f"; if the shards moved: pseudolabel resume {out} --input NEW_PATTERN" in err
+    before = {e.shard: e.updated for e in Ledger(out).entries()}
+    assert main(["resume", str(out), "--input", str(tmp_path / "new" / "voc-train-00000{0,2}.tar"),
+                 "--no-progress"]) == 0
+    assert {e.shard: e.updated for e in Ledger(out).entries()} == before  # done by name: nothing redone
+    assert json.loads((out / "job.json").read_text())["input"].startswith(str(tmp_path / "new"))
+    assert main(["export", str(out), "-o", str(tmp_path / "export"), "--with-images"]) == 0  # reads the new place
+    assert len(list((tmp_path / "export" / "JPEGImages").iterdir())) == 4

@@ -49,8 +49,13 @@ def register(sub) -> None:
     resume = add_command(
         sub, "resume", help="redo the failed and interrupted shards of a job",
         description="Resume a job with its recorded input, config and model.",
-        examples=["pseudolabel resume out/", "pseudolabel resume out/ --batch-size 8 --device cuda:1"])
-    add_job_folder(resume.add_argument_group("input"))
+        examples=["pseudolabel resume out/", "pseudolabel resume out/ --batch-size 8 --device cuda:1",
+                  "pseudolabel resume out/ --input '/new/place/voc-train_aug-{000000..000041}.tar'"])
+    resume_inputs = resume.add_argument_group("input")
+    add_job_folder(resume_inputs)
+    resume_inputs.add_argument("--input", default=None,
+                               help="the job's shards where they are now, if they moved (default: the input the "
+                                    "job recorded); done shards are recognised by name")
     add_device(resume.add_argument_group("model"))
     add_job_options(resume)
     resume.set_defaults(func=run_resume)
@@ -98,10 +103,17 @@ def run_run(args: argparse.Namespace) -> int:
 
 def run_resume(args: argparse.Namespace) -> int:
     from pipeline.data.ledger import Ledger
+    from pipeline.data.shards import InputError
 
     job = Ledger(args.job).recorded_job()
     config = SegmenterConfig.model_validate(job["config"])
-    return _run_job(args, job["input"], Path(args.job), config, job["model"], retry_failed=True, force=False)
+    try:
+        return _run_job(args, args.input or job["input"], Path(args.job), config, job["model"], retry_failed=True,
+                        force=False)
+    except InputError as exc:
+        if args.input:
+            raise
+        raise InputError(f"{exc}; if the shards moved: pseudolabel resume {args.job} --input NEW_PATTERN") from exc
 
 
 def run_status(args: argparse.Namespace) -> int:
