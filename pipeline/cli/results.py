@@ -151,8 +151,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
                         ignore_below=args.ignore_below)
-    summary = export_voc(finished_part(args.job), args.output, split=args.split, keep=keep, with_images=args.with_images,
-                         replace=args.force)
+    summary = export_voc(finished_part(args.job), args.output, split=args.split, keep=keep,
+                         with_images=args.with_images, replace=args.force)
     dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
     print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
           f"(dropped: {dropped}); split list {summary.split_file}")
@@ -185,7 +185,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pipeline.data.shards import check_shard_classes, expand_input
+    from pipeline.data.shards import check_shard_classes, expand_input, manifests_beside
     from pipeline.results.compare import comparison_rows, compare_methods, format_comparison, parse_methods, parse_sweep
     from pipeline.segment.models import load_model
 
@@ -195,7 +195,8 @@ def run_compare(args: argparse.Namespace) -> int:
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep is not None:
         comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads
-    check_shard_classes(expand_input(args.input), config.class_names)  # so do missing shards, other classes
+    # so do missing shards and shards made for other classes
+    check_shard_classes(manifests_beside(expand_input(args.input)), config.class_names)
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
     with tqdm(unit="img", desc="compare", disable=args.no_progress) as bar:

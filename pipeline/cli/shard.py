@@ -76,9 +76,9 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
     print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
-    sources = {"mask": "the ground-truth masks", "xml": "Annotations XML", "labels-file": "the labels file",
+    origins = {"mask": "the ground-truth masks", "xml": "Annotations XML", "labels-file": "the labels file",
                "none": "nowhere (no labels)"}
-    print("image-level labels from " + ", ".join(f"{sources.get(k, k)} for {n}" for k, n in
+    print("image-level labels from " + ", ".join(f"{origins.get(k, k)} for {n}" for k, n in
                                                   sorted(report.label_sources.items())))
     if report.turned_upright:
         print(f"turned {len(report.turned_upright)} image(s) upright by their EXIF orientation: the shards hold "

@@ -376,17 +376,28 @@ def expand_input(pattern: str) -> list[str]:
     return urls
 
 
-def check_shard_classes(urls: list[str], class_names: list[str]) -> None:
-    """InputError when a manifest.json beside the shards lists other classes than the config's:
-    every image's labels would fail (their values number the manifest's classes). Shards
-    without a manifest (URLs, pipes, other tools) are checked image by image as they run."""
-    from pipeline.config import BUILT_IN_CONFIGS, load_config
-
+def manifests_beside(urls: list[str]) -> dict[Path, dict]:
+    """The manifest.json of each local folder holding some of these shards, by folder, in folder
+    order; URLs, pipes and folders without a readable manifest (other tools' shards) have none."""
+    manifests = {}
     for folder in sorted({Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")}):
         try:
-            listed = json.loads((folder / "manifest.json").read_text()).get("classes")
-        except (OSError, json.JSONDecodeError, AttributeError):
+            manifest = json.loads((folder / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
             continue
+        if isinstance(manifest, dict):
+            manifests[folder] = manifest
+    return manifests
+
+
+def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:
+    """InputError when a manifest beside the shards (`manifests_beside`) lists other classes
+    than the config's: every image's labels would fail (their values number the manifest's
+    classes). Shards without a manifest are checked image by image as they run."""
+    from pipeline.config import BUILT_IN_CONFIGS, load_config
+
+    for folder, manifest in manifests.items():
+        listed = manifest.get("classes")
         if not isinstance(listed, list) or not listed or listed == list(class_names):
             continue
         match = next((name for name in BUILT_IN_CONFIGS if load_config(name).class_names == listed), None)

@@ -23,7 +23,7 @@ from pipeline.config import SegmenterConfig
 from pipeline.segment.models import check_model_available
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
-from pipeline.data.shards import InputError, check_shard_classes, expand_input, shard_name
+from pipeline.data.shards import InputError, check_shard_classes, expand_input, manifests_beside, shard_name
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.summary import JobInterrupted, JobSummary, workers_line
 
@@ -231,7 +231,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     out_dir = Path(out_dir).absolute()
     input_pattern = absolute_input(input_pattern)
     urls = expand_input(input_pattern)
-    check_shard_classes(urls, config.class_names)
+    manifests = manifests_beside(urls)
+    check_shard_classes(manifests, config.class_names)
     names = [shard_name(u) for u in urls]
     first_url: dict[str, str] = {}
     for name, url in zip(names, urls):
@@ -276,7 +277,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             print(allocator_line)
 
         processing_start = time.perf_counter()
-        total_images = _count_images([by_name[name] for name in todo])
+        total_images = _count_images([by_name[name] for name in todo], manifests)
         bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         in_flight: dict = {}
@@ -435,14 +436,11 @@ def _start_error(exc: Exception) -> str:
     return _first_line(exc)
 
 
-def _count_images(urls: list[str]) -> int | None:
-    """Images in these shards, from the manifest beside them when every one is listed there."""
-    counts: dict[str, int] = {}
-    for folder in {Path(u).parent for u in urls if "://" not in u}:
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            for shard in json.loads(manifest.read_text()).get("shards", []):
-                counts[str(folder / shard["url"])] = shard["samples"]
+def _count_images(urls: list[str], manifests: dict[Path, dict]) -> int | None:
+    """Images in these shards, from the manifests beside them (`manifests_beside`) when every
+    one is listed there."""
+    counts = {str(folder / shard["url"]): shard["samples"]
+              for folder, manifest in manifests.items() for shard in manifest.get("shards", [])}
     if all(u in counts for u in urls):
         return sum(counts[u] for u in urls)
     return None

@@ -18,7 +18,7 @@ from pipeline.mask.codec import ImageDecodeError, decode_image, decode_mask
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key, file_in
 from pipeline.segment.segmenter import Segmenter
-from pipeline.data.shards import check_shard_classes, expand_input, read_shard, sample_classes, sample_image
+from pipeline.data.shards import expand_input, read_shard, sample_classes, sample_image
 
 # Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
 VARIANTS = {method: {"method": method} for method in METHODS} | {
@@ -135,7 +135,6 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
     per image are what a long job pays (the first batch's label sets then have their prompts
     encoded, as a job's recurring label sets do)."""
     rows = comparison_rows(methods, config, sweep)
-    check_shard_classes(expand_input(input_pattern), config.class_names)
     # one segmenter per distinct segmenter config, with the (name, post-process config) rows it serves
     groups: dict[str, tuple[Segmenter, list[tuple[str, SegmenterConfig]]]] = {}
     for name, segment_config, finish_config in rows:
