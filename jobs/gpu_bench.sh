@@ -4,7 +4,7 @@
 # Usage: WHEELS=.whl RESULTS=results bash jobs/gpu_bench.sh STEP...
 #   `bash jobs/gpu_wheels.sh` fills .whl beforehand, where the package registry is reachable (40 MB).
 #   Through the device tool: carry [".whl"], command
-#   `RESULTS=$OUT bash jobs/gpu_bench.sh install cudatests fused bench`, then `CRF=off`, `COMPILE=true ... trainaug`.
+#   `RESULTS=$OUT bash jobs/gpu_bench.sh install cudatests fused bench layout`, then `CRF=off`, `COMPILE=true ... trainaug`.
 #   install   put the wheels of WHEELS into SITE (ray may come as a .tar.xz of its unpacked wheel,
 #             pydensecrf2 as its sdist, built here); skipped when SITE already has them
 #   cudatests the tests of the CUDA-only paths (tests/test_cuda.py: pinned copies, a batch queued
@@ -17,6 +17,9 @@
 #             kernel's GPU cost is the difference)
 #   trainaug  a VOC train_aug-sized job: 10,582 synthetic VOC-sized images in shards of 256, CRF off,
 #             configs/voc.yaml with batch_size 16 (COMPILE=true: with compile on)
+#   layout    the VAE encoder and the UNet at BATCH (default 16) in NCHW, with NHWC activations (what
+#             a batch of 2+ runs today) and all NHWC (jobs/measure_layout.py): is channels-last worth a
+#             switch on a GPU?
 #   scaling   the pipeline with 1 and then 2 CPU workers of 4 threads each (tiny model, CPU slots)
 #   headroom  how close the segmenter is to host-bound: images/s beside decoding threads, the
 #             host's time to queue a batch against when its results arrive, and the calls that
@@ -88,6 +91,11 @@ write_benchmark_shards(Path('$work/shards'), 10582, 256)"
     $PL status "$work/job" 2>&1 | tee -a "$RESULTS/trainaug.txt"
     echo "train_aug-sized job: $(python3 -c "print(f'{$end - $start:.1f}')") s wall, Ray start and model load included" \
         | tee -a "$RESULTS/trainaug.txt"
+}
+
+layout() {
+    python3 jobs/measure_layout.py --model sd21-random --device cuda --batch "${BATCH:-16}" --rounds 5 2>&1 \
+        | tee "$RESULTS/layout.txt"
 }
 
 scaling() {
