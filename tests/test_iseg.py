@@ -222,6 +222,27 @@ def test_kl_cluster_average_batch_matches_per_image_reference_with_dropped_clust
         torch.testing.assert_close(iseg.kl_cluster_average(batch[b], 12, 16, 6), out[b], rtol=0, atol=1e-12)
 
 
+def test_kl_cluster_average_stops_at_a_fixed_point_with_the_result_of_all_rounds(monkeypatch):
+    # Rows near 5 distinct distributions: the assignment settles within a few rounds, and each
+    # round after would repeat it, so the rounds stop there with the result of all 20.
+    generator = torch.Generator().manual_seed(7)
+    palette = torch.rand(5, 12, generator=generator, dtype=torch.float64).softmax(dim=-1)
+    rows = (palette[torch.randint(0, 5, (256,), generator=generator)]
+            + 0.01 * torch.rand(256, 12, generator=generator, dtype=torch.float64))
+    rounds = []
+    for name in ("symmetric_kl", "symmetric_kl_half"):
+        distance = getattr(iseg, name)
+        monkeypatch.setattr(iseg, name, lambda *args, distance=distance: rounds.append(1) or distance(*args))
+    out = iseg.kl_cluster_average(rows, 16, n_clusters=16, iterations=20, distance_dtype=torch.float32)
+    assert 2 <= len(rounds) < 20
+    torch.testing.assert_close(out, _kl_cluster_reference(rows, 16, 16, 20), rtol=0, atol=1e-12)
+    rounds.clear()
+    half = iseg.kl_cluster_average(rows, 16, n_clusters=16, iterations=20)
+    settled = len(rounds) - 1  # the last round only found the assignment repeated
+    assert 1 <= settled < 19
+    assert torch.equal(half, iseg.kl_cluster_average(rows, 16, n_clusters=16, iterations=settled))
+
+
 def test_the_gpu_centres_equal_the_cpu_centres_and_empty_clusters_stay_zero(monkeypatch):
     # The centres of a round: gathered per cluster on the CPU (the official order), from one
     # one-hot matmul on a GPU. Cluster 2 of image 0 and cluster 0 of image 1 have no point.

@@ -160,7 +160,9 @@ def kl_cluster_average(
     assignment after the last move) and averages the raw values of x, not the substituted
     ones. A cluster that loses all its pixels is dropped for good (ties go to the lowest seed
     index, as if dropped clusters were removed). Means are taken in x's dtype (float16 x as
-    the official code on a float16 model). Returns x's shape and dtype.
+    the official code on a float16 model). On the CPU the rounds stop once an assignment
+    repeats the one before: a fixed point, so the result is the one all rounds give. Returns
+    x's shape and dtype.
     """
     if x.shape[-2] != side * side:
         raise ValueError(f"x has {x.shape[-2]} rows, expected side*side = {side * side}")
@@ -172,6 +174,7 @@ def kl_cluster_average(
     n_centres = centres.shape[1]
     alive = torch.ones(centres.shape[:2], dtype=torch.bool, device=points.device)  # [B, K]
     point_terms = kl_terms(points, eps) if distance_dtype == torch.float32 else None
+    on_host, previous = points.device.type == "cpu", None
     for _ in range(iterations):
         if distance_dtype == torch.float16:
             distance = symmetric_kl_half(centres, points, eps)  # [B, K, N]
@@ -179,6 +182,12 @@ def kl_cluster_average(
         else:
             distance = symmetric_kl(points, centres, eps, point_terms)  # [B, N, K]
             nearest = distance.masked_fill(~alive[:, None, :], math.inf).argmin(dim=2)
+        if on_host and previous is not None and torch.equal(nearest, previous):
+            # A fixed point: the same members give the same centres (bit for bit), so every
+            # later round repeats this one; the result is the last round's, computed already.
+            # Checked on the host only: on a GPU the comparison would make it wait.
+            break
+        previous = nearest
         members = F.one_hot(nearest, n_centres).to(points.dtype)  # [B, N, K]
         counts = members.sum(dim=1, dtype=torch.promote_types(points.dtype, torch.float32))  # [B, K]
         alive = alive & (counts > 0)
