@@ -10,7 +10,8 @@ from pipeline.cli import main
 from pipeline.config import VOC_CLASS_NAMES
 from pipeline.data.atomic import file_sha256
 from pipeline.mask.codec import decode_mask
-from pipeline.data.shards import ShardingError, ShardingReport, read_shard, voc_sources, write_image_shards
+from pipeline.data.shards import (ShardingError, ShardingReport, ShardReadError, read_shard, voc_sources,
+                                  write_image_shards)
 
 VOC = list(VOC_CLASS_NAMES)
 
@@ -217,3 +218,27 @@ def test_a_deeplab_style_split_list_names_the_same_images(tmp_path):
     deeplab.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
     sources = voc_sources(root, str(deeplab), None, ShardingReport())
     assert [s.id for s in sources] == ids
+
+
+
+def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_first(tmp_path):
+    # Under load WebDataset may see the empty stream of a failed `cat` (tarfile: "empty file")
+    # before the command's exit status; its error then carries the pipe, whose command is asked.
+    import subprocess
+    import tarfile
+    from types import SimpleNamespace
+
+    from pipeline.data.shards import _read_failure
+
+    url = f"pipe:cat {tmp_path}/missing.tar"
+    process = subprocess.Popen(["sh", "-c", "exit 1"], stdout=subprocess.PIPE)
+    error = tarfile.ReadError("empty file", SimpleNamespace(proc=process), url)
+    assert _read_failure(url, error) == (
+        f"cannot read shard {url}: the command 'cat {tmp_path}/missing.tar' exited with status 1; check that it "
+        "is complete (manifest.json has its sha256) and readable from this machine")
+    # the real thing, end to end, and a command that ends well but streams a cut tar: the tar's reason
+    with pytest.raises(ShardReadError, match=r"missing.tar' exited with status 1; check"):
+        list(read_shard(url))
+    (tmp_path / "cut.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(ShardReadError, match=r"cut.tar: ReadError: "):
+        list(read_shard(f"pipe:cat {tmp_path}/cut.tar"))

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import re
+import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -104,14 +105,36 @@ class ShardReadError(PipelineError, OSError):
     """A shard cannot be read to its end (missing, truncated, not a tar, a failing `pipe:`)."""
 
 
+# Seconds a failed read waits for its `pipe:` command to end, to report the command's status.
+_PIPE_EXIT_WAIT = 2.0
+
+
+def _pipe_exit_status(exc: Exception) -> int | None:
+    """The exit status of the `pipe:` command whose stream a WebDataset read error carries (it
+    appends the stream to the error's args), once the command has ended; else None."""
+    for arg in exc.args:
+        process = getattr(arg, "proc", None)
+        if isinstance(process, subprocess.Popen):
+            try:
+                return process.wait(timeout=_PIPE_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                return None
+    return None
+
+
 def _read_failure(url: str, exc: Exception) -> str:
     """One line saying why WebDataset could not read url (its exceptions carry file objects and
-    pipes, which cannot cross a process boundary, so only this text travels)."""
+    pipes, which cannot cross a process boundary, so only this text travels). A `pipe:` command
+    that failed is the reason, whether WebDataset saw its status or first the empty or cut
+    stream it left."""
     reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
     reason = reason.split(" @ <")[0]  # tarfile's "... @ <_io.BufferedReader ...>"
-    status = re.search(r"exit (-?\d+)", reason)
-    if url.startswith("pipe:") and status:
-        reason = f"the command {url[5:].strip()!r} exited with status {status.group(1)}"
+    if url.startswith("pipe:"):
+        seen = re.search(r"exit (-?\d+)", reason)
+        status = int(seen.group(1)) if seen else _pipe_exit_status(exc)
+        if status:
+            return (f"cannot read shard {url}: the command {url[5:].strip()!r} exited with status {status}; check "
+                    "that it is complete (manifest.json has its sha256) and readable from this machine")
     return (f"cannot read shard {url}: {type(exc).__name__}: {reason}; check that it is complete (manifest.json "
             "has its sha256) and readable from this machine")
 
