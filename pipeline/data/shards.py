@@ -129,14 +129,14 @@ def _read_failure(url: str, exc: Exception) -> str:
     stream it left."""
     reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
     reason = reason.split(" @ <")[0]  # tarfile's "... @ <_io.BufferedReader ...>"
+    cause = f"{type(exc).__name__}: {reason}"
     if url.startswith("pipe:"):
         seen = re.search(r"exit (-?\d+)", reason)
         status = int(seen.group(1)) if seen else _pipe_exit_status(exc)
         if status:
-            return (f"cannot read shard {url}: the command {url[5:].strip()!r} exited with status {status}; check "
-                    "that it is complete (manifest.json has its sha256) and readable from this machine")
-    return (f"cannot read shard {url}: {type(exc).__name__}: {reason}; check that it is complete (manifest.json "
-            "has its sha256) and readable from this machine")
+            cause = f"the command {url[5:].strip()!r} exited with status {status}"
+    return (f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has its sha256) and "
+            "readable from this machine")
 
 
 # Where a sample may carry its image (WebDataset's image extensions), in the order looked for.
