@@ -19,17 +19,16 @@ import time
 
 import torch
 
+from pipeline.results.bench import sync_device
 from pipeline.segment.models import load_model
 
 
 def timed(run, device: torch.device) -> float:
     """Seconds one call of run takes, the device synchronised around it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync_device(device)
     start = time.perf_counter()
     run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync_device(device)
     return time.perf_counter() - start
 
 
@@ -66,7 +65,7 @@ def main() -> None:
     with torch.inference_mode():
         for run in runs.values():
             run()  # warm-up: cuDNN's algorithm choice, allocator growth
-        for round_number in range(args.rounds):
+        for _ in range(args.rounds):
             for name, run in runs.items():
                 seconds[name].append(timed(run, device))
     print(f"model {args.model} on {device} ({dtype}), batch {batch}, {side} px, {args.rounds} rounds in turn")

@@ -220,7 +220,6 @@ def test_a_deeplab_style_split_list_names_the_same_images(tmp_path):
     assert [s.id for s in sources] == ids
 
 
-
 def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_first(tmp_path):
     # Under load WebDataset may see the empty stream of a failed `cat` (tarfile: "empty file")
     # before the command's exit status; its error then carries the pipe, whose command is asked.
@@ -231,7 +230,7 @@ def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_
     from pipeline.data.shards import _read_failure
 
     url = f"pipe:cat {tmp_path}/missing.tar"
-    process = subprocess.Popen(["sh", "-c", "exit 1"], stdout=subprocess.PIPE)
+    process = subprocess.Popen(["sh", "-c", "exit 1"])
     error = tarfile.ReadError("empty file", SimpleNamespace(proc=process), url)
     assert _read_failure(url, error) == (
         f"cannot read shard {url}: the command 'cat {tmp_path}/missing.tar' exited with status 1; check that it "
