@@ -73,12 +73,19 @@ def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
     phone = tmp_path / "IMG_0001.HEIC"  # the start of an iPhone photo: an ISO-BMFF box of brand heic
     phone.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_bytes(b"shopping list: milk")
     for path, message in ((broken, f"cannot decode {broken}"), (tmp_path / "nope.jpg", "not found"),
                           (phone, "is a HEIF/HEIC image, which Pillow cannot decode without a plug-in: convert it "
-                                  "to JPEG or PNG")):
+                                  "to JPEG or PNG"),
+                          (empty, f"cannot decode {empty}: the file is empty (0 bytes); replace or remove the file"),
+                          (text, f"cannot decode {text}: not an image format Pillow reads (its first bytes are "
+                                 "b'shopping'); replace or remove the file")):
         code = main(["segment", str(path), "--labels", "cat", "--model", "tiny", "-o", str(tmp_path / "m.png")])
         err = capsys.readouterr().err
-        assert code == 2 and message in err and err.count("\n") == 1
+        assert code == 2 and message in err and err.count("\n") == 1 and "BytesIO" not in err
 
 
 def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):

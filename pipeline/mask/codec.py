@@ -54,6 +54,10 @@ def undecodable_reason(data: bytes, exc: Exception) -> str:
     if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         return ("it is a HEIF/HEIC image, which Pillow cannot decode without a plug-in: convert it to JPEG or PNG "
                 "(e.g. with pillow-heif or heif-convert)")
+    if not data:
+        return "the file is empty (0 bytes); replace or remove the file"
+    if isinstance(exc, UnidentifiedImageError):  # its text names only the in-memory buffer
+        return f"not an image format Pillow reads (its first bytes are {data[:8]!r}); replace or remove the file"
     return f"{exc}; replace or remove the file"
 
 
