@@ -88,6 +88,27 @@ def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
         assert code == 2 and message in err and err.count("\n") == 1 and "BytesIO" not in err
 
 
+def test_an_output_path_of_the_wrong_kind_is_a_one_line_error(image_file, tmp_path, capsys):
+    from conftest import write_voc_shards
+
+    shards = write_voc_shards(tmp_path, "img", [(1, 2)])
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    a_folder = tmp_path / "masks"
+    a_folder.mkdir()
+    for argv, message in (
+            (["run", "--input", str(shards), "--model", "tiny", "-o", str(a_file)],
+             f"File exists: {a_file}: a file stands where a folder is needed: pass another path or move that file"),
+            (["shard-voc", "--voc-root", str(tmp_path / "VOC2012"), "--split", "train", "-o", str(a_file / "shards")],
+             f"Not a directory: {a_file / 'shards'}: a file stands where a folder of that path is needed"),
+            (["segment", str(image_file), "--labels", "cat", "--model", "tiny", "-o", str(a_folder)],
+             f"Is a directory: {a_folder}: a folder stands where a file is written: pass a file's path")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pseudolabel: error: ") and message in err and err.count("\n") == 1
+    assert a_file.read_text() == "keep me" and list(a_folder.iterdir()) == []
+
+
 def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("iterations: -3\n")

@@ -12,8 +12,16 @@ from pipeline.cli import job, results, segment, shard
 from pipeline.errors import PipelineError
 
 USER_ERRORS = (PipelineError, FileNotFoundError)
-# What a full or read-only disk answers: one line that says so, not a traceback.
-FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# What a full or read-only disk, or a path of the wrong kind, answers: one line that says so and
+# the fix, not a traceback.
+_FULL_OR_READ_ONLY = ("free space there or make it writable, then run the command again (a job resumes where it "
+                      "stopped)")
+FILE_SYSTEM_FIXES = {
+    **dict.fromkeys((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM), _FULL_OR_READ_ONLY),
+    errno.EEXIST: "a file stands where a folder is needed: pass another path or move that file",
+    errno.ENOTDIR: "a file stands where a folder of that path is needed: pass another path or move that file",
+    errno.EISDIR: "a folder stands where a file is written: pass a file's path",
+}
 
 
 def _version() -> str:
@@ -48,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pseudolabel: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in FILE_SYSTEM_REFUSALS:
+        if exc.errno not in FILE_SYSTEM_FIXES:
             raise
-        print(f"pseudolabel: error: {exc.strerror}: {exc.filename or 'a file being written'}: free space there or "
-              "make it writable, then run the command again (a job resumes where it stopped)", file=sys.stderr)
+        print(f"pseudolabel: error: {exc.strerror}: {exc.filename or 'a file being written'}: "
+              f"{FILE_SYSTEM_FIXES[exc.errno]}", file=sys.stderr)
         return 2
 
 

@@ -72,6 +72,7 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
 
     from pipeline.data.shards import write_image_shards
 
+    Path(args.output).mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails before the bar
     with tqdm(total=len(sources), unit="img", desc="sharding") as bar:
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
