@@ -42,6 +42,26 @@ def test_export_filters_and_ignore(tmp_path, capsys):
     assert (low == 255).all() and (high == gts["2011_000003"]).all()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["export", "JOB", "-o", "EXPORT", "--min-confidence", "2"], "--min-confidence takes a score from 0 to 1, got 2.0"),
+    (["export", "JOB", "-o", "EXPORT", "--ignore-below", "-0.1"], "--ignore-below takes a score from 0 to 1, got -0.1"),
+    (["eval", "JOB", "--gt", "MISSING"], "--gt MISSING does not exist: pass the folder of <id>.png ground-truth masks"),
+    (["eval", "JOB", "--gt", "JOB/job.json"], "--gt JOB/job.json is a file: pass the folder of <id>.png"),
+])
+def test_bad_hand_off_options_are_one_line_errors(tmp_path, capsys, argv, message):
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    paths = {"JOB": str(out), "EXPORT": str(tmp_path / "export"), "MISSING": str(tmp_path / "SegmentationClassAug")}
+
+    def concrete(text):
+        for name, path in paths.items():
+            text = text.replace(name, path)
+        return text
+    assert main([concrete(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pseudolabel: error: {concrete(message)}")
+    assert err.count("\n") == 1 and not (tmp_path / "export").exists() and not (out / "eval.json").exists()
+
+
 def test_export_is_all_or_nothing(tmp_path, capsys):
     out, _ = make_job_output(tmp_path, lambda gt, i: gt)
     dest = tmp_path / "export"

@@ -15,6 +15,7 @@ imports what it runs inside its function.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipeline.config import DEFAULT_MODEL, ConfigError
 
@@ -129,4 +130,21 @@ def require_positive(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def require_fraction(args: argparse.Namespace, *names: str) -> None:
+    """ConfigError naming the first of these optional score options set outside 0..1 (a pixel's
+    winning score and an image's mean confidence lie there)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} takes a score from 0 to 1, got {value}")
+
+
+def require_gt_folder(args: argparse.Namespace) -> None:
+    """ConfigError when --gt is given and is not a folder."""
+    if args.gt is not None and not Path(args.gt).is_dir():
+        what = "is a file" if Path(args.gt).exists() else "does not exist"
+        raise ConfigError(f"--gt {args.gt} {what}: pass the folder of <id>.png ground-truth masks, "
+                          "e.g. VOCdevkit/VOC2012/SegmentationClassAug")
 

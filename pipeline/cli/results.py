@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.cli.options import (add_command, add_cpu_allocator, add_cpu_threads, add_input_shards, add_job_folder,
                                   add_model_options, add_no_progress, add_output, in_process_allocator,
-                                  require_positive)
+                                  require_fraction, require_gt_folder, require_positive)
 from pipeline.config import ConfigError, load_config
 
 
@@ -37,11 +37,11 @@ def _register_export(sub) -> None:
     outputs.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     keep = export.add_argument_group("which masks and pixels")
     keep.add_argument("--min-confidence", type=float, default=None,
-                      help="drop images whose mean winning score is below this")
+                      help="drop images whose mean winning score (0 to 1) is below this")
     keep.add_argument("--require-all-labels", action="store_true",
                       help="drop images where a labelled class received no pixel")
     keep.add_argument("--ignore-below", type=float, default=None,
-                      help="turn pixels whose winning score is below this into 255")
+                      help="turn pixels whose winning score (0 to 1) is below this into 255")
     export.set_defaults(func=run_export)
 
 
@@ -149,6 +149,7 @@ def finished_part(job_dir: str):
 def run_export(args: argparse.Namespace) -> int:
     from pipeline.results.export import ExportFilter, export_voc
 
+    require_fraction(args, "min_confidence", "ignore_below")
     keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
                         ignore_below=args.ignore_below)
     summary = export_voc(finished_part(args.job), args.output, split=args.split, keep=keep,
@@ -163,6 +164,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipeline.data.shards import InputError
     from pipeline.results.evaluate import evaluate_job, format_table, write_json
 
+    require_gt_folder(args)
     job = finished_part(args.job)
     scores, conf = evaluate_job(job, gt_dir=args.gt)
     if not scores.images:
@@ -190,6 +192,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from pipeline.segment.models import load_model
 
     require_positive(args, "num_images")
+    require_gt_folder(args)
     methods = parse_methods(args.methods)
     config = load_config(args.config)
     sweep = parse_sweep(args.sweep) if args.sweep else None
