@@ -364,7 +364,10 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}: fix the file") from exc
     try:
         return SegmenterConfig.model_validate(data)
     except ValidationError as exc:

@@ -76,8 +76,15 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("ent: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as error:
         load_config(bad)
+    assert "\n" not in str(error.value)  # the CLI's one line
+    indented = tmp_path / "indented.yaml"
+    indented.write_text("iterations: 1\n  ent: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(indented)
+    assert str(error.value) == (f"config file {indented} is not valid YAML: mapping values are not allowed here at "
+                                "line 2, column 6: fix the file")
 
 
 def test_batch_size_auto_is_one_image_on_a_cpu_and_a_full_batch_on_a_gpu(tmp_path):

@@ -88,6 +88,10 @@ def test_labels_file_and_split_errors(tmp_path):
         voc_sources(root, "train_aug", None, report)
     with pytest.raises(ShardingError, match="has no JPEGImages"):
         voc_sources(tmp_path, "train", None, report)
+    for text in ('{"2008_000003": ["horse"]', '[["horse"]]'):  # cut short; not an object
+        labels.write_text(text)
+        with pytest.raises(ShardingError, match=f"labels file {labels} is not a JSON object of image id -> "):
+            voc_sources(root, "train", labels, report)
 
 
 def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
@@ -109,6 +113,17 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
                  "--classes", "cat,dog", "-o", str(tmp_path / "out2"), "--prefix", "mine"]) == 0
     (sample,) = read_shard(str(tmp_path / "out2" / "mine-000000.tar"))
     assert json.loads(sample["json"])["names"] == ["dog"]
+    capsys.readouterr()
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.jsonl"),
+                 "--classes", "cat,dog,cat", "-o", str(tmp_path / "out3")]) == 2
+    assert capsys.readouterr().err == ("pseudolabel: error: --classes names cat more than once: give each class once, "
+                                       "in label order\n")
+    (tmp_path / "moved.csv").write_text("image,labels\nmoved/a.jpg,cat\n")
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "moved.csv"),
+                 "--classes", "cat,dog", "-o", str(tmp_path / "out4")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "pseudolabel: error: no images to shard; the first of 1 problem(s): moved_a: missing image: "
+        f"{tmp_path / 'imgs' / 'moved' / 'a.jpg'} does not exist\n")
 
 
 def _tagged(image: np.ndarray, path, orientation: int, **save) -> bytes:

@@ -119,6 +119,10 @@ def run_shard_folder(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"--classes names {', '.join(repeated)} more than once: give each class once, in label "
+                          "order")
     report = ShardingReport()
     sources = folder_sources(args.image_dir, args.labels_file, report)
     return _write(sources, args, args.prefix, classes, report)

@@ -222,7 +222,11 @@ def _labels_file(path: Path) -> dict[str, list[str]]:
             raise ShardingError(f"labels file {path} is not a dict of image id -> 20 multi-hot labels (IRN's "
                                 f"cls_labels.npy): {exc}") from exc
     if path.suffix == ".json":
-        return {str(k): list(v) for k, v in json.loads(path.read_text()).items()}
+        try:
+            return {str(k): list(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ShardingError(f"labels file {path} is not a JSON object of image id -> [class names]: "
+                                f"{exc}") from exc
     raise ShardingError(f"labels file {path} must be .npy (IRN cls_labels) or .json ({{id: [names]}})")
 
 
@@ -352,7 +356,9 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
             report.problem(repr(source.id), "unsafe key", f"{source.image}: {problem}; not sharded (rename the file)")
     sources = safe
     if not sources:
-        raise ShardingError("no images to shard")
+        first = f"; the first of {len(report.problems)} problem(s): {report.problems[0]['id']}: " \
+                f"{report.problems[0]['problem']}: {report.problems[0]['detail']}" if report.problems else ""
+        raise ShardingError(f"no images to shard{first}")
     out_dir = Path(out_dir)
     for source in sources:
         kind = source.label_source or "none"
