@@ -15,3 +15,7 @@ class ImageError(PipelineError):
 
 class ModelLoadError(PipelineError, RuntimeError):
     """The model could not be found or loaded; the message names it and the fix."""
+
+
+class DeviceError(PipelineError):
+    """The device asked for cannot run the model here; the message names it and the fix."""

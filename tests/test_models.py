@@ -87,3 +87,31 @@ def test_single_file_checkpoint_says_how_to_convert_it(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=5.0: pytest.fail("the hub was asked"))
     with pytest.raises(ModelLoadError, match="single-file checkpoint"):
         models.check_model_available(f"{tmp_path.name}/v2-1_512-ema-pruned.safetensors")
+
+
+def test_a_device_that_cannot_run_here_is_named_with_the_fix(monkeypatch, capsys, tmp_path):
+    import re
+
+    from PIL import Image
+
+    from conftest import synthetic_image
+    from pipeline.cli import main
+    from pipeline.errors import DeviceError
+
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device(None) == models.default_device()
+    with pytest.raises(DeviceError, match=r"device 'gpu0' is not a torch device: pass cpu, cuda or cuda:N"):
+        models.resolve_device("gpu0")
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch, as README's first command installs
+    with pytest.raises(DeviceError, match=r"this torch \(.*\) is a CPU build: install torch's CUDA build"):
+        models.resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build on a machine whose GPUs are hidden, or one
+    for count, device, message in ((0, "cuda", "no CUDA GPU is visible"),
+                                   (2, "cuda:2", "2 CUDA GPU(s) visible, cuda:0 to cuda:1")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        with pytest.raises(DeviceError, match=re.escape(message)):
+            models.resolve_device(device)
+    Image.fromarray(synthetic_image(20, 30, seed=1)).save(tmp_path / "photo.jpg")
+    assert main(["segment", str(tmp_path / "photo.jpg"), "--labels", "cat", "--model", "tiny", "--device", "cuda:2",
+                 "-o", str(tmp_path / "m.png")]) == 2
+    assert capsys.readouterr().err == "pseudolabel: error: device 'cuda:2': 2 CUDA GPU(s) visible, cuda:0 to cuda:1\n"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import signal
 import threading
@@ -432,7 +433,8 @@ def _start_error(exc: Exception) -> str:
     for a failed actor constructor), else the first line of exc."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and "creation task" in lines[0]:
-        return lines[-1]
+        # the project's own errors name the thing and the fix; their class path adds nothing
+        return re.sub(r"^pipeline\.errors\.\w+: ", "", lines[-1])
     return _first_line(exc)
 
 

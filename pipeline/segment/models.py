@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DEFAULT_MODEL
-from pipeline.errors import ModelLoadError
+from pipeline.errors import DeviceError, ModelLoadError
 from pipeline.segment.builtin_models import (SD21_RANDOM_MODEL, TINY_MODEL, build_random_components, cache_dir,
                                              tiny_model_path)
 
@@ -40,6 +40,28 @@ class ModelBundle:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device a model runs on: `device`, else CUDA when available. A DeviceError naming
+    it and the fix when it is no device, or a CUDA device this process cannot use."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"device {str(device)!r} is not a torch device: pass cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda":
+        if torch.version.cuda is None:
+            raise DeviceError(f"device {str(device)!r}: this torch ({torch.__version__}) is a CPU build: install "
+                              "torch's CUDA build before the project (README, install notes), or pass --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise DeviceError(f"device {str(device)!r}: no CUDA GPU is visible (check nvidia-smi and "
+                              "CUDA_VISIBLE_DEVICES), or pass --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise DeviceError(f"device {str(device)!r}: {count} CUDA GPU(s) visible, cuda:0 to cuda:{count - 1}")
+    return resolved
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -196,7 +218,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
 
     Device defaults to CUDA when available; dtype to fp16 on CUDA, fp32 on CPU.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if spec == SD21_RANDOM_MODEL:
         with device:  # random init on the target device: seconds on a GPU instead of a minute on CPU
