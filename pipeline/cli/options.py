@@ -147,4 +147,3 @@ def require_gt_folder(args: argparse.Namespace) -> None:
         what = "is a file" if Path(args.gt).exists() else "does not exist"
         raise ConfigError(f"--gt {args.gt} {what}: pass the folder of <id>.png ground-truth masks, "
                           "e.g. VOCdevkit/VOC2012/SegmentationClassAug")
-
