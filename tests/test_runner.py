@@ -445,6 +445,16 @@ def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slo
     assert n == 2 and "num_gpus" not in options and options["num_cpus"] == 4
 
 
+def test_a_worker_ray_gives_a_gpu_is_told_to_use_it():
+    """So a node whose torch is a CPU build stops with the reason instead of running on its CPU."""
+    from pipeline.job.runner import _actor_options, worker_device
+
+    on_gpus = _actor_options(_Cluster(CPU=16, GPU=2), None, 2)[1]
+    assert worker_device(None, on_gpus) == "cuda" and worker_device("cuda:0", on_gpus) == "cuda:0"
+    assert worker_device(None, _actor_options(_Cluster(CPU=16), None, 2)[1]) is None  # CPU slots: the default
+    assert worker_device("cpu", _actor_options(_Cluster(CPU=16, GPU=2), None, 2, device="cpu")[1]) == "cpu"
+
+
 def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_path):
     from test_untrusted_shards import BAD_KEYS, crafted_members, crafted_shard
 

@@ -216,6 +216,13 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     return n, options, cpu_threads or max(1, cpus // n)
 
 
+def worker_device(device: str | None, options: Mapping) -> str | None:
+    """The device segmenter workers are given: `device`, else `cuda` where Ray gives each a GPU
+    (a worker whose torch has no CUDA then stops with the reason instead of running on its CPU),
+    else None (the worker's own default)."""
+    return "cuda" if device is None and options.get("num_gpus") else device
+
+
 def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
             address: str | None = None, workers: int | None = None, retry_failed: bool = False,
             force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True,
@@ -262,7 +269,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         summary.workers = n_workers
         config_json = config.model_dump_json()
         actor_class = ray.remote(ray_shard_worker_class())
-        actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
+        actors = [actor_class.options(**options).remote(model, config_json, worker_device(device, options), threads)
+                  for _ in range(n_workers)]
         # Post-processing workers import torch while the model loads (not waited for).
         starter = ray.remote(num_cpus=1)(start_post_processing_worker)
         for _ in range(int(ray.cluster_resources().get("CPU", 1))):
