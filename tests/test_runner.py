@@ -445,6 +445,15 @@ def test_more_gpu_workers_than_gpus_is_a_clear_error_and_cpu_device_uses_cpu_slo
     assert n == 2 and "num_gpus" not in options and options["num_cpus"] == 4
 
 
+def test_a_job_refuses_a_numbered_gpu_before_anything_starts(tmp_path):
+    from pipeline.data.shards import InputError
+
+    with pytest.raises(InputError, match=r"--device cuda:1: Ray gives each of a job's workers one GPU, which it sees "
+                                         r"as cuda: pass --device cuda, .* CUDA_VISIBLE_DEVICES=1 before the command"):
+        run_job(str(tmp_path / "none-*.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny", device="cuda:1")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_worker_ray_gives_a_gpu_is_told_to_use_it():
     """So a node whose torch is a CPU build stops with the reason instead of running on its CPU."""
     from pipeline.job.runner import _actor_options, worker_device

@@ -65,7 +65,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
 
 
 def add_device(group) -> None:
-    group.add_argument("--device", default=None, help="torch device: cuda, cuda:1 or cpu (default: cuda if available)")
+    group.add_argument("--device", default=None, help="torch device: cuda or cpu; cuda:1 where the model runs in this "
+                       "process (a job's workers each get a GPU from Ray) (default: cuda if available)")
 
 
 def add_cpu_threads(group) -> None:

@@ -235,6 +235,10 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     from pipeline.job.worker import start_post_processing_worker
 
     cpu_env = cpu_worker_env(cpu_allocator, os.environ)  # a bad value fails before anything starts
+    if device is not None and device.startswith("cuda:"):
+        raise InputError(f"--device {device}: Ray gives each of a job's workers one GPU, which it sees as cuda: pass "
+                         f"--device cuda, and limit the GPUs Ray hands out with CUDA_VISIBLE_DEVICES="
+                         f"{device.split(':', 1)[1]} before the command (or before `ray start`)")
     started = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     input_pattern = absolute_input(input_pattern)
