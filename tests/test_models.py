@@ -115,3 +115,24 @@ def test_a_device_that_cannot_run_here_is_named_with_the_fix(monkeypatch, capsys
     assert main(["segment", str(tmp_path / "photo.jpg"), "--labels", "cat", "--model", "tiny", "--device", "cuda:2",
                  "-o", str(tmp_path / "m.png")]) == 2
     assert capsys.readouterr().err == "pseudolabel: error: device 'cuda:2': 2 CUDA GPU(s) visible, cuda:0 to cuda:1\n"
+
+
+def test_a_job_on_its_own_ray_refuses_such_a_device_before_its_workers_start(monkeypatch, capsys, tmp_path):
+    """Its private Ray's workers run this very torch: one line, not Ray's log of each worker's failure."""
+    import ray
+
+    from conftest import write_voc_shards
+    from pipeline.cli import main
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this process: the job would not start a private one")
+    shards = write_voc_shards(tmp_path, "img", [(1, 2)])
+    monkeypatch.setattr(torch.version, "cuda", None)
+    try:
+        code = main(["run", "--input", str(shards), "--model", "tiny", "--address", "local", "--device", "cuda",
+                     "--no-progress", "-o", str(tmp_path / "out")])
+    finally:
+        ray.shutdown()  # the private instance this test's job started
+    err = capsys.readouterr().err
+    assert code == 2 and err.splitlines()[-1].startswith("pseudolabel: error: device 'cuda': this torch (")
+    assert "ShardWorker" not in err and "Traceback" not in err

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.config import SegmenterConfig
-from pipeline.segment.models import check_model_available
+from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
 from pipeline.data.shards import InputError, check_shard_classes, expand_input, manifests_beside, shard_name
@@ -92,11 +92,13 @@ def ray_shard_worker_class():
 
 
 def _init_ray(address: str | None):
-    """Ray's own convention: `address` (auto, host:port, ray://...; `local` for a new private
-    instance), else RAY_ADDRESS, else a cluster already running on this machine (`ray start`),
-    else a new private instance sized to this machine."""
+    """(ray, whether this call started a private instance). Ray's own convention: `address`
+    (auto, host:port, ray://...; `local` for a new private instance), else RAY_ADDRESS, else a
+    cluster already running on this machine (`ray start`), else a new private instance sized to
+    this machine."""
     import ray
 
+    private = False
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
         address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
@@ -115,7 +117,8 @@ def _init_ray(address: str | None):
                 raise ClusterJoinError(join_failure(address, "\n".join(causes))) from exc
         else:
             ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
-    return ray
+            private = True
+    return ray, private
 
 
 def join_failure(address: str, error: str) -> str:
@@ -267,14 +270,16 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             summary.seconds = time.perf_counter() - started
             return summary
 
-        ray = _init_ray(address)
+        ray, private = _init_ray(address)
         n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env)
+        device = worker_device(device, options)
+        if private:  # its workers run this torch: a device it cannot use fails here, in one line
+            resolve_device(device)
         n_workers = min(n_workers, len(todo))
         summary.workers = n_workers
         config_json = config.model_dump_json()
         actor_class = ray.remote(ray_shard_worker_class())
-        actors = [actor_class.options(**options).remote(model, config_json, worker_device(device, options), threads)
-                  for _ in range(n_workers)]
+        actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
         # Post-processing workers import torch while the model loads (not waited for).
         starter = ray.remote(num_cpus=1)(start_post_processing_worker)
         for _ in range(int(ray.cluster_resources().get("CPU", 1))):
