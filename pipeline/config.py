@@ -298,6 +298,14 @@ class SegmenterConfig(_Strict):
         """The timestep of the chosen method's single UNet forward."""
         return self.timestep if self.method == "iseg" else getattr(self, self.method).timestep
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _bare_names(cls, classes):
+        """A class given by its name alone is its own prompt: `classes: [cat, dog, sofa]`."""
+        if isinstance(classes, list):
+            return [{"name": c, "prompt": c} if isinstance(c, str) else c for c in classes]
+        return classes
+
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, classes: list[ClassSpec]) -> list[ClassSpec]:

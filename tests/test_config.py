@@ -95,3 +95,14 @@ def test_batch_size_auto_is_one_image_on_a_cpu_and_a_full_batch_on_a_gpu(tmp_pat
     path = tmp_path / "batch.yaml"
     path.write_text("batch_size: 8\n")
     assert load_config(path).batch_size_on("cpu") == load_config(path).batch_size_on("cuda") == 8
+
+
+def test_classes_given_by_name_alone_are_their_own_prompts(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("classes: [cat, dining table, {name: tv, prompt: tv monitor, focus: [monitor]}]\n")
+    classes = load_config(config).classes
+    assert [(c.name, c.prompt, c.focus) for c in classes] == [("cat", "cat", None), ("dining table", "dining table", None),
+                                                              ("tv", "tv monitor", ["monitor"])]
+    config.write_text("classes: [cat, cat]\n")
+    with pytest.raises(ConfigError, match="class names must be unique, repeated: \\['cat'\\]"):
+        load_config(config)

@@ -266,9 +266,12 @@ def test_shards_made_for_other_classes_are_refused_with_the_config_to_pass(shard
     (tmp_path / "own" / "manifest.json").write_text(json.dumps(
         {"shards": [{"url": "voc-train-000000.tar", "samples": 2}], "classes": ["cat", "dog"]}))
     with pytest.raises(InputError, match=r"written for 2 classes \(cat, dog\) .*: pass a config whose "
-                                         "classes are the manifest's, in its order"):
+                                         "classes are the manifest's, in its order") as error:
         run_job(str(tmp_path / "own"), tmp_path / "out", config, "tiny", progress=False)
     assert not (tmp_path / "out").exists()
+    yaml_line = str(error.value).split("a YAML file holding the line ")[1]  # the fix, as written, works
+    (tmp_path / "own.yaml").write_text(yaml_line + "\n")
+    assert load_config(tmp_path / "own.yaml").class_names == ["cat", "dog"]
 
 
 def test_a_second_job_on_a_folder_in_use_is_refused_and_status_names_the_running_one(clean_run, shards, capsys):

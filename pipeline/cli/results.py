@@ -168,7 +168,8 @@ def run_eval(args: argparse.Namespace) -> int:
     job = finished_part(args.job)
     scores, conf = evaluate_job(job, gt_dir=args.gt)
     if not scores.images:
-        raise InputError("no image has ground truth: pass --gt with the SegmentationClass(Aug) folder")
+        raise InputError("no image has ground truth: its shards carry no gt.png and --gt names none of its ids; "
+                         "pass --gt with the folder of <id>.png masks (VOC: SegmentationClassAug)")
     names = job.class_names
     print(format_table(scores, names))
     json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"

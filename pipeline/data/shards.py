@@ -430,7 +430,8 @@ def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> 
         if not isinstance(listed, list) or not listed or listed == list(class_names):
             continue
         match = next((name for name in BUILT_IN_CONFIGS if load_config(name).class_names == listed), None)
-        fix = f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its order"
+        fix = (f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its "
+               f"order: a YAML file holding the line classes: {json.dumps(listed)}")
         first = [", ".join(names[:3]) + (", ..." if len(names) > 3 else "") for names in (listed, class_names)]
         raise InputError(f"the shards in {folder} were written for {len(listed)} classes ({first[0]}) but the config "
                          f"has {len(class_names)} ({first[1]}): {fix}")
