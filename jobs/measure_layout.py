@@ -15,21 +15,11 @@ Nothing here is part of a job; it answers whether a layout is worth a switch (do
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
-from pipeline.results.bench import sync_device
+from pipeline.results.bench import timed_seconds
 from pipeline.segment.models import load_model
-
-
-def timed(run, device: torch.device) -> float:
-    """Seconds one call of run takes, the device synchronised around it."""
-    sync_device(device)
-    start = time.perf_counter()
-    run()
-    sync_device(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -67,7 +57,7 @@ def main() -> None:
             run()  # warm-up: cuDNN's algorithm choice, allocator growth
         for _ in range(args.rounds):
             for name, run in runs.items():
-                seconds[name].append(timed(run, device))
+                seconds[name].append(timed_seconds(run, device))
     print(f"model {args.model} on {device} ({dtype}), batch {batch}, {side} px, {args.rounds} rounds in turn")
     for name, values in seconds.items():
         median = statistics.median(values)

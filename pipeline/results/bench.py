@@ -136,13 +136,18 @@ def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def images_per_second(run: Callable[[], None], n_images: int, device: torch.device) -> float:
-    """n_images over the seconds one call of run takes, the device synchronised around it."""
+def timed_seconds(run: Callable[[], None], device: torch.device) -> float:
+    """Seconds one call of run takes, the device synchronised around it."""
     sync_device(device)
     start = time.perf_counter()
     run()
     sync_device(device)
-    return n_images / (time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def images_per_second(run: Callable[[], None], n_images: int, device: torch.device) -> float:
+    """n_images over the seconds one call of run takes (`timed_seconds`)."""
+    return n_images / timed_seconds(run, device)
 
 
 def bare_pass(model: ModelBundle, config: SegmenterConfig, images: list[torch.Tensor],
