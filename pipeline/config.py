@@ -42,6 +42,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def repeated_names(names: list[str]) -> list[str]:
+    """The names that occur more than once in names, sorted."""
+    return sorted({n for n in names if names.count(n) > 1})
+
+
 class ClassSpec(_Strict):
     """One foreground class: its dataset name, its words in the prompt, and which of those
     words' tokens are averaged into its cross-attention map (all words when `focus` is unset)."""
@@ -309,8 +314,7 @@ class SegmenterConfig(_Strict):
     @field_validator("classes")
     @classmethod
     def _unique_classes(cls, classes: list[ClassSpec]) -> list[ClassSpec]:
-        names = [c.name for c in classes]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = repeated_names([c.name for c in classes])
         if dupes:
             raise ValueError(f"class names must be unique, repeated: {dupes}")
         if not classes:

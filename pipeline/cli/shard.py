@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli.options import add_command, add_output
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, load_config
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, load_config, repeated_names
 
 OUTPUT_HELP = "folder for the shards and manifest.json"
 
@@ -119,7 +119,7 @@ def run_shard_folder(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
-    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    repeated = repeated_names(classes)
     if repeated:
         raise ConfigError(f"--classes names {', '.join(repeated)} more than once: give each class once, in label "
                           "order")
