@@ -73,7 +73,9 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
     from pipeline.data.shards import write_image_shards
 
     Path(args.output).mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails before the bar
-    with tqdm(total=len(sources), unit="img", desc="sharding") as bar:
+    # delay: the bar shows from its first update after half a second, so a command that fails
+    # before writing anything prints its error alone
+    with tqdm(total=len(sources), unit="img", desc="sharding", delay=0.5) as bar:
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
     print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
