@@ -57,6 +57,26 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["f.bin"]
 
 
+def test_a_write_that_fills_the_disk_names_its_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from pipeline.data import atomic
+
+    target = tmp_path / "masks" / "voc-000000.tar"
+    atomic_write_bytes(target, b"the shard's masks")
+
+    def disk_full(fd):  # as a real full disk answers: errno and message, no file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
+    with pytest.raises(OSError) as raised:
+        atomic_write_bytes(target, b"x" * 100_000)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(target))
+    assert [p.name for p in target.parent.iterdir()] == ["voc-000000.tar"]  # the half-written copy is gone
+    assert target.read_bytes() == b"the shard's masks"  # and the file it was to replace is whole
+
+
 def test_one_running_job_holds_its_folder_until_its_process_lets_go(tmp_path):
     import os
     import subprocess
