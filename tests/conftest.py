@@ -110,7 +110,7 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
     predict(gt, index) as the masks. Returns (job folder, {id: gt})."""
 
     from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
-    from pipeline.data.ledger import Ledger
+    from pipeline.data.ledger import DONE, Ledger, ShardEntry
     from pipeline.mask.codec import encode_confidence, encode_mask
     from pipeline.mask.postprocess import MaskResult
     from pipeline.data.outputs import write_shard_outputs
@@ -127,8 +127,10 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
                        list(VOC_CLASS_NAMES), report)
     out = tmp_path / "out"
     config = SegmenterConfig()
-    Ledger(out).claim({"config": config.model_dump(mode="json"), "config_hash": config_hash(config, "fake"),
-                       "model": "fake", "input": str(tmp_path / "shards")}, force=False)
+    ledger = Ledger(out)
+    job = {"config": config.model_dump(mode="json"), "config_hash": config_hash(config, "fake"), "model": "fake",
+           "input": str(tmp_path / "shards")}
+    ledger.claim(job, force=False)
     ids = list(gts)
     for shard_index in range(len(ids) // per_shard):
         samples, rows = [], []
@@ -143,7 +145,10 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
             rows.append(row)
             samples.append({"__key__": image_id, "png": encode_mask(labels), "conf.png": encode_confidence(confidence),
                             "json": encode_json(row)})
-        write_shard_outputs(out, f"voc-train-00000{shard_index}", samples, rows)
+        shard = f"voc-train-00000{shard_index}"
+        ledger.put(ShardEntry(shard=shard, url=str(tmp_path / "shards" / f"{shard}.tar"), state=DONE,
+                              config_hash=job["config_hash"], model="fake", attempts=1, samples=len(rows),
+                              outputs=write_shard_outputs(out, shard, samples, rows)))
     return out, gts
 
 

@@ -83,6 +83,44 @@ def test_export_is_all_or_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_export_eval_and_report_of_an_unfinished_job_say_which_part_they_read(tmp_path, capsys):
+    from pipeline.data.ledger import FAILED, Ledger
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)  # 4 shards, all done
+    assert main(["export", str(out), "-o", str(tmp_path / "whole")]) == 0
+    assert "not complete" not in capsys.readouterr().out
+    ledger = Ledger(out)
+    failed = ledger.get("voc-train-000001")
+    failed.state, failed.error = FAILED, "RuntimeError: CUDA error"
+    ledger.put(failed)
+    (out / "ledger" / "voc-train-000003.json").unlink()  # never started (the job was stopped)
+    line = (f"the job is not complete: 2 of 4 input shards done (1 failed, 1 not started), and this reads those; "
+            f"`pseudolabel resume {out}` runs the rest\n")
+    for command in (["export", str(out), "-o", str(tmp_path / "part")], ["eval", str(out)],
+                    ["report", str(out), "-o", str(tmp_path / "report")]):
+        assert main(command) == 0
+        assert capsys.readouterr().out.startswith(line), command
+
+
+def test_after_a_forced_run_with_another_config_only_its_own_shards_are_read(tmp_path, capsys):
+    from pipeline.data.ledger import Ledger
+
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)  # 4 shards done under config A
+    ledger = Ledger(out)
+    ledger.claim({**ledger.job(), "config_hash": "config B"}, force=True)  # `run --force` with config B ...
+    redone = ledger.get("voc-train-000002")
+    redone.config_hash = "config B"  # ... stopped after redoing one shard
+    ledger.put(redone)
+    assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("the job is not complete: 1 of 4 input shards done (3 stale), and this reads those "
+                              "(stale: done under an earlier config or model); ")
+    assert (tmp_path / "export/ImageSets/Segmentation/train_aug.txt").read_text().split() == [sorted(gts)[2]]
+    assert main(["status", str(out)]) == 0
+    assert "1 done, 0 failed, 0 interrupted, 0 in progress, 3 stale (done under an earlier config or model; " \
+           "redone on resume)" in capsys.readouterr().out
+
+
 def test_a_full_disk_is_a_one_line_error_and_leaves_no_export(tmp_path, capsys, monkeypatch):
     import errno
 

@@ -117,7 +117,9 @@ def run_resume(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from pipeline.data.ledger import Ledger
+    from collections import Counter
+
+    from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, STALE, Ledger
     from pipeline.data.outputs import failed_image_ids
     from pipeline.job.summary import name_failed
 
@@ -126,15 +128,17 @@ def run_status(args: argparse.Namespace) -> int:
     entries = ledger.entries()
     print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {job['input']}")
     print(f"{'shard':32} {'state':12} {'attempts':>8} {'images':>7} {'failed':>7} {'seconds':>8}  error")
+    states = ledger.states()
     for e in entries:
-        print(f"{e.shard:32} {e.state:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} {e.seconds:8.1f}  "
-              f"{e.error or ''}")
-    states = [e.state for e in entries]
+        print(f"{e.shard:32} {states[e.shard]:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} "
+              f"{e.seconds:8.1f}  {e.error or ''}")
+    counts = Counter(states.values())
     running = ledger.running_job()
-    print(f"{states.count('done')} done, {states.count('failed')} failed, {states.count('interrupted')} "
-          f"interrupted, {states.count('in_progress')} in progress"
+    print(f"{counts[DONE]} done, {counts[FAILED]} failed, {counts[INTERRUPTED]} interrupted, {counts[IN_PROGRESS]} "
+          "in progress" + (f", {counts[STALE]} stale (done under an earlier config or model; redone on resume)"
+                           if counts[STALE] else "")
           + (f"; a job is running here ({running})" if running else "; no job is running here"))
-    print(_not_started_line(job["input"], {e.shard for e in entries}, args.job))
+    print(_not_started_line(ledger, args.job))
     failed = failed_image_ids(args.job)
     if failed:
         print(f"{len(failed)} failed image(s): {name_failed(failed, len(failed))} "
@@ -142,16 +146,16 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_started_line(input_pattern: str, recorded: set[str], job_folder) -> str:
+def _not_started_line(ledger, job_folder) -> str:
     """How many of the job's input shards have no ledger entry yet, and the command that runs them."""
-    from pipeline.data.shards import expand_input, shard_name
+    from pipeline.data.ledger import NOT_STARTED
 
     try:
-        names = [shard_name(url) for url in expand_input(input_pattern)]
+        states = ledger.input_states()
     except PipelineError as exc:
         return f"input shards not listed: {exc}"
-    waiting = [name for name in names if name not in recorded]
-    return (f"{len(waiting)} of {len(names)} input shard(s) not started"
+    waiting = [name for name, state in states.items() if state == NOT_STARTED]
+    return (f"{len(waiting)} of {len(states)} input shard(s) not started"
             + (f" (first: {waiting[0]}): `pseudolabel resume {job_folder}` runs them" if waiting else ""))
 
 

@@ -135,15 +135,31 @@ def _register_bench(sub) -> None:
 
 
 def finished_part(job_dir: str):
-    """The job's outputs (a JobOutput), saying first when a job is still running there (what
-    is read is then the shards done so far)."""
-    from pipeline.data.ledger import Ledger
-    from pipeline.data.outputs import JobOutput
+    """The job's outputs (a JobOutput), saying first what they cover when that is not the whole
+    input: a job still running there, or input shards not done (not started, failed,
+    interrupted), with the command that finishes them."""
+    from collections import Counter
 
-    running = Ledger(job_dir).running_job()
+    from pipeline.data.ledger import DONE, STALE, Ledger
+    from pipeline.data.outputs import JobOutput
+    from pipeline.errors import PipelineError
+
+    ledger = Ledger(job_dir)
+    running = ledger.running_job()
     if running:
         print(f"a job is still running on {job_dir} ({running}): this reads the shards done so far")
-    return JobOutput(job_dir)
+    output = JobOutput(job_dir)
+    try:
+        states = ledger.input_states()
+    except PipelineError:  # the input moved: `status` says so; the outputs are read as they are
+        states = {}
+    left = Counter(state for state in states.values() if state != DONE)
+    if left and not running:
+        print(f"the job is not complete: {len(states) - sum(left.values())} of {len(states)} input shards done "
+              f"({', '.join(f'{n} {state}' for state, n in sorted(left.items()))}), and this reads those"
+              + (" (stale: done under an earlier config or model)" if STALE in left else "") + "; "
+              f"`pseudolabel resume {job_dir}` runs the rest")
+    return output
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ from pipeline.data.atomic import atomic_write_json, file_sha256
 
 DONE, FAILED, IN_PROGRESS = "done", "failed", "in_progress"
 INTERRUPTED = "interrupted"  # in flight when the job was stopped (Ctrl-C, SIGTERM); redone on resume
+NOT_STARTED = "not started"  # an input shard without a ledger entry
+STALE = "stale"  # done under an earlier config or model (before a `run --force` with others); redone on resume
 
 
 @dataclass
@@ -78,6 +80,28 @@ class Ledger:
         if not self.dir.is_dir():
             return []
         return [ShardEntry(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
+
+    def states(self) -> dict[str, str]:
+        """Shard name -> its state, STALE for one done under another job's config."""
+        job = self.job()
+        return {entry.shard: STALE if entry.state == DONE and job and entry.config_hash != job["config_hash"]
+                else entry.state for entry in self.entries()}
+
+    def done_shards(self) -> list[str]:
+        """The shards done under the folder's job, by name: those whose outputs are its results.
+        Not a shard done under an earlier config, nor one whose job stopped between writing its
+        outputs and recording them (both are redone on resume)."""
+        return [name for name, state in self.states().items() if state == DONE]
+
+    def input_states(self) -> dict[str, str]:
+        """The job's input shards, in input order: name -> its state (DONE, FAILED, IN_PROGRESS,
+        INTERRUPTED, STALE or NOT_STARTED). An InputError where the recorded input can
+        no longer be listed."""
+        from pipeline.data.shards import expand_input, shard_name
+
+        states = self.states()
+        names = [shard_name(url) for url in expand_input(self.recorded_job()["input"])]
+        return {name: states.get(name, NOT_STARTED) for name in names}
 
     # --- the job --------------------------------------------------------------------------
 

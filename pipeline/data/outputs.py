@@ -19,7 +19,7 @@ from pipeline.data.atomic import atomic_write_bytes, file_sha256
 from pipeline.data.ledger import Ledger
 from pipeline.mask.codec import decode_confidence, decode_mask
 from pipeline.data.shards import InputError, expand_input, read_shard, shard_name, tar_bytes
-from pipeline.mask.stats import rows_to_table
+from pipeline.mask.stats import STATS_SCHEMA, rows_to_table
 
 # The export's folder of label PNGs (SegmentationClass layout).
 MASK_FOLDER = "SegmentationClassPseudo"
@@ -38,16 +38,24 @@ def write_shard_outputs(out_dir: Path, shard: str, mask_samples: list[dict], row
     return {rel: file_sha256(out_dir / rel) for rel in (mask_rel, stats_rel)}
 
 
+def done_outputs(out_dir: str | Path, folder: str, suffix: str) -> list[Path]:
+    """The existing out_dir/folder/<shard><suffix> files of the shards done under the folder's
+    job (Ledger.done_shards), in shard order: a shard redone under another config, or not yet
+    recorded, leaves files that are not the job's results."""
+    paths = (Path(out_dir) / folder / f"{name}{suffix}" for name in Ledger(out_dir).done_shards())
+    return [path for path in paths if path.is_file()]
+
+
 def failed_image_ids(out_dir: str | Path) -> list[str]:
-    """Ids of the images a job could not segment (status other than ok in its statistics);
-    none without statistics yet. Needs no masks/, so `status` can read a job still starting."""
+    """Ids of the images a job could not segment (status other than ok in the statistics of its
+    done shards). Needs no masks/, so `status` can read a job still starting."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    stats = Path(out_dir) / "stats"
-    if not any(stats.glob("*.parquet")):
+    stats = done_outputs(out_dir, "stats", ".parquet")
+    if not stats:
         return []
-    table = ds.dataset(stats, format="parquet").to_table(columns=["id", "status"])
+    table = ds.dataset([str(p) for p in stats], format="parquet").to_table(columns=["id", "status"])
     return table.filter(pc.field("status") != "ok").column("id").to_pylist()
 
 
@@ -83,13 +91,15 @@ class JobOutput:
             raise InputError(f"{self.out_dir} has no masks/: pass the -o/--output folder of a pseudolabel run")
 
     def stats(self) -> pa.Table:
-        """Every image's statistics row (the whole job)."""
+        """Every image's statistics row, of the shards done (the whole job once it is complete)."""
         import pyarrow.dataset as ds
 
-        return ds.dataset(self.out_dir / "stats", format="parquet").to_table()
+        paths = done_outputs(self.out_dir, "stats", ".parquet")
+        return ds.dataset([str(p) for p in paths], format="parquet").to_table() if paths else STATS_SCHEMA.empty_table()
 
     def mask_shards(self) -> list[Path]:
-        return sorted((self.out_dir / "masks").glob("*.tar"))
+        """The mask shards of the shards done, in shard order."""
+        return done_outputs(self.out_dir, "masks", ".tar")
 
     def masks(self, shards: list[Path] | None = None) -> Iterator[MaskRecord]:
         """Every mask of the given mask shards (default: all), in shard order."""
