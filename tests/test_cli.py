@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import synthetic_image
+from conftest import make_job_output, synthetic_image
 from pipeline.cli import main
 
 
@@ -115,6 +115,15 @@ def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):
     code = main(["segment", str(image_file), "--labels", "cat", "--config", str(config), "-o", str(tmp_path / "m")])
     err = capsys.readouterr().err
     assert code == 2 and "key iterations" in err
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `pseudolabel status out/ | head -0` leaves it
+    run = subprocess.run(_command() + ["status", str(out)], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert (run.returncode, run.stderr) == (141, "")  # SIGPIPE's status, and no traceback
 
 
 def test_help_lists_the_subcommands(capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from pipeline.cli import job, results, segment, shard
@@ -51,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that has gone is seen here, not while Python exits
+        return status
     except USER_ERRORS as exc:
         print(f"pseudolabel: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output has gone (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 128 + 13  # a process ended by SIGPIPE
     except OSError as exc:
         if exc.errno not in FILE_SYSTEM_FIXES:
             raise
