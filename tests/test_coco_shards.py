@@ -95,3 +95,17 @@ def test_bad_annotation_files_are_one_line_errors(coco_root, tmp_path, capsys, c
 def test_unknown_split_is_a_one_line_error(coco_root, tmp_path, capsys):
     assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2019", "-o", str(tmp_path)]) == 2
     assert "use one of train2014, val2014, train2017, val2017" in capsys.readouterr().err
+
+
+def test_each_instance_mask_is_decoded_once(coco_root, tmp_path, monkeypatch):
+    from pycocotools.coco import COCO
+
+    decoded = []
+    to_mask = COCO.annToMask
+    monkeypatch.setattr(COCO, "annToMask", lambda coco, annotation: decoded.append(annotation["id"]) or
+                        to_mask(coco, annotation))
+    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2017", "-o",
+                 str(tmp_path / "shards")]) == 0
+    # the labels and the shard's ground truth come from one rendering; a missing image or an
+    # unknown category (image 11) renders nothing
+    assert sorted(decoded) == [1, 2]

@@ -109,9 +109,12 @@ def run_shard_coco(args: argparse.Namespace) -> int:
     from pipeline.data.coco import coco_sources
     from pipeline.data.shards import ShardingReport
 
+    from tqdm import tqdm
+
     class_names = load_config("coco").class_names
     report = ShardingReport()
-    sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report)
+    sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report,
+                           lambda ids: tqdm(ids, unit="img", desc="ground truth", delay=0.5))
     return _write(sources, args, f"coco-{args.split}", class_names, report)
 
 

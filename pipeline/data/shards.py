@@ -21,7 +21,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -42,7 +42,7 @@ class ShardingError(PipelineError, ValueError):
 @dataclass
 class SourceImage:
     """One image to shard: its id, file, class names and optional ground truth: a mask file,
-    or gt_png, a function that renders the mask PNG when the sample is written. upright: store
+    or gt_png, the mask's PNG bytes (rendered from annotations). upright: store
     the image turned by its EXIF orientation (`upright_image_bytes`), for images that no
     annotation ties to their stored pixel grid. label_source: where names came from (`mask`,
     `xml`, `labels-file`, ...), recorded in the sample's json."""
@@ -51,7 +51,7 @@ class SourceImage:
     image: Path
     names: list[str]
     gt: Path | None = None
-    gt_png: Callable[[], bytes] | None = None
+    gt_png: bytes | None = None
     upright: bool = False
     label_source: str | None = None
 
@@ -337,7 +337,7 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
     if source.gt is not None:
         sample["gt.png"] = source.gt.read_bytes()
     elif source.gt_png is not None:
-        sample["gt.png"] = source.gt_png()
+        sample["gt.png"] = source.gt_png
     return sample
 
 
