@@ -100,6 +100,11 @@ def test_export_eval_and_report_of_an_unfinished_job_say_which_part_they_read(tm
                     ["report", str(out), "-o", str(tmp_path / "report")]):
         assert main(command) == 0
         assert capsys.readouterr().out.startswith(line), command
+    for done in ("voc-train-000000", "voc-train-000002"):
+        (out / "ledger" / f"{done}.json").unlink()
+    assert main(["eval", str(out)]) == 2  # not "no image has ground truth"
+    assert capsys.readouterr().err == (f"pseudolabel: error: {out} has no shard done yet (1 failed, 3 not started): "
+                                       f"run `pseudolabel resume {out}`\n")
 
 
 def test_after_a_forced_run_with_another_config_only_its_own_shards_are_read(tmp_path, capsys):

@@ -142,6 +142,7 @@ def finished_part(job_dir: str):
 
     from pipeline.data.ledger import DONE, STALE, Ledger
     from pipeline.data.outputs import JobOutput
+    from pipeline.data.shards import InputError
     from pipeline.errors import PipelineError
 
     ledger = Ledger(job_dir)
@@ -154,9 +155,14 @@ def finished_part(job_dir: str):
     except PipelineError:  # the input moved: `status` says so; the outputs are read as they are
         states = {}
     left = Counter(state for state in states.values() if state != DONE)
+    not_done = ", ".join(f"{n} {state}" for state, n in sorted(left.items()))
+    if not ledger.done_shards():
+        raise InputError(f"{job_dir} has no shard done yet" + (f" ({not_done})" if not_done else "")
+                         + (": wait for the running job's first shard" if running else
+                            f": run `pseudolabel resume {job_dir}`"))
     if left and not running:
         print(f"the job is not complete: {len(states) - sum(left.values())} of {len(states)} input shards done "
-              f"({', '.join(f'{n} {state}' for state, n in sorted(left.items()))}), and this reads those"
+              f"({not_done}), and this reads those"
               + (" (stale: done under an earlier config or model)" if STALE in left else "") + "; "
               f"`pseudolabel resume {job_dir}` runs the rest")
     return output
