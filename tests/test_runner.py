@@ -95,6 +95,7 @@ def test_rerun_does_nothing(clean_run, shards):
     before = {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()}
     summary = run_job(str(shards), out, load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
     assert (summary.shards_done, summary.shards_skipped) == (0, 3)
+    assert summary.line == "nothing to run: the 3 input shard(s) were done before (or failed before and are skipped)"
     assert {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()} == before
 
 

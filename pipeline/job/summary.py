@@ -82,6 +82,9 @@ class JobSummary:
 
     @property
     def line(self) -> str:
+        if self.shards_skipped and not (self.shards_done or self.shards_failed):
+            return (f"nothing to run: the {self.shards_skipped} input shard(s) were done before (or failed before "
+                    "and are skipped)")
         total = self.images_ok + self.images_failed
         rate = total / self.seconds if self.seconds > 0 else 0.0
         return (f"{total} images: {self.images_ok} ok, {self.images_failed} failed; "
