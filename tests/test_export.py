@@ -100,6 +100,8 @@ def test_export_eval_and_report_of_an_unfinished_job_say_which_part_they_read(tm
                     ["report", str(out), "-o", str(tmp_path / "report")]):
         assert main(command) == 0
         assert capsys.readouterr().out.startswith(line), command
+    assert ("<b>The job is not complete</b>: 2 of 4 input shards done (1 failed, 1 not started)"
+            in (tmp_path / "report" / "index.html").read_text())
     for done in ("voc-train-000000", "voc-train-000002"):
         (out / "ledger" / f"{done}.json").unlink()
     assert main(["eval", str(out)]) == 2  # not "no image has ground truth"

@@ -137,32 +137,24 @@ def _register_bench(sub) -> None:
 def finished_part(job_dir: str):
     """The job's outputs (a JobOutput), saying first what they cover when that is not the whole
     input: a job still running there, or input shards not done (not started, failed,
-    interrupted), with the command that finishes them."""
-    from collections import Counter
-
-    from pipeline.data.ledger import DONE, STALE, Ledger
+    interrupted, stale), with the command that finishes them."""
+    from pipeline.data.ledger import STALE, Ledger, count_states
     from pipeline.data.outputs import JobOutput
     from pipeline.data.shards import InputError
-    from pipeline.errors import PipelineError
 
     ledger = Ledger(job_dir)
     running = ledger.running_job()
     if running:
         print(f"a job is still running on {job_dir} ({running}): this reads the shards done so far")
     output = JobOutput(job_dir)
-    try:
-        states = ledger.input_states()
-    except PipelineError:  # the input moved: `status` says so; the outputs are read as they are
-        states = {}
-    left = Counter(state for state in states.values() if state != DONE)
-    not_done = ", ".join(f"{n} {state}" for state, n in sorted(left.items()))
+    shards, left = ledger.unfinished()
     if not ledger.done_shards():
-        raise InputError(f"{job_dir} has no shard done yet" + (f" ({not_done})" if not_done else "")
+        raise InputError(f"{job_dir} has no shard done yet" + (f" ({count_states(left)})" if left else "")
                          + (": wait for the running job's first shard" if running else
                             f": run `pseudolabel resume {job_dir}`"))
     if left and not running:
-        print(f"the job is not complete: {len(states) - sum(left.values())} of {len(states)} input shards done "
-              f"({not_done}), and this reads those"
+        print(f"the job is not complete: {shards - sum(left.values())} of {shards} input shards done "
+              f"({count_states(left)}), and this reads those"
               + (" (stale: done under an earlier config or model)" if STALE in left else "") + "; "
               f"`pseudolabel resume {job_dir}` runs the rest")
     return output

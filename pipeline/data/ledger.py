@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +43,11 @@ class ShardEntry:
     seconds: float = 0.0
     error: str | None = None
     updated: float = field(default_factory=time.time)
+
+
+def count_states(counts: dict[str, int]) -> str:
+    """{state: how many} -> "1 failed, 3 not started"."""
+    return ", ".join(f"{n} {state}" for state, n in counts.items())
 
 
 class JobMismatchError(PipelineError, RuntimeError):
@@ -92,6 +98,15 @@ class Ledger:
         Not a shard done under an earlier config, nor one whose job stopped between writing its
         outputs and recording them (both are redone on resume)."""
         return [name for name, state in self.states().items() if state == DONE]
+
+    def unfinished(self) -> tuple[int, dict[str, int]]:
+        """(how many input shards the job has, {state: how many} of those not done, by state);
+        (0, {}) where the recorded input can no longer be listed."""
+        try:
+            states = self.input_states()
+        except PipelineError:
+            return 0, {}
+        return len(states), dict(sorted(Counter(s for s in states.values() if s != DONE).items()))
 
     def input_states(self) -> dict[str, str]:
         """The job's input shards, in input order: name -> its state (DONE, FAILED, IN_PROGRESS,

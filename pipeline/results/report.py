@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.results.evaluate import evaluate_job
+from pipeline.data.ledger import Ledger, count_states
 from pipeline.data.safe_paths import file_in
 from pipeline.data.shards import sample_image
 from pipeline.mask.codec import decode_image, decode_mask, overlay
@@ -151,6 +152,11 @@ def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
                 f"<code>{html.escape(str(job_info.get('config_hash', '?'))[:12])}</code></p>"
                 "<p class='legend'>Each strip: image with the mask blended · pseudo mask · ground truth "
                 "(when the shards carry it). Colours: PASCAL VOC palette.</p>"]
+    shards, left = Ledger(job.out_dir).unfinished()
+    if left:
+        sections[0] += (f"<p class='warning'><b>The job is not complete</b>: {shards - sum(left.values())} of "
+                        f"{shards} input shards done ({html.escape(count_states(left))}); everything below is of "
+                        "the shards done.</p>")
     try:
         scores, _ = evaluate_job(job)
     except Exception as exc:  # no input shards to read ground truth from
@@ -173,7 +179,7 @@ def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>pseudolabel report</title><style>"
             "body{font-family:sans-serif;margin:24px;color:#222}figure{display:inline-block;margin:6px}"
             "figcaption{font-size:12px;color:#555}table{border-collapse:collapse;font-size:13px}"
-            "td,th{border:1px solid #ccc;padding:2px 8px}.plots img{margin:4px}.legend{color:#555;font-size:13px}"
+            "td,th{border:1px solid #ccc;padding:2px 8px}.plots img{margin:4px}.legend{color:#555;font-size:13px}.warning{color:#a00}"
             "</style></head><body>" + "\n".join(sections) + "</body></html>")
     path = dest / "index.html"
     path.write_text(page, encoding="utf-8")
