@@ -102,7 +102,7 @@ class JobOutput:
         return done_outputs(self.out_dir, "masks", ".tar")
 
     def masks(self, shards: list[Path] | None = None) -> Iterator[MaskRecord]:
-        """Every mask of the given mask shards (default: all), in shard order."""
+        """Every mask of the given mask shards (default: those of the shards done), in shard order."""
         for tar in shards or self.mask_shards():
             for sample in read_shard(str(tar)):
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, sample=sample)
