@@ -40,6 +40,21 @@ def test_folder_that_is_not_a_model(tmp_path):
         resolve_model(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("raised", [OSError("Error no file named model.safetensors found in directory x"),
+                                    TypeError("expected str, bytes or os.PathLike object, not NoneType"),
+                                    KeyError("sample_size")])
+def test_a_folder_with_missing_files_is_a_load_error_whatever_the_library_raises(tmp_path, monkeypatch, raised):
+    # transformers 4.x raises a TypeError for a tokenizer folder without its vocabulary, 5.x an OSError
+    (tmp_path / "unet").mkdir()
+
+    def fails(folder, dtype):
+        raise raised
+
+    monkeypatch.setattr(models, "_load_components", fails)
+    with pytest.raises(ModelLoadError, match=rf"^cannot load model '{tmp_path}' from {tmp_path}: .*a diffusers folder"):
+        load_model(str(tmp_path), device="cpu")
+
+
 def test_unreachable_hub_id_says_how_to_pass_a_local_folder(monkeypatch):
     from huggingface_hub import constants
 

@@ -227,9 +227,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
         folder = resolve_model(spec)
         try:
             components = _load_components(folder, dtype)
-        except (OSError, ValueError) as exc:
-            hint = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {hint}") from exc
+        # what a folder with missing files or keys raises depends on the library versions: with
+        # transformers 4.x a tokenizer without its vocabulary is a TypeError (a None path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            hint = text if isinstance(exc, (OSError, ValueError)) and text else f"{type(exc).__name__}: {text}"
+            raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {hint} (a diffusers folder of SD 2.1-base "
+                                 "holds model_index.json, scheduler/, tokenizer/, and text_encoder/, vae/, unet/ "
+                                 "with their weights: copy the missing files, or download the model again)") from exc
     for name in ("text_encoder", "vae", "unet"):
         module = components[name].requires_grad_(False).eval()
         module = module.to(device) if module.dtype == dtype else module.to(device=device, dtype=dtype)
