@@ -106,10 +106,10 @@ def run_shard_voc(args: argparse.Namespace) -> int:
 
 
 def run_shard_coco(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from pipeline.data.coco import coco_sources
     from pipeline.data.shards import ShardingReport
-
-    from tqdm import tqdm
 
     class_names = load_config("coco").class_names
     report = ShardingReport()

@@ -179,7 +179,8 @@ def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>pseudolabel report</title><style>"
             "body{font-family:sans-serif;margin:24px;color:#222}figure{display:inline-block;margin:6px}"
             "figcaption{font-size:12px;color:#555}table{border-collapse:collapse;font-size:13px}"
-            "td,th{border:1px solid #ccc;padding:2px 8px}.plots img{margin:4px}.legend{color:#555;font-size:13px}.warning{color:#a00}"
+            "td,th{border:1px solid #ccc;padding:2px 8px}.plots img{margin:4px}.legend{color:#555;font-size:13px}"
+            ".warning{color:#a00}"
             "</style></head><body>" + "\n".join(sections) + "</body></html>")
     path = dest / "index.html"
     path.write_text(page, encoding="utf-8")

@@ -231,8 +231,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | torch.device | None = No
         # transformers 4.x a tokenizer without its vocabulary is a TypeError (a None path)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            hint = text if isinstance(exc, (OSError, ValueError)) and text else f"{type(exc).__name__}: {text}"
-            raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {hint} (a diffusers folder of SD 2.1-base "
+            if not text or not isinstance(exc, (OSError, ValueError)):  # the type says what the text alone does not
+                text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            raise ModelLoadError(f"cannot load model {spec!r} from {folder}: {text} (a diffusers folder of SD 2.1-base "
                                  "holds model_index.json, scheduler/, tokenizer/, and text_encoder/, vae/, unet/ "
                                  "with their weights: copy the missing files, or download the model again)") from exc
     for name in ("text_encoder", "vae", "unet"):
