@@ -22,7 +22,7 @@ from pipeline.data.ledger import Ledger
 from pipeline.data.shards import read_shard
 from pipeline.job.worker import ShardWorker
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.faults, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 LABELS = [(8, 18), (12, 0), (15, 0), (1, 15), (7, 0), (20, 16), (3, 0), (9, 13)]
 

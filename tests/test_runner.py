@@ -158,6 +158,7 @@ def _busy_worker_on_first_shard(job, out):
     return None
 
 
+@pytest.mark.faults
 def test_killed_actor_is_replaced_and_its_shard_retried(clean_run, shards, tmp_path):
     out = tmp_path / "out"
     job = _start_cli(shards, out)
@@ -174,6 +175,7 @@ def test_killed_actor_is_replaced_and_its_shard_retried(clean_run, shards, tmp_p
     assert _states(out) == ["done"] * 3
 
 
+@pytest.mark.faults
 def test_killed_driver_then_rerun_gives_the_same_outputs(clean_run, shards, tmp_path, capsys):
     out = tmp_path / "out"
     job = _start_cli(shards, out)
@@ -311,6 +313,7 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
         "(manifest.json has its sha256) and readable from this machine")
 
 
+@pytest.mark.faults
 def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, shards, tmp_path, capsys):
     out = tmp_path / "out"
     job = _start_cli(shards, out, "--retries", "0")
@@ -540,6 +543,7 @@ def test_invalid_job_numbers_are_one_line_errors(shards, tmp_path, capsys, flag,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards, tmp_path, signum, code):
     out = tmp_path / "out"
