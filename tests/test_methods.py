@@ -351,8 +351,9 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys, monkeypatch):
 
 
 def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_model, monkeypatch):
-    # A first call that costs 3 s more (as a process's first batch does) must not reach the
-    # seconds per image: each segmenter segments the first batch once before the timed ones.
+    # A first call that costs 1000 s more (as a process's first batch costs more; on a clock
+    # moved forward, not slept) must not reach the seconds per image: each segmenter segments
+    # the first batch once before the timed ones.
     import time
 
     from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
@@ -365,20 +366,21 @@ def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_mo
     write_image_shards(voc_sources(root, "train", None, ShardingReport()), tmp_path / "shards", "voc", 2,
                        list(VOC_CLASS_NAMES), ShardingReport())
     calls: dict[int, list[int]] = {}
-    real_segment = Segmenter.segment
+    real_segment, real_clock, first_calls = Segmenter.segment, time.perf_counter, [0.0]
 
     def segment(self, images, class_lists):
         calls.setdefault(id(self), []).append(len(images))
         if len(calls[id(self)]) == 1:
-            time.sleep(3.0)
+            first_calls[0] += 1000.0
         return real_segment(self, images, class_lists)
 
     monkeypatch.setattr(Segmenter, "segment", segment)
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + first_calls[0])
     config = load_config(FAST_CONFIG).model_copy(update={"batch_size": 2})
     tallies = compare_methods(str(tmp_path / "shards"), ["iseg", "diffsegmenter"], config, tiny_model)
     assert sorted(calls.values()) == [[2, 2, 1], [2, 2, 1]]  # the first batch twice, the last once
     for tally in tallies.values():
-        assert tally.images == 3 and 0 < tally.seconds < 3.0
+        assert tally.images == 3 and 0 < tally.seconds < 1000.0
 
 
 def test_sweep_parses_values_and_rejects_bad_keys():
