@@ -8,6 +8,8 @@ The optional ignore region marks pixels whose winning score is low as 255.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,33 +27,65 @@ class MaskResult:
     """labels: uint8 [H, W] (0 background, k + 1 for class k, 255 ignore);
     crf_changed: share of pixels whose label the CRF changed (None when the CRF is off);
     confidence: float32 [H, W], the winning score of each pixel in [0, 1];
-    scores: float32 [1 + C, H, W] background then the image's classes (in `classes` order)."""
+    scores: float32 [1 + C, H, W] background then the image's classes (in `classes` order),
+    kept only when asked for (the CRF reads them), else None."""
 
     labels: np.ndarray
     confidence: np.ndarray
-    scores: np.ndarray
+    scores: np.ndarray | None
     classes: list[int]
     crf_changed: float | None = None
 
 
-def upsample_class_maps(maps: torch.Tensor, model_size: int, out_hw: tuple[int, int]) -> torch.Tensor:
-    """maps [C, s, s] -> [C, H, W]: bilinear to model_size, min-max per class, bilinear to out_hw."""
-    grid = F.interpolate(maps[None].float(), size=(model_size, model_size), mode="bilinear", align_corners=False)
-    grid = minmax(grid, (2, 3))
-    return F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0]
+def _labelled(winner: torch.Tensor, confidence: torch.Tensor, scores: torch.Tensor | None,
+              classes: list[int]) -> MaskResult:
+    """winner [H, W] index into background then classes; confidence float32 [H, W]."""
+    lookup = np.array([0] + [c + 1 for c in classes], dtype=np.uint8)
+    return MaskResult(labels=lookup[winner.numpy()], confidence=confidence.numpy(),
+                      scores=None if scores is None else scores.numpy(), classes=classes)
 
 
-def _labelled(full: torch.Tensor, winner: torch.Tensor, confidence: torch.Tensor, classes: list[int]) -> MaskResult:
-    """full [1 + C, H, W] background then classes; winner int64 [H, W] index into full."""
-    lookup = torch.tensor([0] + [c + 1 for c in classes], dtype=torch.uint8)
-    return MaskResult(labels=lookup[winner].numpy(), confidence=confidence.numpy().astype(np.float32),
-                      scores=full.numpy().astype(np.float32), classes=classes)
+def _winning_class(channels: Iterator[torch.Tensor], count: int, kept: Callable[[torch.Tensor], torch.Tensor],
+                   background: Callable[[torch.Tensor], torch.Tensor], keep_scores: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The argmax over [background, kept(class 1), ..., kept(class count)] and its value, one
+    class at a time, so that the memory held is a few [H, W] planes whatever the number of classes.
+
+    channels yields each class's scaled score float32 [H, W]; kept gives the score it competes
+    with; background gives the background's score from the best scaled class score. Ties go to
+    the lower index, as argmax. Returns winner uint8 [H, W], confidence float32 [H, W], and
+    scores [1 + count, H, W] (background, then each kept class) when keep_scores, else None.
+    """
+    best = kept_best = winner = scores = None
+    for index, channel in enumerate(channels, start=1):
+        competing = kept(channel)
+        if best is None:
+            best, kept_best = channel.clone(), competing.clone()
+            winner = torch.ones(channel.shape, dtype=torch.uint8)
+            scores = torch.empty((1 + count, *channel.shape)) if keep_scores else None
+        else:
+            torch.maximum(best, channel, out=best)
+            winner.masked_fill_(competing > kept_best, index)
+            torch.maximum(kept_best, competing, out=kept_best)
+        if scores is not None:
+            scores[index] = competing
+    background_score = background(best)
+    winner.masked_fill_(background_score >= kept_best, 0)
+    if scores is not None:
+        scores[0] = background_score
+    return winner, torch.maximum(background_score, kept_best), scores
+
+
+def _interpolated(maps: torch.Tensor, out_hw: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """Each map of [C, h, w] bilinearly resized to out_hw, one at a time: [1, 1, H, W] float32."""
+    for channel in range(maps.shape[0]):
+        yield F.interpolate(maps[None, channel:channel + 1].float(), size=out_hw, mode="bilinear", align_corners=False)
 
 
 def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[int, int], config: SegmenterConfig,
-                         background_map: torch.Tensor | None = None) -> MaskResult:
+                         background_map: torch.Tensor | None = None, keep_scores: bool = False) -> MaskResult:
     """One image's class maps [C, s, s] for 0-based `classes` -> MaskResult of size out_hw,
-    by the configured method's rule.
+    by the configured method's rule (the scores kept when keep_scores).
 
     Only the image's classes are scored: absent classes can never win a pixel.
     - With a background_map [s, s] (DiffSeg, GoCA: the method scores the background) the maps
@@ -60,8 +94,10 @@ def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[i
       (non-negative) scores.
     - DiffSegmenter: maps bilinearly to out_hw, min-max per class, the background a constant
       `diffsegmenter.background_score`; the confidence is the winning score.
-    - iSeg: `upsample_class_maps`, then the config's background rule; the confidence is the
-      winning score.
+    - iSeg: each map bilinearly to the model's input size, min-max, bilinearly to out_hw, then
+      the config's background rule on the maps min-maxed again; the confidence is the winning score.
+    The last two go one class at a time (`_winning_class`): a 48-megapixel photo holds a few
+    planes of its size, not a few per class.
     """
     if background_map is not None:
         offset = config.goca.background_offset if config.method == "goca" else 0.0
@@ -70,20 +106,24 @@ def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[i
         winner = full.argmax(dim=0)
         shares = full.clamp_min(0)
         shares = shares / shares.sum(dim=0, keepdim=True).clamp_min(1e-30)
-        return _labelled(shares, winner, shares.gather(0, winner[None])[0], classes)
+        return _labelled(winner, shares.gather(0, winner[None])[0], shares if keep_scores else None, classes)
     if config.method == "diffsegmenter":
-        scores = F.interpolate(maps[None].float(), size=out_hw, mode="bilinear", align_corners=False)
-        scores = minmax(scores, (2, 3))[0]
-        full = torch.cat([torch.full_like(scores[:1], config.diffsegmenter.background_score), scores])
+        channels = (minmax(up, (2, 3))[0, 0] for up in _interpolated(maps, out_hw))
+        constant = config.diffsegmenter.background_score
+        winner, confidence, scores = _winning_class(channels, len(classes), lambda scaled: scaled,
+                                                    lambda best: torch.full_like(best, constant), keep_scores)
+        return _labelled(winner, confidence, scores, classes)
+    size = config.image_size
+    grid = minmax(F.interpolate(maps[None].float(), size=(size, size), mode="bilinear", align_corners=False), (2, 3))
+    channels = (iseg.scale_class_scores(up)[0, 0] for up in _interpolated(grid[0], out_hw))
+    if config.background.rule == "squared":
+        kept, background = (lambda scaled: scaled), iseg.squared_background
     else:
-        scores = upsample_class_maps(maps, config.image_size, out_hw)[None]
-        present = torch.ones(1, len(classes), dtype=torch.bool)
-        if config.background.rule == "squared":
-            full = iseg.squared_background_scores(scores, present)[0]
-        else:
-            full = iseg.threshold_background_scores(scores, present, config.background.threshold)[0]
-    confidence, winner = full.max(dim=0)
-    return _labelled(full, winner, confidence, classes)
+        threshold = config.background.threshold
+        kept = partial(iseg.threshold_kept, threshold=threshold)
+        background = partial(iseg.threshold_background, threshold=threshold)
+    winner, confidence, scores = _winning_class(channels, len(classes), kept, background, keep_scores)
+    return _labelled(winner, confidence, scores, classes)
 
 
 def apply_ignore(labels: np.ndarray, confidence: np.ndarray, ignore_below: float | None) -> np.ndarray:
@@ -97,7 +137,7 @@ def finish_mask(maps: torch.Tensor, classes: list[int], image: np.ndarray, confi
                 background_map: torch.Tensor | None = None) -> MaskResult:
     """The whole CPU post-process of one image: mask at the size of image (uint8 [H, W, 3]),
     the dense CRF when enabled, then the ignore region."""
-    result = class_scores_to_mask(maps, classes, image.shape[:2], config, background_map)
+    result = class_scores_to_mask(maps, classes, image.shape[:2], config, background_map, keep_scores=config.crf.enabled)
     if config.crf.enabled:
         refined = crf_refine(image, result.labels, result.scores, result.classes, config.crf)
         result.crf_changed = float(np.mean(refined != result.labels))

@@ -264,15 +264,36 @@ def iterative_refinement(cross: torch.Tensor, self_attn: torch.Tensor, iteration
     return maps
 
 
+def scale_class_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Class scores [..., H, W] at the mask's size min-max scaled over (H, W) (+1e-6), as both
+    background rules read them."""
+    return minmax(scores, (-2, -1), eps=1e-6)
+
+
+def squared_background(best: torch.Tensor) -> torch.Tensor:
+    """VOC rule: a pixel's background score (1 - best)^2 from its best scaled class score (any shape)."""
+    return (1.0 - best) ** 2
+
+
+def threshold_background(best: torch.Tensor, threshold: float) -> torch.Tensor:
+    """COCO rule: a pixel whose best scaled class score is below `threshold` is background,
+    scored 1 - best; elsewhere the background scores 0 (any shape)."""
+    return torch.where(best >= threshold, torch.zeros_like(best), 1.0 - best)
+
+
+def threshold_kept(scaled: torch.Tensor, threshold: float) -> torch.Tensor:
+    """COCO rule: scaled class scores below `threshold` dropped to 0 (any shape)."""
+    return torch.where(scaled >= threshold, scaled, torch.zeros_like(scaled))
+
+
 def squared_background_scores(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """VOC rule. scores [B, C, H, W] (any range), present bool [B, C].
 
     Classes are min-max scaled (+1e-6), absent classes zeroed, and background scored
     (1 - max over classes)^2. Returns [B, 1 + C, H, W], background first.
     """
-    scaled = minmax(scores, (2, 3), eps=1e-6) * present[:, :, None, None].to(scores.dtype)
-    background = (1.0 - scaled.amax(dim=1, keepdim=True)) ** 2
-    return torch.cat([background, scaled], dim=1)
+    scaled = scale_class_scores(scores) * present[:, :, None, None].to(scores.dtype)
+    return torch.cat([squared_background(scaled.amax(dim=1, keepdim=True)), scaled], dim=1)
 
 
 def squared_background_labels(scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -285,11 +306,9 @@ def threshold_background_scores(
 ) -> torch.Tensor:
     """COCO rule. Min-max scaled class scores below `threshold` are dropped; a pixel left
     with no class is background, scored 1 - its best class score. Returns [B, 1 + C, H, W]."""
-    scaled = minmax(scores, (2, 3), eps=1e-6) * present[:, :, None, None].to(scores.dtype)
+    scaled = scale_class_scores(scores) * present[:, :, None, None].to(scores.dtype)
     best = scaled.amax(dim=1, keepdim=True)
-    kept = torch.where(scaled >= threshold, scaled, torch.zeros_like(scaled))
-    background = torch.where(best >= threshold, torch.zeros_like(best), 1.0 - best)
-    return torch.cat([background, kept], dim=1)
+    return torch.cat([threshold_background(best, threshold), threshold_kept(scaled, threshold)], dim=1)
 
 
 def threshold_background_labels(scores: torch.Tensor, present: torch.Tensor, threshold: float = 0.45) -> torch.Tensor:
