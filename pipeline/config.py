@@ -7,7 +7,7 @@ The defaults are the reference iSeg settings for PASCAL VOC (docs/method.md list
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -161,6 +161,11 @@ class CrfConfig(_Strict):
     enabled: bool = False
     preset: Literal["label", "scores"] = "label"
     iterations: int = Field(10, ge=1)
+    # The CRF costs up to about 1 KiB of memory and 20 ms of CPU a pixel: an image with more
+    # pixels is refined scaled down to this many (its kernels' widths with it), its labels scaled
+    # back (VOC and COCO images are far below it). None: always at the image's own size (before
+    # this key existed, the only way).
+    max_pixels: int | None = Field(1_000_000, ge=1)
 
 
 class DiffSegConfig(_Strict):
@@ -387,3 +392,30 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"config file {path}: key {key}: {message}") from exc
+
+
+# Keys added to the config after jobs were recorded without them: (section, key) -> (the value
+# that behaves as the project did before the key existed, whether the key matters under a
+# config). A recorded config that lacks one is read with that value (`recorded_config`), and a
+# job's config hash leaves the key out while it changes nothing (`unchanging_added_keys`), so a
+# job recorded by an earlier version resumes, or reruns with the same command, as the same job.
+ADDED_KEYS: dict[tuple[str, str], tuple[object, Callable[["SegmenterConfig"], bool]]] = {
+    ("crf", "max_pixels"): (None, lambda config: config.crf.enabled),
+}
+
+
+def recorded_config(data: dict) -> SegmenterConfig:
+    """A job's recorded config (job.json's `config`), keys added since it was recorded read
+    with the value that behaves as before them."""
+    data = {section: dict(value) if isinstance(value, dict) else value for section, value in data.items()}
+    for (section, key), (before, _) in ADDED_KEYS.items():
+        if isinstance(data.get(section), dict):
+            data[section].setdefault(key, before)
+    return SegmenterConfig.model_validate(data)
+
+
+def unchanging_added_keys(config: SegmenterConfig) -> list[tuple[str, str]]:
+    """The ADDED_KEYS that change no mask under this config: at the value that behaves as before
+    them, or not mattering under it (crf.max_pixels with the CRF off)."""
+    return [(section, key) for (section, key), (before, matters) in ADDED_KEYS.items()
+            if getattr(getattr(config, section), key) == before or not matters(config)]

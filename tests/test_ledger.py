@@ -42,6 +42,14 @@ def test_job_with_another_config_is_refused_unless_forced(tmp_path):
         ledger.claim({"config_hash": "h2", "model": "m"}, force=False)
     ledger.claim({"config_hash": "h2", "model": "m"}, force=True)
     assert ledger.job()["config_hash"] == "h2"
+    # the refusal names what differs, both values each
+    ledger.claim({"config_hash": "h3", "model": "m", "config": {"ent": 0.015, "crf": {"enabled": False}, "a": 1}},
+                 force=True)
+    with pytest.raises(JobMismatchError) as refused:
+        ledger.claim({"config_hash": "h4", "model": "n", "config": {"ent": 0.5, "crf": {"enabled": True}, "b": 2}},
+                     force=False)
+    assert ("differs in model m -> n, a 1 -> absent, b absent -> 2, crf.enabled false -> true, ent 0.015 -> 0.5); "
+            "use a new --output folder") in str(refused.value)
 
 
 def test_a_job_that_recorded_no_shard_does_not_hold_its_folder(tmp_path):

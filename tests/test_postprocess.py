@@ -140,3 +140,31 @@ def test_overlay_blends_the_class_colours_only_where_a_class_is():
     cat = voc_palette()[8].astype(int)
     assert (np.abs(blended[:, 1:3].astype(int) - (image[:, 1:3].astype(int) + cat) / 2) <= 1).all()
     assert (mask == voc_palette()[labels]).all() and (gt == voc_palette()[truth]).all()
+
+
+def test_an_image_over_the_crf_pixel_limit_is_refined_scaled_down_and_its_labels_scaled_back():
+    from PIL import Image
+
+    from pipeline.mask.crf import _refine, crf_refine
+
+    image = np.asarray(Image.fromarray(synthetic_image(48, 64, seed=2)))  # read-only, as numpy's view of a PIL image
+    side = 8
+    left = torch.zeros(side, side)
+    left[:, :3] = 1.0
+    scores_config = SegmenterConfig()
+    result = class_scores_to_mask(torch.stack([left, 1.0 - left]), [7, 17], (48, 64), scores_config, keep_scores=True)
+    for preset in ("label", "scores"):
+        whole = CrfConfig(enabled=True, preset=preset, max_pixels=None)
+        limited = whole.model_copy(update={"max_pixels": 48 * 64 // 4})
+        full_size = crf_refine(image, result.labels, result.scores, result.classes, whole)
+        scaled = crf_refine(image, result.labels, result.scores, result.classes, limited)
+        assert scaled.shape == (48, 64) and scaled.dtype == np.uint8 and set(np.unique(scaled)) <= {0, 8, 18}
+        # what the CRF gives on the half-size image, its kernels half as wide in pixels, each
+        # label repeated over the 2 x 2 pixels it stands for
+        small = _refine(np.asarray(Image.fromarray(image).resize((32, 24), Image.Resampling.BILINEAR)),
+                        result.labels[::2, ::2].copy(), F.avg_pool2d(torch.from_numpy(result.scores)[None], 2)[0].numpy(),
+                        result.classes, whole, pixel_scale=0.5)
+        assert np.array_equal(scaled, small.repeat(2, axis=0).repeat(2, axis=1))
+        assert (scaled == full_size).mean() > 0.9  # the same picture, at another resolution
+        at_limit = whole.model_copy(update={"max_pixels": 48 * 64})
+        assert np.array_equal(crf_refine(image, result.labels, result.scores, result.classes, at_limit), full_size)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,7 +107,38 @@ def test_another_config_on_the_same_output_is_refused(clean_run, shards, capsys)
         run_job(str(shards), out, config, "tiny", workers=1, progress=False)
     code = main(["run", "--config", FAST_CONFIG, "--input", str(shards), "--output", str(out), "--model", "tiny",
                  "--crf", "--no-progress"])
-    assert code == 2 and "--force" in capsys.readouterr().err
+    assert code == 2 and "differs in crf.enabled false -> true); use a new --output folder, or --force" in \
+        capsys.readouterr().err
+
+
+def test_a_job_recorded_before_a_config_key_existed_resumes_and_reruns_as_the_same_job(clean_run, shards, tmp_path,
+                                                                                       capsys):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run[0], out)
+    job = json.loads((out / "job.json").read_text())
+    del job["config"]["crf"]["max_pixels"]  # as an earlier version recorded it
+    (out / "job.json").write_text(json.dumps(job))
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    assert "nothing to run: the 3 input shard(s) were done before" in capsys.readouterr().out
+    assert main(_run_args(shards, out)) == 0
+    assert "nothing to run" in capsys.readouterr().out
+    assert _states(out) == ["done"] * 3
+
+
+def test_an_added_key_counts_in_the_hash_only_where_it_changes_masks():
+    from pipeline.config import SegmenterConfig, recorded_config
+    from pipeline.job.runner import config_hash
+
+    crf_off, crf_on = SegmenterConfig(), SegmenterConfig().with_crf(True)
+    before_the_key = crf_on.model_dump(mode="json")
+    del before_the_key["crf"]["max_pixels"]
+    recorded = recorded_config(before_the_key)
+    assert recorded.crf.max_pixels is None  # the CRF at every image's own size, as before the key
+    unlimited = crf_on.model_copy(update={"crf": crf_on.crf.model_copy(update={"max_pixels": None})})
+    assert config_hash(recorded, "m") == config_hash(unlimited, "m") != config_hash(crf_on, "m")
+    smaller = crf_off.model_copy(update={"crf": crf_off.crf.model_copy(update={"max_pixels": 5})})
+    assert config_hash(smaller, "m") == config_hash(crf_off, "m")  # no CRF: the key changes nothing
+    assert config_hash(crf_off, "m") != config_hash(crf_on, "m")
 
 
 def _run_args(shards, out, *extra):

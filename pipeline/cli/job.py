@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.options import (add_command, add_device, add_input_shards, add_job_folder, add_job_options,
                                   add_model_options, add_no_progress, add_output, require_positive)
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config, recorded_config
 from pipeline.errors import PipelineError
 
 
@@ -106,7 +106,7 @@ def run_resume(args: argparse.Namespace) -> int:
     from pipeline.data.shards import InputError
 
     job = Ledger(args.job).recorded_job()
-    config = SegmenterConfig.model_validate(job["config"])
+    config = recorded_config(job["config"])
     try:
         return _run_job(args, args.input or job["input"], Path(args.job), config, job["model"], retry_failed=True,
                         force=False)

@@ -27,6 +27,21 @@ NOT_STARTED = "not started"  # an input shard without a ledger entry
 STALE = "stale"  # done under an earlier config or model (before a `run --force` with others); redone on resume
 
 
+def differing_keys(recorded: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs as JSON, each with both values
+    (`crf.enabled false -> true`); a key one of them lacks shows as `absent`."""
+    changed = []
+    for key in sorted(set(recorded) | set(new)):
+        old_value, new_value = recorded.get(key, "absent"), new.get(key, "absent")
+        if isinstance(old_value, dict) and isinstance(new_value, dict):
+            changed += differing_keys(old_value, new_value, f"{prefix}{key}.")
+        elif old_value != new_value:
+            shown = [json.dumps(v) if v != "absent" else v for v in (old_value, new_value)]
+            shown = [v if len(v) <= 40 else v[:37] + "..." for v in shown]
+            changed.append(f"{prefix}{key} {shown[0]} -> {shown[1]}")
+    return changed
+
+
 @dataclass
 class ShardEntry:
     """One input shard's state. outputs: output path (relative to the job folder) -> sha256."""
@@ -182,9 +197,13 @@ class Ledger:
         one whose cluster could not be joined, leaves nothing to protect)."""
         previous = self.job()
         if previous and previous["config_hash"] != job["config_hash"] and self.entries() and not force:
+            changed = differing_keys(previous.get("config", {}), job.get("config", {}))
+            if previous.get("model") != job["model"]:
+                changed.insert(0, f"model {previous.get('model')} -> {job['model']}")
             raise JobMismatchError(
                 f"{self.out_dir} holds a job with another config or model (hash {previous['config_hash'][:12]}, "
-                f"model {previous['model']}); use a new --output folder, or --force to redo every shard"
+                f"model {previous['model']}; differs in {', '.join(changed) or 'nothing recorded'}); use a new "
+                "--output folder, or --force to redo every shard"
             )
         atomic_write_json(self.job_path, job)
 

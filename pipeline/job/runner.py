@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.config import SegmenterConfig
+from pipeline.config import SegmenterConfig, unchanging_added_keys
 from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
@@ -50,9 +50,12 @@ RUN_SETTINGS = frozenset({"batch_size", "max_image_pixels", "early_exit", "compi
 
 
 def config_hash(config: SegmenterConfig, model: str) -> str:
-    """sha256 of what decides a mask: the config but RUN_SETTINGS, and the model."""
-    payload = json.dumps({"config": config.model_dump(mode="json", exclude=set(RUN_SETTINGS)), "model": model},
-                         sort_keys=True)
+    """sha256 of what decides a mask: the config but RUN_SETTINGS and the added keys that change
+    nothing under it (`unchanging_added_keys`), and the model."""
+    dump = config.model_dump(mode="json", exclude=set(RUN_SETTINGS))
+    for section, key in unchanging_added_keys(config):
+        del dump[section][key]
+    payload = json.dumps({"config": dump, "model": model}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -9,7 +9,12 @@ Two parameter sets used by well-known pseudo-label pipelines:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from pipeline.config import CrfConfig
 
@@ -23,13 +28,33 @@ def crf_refine(image: np.ndarray, labels: np.ndarray, scores: np.ndarray, classe
                config: CrfConfig) -> np.ndarray:
     """image uint8 [H, W, 3]; the mask before the CRF: labels uint8 [H, W] and scores float32
     [1 + C, H, W] (background, then the 0-based `classes`). Returns refined uint8 labels [H, W]
-    over the same label set (background and the image's classes)."""
+    over the same label set (background and the image's classes).
+
+    An image of more than `config.max_pixels` pixels is refined at the largest size within it
+    (image bilinear, scores area-averaged, labels nearest), the kernels' spatial widths scaled
+    with it so that they reach as far over the picture, and its labels scaled back, nearest."""
+    height, width = labels.shape
+    if image.shape[:2] != (height, width):
+        raise ValueError(f"image is {image.shape[:2]} but the mask is {(height, width)}")
+    if config.max_pixels is None or height * width <= config.max_pixels:
+        return _refine(image, labels, scores, classes, config)
+    scale = math.sqrt(config.max_pixels / (height * width))
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))  # PIL's (width, height)
+    small_image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+    small_labels = np.asarray(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))
+    small_scores = F.interpolate(torch.from_numpy(scores)[None], size=size[::-1], mode="area")[0].numpy()
+    refined = _refine(small_image, small_labels, small_scores, classes, config, pixel_scale=scale)
+    return np.array(Image.fromarray(refined).resize((width, height), Image.Resampling.NEAREST))
+
+
+def _refine(image: np.ndarray, labels: np.ndarray, scores: np.ndarray, classes: list[int],
+            config: CrfConfig, pixel_scale: float = 1.0) -> np.ndarray:
+    """crf_refine at the size of image, its kernels' spatial widths (in pixels of the image
+    the mask is for) times pixel_scale."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
     height, width = labels.shape
-    if image.shape[:2] != (height, width):
-        raise ValueError(f"image is {image.shape[:2]} but the mask is {(height, width)}")
     lookup = np.array([0] + [c + 1 for c in classes], dtype=np.uint8)
     n_labels = len(lookup)
     if config.preset == "label":
@@ -45,8 +70,9 @@ def crf_refine(image: np.ndarray, labels: np.ndarray, scores: np.ndarray, classe
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     params = _PRESETS[config.preset]
     sxy, compat = params["gaussian"]
-    crf.addPairwiseGaussian(sxy=sxy, compat=compat)
+    crf.addPairwiseGaussian(sxy=sxy * pixel_scale, compat=compat)
     sxy, srgb, compat = params["bilateral"]
-    crf.addPairwiseBilateral(sxy=sxy, srgb=srgb, rgbim=np.ascontiguousarray(image, dtype=np.uint8), compat=compat)
+    # pydensecrf takes the image as a writeable buffer: a read-only array (numpy's view of a PIL image) is copied
+    crf.addPairwiseBilateral(sxy=sxy * pixel_scale, srgb=srgb, rgbim=np.require(image, np.uint8, ["C", "W"]), compat=compat)
     q = np.array(crf.inference(config.iterations)).reshape(n_labels, height, width)
     return lookup[q.argmax(axis=0)]
