@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -74,6 +75,10 @@ def ray_local():
 
 
 FAST_CONFIG = os.path.join(os.path.dirname(__file__), "fast.yaml")
+
+# The dense CRF's module is not installed with the project on Python 3.13+ (README.md says why)
+needs_crf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None,
+                               reason="the pydensecrf module is not installed (on Python 3.13+ see README.md)")
 
 
 def write_voc_folder(root, images: dict, annotations: dict | None = None, split="train"):

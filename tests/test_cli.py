@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_job_output, synthetic_image
+from conftest import make_job_output, needs_crf, synthetic_image
 from pipeline.cli import main
 
 
@@ -38,6 +38,7 @@ def test_segment_writes_a_palette_mask_and_overlay(image_file, tmp_path):
     assert Image.open(over).size == (320, 120)
 
 
+@needs_crf
 def test_segment_with_crf(image_file, tmp_path, capsys):
     out = tmp_path / "mask.png"
     assert main(["segment", str(image_file), "--labels", "dining table", "--model", "tiny", "--device", "cpu",

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import synthetic_image
+from conftest import needs_crf, synthetic_image, write_voc_shards
 from pipeline.config import CrfConfig, SegmenterConfig
 from pipeline.mask.codec import decode_mask, encode_mask, voc_palette
 from pipeline.mask.postprocess import class_scores_to_mask, finish_mask
@@ -93,6 +93,7 @@ def test_ignore_region_marks_low_confidence_pixels():
     assert low.any() and (result.labels[low] == 255).all() and (result.labels[~low] != 255).all()
 
 
+@needs_crf
 @pytest.mark.parametrize("preset", ["label", "scores"])
 def test_crf_snaps_labels_to_image_regions(preset):
     # Image: red left half, blue right half. Scores put the class boundary at 3/8 of the
@@ -142,6 +143,7 @@ def test_overlay_blends_the_class_colours_only_where_a_class_is():
     assert (mask == voc_palette()[labels]).all() and (gt == voc_palette()[truth]).all()
 
 
+@needs_crf
 def test_an_image_over_the_crf_pixel_limit_is_refined_scaled_down_and_its_labels_scaled_back():
     from PIL import Image
 
@@ -168,3 +170,28 @@ def test_an_image_over_the_crf_pixel_limit_is_refined_scaled_down_and_its_labels
         assert (scaled == full_size).mean() > 0.9  # the same picture, at another resolution
         at_limit = whole.model_copy(update={"max_pixels": 48 * 64})
         assert np.array_equal(crf_refine(image, result.labels, result.scores, result.classes, at_limit), full_size)
+
+
+def test_the_crf_without_its_module_is_one_line_naming_the_install(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from pipeline.cli import main
+    from pipeline.mask.crf import CRF_INSTALL, CrfUnavailableError, crf_refine
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)  # as on Python 3.13, where pydensecrf2 does not build
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    image = synthetic_image(8, 8, seed=0)
+    with pytest.raises(CrfUnavailableError, match="needs the pydensecrf module"):
+        crf_refine(image, np.zeros((8, 8), np.uint8), np.zeros((2, 8, 8), np.float32), [0], CrfConfig(enabled=True))
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.fromarray(image).save(photo)
+    assert main(["segment", str(photo), "--labels", "cat", "--model", "tiny", "-o", str(tmp_path / "m.png"),
+                 "--crf"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and CRF_INSTALL in error and not (tmp_path / "m.png").exists()
+    write_voc_shards(tmp_path, "2010_00000", [(8, 0)])
+    assert main(["run", "--input", str(tmp_path / "shards"), "-o", str(tmp_path / "out"), "--model", "tiny",
+                 "--crf"]) == 2
+    assert CRF_INSTALL in capsys.readouterr().err and not (tmp_path / "out" / "job.json").exists()

@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from conftest import FAST_CONFIG, write_voc_shards
+from conftest import FAST_CONFIG, needs_crf, write_voc_shards
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.ledger import JobMismatchError, Ledger, ShardEntry
@@ -100,6 +100,7 @@ def test_rerun_does_nothing(clean_run, shards):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "ledger").iterdir()} == before
 
 
+@needs_crf
 def test_another_config_on_the_same_output_is_refused(clean_run, shards, capsys):
     out, _ = clean_run
     config = load_config(FAST_CONFIG).model_copy(update={"ent": 0.5})

@@ -227,6 +227,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from pipeline.mask.crf import densecrf_modules
     from pipeline.results.bench import LABEL_SETS, format_report, run_benchmark
     from pipeline.segment.models import load_model
 
@@ -240,9 +241,11 @@ def run_bench(args: argparse.Namespace) -> int:
     require_positive(args, "num_images", "pipeline_num_images", "shard_size", "workers", "cpu_threads", "label_sets",
                      "rounds")
     label_sets = args.label_sets or LABEL_SETS
+    crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.pipeline_crf]
+    if not args.no_pipeline and True in crf_modes:
+        densecrf_modules()  # the module missing: one line naming the install (or --pipeline-crf off), before timing
     model = load_model(args.model, device=args.device)
     allocator = in_process_allocator(args, model.device)
-    crf_modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.pipeline_crf]
     result = run_benchmark(model, args.model, config, args.num_images, sizes, args.device,
                            with_pipeline=not args.no_pipeline, pipeline_images=args.pipeline_num_images,
                            shard_size=args.shard_size, crf_modes=crf_modes, workers=args.workers,

@@ -45,6 +45,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from pipeline.mask.codec import exif_orientation, overlay, read_image, write_mask
+    from pipeline.mask.crf import densecrf_modules
     from pipeline.mask.postprocess import finish_mask
     from pipeline.segment.models import load_model
     from pipeline.segment.segmenter import Segmenter
@@ -52,6 +53,8 @@ def run_segment(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.crf:
         config = config.with_crf(True)
+    if config.crf.enabled:
+        densecrf_modules()  # the module missing: one line naming the install, before the model loads
     classes = parse_labels(args.labels, config)
     image = read_image(args.image, upright=True)
     with Image.open(args.image) as img:

@@ -25,6 +25,7 @@ from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
 from pipeline.data.shards import InputError, check_shard_classes, expand_input, manifests_beside, shard_name
+from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.summary import JobInterrupted, JobSummary, workers_line
 
@@ -258,6 +259,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             raise InputError(f"input shards {first_url[name]} and {url} share the name {name!r}, which names their "
                              "outputs: rename one of them, or run them as two jobs")
     check_model_available(model)
+    if config.crf.enabled:
+        densecrf_modules()  # the module missing here: one line naming the install, before anything runs
     digest = config_hash(config, model)
     ledger = Ledger(out_dir)
     with ledger.locked():  # one running job per output folder

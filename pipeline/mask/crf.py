@@ -17,6 +17,28 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import CrfConfig
+from pipeline.errors import PipelineError
+
+# PyPI has pydensecrf2 as source only, built by Cython 0.29, which cannot build for Python 3.13:
+# there the project installs without it, and Cython 3 builds it.
+CRF_INSTALL = "pip install cython setuptools wheel && pip install --no-build-isolation pydensecrf2"
+
+
+class CrfUnavailableError(PipelineError):
+    """The dense CRF was asked for where its module is not installed."""
+
+
+def densecrf_modules():
+    """pydensecrf's (densecrf, utils) modules, or CrfUnavailableError naming the install."""
+    try:
+        import pydensecrf.densecrf as densecrf
+        import pydensecrf.utils as utils
+    except ImportError as exc:
+        raise CrfUnavailableError(
+            f"the dense CRF (--crf, crf.enabled) needs the pydensecrf module, which is not installed here ({exc}); "
+            f"install it with: {CRF_INSTALL}") from exc
+    return densecrf, utils
+
 
 _PRESETS = {
     "label": dict(gaussian=(3, 3), bilateral=(50, 5, 10)),
@@ -51,21 +73,19 @@ def _refine(image: np.ndarray, labels: np.ndarray, scores: np.ndarray, classes: 
             config: CrfConfig, pixel_scale: float = 1.0) -> np.ndarray:
     """crf_refine at the size of image, its kernels' spatial widths (in pixels of the image
     the mask is for) times pixel_scale."""
-    import pydensecrf.densecrf as dcrf
-    from pydensecrf.utils import unary_from_labels, unary_from_softmax
-
+    dcrf, utils = densecrf_modules()
     height, width = labels.shape
     lookup = np.array([0] + [c + 1 for c in classes], dtype=np.uint8)
     n_labels = len(lookup)
     if config.preset == "label":
         compact = np.searchsorted(lookup, labels).astype(np.int64)  # lookup is sorted
-        unary = unary_from_labels(compact, n_labels, gt_prob=0.7, zero_unsure=False)
+        unary = utils.unary_from_labels(compact, n_labels, gt_prob=0.7, zero_unsure=False)
     else:
         class_scores = scores[1:]
         background = 1.0 - class_scores.max(axis=0, keepdims=True)
         probs = np.concatenate([background, class_scores]).astype(np.float32)
         probs /= np.maximum(probs.sum(axis=0, keepdims=True), 1e-8)
-        unary = unary_from_softmax(probs)
+        unary = utils.unary_from_softmax(probs)
     crf = dcrf.DenseCRF2D(width, height, n_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     params = _PRESETS[config.preset]
