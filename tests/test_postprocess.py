@@ -76,6 +76,9 @@ def test_the_mask_taken_one_class_at_a_time_equals_the_rule_on_all_classes_at_on
         assert np.array_equal(result.confidence, confidence.numpy())
         assert np.array_equal(result.scores, scores.numpy())
         assert result.confidence.dtype == np.float32
+        without_scores = class_scores_to_mask(maps, labels, out_hw, config, background_map)
+        assert np.array_equal(without_scores.labels, result.labels) and without_scores.scores is None
+        assert np.array_equal(without_scores.confidence, result.confidence)
 
 
 def test_weak_everywhere_class_leaves_background():

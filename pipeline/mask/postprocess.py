@@ -104,9 +104,12 @@ def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[i
         grid = torch.cat([background_map[None] + offset, maps]).float()[None]
         full = F.interpolate(grid, size=out_hw, mode="bilinear", align_corners=False)[0]
         winner = full.argmax(dim=0)
-        shares = full.clamp_min(0)
-        shares = shares / shares.sum(dim=0, keepdim=True).clamp_min(1e-30)
-        return _labelled(winner, shares.gather(0, winner[None])[0], shares if keep_scores else None, classes)
+        shares = full.clamp_min_(0)  # in place from here: one [1 + C, H, W] tensor held, not three
+        total = shares.sum(dim=0, keepdim=True).clamp_min_(1e-30)
+        if keep_scores:
+            shares.div_(total)
+            return _labelled(winner, shares.gather(0, winner[None])[0], shares, classes)
+        return _labelled(winner, shares.gather(0, winner[None])[0] / total[0], None, classes)
     if config.method == "diffsegmenter":
         channels = (minmax(up, (2, 3))[0, 0] for up in _interpolated(maps, out_hw))
         constant = config.diffsegmenter.background_score
