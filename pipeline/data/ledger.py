@@ -27,16 +27,19 @@ NOT_STARTED = "not started"  # an input shard without a ledger entry
 STALE = "stale"  # done under an earlier config or model (before a `run --force` with others); redone on resume
 
 
+_ABSENT = object()  # a key one config lacks (any JSON value, the string "absent" too, is a value)
+
+
 def differing_keys(recorded: dict, new: dict, prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two configs as JSON, each with both values
     (`crf.enabled false -> true`); a key one of them lacks shows as `absent`."""
     changed = []
     for key in sorted(set(recorded) | set(new)):
-        old_value, new_value = recorded.get(key, "absent"), new.get(key, "absent")
+        old_value, new_value = recorded.get(key, _ABSENT), new.get(key, _ABSENT)
         if isinstance(old_value, dict) and isinstance(new_value, dict):
             changed += differing_keys(old_value, new_value, f"{prefix}{key}.")
         elif old_value != new_value:
-            shown = [json.dumps(v) if v != "absent" else v for v in (old_value, new_value)]
+            shown = ["absent" if v is _ABSENT else json.dumps(v) for v in (old_value, new_value)]
             shown = [v if len(v) <= 40 else v[:37] + "..." for v in shown]
             changed.append(f"{prefix}{key} {shown[0]} -> {shown[1]}")
     return changed
