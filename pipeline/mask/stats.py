@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
 
-from pipeline.mask.postprocess import IGNORE_INDEX, MaskResult
+from pipeline.mask.codec import IGNORE_INDEX
+
+if TYPE_CHECKING:  # the reading side (export, eval, report, datasets) imports this without torch
+    from pipeline.mask.postprocess import MaskResult
 
 STATS_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
