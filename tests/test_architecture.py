@@ -116,3 +116,17 @@ def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
     monkeypatch.setattr(__import__(__name__), "PACKAGE", copy)
     upward = [(m, t) for m, ts in _imports().items() for t in ts if t != "ray" and _layer(t) > _layer(m)]
     assert ("pipeline.segment.transfer", "pipeline.job.runner") in upward
+
+
+def test_the_reading_side_imports_no_model_libraries():
+    """export, eval, report and the job's outputs read PNGs and Parquet: importing torch and
+    diffusers there cost every command (and every process that scores shards) 3 s of start."""
+    import subprocess
+    import sys
+
+    modules = ["pipeline.data.outputs", "pipeline.results.evaluate", "pipeline.results.export",
+               "pipeline.results.report", "pipeline.cli"]
+    code = (f"import sys\nfor m in {modules}: __import__(m)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'ray') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

@@ -1,5 +1,7 @@
 """Evaluation against hand computation."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from conftest import make_job_output
 from pipeline.cli import main
 from pipeline.results.evaluate import confusion_matrix, evaluate_job, scores_from_confusion
 from pipeline.data.outputs import JobOutput
+from pipeline.mask.codec import decode_mask
 
 
 def test_identical_masks_score_100(tmp_path, capsys):
@@ -55,6 +58,55 @@ def test_shifted_job_scores_below_100_and_gt_folder_option(tmp_path):
     assert 0 < from_shards.miou < 100 and from_shards.miou == from_folder.miou
 
 
+def test_shards_scored_in_several_processes_add_up_to_the_same_scores(tmp_path, capsys):
+    out, gts = make_job_output(tmp_path, lambda gt, i: np.roll(gt, i, axis=1), per_shard=1)  # 4 shards
+    (tmp_path / "gt").mkdir()
+    from pipeline.mask.codec import encode_mask
+
+    for image_id, gt in list(gts.items())[1:]:  # the first image has no ground truth in the folder
+        (tmp_path / "gt" / f"{image_id}.png").write_bytes(encode_mask(gt))
+    written = {}
+    for processes in ("1", "3"):
+        for gt in ([], ["--gt", str(tmp_path / "gt")]):
+            path = tmp_path / f"eval-{processes}-{len(gt)}.json"
+            assert main(["eval", str(out), "--processes", processes, "-o", str(path), "--no-progress", *gt]) == 0
+            written[processes, len(gt)] = json.loads(path.read_text())
+    assert written["1", 0]["images"] == 4 and written["1", 2]["skipped"] == ["2011_000000"]
+    assert 0 < written["1", 0]["miou"] < 100
+    assert written["3", 0] == written["1", 0] and written["3", 2] == written["1", 2]
+    assert written["1", 0]["confusion"] == in_one_confusion(out)
+    assert main(["eval", str(out), "--processes", "0"]) == 2
+    assert capsys.readouterr().err == "pseudolabel: error: --processes must be at least 1, got 0\n"
+
+
+def in_one_confusion(out):
+    """The confusion matrix summed over every mask of the job, image by image."""
+    job = JobOutput(out)
+    total = 0
+    for record, sample in job.joined():
+        total = total + confusion_matrix(record.labels, decode_mask(sample["gt.png"]))
+    return total.tolist()
+
+
 def test_mismatched_shapes_are_an_error():
     with pytest.raises(ValueError, match="prediction is"):
         confusion_matrix(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8))
+
+
+@pytest.mark.parametrize("n_classes", [21, 81])
+def test_confusion_matrix_counts_every_scored_pixel_pair(n_classes):
+    rng = np.random.default_rng(n_classes)
+    gt = rng.integers(0, n_classes, (37, 53)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.1] = 255
+    pred = rng.integers(0, n_classes, gt.shape).astype(np.uint8)
+    pred[rng.random(gt.shape) < 0.1] = 255
+    expected = np.zeros((n_classes, n_classes + 1), np.int64)
+    for g, p in zip(gt.ravel(), pred.ravel()):
+        if g < n_classes:
+            expected[g, n_classes if p == 255 else p] += 1
+    assert (confusion_matrix(pred, gt, n_classes) == expected).all()
+
+
+def test_a_prediction_outside_the_classes_is_an_error():
+    with pytest.raises(ValueError, match="labels above 20"):
+        confusion_matrix(np.full((2, 2), 21, np.uint8), np.zeros((2, 2), np.uint8))

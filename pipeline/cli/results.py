@@ -35,6 +35,7 @@ def _register_export(sub) -> None:
                          help="the split the list names: ImageSets/Segmentation/<split>.txt (default train_aug)")
     outputs.add_argument("--with-images", action="store_true", help="also write JPEGImages/ from the input shards")
     outputs.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+    add_no_progress(outputs)
     keep = export.add_argument_group("which masks and pixels")
     keep.add_argument("--min-confidence", type=float, default=None,
                       help="drop images whose mean winning score (0 to 1) is below this")
@@ -55,8 +56,10 @@ def _register_eval(sub) -> None:
     add_job_folder(inputs)
     inputs.add_argument("--gt", default=None,
                         help="ground-truth folder of <id>.png (default: the gt.png in the input shards)")
-    add_output(evaluate.add_argument_group("output"), "the JSON file of the scores (default JOB/eval.json)",
-               required=False)
+    output = evaluate.add_argument_group("output")
+    add_output(output, "the JSON file of the scores (default JOB/eval.json)", required=False)
+    add_processes(output)
+    add_no_progress(output)
     evaluate.set_defaults(func=run_eval)
 
 
@@ -67,7 +70,10 @@ def _register_report(sub) -> None:
                     "evaluation table, in one HTML file.",
         examples=["pseudolabel report out/ -o report/"])
     add_job_folder(report.add_argument_group("input"))
-    add_output(report.add_argument_group("output"), "the folder for index.html")
+    output = report.add_argument_group("output")
+    add_output(output, "the folder for index.html")
+    add_processes(output)
+    add_no_progress(output)
     report.set_defaults(func=run_report)
 
 
@@ -134,6 +140,27 @@ def _register_bench(sub) -> None:
     bench.set_defaults(func=run_bench)
 
 
+def add_processes(group) -> None:
+    group.add_argument("--processes", type=int, default=None,
+                       help="processes scoring the mask shards at once (default: one per CPU core this "
+                            "command may use)")
+
+
+def image_bar(job, desc: str, args: argparse.Namespace):
+    """A progress bar over the job's masks (shown after half a second of work)."""
+    from tqdm import tqdm
+
+    return tqdm(total=job.masks_written(), unit="img", desc=desc, delay=0.5, disable=args.no_progress)
+
+
+def process_count(args: argparse.Namespace) -> int:
+    """--processes, checked; by default the CPU cores this command may use."""
+    from pipeline.results.parallel import usable_cpus
+
+    require_positive(args, "processes")
+    return args.processes or usable_cpus()
+
+
 def finished_part(job_dir: str):
     """The job's outputs (a JobOutput), saying first what they cover when that is not the whole
     input: a job still running there, or input shards not done (not started, failed,
@@ -166,8 +193,10 @@ def run_export(args: argparse.Namespace) -> int:
     require_fraction(args, "min_confidence", "ignore_below")
     keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
                         ignore_below=args.ignore_below)
-    summary = export_voc(finished_part(args.job), args.output, split=args.split, keep=keep,
-                         with_images=args.with_images, replace=args.force)
+    job = finished_part(args.job)
+    with image_bar(job, "export", args) as bar:
+        summary = export_voc(job, args.output, split=args.split, keep=keep, with_images=args.with_images,
+                             replace=args.force, progress=bar)
     dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
     print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
           f"(dropped: {dropped}); split list {summary.split_file}")
@@ -179,8 +208,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from pipeline.results.evaluate import evaluate_job, format_table, write_json
 
     require_gt_folder(args)
+    pool_size = process_count(args)
     job = finished_part(args.job)
-    scores, conf = evaluate_job(job, gt_dir=args.gt)
+    with image_bar(job, "eval", args) as bar:
+        scores, conf = evaluate_job(job, gt_dir=args.gt, processes=pool_size, progress=bar)
     if not scores.images:
         raise InputError("no image has ground truth: its shards carry no gt.png and --gt names none of its ids; "
                          "pass --gt with the folder of <id>.png masks (VOC: SegmentationClassAug)")
@@ -195,7 +226,11 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from pipeline.results.report import write_report
 
-    print(f"wrote {write_report(finished_part(args.job), args.output)}")
+    pool_size = process_count(args)
+    job = finished_part(args.job)
+    with image_bar(job, "report", args) as bar:
+        path = write_report(job, args.output, processes=pool_size, progress=bar)
+    print(f"wrote {path}")
     return 0
 
 

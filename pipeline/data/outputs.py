@@ -97,6 +97,14 @@ class JobOutput:
         paths = done_outputs(self.out_dir, "stats", ".parquet")
         return ds.dataset([str(p) for p in paths], format="parquet").to_table() if paths else STATS_SCHEMA.empty_table()
 
+    def masks_written(self) -> int:
+        """How many masks the shards done hold (their ok rows), read from the statistics alone."""
+        import pyarrow.dataset as ds
+
+        paths = done_outputs(self.out_dir, "stats", ".parquet")
+        return ds.dataset([str(p) for p in paths], format="parquet").count_rows(
+            filter=ds.field("status") == "ok") if paths else 0
+
     def mask_shards(self) -> list[Path]:
         """The mask shards of the shards done, in shard order."""
         return done_outputs(self.out_dir, "masks", ".tar")

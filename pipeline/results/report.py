@@ -137,8 +137,9 @@ def _examples_html(job, rows: list[dict], per_group: int) -> str:
     return "\n".join(parts)
 
 
-def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
-    """Write dest/index.html for the job; returns its path."""
+def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, progress=None) -> Path:
+    """Write dest/index.html for the job; returns its path. The evaluation scores the mask
+    shards in up to `processes` processes, moving `progress` (a tqdm bar) by their images."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     rows = job.stats().to_pylist()
@@ -158,7 +159,7 @@ def write_report(job, dest: str | Path, per_group: int = 4) -> Path:
                         f"{shards} input shards done ({html.escape(count_states(left))}); everything below is of "
                         "the shards done.</p>")
     try:
-        scores, _ = evaluate_job(job)
+        scores, _ = evaluate_job(job, processes=processes, progress=progress)
     except Exception as exc:  # no input shards to read ground truth from
         scores, sections[0] = None, sections[0] + f"<p>No evaluation: {html.escape(str(exc))}</p>"
     if scores is not None and scores.images:
