@@ -24,6 +24,9 @@ VOC_CLASS_NAMES: tuple[str, ...] = (
     "train", "tvmonitor",
 )
 
+# The most classes a config may hold: masks are 8-bit, 0 is the background and 255 ignore.
+MAX_CLASSES = 254
+
 # Words the reference writes into the prompt for VOC classes whose dataset name differs,
 # and the words whose tokens carry the class map when not all of them do.
 _VOC_PROMPT_WORDS = {
@@ -324,6 +327,9 @@ class SegmenterConfig(_Strict):
             raise ValueError(f"class names must be unique, repeated: {dupes}")
         if not classes:
             raise ValueError("at least one class is needed")
+        if len(classes) > MAX_CLASSES:
+            raise ValueError(f"{len(classes)} classes, but a mask is an 8-bit PNG (0 background, 1..{MAX_CLASSES} the "
+                             f"classes, 255 ignore): split them into configs of at most {MAX_CLASSES}, one job each")
         return classes
 
     @field_validator("cross_attention")

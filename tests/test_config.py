@@ -106,3 +106,12 @@ def test_classes_given_by_name_alone_are_their_own_prompts(tmp_path):
     config.write_text("classes: [cat, cat]\n")
     with pytest.raises(ConfigError, match="class names must be unique, repeated: \\['cat'\\]"):
         load_config(config)
+
+
+def test_more_classes_than_an_8_bit_mask_holds_are_refused(tmp_path):
+    config = tmp_path / "vocabulary.yaml"
+    config.write_text("classes: [" + ", ".join(f"c{i}" for i in range(254)) + "]\n")
+    assert len(load_config(config).classes) == 254  # values 1..254; 255 stays ignore
+    config.write_text("classes: [" + ", ".join(f"c{i}" for i in range(255)) + "]\n")
+    with pytest.raises(ConfigError, match="255 classes, but a mask is an 8-bit PNG .* configs of at most 254"):
+        load_config(config)
