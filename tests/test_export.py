@@ -156,3 +156,31 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_export(tmp_path, capsys, 
     monkeypatch.setattr(export, "write_staged_bytes", fails_otherwise)
     with pytest.raises(OSError, match="Input/output error"):  # other failures keep their traceback
         main(["export", str(out), "-o", str(tmp_path / "export")])
+
+
+def test_a_damaged_mask_shard_names_the_resume_that_redoes_it(tmp_path, capsys):
+    import tarfile
+
+    from pipeline.data.ledger import Ledger
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    tar = out / "masks" / "voc-train-000001.tar"
+    whole = tar.read_bytes()
+    with tarfile.open(tar) as archive:
+        members = archive.getmembers()
+    second_sample = next(m.offset for m in members if m.name.startswith("2011_000003"))
+    inside_a_file = members[0].offset_data + members[0].size // 2
+    cuts = {"in a file": (inside_a_file, "ReadError: unexpected end of data"),
+            "at a block boundary, after a whole sample": (second_sample, "it holds 1 masks, the ledger recorded 2"),
+            "at a block boundary, inside a sample": (second_sample + 1024, "its sample '2011_000003' has no mask")}
+    for where, (size, cause) in cuts.items():
+        tar.write_bytes(whole[:size])  # a copy cut short
+        for command in (["eval", str(out), "--processes", "2"], ["export", str(out), "-o", str(tmp_path / "export")],
+                        ["report", str(out), "-o", str(tmp_path / "report")]):
+            assert main([*command, "--no-progress"]) == 2, (where, command)
+            assert capsys.readouterr().err == (
+                f"pseudolabel: error: cannot read {tar}, written by the job in {out}: {cause}; `pseudolabel resume "
+                f"{out}` redoes each shard whose outputs no longer match the ledger's checksums\n"), (where, command)
+        assert not (tmp_path / "export").exists()
+        ledger = Ledger(out)
+        assert not ledger.outputs_intact(ledger.get("voc-train-000001"))  # so resume redoes it

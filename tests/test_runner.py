@@ -346,6 +346,28 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
         "(manifest.json has its sha256) and readable from this machine")
 
 
+def test_a_shard_cut_at_a_block_boundary_fails_by_its_manifest_count(ray_local, shards, tmp_path):
+    # A copy stopped part-way, on a 512-byte boundary: a tar reader sees a whole, shorter tar.
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "in"
+    shutil.copytree(shards, copy)
+    tar = copy / "voc-train-000002.tar"
+    with tarfile.open(tar) as archive:
+        members = archive.getmembers()
+    second = next(m.offset for m in members if not m.name.startswith(members[0].name.split(".")[0]))
+    tar.write_bytes(tar.read_bytes()[:second])
+    assert len(list(read_shard(str(tar)))) == 1  # no read error
+    summary = run_job(str(copy), tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
+    assert (summary.shards_done, summary.shards_failed) == (2, 1)
+    entry = Ledger(tmp_path / "out").get("voc-train-000002")
+    assert entry.state == "failed" and entry.outputs == {} and entry.error == (
+        "the shard ends early, after 1 of the 2 samples its manifest.json lists; copy it again (the manifest has "
+        "its sha256) or shard the dataset again")
+    assert not (tmp_path / "out" / "masks" / "voc-train-000002.tar").exists()
+
+
 @pytest.mark.faults
 def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, shards, tmp_path, capsys):
     out = tmp_path / "out"

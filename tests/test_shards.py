@@ -247,12 +247,25 @@ def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_
     url = f"pipe:cat {tmp_path}/missing.tar"
     process = subprocess.Popen(["sh", "-c", "exit 1"])
     error = tarfile.ReadError("empty file", SimpleNamespace(proc=process), url)
-    assert _read_failure(url, error) == (
+    assert _read_failure(url, error) == f"the command 'cat {tmp_path}/missing.tar' exited with status 1"
+    # the real thing, end to end, and a command that ends well but streams a cut tar: the tar's reason
+    with pytest.raises(ShardReadError) as raised:
+        list(read_shard(url))
+    assert str(raised.value) == (
         f"cannot read shard {url}: the command 'cat {tmp_path}/missing.tar' exited with status 1; check that it "
         "is complete (manifest.json has its sha256) and readable from this machine")
-    # the real thing, end to end, and a command that ends well but streams a cut tar: the tar's reason
-    with pytest.raises(ShardReadError, match=r"missing.tar' exited with status 1; check"):
-        list(read_shard(url))
     (tmp_path / "cut.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ShardReadError, match=r"cut.tar: ReadError: "):
         list(read_shard(f"pipe:cat {tmp_path}/cut.tar"))
+
+
+def test_a_sample_count_other_than_the_manifests_is_named():
+    from pipeline.data.shards import sample_count_problem
+
+    counts = {"/s/voc-000000.tar": 256}
+    assert sample_count_problem("/s/voc-000000.tar", 256, counts) is None
+    assert sample_count_problem("/s/other.tar", 3, counts) is None  # no manifest lists it: nothing to hold it to
+    assert sample_count_problem("/s/voc-000000.tar", 250, counts).startswith(
+        "the shard ends early, after 250 of the 256 samples its manifest.json lists; copy it again")
+    assert sample_count_problem("/s/voc-000000.tar", 300, counts).startswith(
+        "the shard holds 300 samples, not the 256 its manifest.json lists; ")

@@ -18,7 +18,7 @@ from pipeline.config import VOC_CLASS_NAMES
 from pipeline.data.atomic import atomic_write_bytes, file_sha256
 from pipeline.data.ledger import Ledger
 from pipeline.mask.codec import decode_confidence, decode_mask
-from pipeline.data.shards import InputError, expand_input, read_shard, shard_name, tar_bytes
+from pipeline.data.shards import InputError, ShardReadError, expand_input, read_shard, shard_name, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA, rows_to_table
 
 # The export's folder of label PNGs (SegmentationClass layout).
@@ -110,10 +110,28 @@ class JobOutput:
         return done_outputs(self.out_dir, "masks", ".tar")
 
     def masks(self, shards: list[Path] | None = None) -> Iterator[MaskRecord]:
-        """Every mask of the given mask shards (default: those of the shards done), in shard order."""
+        """Every mask of the given mask shards (default: those of the shards done), in shard order.
+        Each shard is read whole and checked first: one that cannot be read, or holds other masks
+        than the ledger recorded (a copy cut at a tar block boundary reads as a shorter whole
+        tar), is a ShardReadError naming the resume that redoes it."""
+        ledger = Ledger(self.out_dir)
         for tar in shards or self.mask_shards():
-            for sample in read_shard(str(tar)):
+            try:
+                samples = list(read_shard(str(tar)))
+            except ShardReadError as exc:
+                raise self._damaged(tar, exc.cause) from None
+            entry = ledger.get(tar.stem)
+            expected = entry.samples - entry.failed_samples if entry is not None and entry.outputs else None
+            if expected is not None and len(samples) != expected:
+                raise self._damaged(tar, f"it holds {len(samples)} masks, the ledger recorded {expected}")
+            for sample in samples:
+                if "png" not in sample:
+                    raise self._damaged(tar, f"its sample {sample['__key__']!r} has no mask")
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, sample=sample)
+
+    def _damaged(self, tar: Path, cause: str) -> ShardReadError:
+        return ShardReadError(f"cannot read {tar}, written by the job in {self.out_dir}: {cause}; `pseudolabel resume "
+                              f"{self.out_dir}` redoes each shard whose outputs no longer match the ledger's checksums")
 
     def joined(self, shards: list[Path] | None = None,
                ids: Container[str] | None = None) -> Iterator[tuple[MaskRecord, dict | None]]:

@@ -102,7 +102,10 @@ def tar_bytes(samples: list[dict]) -> bytes:
 
 
 class ShardReadError(PipelineError, OSError):
-    """A shard cannot be read to its end (missing, truncated, not a tar, a failing `pipe:`)."""
+    """A shard cannot be read to its end (missing, truncated, not a tar, a failing `pipe:`);
+    `cause` says why, in a few words."""
+
+    cause: str = ""
 
 
 # Seconds a failed read waits for its `pipe:` command to end, to report the command's status.
@@ -123,7 +126,7 @@ def _pipe_exit_status(exc: Exception) -> int | None:
 
 
 def _read_failure(url: str, exc: Exception) -> str:
-    """One line saying why WebDataset could not read url (its exceptions carry file objects and
+    """A few words saying why WebDataset could not read url (its exceptions carry file objects and
     pipes, which cannot cross a process boundary, so only this text travels). A `pipe:` command
     that failed is the reason, whether WebDataset saw its status or first the empty or cut
     stream it left."""
@@ -135,8 +138,7 @@ def _read_failure(url: str, exc: Exception) -> str:
         status = int(seen.group(1)) if seen else _pipe_exit_status(exc)
         if status:
             cause = f"the command {url[5:].strip()!r} exited with status {status}"
-    return (f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has its sha256) and "
-            "readable from this machine")
+    return cause
 
 
 # Where a sample may carry its image (WebDataset's image extensions), in the order looked for.
@@ -168,7 +170,11 @@ def read_shard(url: str) -> Iterator[dict]:
         except StopIteration:
             return
         except Exception as exc:
-            raise ShardReadError(_read_failure(url, exc)) from None
+            cause = _read_failure(url, exc)
+            error = ShardReadError(f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has "
+                                   "its sha256) and readable from this machine")
+            error.cause = cause
+            raise error from None
         yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
 
 
@@ -417,6 +423,24 @@ def manifests_beside(urls: list[str]) -> dict[Path, dict]:
         if isinstance(manifest, dict):
             manifests[folder] = manifest
     return manifests
+
+
+def manifest_sample_counts(manifests: dict[Path, dict]) -> dict[str, int]:
+    """Shard path -> the samples its manifest says it holds, for the shards the manifests list."""
+    return {str(folder / shard["url"]): shard["samples"] for folder, manifest in manifests.items()
+            for shard in manifest.get("shards", []) if isinstance(shard, dict) and "url" in shard and "samples" in shard}
+
+
+def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) -> str | None:
+    """Why a shard read to its end gave another number of samples than its manifest lists, or
+    None. A tar cut at a 512-byte block boundary (a copy or download stopped part-way) ends
+    cleanly for a tar reader, so only the count tells it from a whole shard."""
+    expected = counts.get(url)
+    if expected is None or expected == samples_read:
+        return None
+    found = (f"ends early, after {samples_read} of the {expected} samples" if samples_read < expected else
+             f"holds {samples_read} samples, not the {expected}")
+    return f"the shard {found} its manifest.json lists; copy it again (the manifest has its sha256) or shard the dataset again"
 
 
 def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:

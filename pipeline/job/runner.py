@@ -24,7 +24,8 @@ from pipeline.config import SegmenterConfig, unchanging_added_keys
 from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
-from pipeline.data.shards import InputError, check_shard_classes, expand_input, manifests_beside, shard_name
+from pipeline.data.shards import (InputError, check_shard_classes, expand_input, manifest_sample_counts,
+                                  manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.summary import JobInterrupted, JobSummary, workers_line
@@ -301,7 +302,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             print(allocator_line)
 
         processing_start = time.perf_counter()
-        total_images = _count_images([by_name[name] for name in todo], manifests)
+        sample_counts = manifest_sample_counts(manifests)
+        total_images = _count_images([by_name[name] for name in todo], sample_counts)
         bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         in_flight: dict = {}
@@ -363,6 +365,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                     except ray.exceptions.RayTaskError as exc:
                         entry.error = _first_line(exc)
                     else:
+                        entry.error = sample_count_problem(by_name[name], len(result.rows), sample_counts)
+                    if entry.error is None:
                         entry.outputs = write_shard_outputs(out_dir, result.shard, result.mask_samples, result.rows)
                         entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
                         summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, result.peak_rss_mb)
@@ -461,11 +465,9 @@ def _start_error(exc: Exception) -> str:
     return _first_line(exc)
 
 
-def _count_images(urls: list[str], manifests: dict[Path, dict]) -> int | None:
-    """Images in these shards, from the manifests beside them (`manifests_beside`) when every
+def _count_images(urls: list[str], counts: dict[str, int]) -> int | None:
+    """Images in these shards, from their manifests' counts (`manifest_sample_counts`) when every
     one is listed there."""
-    counts = {str(folder / shard["url"]): shard["samples"]
-              for folder, manifest in manifests.items() for shard in manifest.get("shards", [])}
     if all(u in counts for u in urls):
         return sum(counts[u] for u in urls)
     return None
