@@ -184,3 +184,19 @@ def test_a_damaged_mask_shard_names_the_resume_that_redoes_it(tmp_path, capsys):
         assert not (tmp_path / "export").exists()
         ledger = Ledger(out)
         assert not ledger.outputs_intact(ledger.get("voc-train-000001"))  # so resume redoes it
+
+
+def test_with_images_a_mask_whose_image_left_its_input_shard_is_dropped_and_counted(tmp_path, capsys):
+    from pipeline.data.shards import read_shard, tar_bytes
+
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt)
+    shard = tmp_path / "shards" / "voc-train-000001.tar"
+    kept = [s for s in read_shard(str(shard)) if s["__key__"] != "2011_000003"]  # the shard rewritten since
+    shard.write_bytes(tar_bytes(kept))
+    dest = tmp_path / "export"
+    assert main(["export", str(out), "-o", str(dest), "--with-images", "--no-progress"]) == 0
+    assert "(dropped: 1 for image not in its input shard)" in capsys.readouterr().out
+    ids = (dest / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    assert ids == ["2011_000000", "2011_000001", "2011_000002"]
+    assert sorted(p.stem for p in (dest / "JPEGImages").iterdir()) == ids
+    assert sorted(p.stem for p in (dest / "SegmentationClassPseudo").iterdir()) == ids

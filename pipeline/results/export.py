@@ -107,6 +107,8 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
         if progress is not None:
             progress.update()
         reason = "unsafe key" if key_problem(record.id) else keep.rejects(record.stats)
+        if reason is None and with_images and sample is None:
+            reason = "image not in its input shard"  # the shard changed since the job: a mask alone trains nothing
         if reason:
             summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
             continue
