@@ -43,7 +43,8 @@ def write_staged_bytes(path: Path, data: bytes) -> None:
     """Write data to path inside a staging folder that is renamed into place once complete and
     flushed to disk once before (`os.sync`), so a file needs no rename or fsync of its own (an
     fsync per file took 2 ms on the development machine's disk, 40 of the 110 s of exporting
-    10,584 masks with their images; more on a network file system). An OSError from the write itself is raised naming path."""
+    10,584 masks with their images; more on a network file system). An OSError from the write
+    itself is raised naming path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with _naming(path), open(path, "wb") as handle:
         handle.write(data)

@@ -428,7 +428,8 @@ def manifests_beside(urls: list[str]) -> dict[Path, dict]:
 def manifest_sample_counts(manifests: dict[Path, dict]) -> dict[str, int]:
     """Shard path -> the samples its manifest says it holds, for the shards the manifests list."""
     return {str(folder / shard["url"]): shard["samples"] for folder, manifest in manifests.items()
-            for shard in manifest.get("shards", []) if isinstance(shard, dict) and "url" in shard and "samples" in shard}
+            for shard in manifest.get("shards", [])
+            if isinstance(shard, dict) and "url" in shard and "samples" in shard}
 
 
 def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) -> str | None:
@@ -440,7 +441,8 @@ def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) ->
         return None
     found = (f"ends early, after {samples_read} of the {expected} samples" if samples_read < expected else
              f"holds {samples_read} samples, not the {expected}")
-    return f"the shard {found} its manifest.json lists; copy it again (the manifest has its sha256) or shard the dataset again"
+    return (f"the shard {found} its manifest.json lists; copy it again (the manifest has its sha256) or shard "
+            "the dataset again")
 
 
 def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:

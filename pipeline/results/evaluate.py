@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.mask.codec import IGNORE_INDEX, decode_mask
+from pipeline.data.outputs import JobOutput
 from pipeline.data.safe_paths import file_in, key_problem
 from pipeline.results.parallel import shard_map
 
@@ -100,8 +101,6 @@ def _shard_confusion(out_dir: str, gt_dir: str | None, n_classes: int,
                      tar: str) -> tuple[np.ndarray, int, list[str]]:
     """One mask shard's confusion matrix, how many of its masks were scored, and the ids of
     those without ground truth (or with ground truth of another size)."""
-    from pipeline.data.outputs import JobOutput
-
     job = JobOutput(out_dir)
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
