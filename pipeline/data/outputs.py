@@ -115,7 +115,7 @@ class JobOutput:
         than the ledger recorded (a copy cut at a tar block boundary reads as a shorter whole
         tar), is a ShardReadError naming the resume that redoes it."""
         ledger = Ledger(self.out_dir)
-        for tar in shards or self.mask_shards():
+        for tar in self.mask_shards() if shards is None else shards:
             try:
                 samples = list(read_shard(str(tar)))
             except ShardReadError as exc:
@@ -139,7 +139,7 @@ class JobOutput:
         was made from (jpg, json, gt.png), one shard at a time so memory stays flat: in input
         order, then any mask whose image the input shard no longer holds, with None."""
         input_urls = None  # read from job.json once, at the first shard with a wanted mask
-        for tar in shards or self.mask_shards():
+        for tar in self.mask_shards() if shards is None else shards:
             masks = {r.id: r for r in self.masks([tar]) if ids is None or r.id in ids}
             if not masks:
                 continue

@@ -120,8 +120,9 @@ def write_overlays(job, dest: str | Path) -> int:
 def _examples_html(job, rows: list[dict], per_group: int) -> str:
     groups = pick_examples(rows, per_group)
     wanted = {r["id"]: r for group in groups.values() for r in group}
+    holding = {r["shard"] for r in wanted.values()}  # only these mask and input shards are read
     strips: dict[str, str] = {}
-    for record, sample in job.joined(ids=wanted):
+    for record, sample in job.joined([tar for tar in job.mask_shards() if tar.stem in holding], ids=wanted):
         if sample is not None:
             strips[record.id] = _png_data_uri(_strip(*_pictures(record, sample)))
     parts = []
