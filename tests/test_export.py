@@ -200,3 +200,25 @@ def test_with_images_a_mask_whose_image_left_its_input_shard_is_dropped_and_coun
     assert ids == ["2011_000000", "2011_000001", "2011_000002"]
     assert sorted(p.stem for p in (dest / "JPEGImages").iterdir()) == ids
     assert sorted(p.stem for p in (dest / "SegmentationClassPseudo").iterdir()) == ids
+
+
+def test_status_of_a_job_of_many_shards_lists_those_not_done(tmp_path, capsys):
+    from pipeline.data.ledger import DONE, FAILED, Ledger, ShardEntry
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)  # 4 shards done: all listed
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\nvoc-train-") == 4 and "not listed" not in printed
+    ledger = Ledger(out)
+    digest = ledger.job()["config_hash"]
+    for index in range(4, 30):  # a job of 30 shards, one failed
+        ledger.put(ShardEntry(shard=f"voc-train-{index:06d}", url="x", config_hash=digest, model="fake",
+                              state=FAILED if index == 17 else DONE, samples=0 if index == 17 else 10,
+                              error="RuntimeError: CUDA error" if index == 17 else None))
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert [line.split()[0] for line in printed.splitlines() if line.startswith("voc-train-")] == ["voc-train-000017"]
+    assert "(29 done shards not listed: --all lists them)\n254 images in the done shards, 0 of them failed\n" in printed
+    assert "29 done, 1 failed, 0 interrupted, 0 in progress; no job is running here" in printed
+    assert main(["status", str(out), "--all"]) == 0
+    assert capsys.readouterr().out.count("\nvoc-train-") == 30

@@ -60,9 +60,12 @@ def register(sub) -> None:
     add_job_options(resume)
     resume.set_defaults(func=run_resume)
 
-    status = add_command(sub, "status", help="print a job's ledger", description="Print a job's per-shard state.",
-                         examples=["pseudolabel status out/"])
+    status = add_command(sub, "status", help="print a job's ledger",
+                         description=f"Print a job's per-shard state: every shard of a job of up to {LISTED_SHARDS} "
+                                     "shards, else those not done (--all: every shard), then the counts.",
+                         examples=["pseudolabel status out/", "pseudolabel status out/ --all"])
     add_job_folder(status)
+    status.add_argument("--all", action="store_true", help="list every shard, the done ones too")
     status.set_defaults(func=run_status)
 
 
@@ -116,6 +119,10 @@ def run_resume(args: argparse.Namespace) -> int:
         raise InputError(f"{exc}; if the shards moved: pseudolabel resume {args.job} --input NEW_PATTERN") from exc
 
 
+# A job of more shards lists only those not done unless `status --all` (COCO's train2014 is 321).
+LISTED_SHARDS = 20
+
+
 def run_status(args: argparse.Namespace) -> int:
     from collections import Counter
 
@@ -127,12 +134,20 @@ def run_status(args: argparse.Namespace) -> int:
     job = ledger.recorded_job()
     entries = ledger.entries()
     print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {job['input']}")
-    print(f"{'shard':32} {'state':12} {'attempts':>8} {'images':>7} {'failed':>7} {'seconds':>8}  error")
     states = ledger.states()
-    for e in entries:
+    listed = [e for e in entries if args.all or len(entries) <= LISTED_SHARDS or states[e.shard] != DONE]
+    if listed:
+        print(f"{'shard':32} {'state':12} {'attempts':>8} {'images':>7} {'failed':>7} {'seconds':>8}  error")
+    for e in listed:
         print(f"{e.shard:32} {states[e.shard]:12} {e.attempts:8d} {e.samples:7d} {e.failed_samples:7d} "
               f"{e.seconds:8.1f}  {e.error or ''}")
+    if len(listed) < len(entries):
+        print(f"({len(entries) - len(listed)} done shards not listed: --all lists them)")
     counts = Counter(states.values())
+    done = [e for e in entries if states[e.shard] == DONE]
+    if done:
+        print(f"{sum(e.samples for e in done)} images in the done shards, {sum(e.failed_samples for e in done)} "
+              "of them failed")
     running = ledger.running_job()
     print(f"{counts[DONE]} done, {counts[FAILED]} failed, {counts[INTERRUPTED]} interrupted, {counts[IN_PROGRESS]} "
           "in progress" + (f", {counts[STALE]} stale (done under an earlier config or model; redone on resume)"
