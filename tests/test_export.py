@@ -222,3 +222,17 @@ def test_status_of_a_job_of_many_shards_lists_those_not_done(tmp_path, capsys):
     assert "29 done, 1 failed, 0 interrupted, 0 in progress; no job is running here" in printed
     assert main(["status", str(out), "--all"]) == 0
     assert capsys.readouterr().out.count("\nvoc-train-") == 30
+
+
+def test_a_damaged_mask_shard_holding_no_example_stops_the_report_too(tmp_path, capsys):
+    from pipeline.data.outputs import JobOutput
+    from pipeline.results.report import pick_examples
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)
+    rows = JobOutput(out).stats().to_pylist()
+    shown = {r["shard"] for group in pick_examples(rows, 4).values() for r in group}
+    (unshown,) = {r["shard"] for r in rows} - shown  # only the evaluation reads it
+    tar = out / "masks" / f"{unshown}.tar"
+    tar.write_bytes(tar.read_bytes()[:700])
+    assert main(["report", str(out), "-o", str(tmp_path / "report"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"pseudolabel: error: cannot read {tar}, written by the job in {out}: ")

@@ -21,6 +21,11 @@ from pipeline.mask.codec import decode_confidence, decode_mask
 from pipeline.data.shards import InputError, ShardReadError, expand_input, read_shard, shard_name, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA, rows_to_table
 
+class DamagedOutputError(ShardReadError):
+    """A mask shard of the job cannot be read or is not what the ledger recorded; the message
+    names the resume that redoes it."""
+
+
 # The export's folder of label PNGs (SegmentationClass layout).
 MASK_FOLDER = "SegmentationClassPseudo"
 
@@ -113,7 +118,7 @@ class JobOutput:
         """Every mask of the given mask shards (default: those of the shards done), in shard order.
         Each shard is read whole and checked first: one that cannot be read, or holds other masks
         than the ledger recorded (a copy cut at a tar block boundary reads as a shorter whole
-        tar), is a ShardReadError naming the resume that redoes it."""
+        tar), is a DamagedOutputError naming the resume that redoes it."""
         ledger = Ledger(self.out_dir)
         for tar in self.mask_shards() if shards is None else shards:
             try:
@@ -129,8 +134,8 @@ class JobOutput:
                     raise self._damaged(tar, f"its sample {sample['__key__']!r} has no mask")
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, sample=sample)
 
-    def _damaged(self, tar: Path, cause: str) -> ShardReadError:
-        return ShardReadError(f"cannot read {tar}, written by the job in {self.out_dir}: {cause}; `pseudolabel resume "
+    def _damaged(self, tar: Path, cause: str) -> DamagedOutputError:
+        return DamagedOutputError(f"cannot read {tar}, written by the job in {self.out_dir}: {cause}; `pseudolabel resume "
                               f"{self.out_dir}` redoes each shard whose outputs no longer match the ledger's checksums")
 
     def joined(self, shards: list[Path] | None = None,

@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline.results.evaluate import evaluate_job
 from pipeline.data.ledger import Ledger, count_states
 from pipeline.data.safe_paths import file_in
-from pipeline.data.shards import sample_image
+from pipeline.data.outputs import DamagedOutputError
+from pipeline.data.shards import InputError, ShardReadError, sample_image
 from pipeline.mask.codec import decode_image, decode_mask, overlay
 
 
@@ -161,7 +162,9 @@ def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, 
                         "the shards done.</p>")
     try:
         scores, _ = evaluate_job(job, processes=processes, progress=progress)
-    except Exception as exc:  # no input shards to read ground truth from
+    except DamagedOutputError:
+        raise  # the job's own masks: the report stops, naming the resume, as eval and export do
+    except (InputError, ShardReadError) as exc:  # no input shards to read ground truth from
         scores, sections[0] = None, sections[0] + f"<p>No evaluation: {html.escape(str(exc))}</p>"
     if scores is not None and scores.images:
         names = ["background"] + class_names
