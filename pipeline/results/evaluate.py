@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.mask.codec import IGNORE_INDEX, decode_mask
-from pipeline.data.outputs import JobOutput
 from pipeline.data.safe_paths import file_in, key_problem
 from pipeline.results.parallel import shard_map
 
@@ -84,7 +83,7 @@ def evaluate_job(job, gt_dir: str | Path | None = None, processes: int = 1,
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
     shards = [str(tar) for tar in job.mask_shards()]
-    task = partial(_shard_confusion, str(job.out_dir), None if gt_dir is None else str(gt_dir), n_classes)
+    task = partial(_shard_confusion, job, None if gt_dir is None else str(gt_dir), n_classes)
     with shard_map(task, shards, processes) as results:
         for shard_conf, shard_images, shard_skipped in results:
             conf += shard_conf
@@ -97,11 +96,10 @@ def evaluate_job(job, gt_dir: str | Path | None = None, processes: int = 1,
     return result, conf
 
 
-def _shard_confusion(out_dir: str, gt_dir: str | None, n_classes: int,
-                     tar: str) -> tuple[np.ndarray, int, list[str]]:
+def _shard_confusion(job, gt_dir: str | None, n_classes: int, tar: str) -> tuple[np.ndarray, int, list[str]]:
     """One mask shard's confusion matrix, how many of its masks were scored, and the ids of
-    those without ground truth (or with ground truth of another size)."""
-    job = JobOutput(out_dir)
+    those without ground truth (or with ground truth of another size). job (a JobOutput, its
+    folder alone) travels to the pool's processes pickled."""
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
     if gt_dir is not None:
