@@ -1,5 +1,7 @@
 """Ledger: resume decisions, job identity, atomic writes."""
 
+import os
+
 import pytest
 
 from pipeline.data.atomic import atomic_write_bytes, file_sha256
@@ -19,7 +21,8 @@ def test_plan_runs_what_is_not_done_under_this_config(tmp_path):
     _entry(ledger, "c", IN_PROGRESS)
     _entry(ledger, "d", DONE, digest="other", outputs={"masks/a.tar": file_sha256(tmp_path / "masks" / "a.tar")})
     shards = ["a", "b", "c", "d", "e"]
-    assert ledger.plan(shards, "h1", retry_failed=False) == {"run": ["c", "d", "e"], "done": ["a"], "failed": ["b"]}
+    assert ledger.plan(shards, "h1", retry_failed=False) == {"run": ["c", "d", "e"], "done": ["a"], "failed": ["b"],
+                                                               "changed": []}
     assert ledger.plan(shards, "h1", retry_failed=True)["run"] == ["b", "c", "d", "e"]
 
 
@@ -130,3 +133,31 @@ def test_a_file_system_without_locks_runs_the_job_unguarded(tmp_path, monkeypatc
     with ledger.locked():
         assert ledger.running_job() is None
     assert (tmp_path / "out").is_dir()
+
+
+def test_a_done_shard_whose_input_changed_is_planned_again(tmp_path):
+    from pipeline.data.shards import input_fingerprint
+
+    shard = tmp_path / "a.tar"
+    shard.write_bytes(b"x" * 4096)
+    ledger = Ledger(tmp_path / "out")
+    (tmp_path / "out" / "masks").mkdir(parents=True)
+    (tmp_path / "out" / "masks" / "a.tar").write_bytes(b"mask")
+    ledger.put(ShardEntry(shard="a", url=str(shard), state="done", config_hash="h1", model="m",
+                          outputs={"masks/a.tar": file_sha256(tmp_path / "out" / "masks" / "a.tar")},
+                          input_fingerprint=input_fingerprint(str(shard))))
+    urls = {"a": str(shard)}
+    assert ledger.plan(["a"], "h1", False, urls) == {"run": [], "done": ["a"], "failed": [], "changed": []}
+    recorded = ledger.get("a").input_fingerprint["mtime_ns"]
+    os.utime(shard, ns=(1, 1))  # touched or copied: the same bytes
+    assert ledger.plan(["a"], "h1", False, urls)["done"] == ["a"]
+    shard.write_bytes(b"y" * 4096)  # the same size, other bytes
+    os.utime(shard, ns=(1, recorded))
+    assert ledger.plan(["a"], "h1", False, urls)["done"] == ["a"]  # size and time as recorded: taken as it is, unread
+    os.utime(shard, ns=(1, 2))
+    assert ledger.plan(["a"], "h1", False, urls) == {"run": ["a"], "done": [], "failed": [], "changed": ["a"]}
+    assert ledger.plan(["a"], "h1", False)["done"] == ["a"]  # inputs not looked at
+    # Where a manifest lists the shard's sha256, it tells, and the shard is not read.
+    recorded_sha = ledger.get("a").input_fingerprint["sha256"]
+    assert ledger.plan(["a"], "h1", False, urls, {str(shard): recorded_sha})["done"] == ["a"]
+    assert ledger.plan(["a"], "h1", False, urls, {str(shard): "0" * 64})["changed"] == ["a"]

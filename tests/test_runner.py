@@ -22,6 +22,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.ledger import JobMismatchError, Ledger, ShardEntry
 from pipeline.job.runner import run_job
+from pipeline.data.atomic import file_sha256
 from pipeline.data.shards import encode_json, read_shard, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA
 
@@ -40,7 +41,16 @@ def shards(tmp_path_factory):
     meta["names"] = ["person", "unicorn"]
     samples[1]["json"] = encode_json(meta)
     (tmp / "shards" / "voc-train-000001.tar").write_bytes(tar_bytes(samples))
+    _update_manifest(tmp / "shards")
     return tmp / "shards"
+
+
+def _update_manifest(folder: Path) -> None:
+    """Record the shards' present sha256 in the folder's manifest.json, as sharding again would."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        shard["sha256"] = file_sha256(folder / shard["url"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _outputs(out: Path) -> tuple[dict, list[dict]]:
@@ -263,7 +273,6 @@ def test_input_patterns(shards, tmp_path):
 
 
 def test_shard_names_come_from_paths_urls_and_pipes_and_may_not_collide(shards, tmp_path):
-    import shutil
 
     from pipeline.data.shards import InputError, shard_name
 
@@ -346,9 +355,8 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
         "(manifest.json has its sha256) and readable from this machine")
 
 
-def test_a_shard_cut_at_a_block_boundary_fails_by_its_manifest_count(ray_local, shards, tmp_path):
+def test_a_shard_cut_at_a_block_boundary_fails_by_its_manifest_checksum_or_count(ray_local, shards, tmp_path):
     # A copy stopped part-way, on a 512-byte boundary: a tar reader sees a whole, shorter tar.
-    import shutil
     import tarfile
 
     copy = tmp_path / "in"
@@ -362,10 +370,20 @@ def test_a_shard_cut_at_a_block_boundary_fails_by_its_manifest_count(ray_local, 
     summary = run_job(str(copy), tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
     assert (summary.shards_done, summary.shards_failed) == (2, 1)
     entry = Ledger(tmp_path / "out").get("voc-train-000002")
-    assert entry.state == "failed" and entry.outputs == {} and entry.error == (
-        "the shard ends early, after 1 of the 2 samples its manifest.json lists; copy it again (the manifest has "
-        "its sha256) or shard the dataset again")
+    assert entry.state == "failed" and entry.outputs == {} and entry.error.startswith(
+        f"the shard's sha256 ({file_sha256(tar)[:12]}...) is not the ")
     assert not (tmp_path / "out" / "masks" / "voc-train-000002.tar").exists()
+
+    manifest = json.loads((copy / "manifest.json").read_text())  # a manifest listing counts only
+    for listed in manifest["shards"]:
+        del listed["sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    summary = run_job(str(copy), tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1, progress=False,
+                      retry_failed=True)
+    assert (summary.shards_done, summary.shards_failed) == (0, 1)
+    assert Ledger(tmp_path / "out").get("voc-train-000002").error == (
+        "the shard ends early, after 1 of the 2 samples its manifest.json lists; copy it again or shard the dataset "
+        "again")
 
 
 @pytest.mark.faults
@@ -715,7 +733,6 @@ def test_export_eval_and_report_of_a_running_job_say_they_read_what_is_done(clea
 
 
 def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards, tmp_path, capsys):
-    import shutil
 
     shutil.copytree(shards, tmp_path / "old")
     out = tmp_path / "out"
@@ -733,3 +750,50 @@ def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards
     assert json.loads((out / "job.json").read_text())["input"].startswith(str(tmp_path / "new"))
     assert main(["export", str(out), "-o", str(tmp_path / "export"), "--with-images"]) == 0  # reads the new place
     assert len(list((tmp_path / "export" / "JPEGImages").iterdir())) == 4
+
+
+def test_a_shard_changed_since_it_was_done_is_redone_and_one_unlike_its_manifest_fails(ray_local, shards, tmp_path,
+                                                                                      capsys):
+    shutil.copytree(shards, tmp_path / "in")
+    pattern, out = str(tmp_path / "in" / "voc-train-00000{0,2}.tar"), tmp_path / "out"
+    config = load_config(FAST_CONFIG)
+    run_job(pattern, out, config, "tiny", workers=1, progress=False)
+    first = {e.shard: e for e in Ledger(out).entries()}
+    assert first["voc-train-000002"].input_fingerprint["sha256"] == file_sha256(tmp_path / "in" / "voc-train-000002.tar")
+
+    # Sharded again with other labels (the manifest follows); the other shard is rewritten with its own bytes.
+    changed = tmp_path / "in" / "voc-train-000002.tar"
+    samples = list(read_shard(str(changed)))
+    meta = json.loads(samples[0]["json"])
+    meta["names"], meta["labels"] = ["dog"], [12]
+    samples[0]["json"] = encode_json(meta)
+    changed.write_bytes(tar_bytes(samples))
+    same = tmp_path / "in" / "voc-train-000000.tar"
+    same.write_bytes(same.read_bytes())  # a new modification time, the same bytes
+    _update_manifest(tmp_path / "in")
+    capsys.readouterr()
+    summary = run_job(pattern, out, config, "tiny", workers=1, progress=False)
+    assert "1 shard(s) done before hold other bytes now (a new shard or a new copy), so they are redone: " \
+           "voc-train-000002" in capsys.readouterr().out
+    assert (summary.shards_done, summary.shards_failed) == (1, 0)
+    second = {e.shard: e for e in Ledger(out).entries()}
+    assert second["voc-train-000000"].updated == first["voc-train-000000"].updated
+    assert second["voc-train-000002"].updated > first["voc-train-000002"].updated
+    rows = {r["id"]: r for r in ds.dataset(out / "stats").to_table().to_pylist()}
+    assert rows[samples[0]["__key__"]]["names"] == ["dog"]
+
+    # A damaged copy of a done shard: the manifest says its shard is the one done, so it stays done ...
+    damaged = bytearray(changed.read_bytes())
+    damaged[600] ^= 0xFF  # one byte of the first member's data changed
+    changed.write_bytes(bytes(damaged))
+    summary = run_job(pattern, out, config, "tiny", workers=1, progress=False)
+    assert (summary.shards_done, summary.shards_failed, summary.shards_skipped) == (0, 0, 2)
+    # ... and a job that reads it fails it, naming both checksums.
+    summary = run_job(pattern, tmp_path / "out2", config, "tiny", workers=1, progress=False)
+    assert (summary.shards_done, summary.shards_failed) == (1, 1)
+    entry = Ledger(tmp_path / "out2").get("voc-train-000002")
+    assert entry.state == "failed" and entry.error.endswith(
+        "its manifest.json lists: it was damaged or changed since it was written; copy it again, or shard the "
+        "dataset again (which writes a new manifest)")
+    assert entry.error.startswith(f"the shard's sha256 ({file_sha256(changed)[:12]}...) is not the ")
+    assert not (tmp_path / "out2" / "masks" / "voc-train-000002.tar").exists()

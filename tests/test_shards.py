@@ -269,3 +269,28 @@ def test_a_sample_count_other_than_the_manifests_is_named():
         "the shard ends early, after 250 of the 256 samples its manifest.json lists; copy it again")
     assert sample_count_problem("/s/voc-000000.tar", 300, counts).startswith(
         "the shard holds 300 samples, not the 256 its manifest.json lists; ")
+
+
+def test_a_shards_fingerprint_and_its_manifests_checksum(tmp_path):
+    from pipeline.data.shards import checksum_problem, input_changed, input_fingerprint, manifest_listing
+
+    shard = tmp_path / "voc-000000.tar"
+    shard.write_bytes(b"a" * 1000)
+    fingerprint = input_fingerprint(str(shard))
+    assert fingerprint["size"] == 1000 and fingerprint["sha256"] == file_sha256(shard)
+    assert input_fingerprint("pipe:cat x.tar") is None and input_fingerprint("https://host/x.tar") is None
+    assert not input_changed(fingerprint, str(shard)) and not input_changed(None, str(shard))
+    shard.write_bytes(b"a" * 999)
+    assert input_changed(fingerprint, str(shard))
+    assert not input_changed(fingerprint, str(shard), fingerprint["sha256"])  # its manifest says it is the same
+    manifests = {tmp_path: {"shards": [{"url": shard.name, "samples": 1, "sha256": fingerprint["sha256"]},
+                                       {"url": "no-checksum.tar", "samples": 2}]}}
+    assert manifest_listing(manifests, "samples") == {str(shard): 1, str(tmp_path / "no-checksum.tar"): 2}
+    checksums = manifest_listing(manifests, "sha256")
+    assert checksums == {str(shard): fingerprint["sha256"]}
+    assert checksum_problem(str(shard), fingerprint, checksums) is None
+    assert checksum_problem(str(tmp_path / "no-checksum.tar"), fingerprint, checksums) is None
+    assert checksum_problem(str(shard), None, checksums) is None
+    problem = checksum_problem(str(shard), input_fingerprint(str(shard)), checksums)
+    assert problem.startswith(f"the shard's sha256 ({file_sha256(shard)[:12]}...) is not the "
+                              f"{fingerprint['sha256'][:12]}... its manifest.json lists: it was damaged")

@@ -128,7 +128,7 @@ def run_status(args: argparse.Namespace) -> int:
 
     from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, STALE, Ledger
     from pipeline.data.outputs import failed_image_ids
-    from pipeline.job.summary import name_failed
+    from pipeline.job.summary import name_first
 
     ledger = Ledger(args.job)
     job = ledger.recorded_job()
@@ -156,7 +156,7 @@ def run_status(args: argparse.Namespace) -> int:
     print(_not_started_line(ledger, args.job))
     failed = failed_image_ids(args.job)
     if failed:
-        print(f"{len(failed)} failed image(s): {name_failed(failed, len(failed))} "
+        print(f"{len(failed)} failed image(s): {name_first(failed, len(failed))} "
               "(errors in stats/, status column 'failed')")
     return 0
 

@@ -47,7 +47,9 @@ def differing_keys(recorded: dict, new: dict, prefix: str = "") -> list[str]:
 
 @dataclass
 class ShardEntry:
-    """One input shard's state. outputs: output path (relative to the job folder) -> sha256."""
+    """One input shard's state. outputs: output path (relative to the job folder) -> sha256;
+    input_fingerprint: the input shard's size, modification time and sha256 when it was sent to
+    a worker (`shards.input_fingerprint`; None for a URL or `pipe:` input)."""
 
     shard: str
     url: str
@@ -60,6 +62,7 @@ class ShardEntry:
     failed_samples: int = 0
     seconds: float = 0.0
     error: str | None = None
+    input_fingerprint: dict | None = None
     updated: float = field(default_factory=time.time)
 
 
@@ -218,16 +221,26 @@ class Ledger:
                 return False
         return bool(entry.outputs)
 
-    def plan(self, shards: list[str], config_hash: str, retry_failed: bool) -> dict[str, list[str]]:
-        """Split shards into `run` (never run, interrupted, done under another config or with
-        damaged outputs, failed when retry_failed) and `done` / `failed` (skipped)."""
-        plan: dict[str, list[str]] = {"run": [], "done": [], "failed": []}
+    def plan(self, shards: list[str], config_hash: str, retry_failed: bool, urls: dict[str, str] | None = None,
+             checksums: dict[str, str] | None = None) -> dict[str, list[str]]:
+        """Split shards into `run` (never run, interrupted, done under another config, with
+        damaged outputs or from an input shard that changed since, failed when retry_failed) and
+        `done` / `failed` (skipped); `changed` lists the done shards redone for their input
+        (`shards.input_changed`; urls: shard name -> where its input is now, checksums: shard
+        path -> the sha256 its manifest lists; without urls inputs are not looked at)."""
+        from pipeline.data.shards import input_changed
+
+        plan: dict[str, list[str]] = {"run": [], "done": [], "failed": [], "changed": []}
         for shard in shards:
             entry = self.get(shard)
             if entry is None or entry.state in (IN_PROGRESS, INTERRUPTED) or entry.config_hash != config_hash:
                 plan["run"].append(shard)
             elif entry.state == DONE:
-                plan["done" if self.outputs_intact(entry) else "run"].append(shard)
+                changed = urls is not None and input_changed(entry.input_fingerprint, urls[shard],
+                                                             (checksums or {}).get(urls[shard]))
+                if changed:
+                    plan["changed"].append(shard)
+                plan["run" if changed or not self.outputs_intact(entry) else "done"].append(shard)
             else:  # failed
                 plan["run" if retry_failed else "failed"].append(shard)
         return plan

@@ -16,6 +16,7 @@ import glob
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
@@ -425,11 +426,12 @@ def manifests_beside(urls: list[str]) -> dict[Path, dict]:
     return manifests
 
 
-def manifest_sample_counts(manifests: dict[Path, dict]) -> dict[str, int]:
-    """Shard path -> the samples its manifest says it holds, for the shards the manifests list."""
-    return {str(folder / shard["url"]): shard["samples"] for folder, manifest in manifests.items()
+def manifest_listing(manifests: dict[Path, dict], key: str) -> dict:
+    """Shard path -> what its manifest lists for it under key ("samples": its sample count,
+    "sha256": its checksum), for the shards the manifests list with that key."""
+    return {str(folder / shard["url"]): shard[key] for folder, manifest in manifests.items()
             for shard in manifest.get("shards", [])
-            if isinstance(shard, dict) and "url" in shard and "samples" in shard}
+            if isinstance(shard, dict) and "url" in shard and key in shard}
 
 
 def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) -> str | None:
@@ -441,8 +443,48 @@ def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) ->
         return None
     found = (f"ends early, after {samples_read} of the {expected} samples" if samples_read < expected else
              f"holds {samples_read} samples, not the {expected}")
-    return (f"the shard {found} its manifest.json lists; copy it again (the manifest has its sha256) or shard "
-            "the dataset again")
+    return f"the shard {found} its manifest.json lists; copy it again or shard the dataset again"
+
+
+def input_fingerprint(url: str) -> dict | None:
+    """{"size": bytes, "mtime_ns": int, "sha256": hex} of a local shard file, which its ledger
+    entry records so that a resume can tell a shard changed since (`input_changed`); None for
+    a URL or a `pipe:` command, which cannot be looked at without reading them whole."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    stat = os.stat(url)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(Path(url))}
+
+
+def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = None) -> bool:
+    """Whether the shard at url holds other bytes than the fingerprint recorded when it was done
+    (`input_fingerprint`). The same size and modification time count as unchanged without
+    reading the file (rsync's quick check; a copy or a new shard changes the time); else the
+    sha256 its manifest lists decides (listed_sha256: sharding writes the two together), or,
+    without one, the file's own. False where nothing was recorded (a URL, a ledger from before)."""
+    if not recorded or "://" in url or url.startswith("pipe:"):
+        return False
+    try:
+        stat = os.stat(url)
+    except OSError:
+        return False  # a missing shard is refused when the input is listed; nothing to compare here
+    if (stat.st_size, stat.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
+        return False
+    if listed_sha256 is not None:
+        return listed_sha256 != recorded.get("sha256")
+    return stat.st_size != recorded.get("size") or file_sha256(Path(url)) != recorded.get("sha256")
+
+
+def checksum_problem(url: str, fingerprint: dict | None, checksums: dict[str, str]) -> str | None:
+    """Why a shard's bytes are not those its manifest lists the sha256 of, or None (also where
+    no manifest lists one). Such a shard was damaged, or changed without its manifest, since
+    it was written: its images or labels are not the ones the manifest describes."""
+    expected = checksums.get(url)
+    if fingerprint is None or expected is None or fingerprint["sha256"] == expected:
+        return None
+    return (f"the shard's sha256 ({fingerprint['sha256'][:12]}...) is not the {expected[:12]}... its manifest.json "
+            "lists: it was damaged or changed since it was written; copy it again, or shard the dataset again "
+            "(which writes a new manifest)")
 
 
 def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:

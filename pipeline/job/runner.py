@@ -24,11 +24,11 @@ from pipeline.config import SegmenterConfig, unchanging_added_keys
 from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
-from pipeline.data.shards import (InputError, check_shard_classes, expand_input, manifest_sample_counts,
-                                  manifests_beside, sample_count_problem, shard_name)
+from pipeline.data.shards import (InputError, check_shard_classes, checksum_problem, expand_input,
+                                  manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
-from pipeline.job.summary import JobInterrupted, JobSummary, workers_line
+from pipeline.job.summary import JobInterrupted, JobSummary, name_first, workers_line
 
 
 class WorkerStartError(PipelineError, RuntimeError):
@@ -267,9 +267,13 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     with ledger.locked():  # one running job per output folder
         ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
                       "input": input_pattern}, force=force)
-        plan = ledger.plan(names, digest, retry_failed)
         by_name = dict(zip(names, urls))
+        sample_counts, checksums = manifest_listing(manifests, "samples"), manifest_listing(manifests, "sha256")
+        plan = ledger.plan(names, digest, retry_failed, by_name, checksums)
         todo = list(plan["run"])
+        if plan["changed"]:
+            print(f"{len(plan['changed'])} shard(s) done before hold other bytes now (a new shard or a new copy), "
+                  f"so they are redone: {name_first(plan['changed'], len(plan['changed']))}")
         summary = JobSummary(0, 0, len(plan["done"]) + len(plan["failed"]), 0, 0, 0.0)
         if plan["failed"]:
             print(f"{len(plan['failed'])} shard(s) failed before and are skipped: add --retry-failed to redo them")
@@ -302,7 +306,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             print(allocator_line)
 
         processing_start = time.perf_counter()
-        sample_counts = manifest_sample_counts(manifests)
         total_images = _count_images([by_name[name] for name in todo], sample_counts)
         bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
@@ -312,7 +315,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         seen_in_flight: dict[str, int] = {}  # shard in flight -> images its worker has handled
 
         def show_progress() -> None:
-            bar.n = finished_images + sum(seen_in_flight.get(name, 0) for name, *_ in in_flight.values())
+            bar.n = finished_images + sum(seen_in_flight.get(entry.shard, 0) for entry, *_ in in_flight.values())
             elapsed = time.perf_counter() - processing_start
             bar.set_postfix_str(f"{bar.n / elapsed if elapsed > 0 else 0.0:.2f} images/s", refresh=True)
 
@@ -326,15 +329,15 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         def dispatch(slot: int) -> None:
             if not todo:
                 return
-            actor = actors[slot]
             name = todo.pop(0)
             entry = ledger.get(name)
             attempts = (entry.attempts if entry and entry.config_hash == digest else 0) + 1
             dispatched[name] = attempts
-            ledger.put(ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest,
-                                  model=model, attempts=attempts))
-            ref = actor.process_shard.remote(by_name[name], name)
-            in_flight[ref] = (name, slot, time.perf_counter(), attempts)
+            entry = ShardEntry(shard=name, url=by_name[name], state=IN_PROGRESS, config_hash=digest, model=model,
+                               attempts=attempts)
+            ledger.put(entry)
+            ref = actors[slot].process_shard.remote(by_name[name], name)
+            in_flight[ref] = (entry, slot, time.perf_counter())
 
         with _stop_on_signals() as stop:
             try:
@@ -350,10 +353,9 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                             show_progress()
                         continue
                     ref = ready[0]
-                    name, slot, shard_start, attempts = in_flight.pop(ref)
-                    seen_in_flight.pop(name, None)
-                    entry = ShardEntry(shard=name, url=by_name[name], state=FAILED, config_hash=digest, model=model,
-                                       attempts=attempts, seconds=time.perf_counter() - shard_start)
+                    entry, slot, shard_start = in_flight.pop(ref)
+                    seen_in_flight.pop(entry.shard, None)
+                    entry.state, entry.seconds = FAILED, time.perf_counter() - shard_start
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
@@ -365,7 +367,9 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                     except ray.exceptions.RayTaskError as exc:
                         entry.error = _first_line(exc)
                     else:
-                        entry.error = sample_count_problem(by_name[name], len(result.rows), sample_counts)
+                        entry.input_fingerprint = result.input_fingerprint
+                        entry.error = (checksum_problem(entry.url, result.input_fingerprint, checksums)
+                                       or sample_count_problem(entry.url, len(result.rows), sample_counts))
                     if entry.error is None:
                         entry.outputs = write_shard_outputs(out_dir, result.shard, result.mask_samples, result.rows)
                         entry.state, entry.samples, entry.failed_samples = DONE, len(result.rows), result.failed
@@ -375,7 +379,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         summary.queueing_seconds += result.queueing_seconds
                         summary.add_failed(result.failed_ids)
                     ledger.put(entry)
-                    dispatched.pop(name, None)
+                    dispatched.pop(entry.shard, None)
                     if entry.state == DONE:
                         summary.shards_done += 1
                         summary.images_ok += entry.samples - entry.failed_samples
@@ -383,7 +387,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         finished_images += entry.samples
                     else:
                         summary.shards_failed += 1
-                        bar.write(f"shard {name} failed: {entry.error}")
+                        bar.write(f"shard {entry.shard} failed: {entry.error}")
                     show_progress()
                     dispatch(slot)
             except _Stop as stop:

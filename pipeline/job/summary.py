@@ -17,13 +17,13 @@ class JobInterrupted(Exception):
         self.signum, self.summary, self.interrupted = signum, summary, interrupted
 
 
-FAILED_IDS_SHOWN = 5
+NAMES_SHOWN = 5
 
 
-def name_failed(ids: list[str], total: int) -> str:
-    """The first FAILED_IDS_SHOWN of `total` failed image ids for one output line ("a, b and 3
-    more"); an id that is not a safe key is quoted, so a crafted one cannot break the line."""
-    shown = [repr(i) if key_problem(i) else i for i in ids[:FAILED_IDS_SHOWN]]
+def name_first(ids: list[str], total: int) -> str:
+    """The first NAMES_SHOWN of `total` image ids or shard names for one output line ("a, b
+    and 3 more"); an id that is not a safe key is quoted, so a crafted one cannot break the line."""
+    shown = [repr(i) if key_problem(i) else i for i in ids[:NAMES_SHOWN]]
     more = total - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
@@ -54,17 +54,17 @@ class JobSummary:
     worker_nodes: int = 0  # Ray nodes the workers started on
     model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
     queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
-    failed_ids: list[str] = field(default_factory=list)  # the first FAILED_IDS_SHOWN failed images
+    failed_ids: list[str] = field(default_factory=list)  # the first NAMES_SHOWN failed images
 
     def add_failed(self, ids: list[str]) -> None:
-        self.failed_ids.extend(ids[: max(0, FAILED_IDS_SHOWN - len(self.failed_ids))])
+        self.failed_ids.extend(ids[: max(0, NAMES_SHOWN - len(self.failed_ids))])
 
     @property
     def failed_line(self) -> str | None:
         """The failed images, the first few by id, or None when none failed."""
         if not self.images_failed:
             return None
-        return (f"failed images: {name_failed(self.failed_ids, self.images_failed)} "
+        return (f"failed images: {name_first(self.failed_ids, self.images_failed)} "
                 "(errors in stats/, status column 'failed')")
 
     @property

@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.mask.codec import ImageDecodeError, decode_image, encode_confidence, encode_mask
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key
-from pipeline.data.shards import encode_json, read_shard, sample_classes, sample_image
+from pipeline.data.shards import encode_json, input_fingerprint, read_shard, sample_classes, sample_image
 from pipeline.mask.stats import failed_row, mask_statistics
 from pipeline.segment.segmenter import ClassScores, Segmenter
 
@@ -87,6 +87,7 @@ class ShardResult:
     peak_device_mb: float = 0.0  # the worker's peak accelerator memory so far (0 on CPU)
     model_seconds: float = 0.0  # wall time the segmenter ran this shard's batches (overlaps counted once)
     queueing_seconds: float = 0.0  # of which the host spent queueing them (all of it on a CPU)
+    input_fingerprint: dict | None = None  # the shard file read (`shards.input_fingerprint`)
 
     @property
     def failed(self) -> int:
@@ -127,33 +128,42 @@ class ModelClock:
     queueing: float = 0.0
 
 
-def _prefetch(url: str, depth: int, max_pixels: int | None = None):
-    """Samples of a shard decoded in a background thread: yields (sample, image or exception).
-    A sample whose key is unsafe (`safe_paths.check_key`) is not decoded: its exception says why."""
-    done = object()
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
+class ShardPrefetch:
+    """Samples of a shard decoded in a background thread: iterating yields (sample, image or
+    exception); a sample whose key is unsafe (`safe_paths.check_key`) is not decoded, its
+    exception says why. Once the iteration ends, `input_fingerprint` holds the shard file's
+    size, time and sha256 (`shards.input_fingerprint`, None for a URL or `pipe:`), hashed by
+    the same thread after the read, from the page cache, while the model finishes the shard."""
 
-    def produce():
+    def __init__(self, url: str, depth: int, max_pixels: int | None = None):
+        self.url, self.depth, self.max_pixels = url, depth, max_pixels
+        self.input_fingerprint: dict | None = None
+
+    def _produce(self, buffer: queue.Queue, done: object) -> None:
         try:
-            for sample in read_shard(url):
+            for sample in read_shard(self.url):
                 try:
                     key = check_key(sample["__key__"])
-                    image = decode_image(sample_image(sample), f"image {key}", max_pixels)
+                    image = decode_image(sample_image(sample), f"image {key}", self.max_pixels)
                 except (ImageDecodeError, UnsafeKeyError) as exc:
                     image = exc
                 buffer.put((sample, image))
+            self.input_fingerprint = input_fingerprint(self.url)
         except BaseException as exc:  # a broken shard: surface it in the consumer
             buffer.put(exc)
         buffer.put(done)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while True:
-        item = buffer.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def __iter__(self):
+        done = object()
+        buffer: queue.Queue = queue.Queue(maxsize=self.depth)
+        threading.Thread(target=self._produce, args=(buffer, done), daemon=True).start()
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
 
 class ShardWorker:
@@ -301,7 +311,8 @@ class ShardWorker:
             self._images_seen[shard] += len(batch)  # segmented (on a GPU: launched and waited for)
             batch.clear()
 
-        for sample, image in _prefetch(url, 2 * self.config.batch_size, self.config.max_image_pixels):
+        samples = ShardPrefetch(url, 2 * self.config.batch_size, self.config.max_image_pixels)
+        for sample, image in samples:
             key = sample["__key__"]
             order.append(key)
             if isinstance(image, Exception):
@@ -328,7 +339,8 @@ class ShardWorker:
         mask_samples = [{"__key__": k, **masks[k], "json": encode_json(rows[k])} for k in order if k in masks]
         return ShardResult(shard=shard, mask_samples=mask_samples, rows=[rows[k] for k in order],
                            peak_rss_mb=peak_rss_mb(), peak_device_mb=peak_device_mb(self.model.device),
-                           model_seconds=clock.model, queueing_seconds=clock.queueing)
+                           model_seconds=clock.model, queueing_seconds=clock.queueing,
+                           input_fingerprint=samples.input_fingerprint)
 
 
 @functools.cache
