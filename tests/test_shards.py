@@ -285,8 +285,8 @@ def test_a_shards_fingerprint_and_its_manifests_checksum(tmp_path):
     assert not input_changed(fingerprint, str(shard), fingerprint["sha256"])  # its manifest says it is the same
     manifests = {tmp_path: {"shards": [{"url": shard.name, "samples": 1, "sha256": fingerprint["sha256"]},
                                        {"url": "no-checksum.tar", "samples": 2}]}}
-    assert manifest_listing(manifests, "samples") == {str(shard): 1, str(tmp_path / "no-checksum.tar"): 2}
-    checksums = manifest_listing(manifests, "sha256")
+    assert manifest_listing(manifests, "samples", int) == {str(shard): 1, str(tmp_path / "no-checksum.tar"): 2}
+    checksums = manifest_listing(manifests, "sha256", str)
     assert checksums == {str(shard): fingerprint["sha256"]}
     assert checksum_problem(str(shard), fingerprint, checksums) is None
     assert checksum_problem(str(tmp_path / "no-checksum.tar"), fingerprint, checksums) is None
@@ -294,3 +294,24 @@ def test_a_shards_fingerprint_and_its_manifests_checksum(tmp_path):
     problem = checksum_problem(str(shard), input_fingerprint(str(shard)), checksums)
     assert problem.startswith(f"the shard's sha256 ({file_sha256(shard)[:12]}...) is not the "
                               f"{fingerprint['sha256'][:12]}... its manifest.json lists: it was damaged")
+
+
+def test_a_damaged_or_foreign_manifest_is_named_or_left_alone(tmp_path, capsys):
+    from pipeline.data.shards import InputError, expand_input, manifests_beside
+
+    (tmp_path / "voc-000000.tar").write_bytes(b"")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"shards": [{"url": "voc-000000.tar", "sam')  # cut short in a copy
+    for call in (lambda: expand_input(str(tmp_path)), lambda: manifests_beside([str(tmp_path / "voc-000000.tar")])):
+        with pytest.raises(InputError, match=rf"^cannot read {tmp_path}/manifest.json: Unterminated string .*; copy "
+                                             "it again with its shards, or shard the dataset again$"):
+            call()
+    assert main(["run", "--model", "tiny", "--input", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"pseudolabel: error: cannot read {tmp_path}/manifest.json: ")
+    manifest.write_text('{"shards": [{"url": 3}]}')
+    with pytest.raises(InputError, match=r"manifest.json does not list shards as sharding writes it \("):
+        expand_input(str(tmp_path))
+    manifest.write_text('[{"url": "voc-000000.tar"}]')  # another tool's file of that name
+    assert manifests_beside([str(tmp_path / "voc-000000.tar")]) == {}
+    with pytest.raises(InputError, match="manifest.json does not list shards as sharding writes it"):
+        expand_input(str(tmp_path))

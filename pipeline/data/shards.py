@@ -394,10 +394,15 @@ def expand_input(pattern: str) -> list[str]:
 
     path = Path(pattern)
     if path.is_dir():
-        manifest = path / "manifest.json"
-        if not manifest.is_file():
+        if not (path / "manifest.json").is_file():
             raise InputError(f"{path} has no manifest.json: pass a shard pattern such as '{path}/*.tar'")
-        urls = [str(path / s["url"]) for s in json.loads(manifest.read_text())["shards"]]
+        listed = (read_manifest(path) or {}).get("shards")
+        if not isinstance(listed, list) or not all(isinstance(s, dict) and isinstance(s.get("url"), str)
+                                                   for s in listed):
+            raise InputError(f"{path / 'manifest.json'} does not list shards as sharding writes it (\"shards\": "
+                             f"[{{\"url\": FILE, ...}}, ...]): shard the dataset again, or pass a shard pattern "
+                             f"such as '{path}/*.tar'")
+        urls = [str(path / s["url"]) for s in listed]
     else:
         urls = []
         for expanded in braceexpand(pattern):
@@ -412,26 +417,39 @@ def expand_input(pattern: str) -> list[str]:
     return urls
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest.json in folder; None where there is none, or where it is JSON but not an
+    object (another tool's file of that name); an InputError naming it where it cannot be read
+    or is not JSON (cut short in a copy, say), as its counts and checksums guard the shards."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}; copy it again with its shards, or shard the dataset "
+                         "again") from None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def manifests_beside(urls: list[str]) -> dict[Path, dict]:
-    """The manifest.json of each local folder holding some of these shards, by folder, in folder
-    order; URLs, pipes and folders without a readable manifest (other tools' shards) have none."""
+    """The manifest.json of each local folder holding some of these shards (`read_manifest`), by
+    folder, in folder order; URLs, pipes and folders without one (other tools' shards) have none."""
     manifests = {}
     for folder in sorted({Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")}):
-        try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(manifest, dict):
+        manifest = read_manifest(folder)
+        if manifest is not None:
             manifests[folder] = manifest
     return manifests
 
 
-def manifest_listing(manifests: dict[Path, dict], key: str) -> dict:
-    """Shard path -> what its manifest lists for it under key ("samples": its sample count,
-    "sha256": its checksum), for the shards the manifests list with that key."""
+def manifest_listing(manifests: dict[Path, dict], key: str, kind: type) -> dict:
+    """Shard path -> what its manifest lists for it under key ("samples": its sample count, an
+    int; "sha256": its checksum, a str), for the shards the manifests list with such a value."""
     return {str(folder / shard["url"]): shard[key] for folder, manifest in manifests.items()
-            for shard in manifest.get("shards", [])
-            if isinstance(shard, dict) and "url" in shard and key in shard}
+            for shard in (manifest.get("shards") if isinstance(manifest.get("shards"), list) else [])
+            if isinstance(shard, dict) and isinstance(shard.get("url"), str)
+            and isinstance(shard.get(key), kind)}
 
 
 def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) -> str | None:

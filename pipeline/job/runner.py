@@ -268,7 +268,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
                       "input": input_pattern}, force=force)
         by_name = dict(zip(names, urls))
-        sample_counts, checksums = manifest_listing(manifests, "samples"), manifest_listing(manifests, "sha256")
+        sample_counts, checksums = (manifest_listing(manifests, "samples", int),
+                                      manifest_listing(manifests, "sha256", str))
         plan = ledger.plan(names, digest, retry_failed, by_name, checksums)
         todo = list(plan["run"])
         if plan["changed"]:
@@ -470,7 +471,7 @@ def _start_error(exc: Exception) -> str:
 
 
 def _count_images(urls: list[str], counts: dict[str, int]) -> int | None:
-    """Images in these shards, from their manifests' counts (`manifest_sample_counts`) when every
+    """Images in these shards, from their manifests' counts (`manifest_listing`) when every
     one is listed there."""
     if all(u in counts for u in urls):
         return sum(counts[u] for u in urls)
