@@ -236,3 +236,38 @@ def test_a_damaged_mask_shard_holding_no_example_stops_the_report_too(tmp_path, 
     tar.write_bytes(tar.read_bytes()[:700])
     assert main(["report", str(out), "-o", str(tmp_path / "report"), "--no-progress"]) == 2
     assert capsys.readouterr().err.startswith(f"pseudolabel: error: cannot read {tar}, written by the job in {out}: ")
+
+
+def test_a_damaged_statistics_file_or_job_record_is_one_line_and_a_damaged_ledger_entry_is_redone(tmp_path, capsys):
+    from pipeline.data.ledger import Ledger
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    stats = out / "stats" / "voc-train-000001.parquet"
+    whole = stats.read_bytes()
+    stats.write_bytes(whole[:300])  # a copy cut short
+    for command in (["status", str(out)], ["eval", str(out), "--no-progress"],
+                    ["export", str(out), "-o", str(tmp_path / "export"), "--no-progress"],
+                    ["report", str(out), "-o", str(tmp_path / "report"), "--no-progress"]):
+        assert main(command) == 2, command
+        assert capsys.readouterr().err == (
+            f"pseudolabel: error: cannot read {stats}, written by the job in {out}: Parquet magic bytes not found in "
+            f"footer; `pseudolabel resume {out}` redoes each shard whose outputs no longer match the ledger's "
+            "checksums\n"), command
+    ledger = Ledger(out)
+    assert ledger.plan(["voc-train-000000", "voc-train-000001"], ledger.job()["config_hash"], False)["run"] == [
+        "voc-train-000001"]
+    stats.write_bytes(whole)
+
+    entry = out / "ledger" / "voc-train-000001.json"
+    entry.write_text(entry.read_text()[:40])  # an entry damaged: its shard counts as not run, and is redone
+    assert ledger.get("voc-train-000001") is None and [e.shard for e in ledger.entries()] == ["voc-train-000000"]
+    assert ledger.plan(["voc-train-000000", "voc-train-000001"], ledger.job()["config_hash"], False)["run"] == [
+        "voc-train-000001"]
+
+    (out / "job.json").write_text('{"config": {"classes"')
+    for command in (["status", str(out)], ["eval", str(out)], ["resume", str(out)]):
+        assert main(command) == 2, command
+        assert capsys.readouterr().err == (
+            f"pseudolabel: error: cannot read {out}/job.json: Expecting ':' delimiter: line 1 column 22 (char 21); "
+            f"delete it and run the job's command again (pseudolabel run --input SHARDS -o {out}, its config and "
+            "model): the shards its ledger records as done under them stay done\n"), command

@@ -79,6 +79,10 @@ class NoJobError(PipelineError, FileNotFoundError):
     """The folder given as a job's output holds no job.json."""
 
 
+class DamagedJobError(PipelineError, ValueError):
+    """The folder's job.json cannot be read."""
+
+
 class JobBusyError(PipelineError, RuntimeError):
     """Another running job holds the output folder."""
 
@@ -93,11 +97,17 @@ class Ledger:
     def _path(self, shard: str) -> Path:
         return self.dir / f"{shard}.json"
 
-    def get(self, shard: str) -> ShardEntry | None:
-        path = self._path(shard)
-        if not path.is_file():
+    @staticmethod
+    def _read_entry(path: Path) -> ShardEntry | None:
+        """The entry in path; None where it is missing or cannot be read as one (damaged by
+        something outside the job, which writes each whole): its shard is then redone."""
+        try:
+            return ShardEntry(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
             return None
-        return ShardEntry(**json.loads(path.read_text()))
+
+    def get(self, shard: str) -> ShardEntry | None:
+        return self._read_entry(self._path(shard))
 
     def put(self, entry: ShardEntry) -> None:
         entry.updated = time.time()
@@ -106,7 +116,7 @@ class Ledger:
     def entries(self) -> list[ShardEntry]:
         if not self.dir.is_dir():
             return []
-        return [ShardEntry(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
+        return [entry for entry in map(self._read_entry, sorted(self.dir.glob("*.json"))) if entry is not None]
 
     def states(self) -> dict[str, str]:
         """Shard name -> its state, STALE for one done under another job's config."""
@@ -187,7 +197,21 @@ class Ledger:
         return self.out_dir / "job.json"
 
     def job(self) -> dict | None:
-        return json.loads(self.job_path.read_text()) if self.job_path.is_file() else None
+        """The folder's job.json, None where no job has run; a DamagedJobError where it cannot be
+        read (the job writes it whole: a copy cut short, an edit)."""
+        if not self.job_path.is_file():
+            return None
+        try:
+            job = json.loads(self.job_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem = str(exc)
+        else:
+            if isinstance(job, dict) and isinstance(job.get("config_hash"), str):
+                return job
+            problem = "not a job's record (it has no config_hash)"
+        raise DamagedJobError(f"cannot read {self.job_path}: {problem}; delete it and run the job's command again "
+                              f"(pseudolabel run --input SHARDS -o {self.out_dir}, its config and model): the shards "
+                              "its ledger records as done under them stay done")
 
     def recorded_job(self) -> dict:
         """The job.json of this folder; NoJobError when no job has run here."""

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Container, Iterator
+from typing import Callable, Container, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -21,9 +21,15 @@ from pipeline.mask.codec import decode_confidence, decode_mask
 from pipeline.data.shards import InputError, ShardReadError, expand_input, read_shard, shard_name, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA, rows_to_table
 
+
 class DamagedOutputError(ShardReadError):
-    """A mask shard of the job cannot be read or is not what the ledger recorded; the message
-    names the resume that redoes it."""
+    """A mask shard or statistics file of the job cannot be read or is not what the ledger
+    recorded; the message names the resume that redoes it."""
+
+
+def damaged_output(out_dir: Path, path: Path, cause: str) -> DamagedOutputError:
+    return DamagedOutputError(f"cannot read {path}, written by the job in {out_dir}: {cause}; `pseudolabel resume "
+                              f"{out_dir}` redoes each shard whose outputs no longer match the ledger's checksums")
 
 
 # The export's folder of label PNGs (SegmentationClass layout).
@@ -51,17 +57,35 @@ def done_outputs(out_dir: str | Path, folder: str, suffix: str) -> list[Path]:
     return [path for path in paths if path.is_file()]
 
 
+def read_done_stats(out_dir: str | Path, read: Callable, empty):
+    """read(dataset) over the statistics files of the shards done (`done_outputs`), or empty
+    where there are none. A file that cannot be read (damaged since the job wrote it) is a
+    DamagedOutputError naming it and the resume that redoes it."""
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    paths = done_outputs(out_dir, "stats", ".parquet")
+    if not paths:
+        return empty
+    try:
+        return read(ds.dataset([str(p) for p in paths], format="parquet"))
+    except (pa.ArrowException, OSError):
+        for path in paths:  # which one: read each whole
+            try:
+                pq.read_table(path)
+            except (pa.ArrowException, OSError) as exc:
+                cause = str(exc).split(f"'{path}': ", 1)[-1].split(". ")[0]  # arrow names the file, then why
+                raise damaged_output(Path(out_dir), path, cause) from None
+        raise
+
+
 def failed_image_ids(out_dir: str | Path) -> list[str]:
     """Ids of the images a job could not segment (status other than ok in the statistics of its
     done shards). Needs no masks/, so `status` can read a job still starting."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
-    stats = done_outputs(out_dir, "stats", ".parquet")
-    if not stats:
-        return []
-    table = ds.dataset([str(p) for p in stats], format="parquet").to_table(columns=["id", "status"])
-    return table.filter(pc.field("status") != "ok").column("id").to_pylist()
+    table = read_done_stats(out_dir, lambda stats: stats.to_table(columns=["id", "status"]), None)
+    return [] if table is None else table.filter(pc.field("status") != "ok").column("id").to_pylist()
 
 
 @dataclass
@@ -97,18 +121,13 @@ class JobOutput:
 
     def stats(self) -> pa.Table:
         """Every image's statistics row, of the shards done (the whole job once it is complete)."""
-        import pyarrow.dataset as ds
-
-        paths = done_outputs(self.out_dir, "stats", ".parquet")
-        return ds.dataset([str(p) for p in paths], format="parquet").to_table() if paths else STATS_SCHEMA.empty_table()
+        return read_done_stats(self.out_dir, lambda stats: stats.to_table(), STATS_SCHEMA.empty_table())
 
     def masks_written(self) -> int:
         """How many masks the shards done hold (their ok rows), read from the statistics alone."""
         import pyarrow.dataset as ds
 
-        paths = done_outputs(self.out_dir, "stats", ".parquet")
-        return ds.dataset([str(p) for p in paths], format="parquet").count_rows(
-            filter=ds.field("status") == "ok") if paths else 0
+        return read_done_stats(self.out_dir, lambda stats: stats.count_rows(filter=ds.field("status") == "ok"), 0)
 
     def mask_shards(self) -> list[Path]:
         """The mask shards of the shards done, in shard order."""
@@ -124,19 +143,15 @@ class JobOutput:
             try:
                 samples = list(read_shard(str(tar)))
             except ShardReadError as exc:
-                raise self._damaged(tar, exc.cause) from None
+                raise damaged_output(self.out_dir, tar, exc.cause) from None
             entry = ledger.get(tar.stem)
             expected = entry.samples - entry.failed_samples if entry is not None and entry.outputs else None
             if expected is not None and len(samples) != expected:
-                raise self._damaged(tar, f"it holds {len(samples)} masks, the ledger recorded {expected}")
+                raise damaged_output(self.out_dir, tar, f"it holds {len(samples)} masks, the ledger recorded {expected}")
             for sample in samples:
                 if "png" not in sample:
-                    raise self._damaged(tar, f"its sample {sample['__key__']!r} has no mask")
+                    raise damaged_output(self.out_dir, tar, f"its sample {sample['__key__']!r} has no mask")
                 yield MaskRecord(id=sample["__key__"], shard=tar.stem, sample=sample)
-
-    def _damaged(self, tar: Path, cause: str) -> DamagedOutputError:
-        return DamagedOutputError(f"cannot read {tar}, written by the job in {self.out_dir}: {cause}; `pseudolabel resume "
-                              f"{self.out_dir}` redoes each shard whose outputs no longer match the ledger's checksums")
 
     def joined(self, shards: list[Path] | None = None,
                ids: Container[str] | None = None) -> Iterator[tuple[MaskRecord, dict | None]]:
