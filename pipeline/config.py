@@ -391,6 +391,8 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}: fix the file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): pass the YAML file") from exc
     try:
         return SegmenterConfig.model_validate(data)
     except ValidationError as exc:

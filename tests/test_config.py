@@ -85,6 +85,11 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(indented)
     assert str(error.value) == (f"config file {indented} is not valid YAML: mapping values are not allowed here at "
                                 "line 2, column 6: fix the file")
+    binary = tmp_path / "model.safetensors"  # passed as --config by mistake
+    binary.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\xff}")
+    with pytest.raises(ConfigError) as error:
+        load_config(binary)
+    assert str(error.value) == f"config file {binary} is not UTF-8 text (byte 9): pass the YAML file"
 
 
 def test_batch_size_auto_is_one_image_on_a_cpu_and_a_full_batch_on_a_gpu(tmp_path):

@@ -92,6 +92,22 @@ def test_labels_file_and_split_errors(tmp_path):
         labels.write_text(text)
         with pytest.raises(ShardingError, match=f"labels file {labels} is not a JSON object of image id -> "):
             voc_sources(root, "train", labels, report)
+    labels.write_text('{"2008_000003": "horse"}')  # a name, not a list: would have read as h, o, r, s, e
+    with pytest.raises(ShardingError, match=f"labels file {labels}: '2008_000003' maps to 'horse', not a list of "):
+        voc_sources(root, "train", labels, report)
+
+
+def test_a_folder_labels_file_that_is_not_text_or_lists_no_names_is_one_line(tmp_path):
+    from pipeline.data.shards import folder_sources
+
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"image,labels\na.jpg,cat\n\xff\xd8\xff\xe0")  # an image passed as the labels file
+    with pytest.raises(ShardingError, match=rf"^labels file {labels} is not UTF-8 text \(byte 23\): pass a CSV "):
+        folder_sources(tmp_path, labels, ShardingReport())
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"image": "a.jpg", "labels": "cat"}\n')
+    with pytest.raises(ShardingError, match=rf"^{labels} line 1: 'labels' is 'cat', not a list of class names"):
+        folder_sources(tmp_path, labels, ShardingReport())
 
 
 def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):

@@ -230,10 +230,16 @@ def _labels_file(path: Path) -> dict[str, list[str]]:
                                 f"cls_labels.npy): {exc}") from exc
     if path.suffix == ".json":
         try:
-            return {str(k): list(v) for k, v in json.loads(path.read_text()).items()}
-        except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            table = json.loads(path.read_text())
+            bad = next((k for k, v in table.items() if not isinstance(v, list) or
+                        not all(isinstance(n, str) for n in v)), None)
+        except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
             raise ShardingError(f"labels file {path} is not a JSON object of image id -> [class names]: "
                                 f"{exc}") from exc
+        if bad is not None:
+            raise ShardingError(f"labels file {path}: {bad!r} maps to {table[bad]!r}, not a list of class names "
+                                "({\"2007_000032\": [\"aeroplane\", \"person\"]})")
+        return {str(k): v for k, v in table.items()}
     raise ShardingError(f"labels file {path} must be .npy (IRN cls_labels) or .json ({{id: [names]}})")
 
 
@@ -281,27 +287,43 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
     return sources
 
 
-def folder_sources(images_dir: str | Path, labels_path: str | Path, report: ShardingReport) -> list[SourceImage]:
-    """Images of a folder labelled by a CSV (columns image,labels; labels separated by ';')
-    or a JSONL file ({"image": path, "labels": [names]} per line); paths relative to images_dir."""
-    images_dir, labels_path = Path(images_dir), Path(labels_path)
-    if not labels_path.is_file():
-        raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels) or JSONL file")
+def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
+    """(image path, class names) per row of a labels CSV (image,labels; names split by ';') or
+    JSONL file ({"image": path, "labels": [names]})."""
     rows: list[tuple[str, list[str]]] = []
     if labels_path.suffix == ".csv":
         with open(labels_path, newline="") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
                 raise ShardingError(f"{labels_path} needs a header with columns image,labels")
-            rows = [(r["image"], [n.strip() for n in (r["labels"] or "").split(";") if n.strip()]) for r in reader]
-    else:
-        for number, line in enumerate(labels_path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                    rows.append((record["image"], list(record.get("labels", []))))
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image': {exc}") from exc
+            return [(r["image"], [n.strip() for n in (r["labels"] or "").split(";") if n.strip()]) for r in reader]
+    for number, line in enumerate(labels_path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+                image, names = record["image"], record.get("labels", [])
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image': {exc}") from exc
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ShardingError(f"{labels_path} line {number}: 'labels' is {names!r}, not a list of class names "
+                                    "(\"labels\": [\"cat\", \"sofa\"])")
+            rows.append((image, names))
+    return rows
+
+
+def folder_sources(images_dir: str | Path, labels_path: str | Path, report: ShardingReport) -> list[SourceImage]:
+    """Images of a folder labelled by a CSV (columns image,labels; labels separated by ';')
+    or a JSONL file ({"image": path, "labels": [names]} per line); paths relative to images_dir."""
+    images_dir, labels_path = Path(images_dir), Path(labels_path)
+    if not labels_path.is_file():
+        raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels) or JSONL file")
+    try:
+        rows = _labels_rows(labels_path)
+    except UnicodeDecodeError as exc:
+        raise ShardingError(f"labels file {labels_path} is not UTF-8 text (byte {exc.start}): pass a CSV "
+                            "(image,labels) or JSONL file") from None
+    except csv.Error as exc:
+        raise ShardingError(f"labels file {labels_path} is not a CSV file: {exc}") from None
     sources, seen = [], set()
     for rel, names in rows:
         key = sample_key(str(Path(rel).with_suffix("")))
