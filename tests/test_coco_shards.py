@@ -80,10 +80,23 @@ def test_shards_labels_and_ground_truth_from_the_annotations(coco_root, tmp_path
     assert "1 shard(s), 1 images" in capsys.readouterr().out
 
 
+def _edit_instances(root, edit) -> None:
+    path = root / "annotations" / "instances_train2017.json"
+    dataset = json.loads(path.read_text())
+    edit(dataset)
+    path.write_text(json.dumps(dataset))
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda root: (root / "annotations" / "instances_train2017.json").write_text("{not json"),
      "is not a COCO instances JSON"),
     (lambda root: (root / "annotations" / "instances_train2017.json").unlink(), "not found: pass --annotations"),
+    (lambda root: (root / "annotations" / "instances_train2017.json").write_text("[]"),
+     "is not a COCO instances JSON (annotation file format <class 'list'> not supported)"),
+    (lambda root: _edit_instances(root, lambda d: d.pop("categories")),
+     "is not a COCO instances JSON (it has no list 'categories'): pass annotations/instances_<split>.json"),
+    (lambda root: _edit_instances(root, lambda d: d["annotations"][1].pop("iscrowd")),  # a labelling tool's export
+     "is not a COCO instances JSON (annotations entry 1 has no 'iscrowd')"),
 ])
 def test_bad_annotation_files_are_one_line_errors(coco_root, tmp_path, capsys, change, message):
     change(coco_root)

@@ -37,10 +37,35 @@ def load_coco(annotations: Path):
                             "annotations/instances_<split>.json of the COCO download")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            return COCO(str(annotations))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ShardingError(f"annotation file {annotations} is not a COCO instances JSON ({exc}): pass "
-                            "annotations/instances_<split>.json") from None
+            coco = COCO(str(annotations))
+        problem = instances_problem(coco.dataset)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as exc:
+        problem = str(exc) or type(exc).__name__
+    if problem:
+        raise ShardingError(f"annotation file {annotations} is not a COCO instances JSON ({problem}): pass "
+                            "annotations/instances_<split>.json")
+    return coco
+
+
+# The keys each entry of an instances JSON needs here (pycocotools reads them).
+REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
+                 "annotations": ("id", "image_id", "category_id", "segmentation", "iscrowd"),
+                 "categories": ("id", "name")}
+
+
+def instances_problem(dataset) -> str | None:
+    """What keeps a parsed instances JSON from being rendered, in a few words (the first
+    entry lacking a key, say), or None. Files from labelling tools' COCO exporters often
+    leave out `iscrowd` or `categories`."""
+    for section, keys in REQUIRED_KEYS.items():
+        entries = dataset.get(section)
+        if not isinstance(entries, list):
+            return f"it has no list {section!r}"
+        for number, entry in enumerate(entries):
+            missing = [k for k in keys if k not in entry] if isinstance(entry, dict) else list(keys)
+            if missing:
+                return f"{section} entry {number} has no {missing[0]!r}"
+    return None
 
 
 def category_indices(coco, class_names: list[str]) -> dict[int, int]:
