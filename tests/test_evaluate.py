@@ -110,3 +110,44 @@ def test_confusion_matrix_counts_every_scored_pixel_pair(n_classes):
 def test_a_prediction_outside_the_classes_is_an_error():
     with pytest.raises(ValueError, match="labels above 20"):
         confusion_matrix(np.full((2, 2), 21, np.uint8), np.zeros((2, 2), np.uint8))
+
+
+def test_ground_truth_that_is_not_its_images_index_mask_is_one_line_naming_it(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.data.shards import read_shard, tar_bytes
+    from pipeline.mask.codec import encode_mask
+
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)
+    folder = tmp_path / "gt"
+    folder.mkdir()
+    for image_id, gt in gts.items():
+        (folder / f"{image_id}.png").write_bytes(encode_mask(gt))
+    first = sorted(gts)[0]
+    height, width = gts[first].shape
+    fix = ("pass --gt the folder of these images' <id>.png index masks (mode P or L, values 0..C and 255: VOC's "
+           "SegmentationClassAug or SegmentationClass)")
+    cases = {"colour": (lambda p: Image.fromarray(gts[first]).convert("RGB").save(p, format="PNG"),
+                        f"cannot read the ground truth {folder}/{first}.png as an index mask (mask PNG has mode RGB; "
+                        f"index masks are mode P or L): {fix}"),
+             "not a PNG": (lambda p: p.write_bytes(b"<html>"), f"cannot read the ground truth {folder}/{first}.png as "
+                                                              "an index mask (cannot identify image file "),
+             "resized": (lambda p: p.write_bytes(encode_mask(gts[first][: height // 2, : width // 2])),
+                         f"the ground truth {folder}/{first}.png is {width // 2} x {height // 2} pixels, its image "
+                         f"{width} x {height}: {fix}")}
+    for name, (write, message) in cases.items():
+        write(folder / f"{first}.png")
+        for processes in ("1", "2"):
+            assert main(["eval", str(out), "--gt", str(folder), "--processes", processes, "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"pseudolabel: error: {message}") and err.count("\n") == 1, (name, err)
+
+    shard = tmp_path / "shards" / "voc-train-000000.tar"  # from the input shard: named by image and shard
+    samples = list(read_shard(str(shard)))
+    samples[0]["gt.png"] = encode_mask(gts[first][:4, :4])
+    shard.write_bytes(tar_bytes(samples))
+    assert main(["eval", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"pseudolabel: error: the ground truth {first}.gt.png in {shard} is 4 x 4 pixels, its image {width} x "
+        f"{height}: shard the dataset again from its ground truth, or pass --gt the folder of its <id>.png index "
+        "masks\n")

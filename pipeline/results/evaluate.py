@@ -15,9 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.mask.codec import IGNORE_INDEX, decode_mask
 from pipeline.data.safe_paths import file_in, key_problem
 from pipeline.results.parallel import shard_map
+
+
+class GroundTruthError(PipelineError, ValueError):
+    """A ground-truth mask cannot be read as an index mask, or is not its image's size."""
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int = 21) -> np.ndarray:
@@ -65,10 +70,10 @@ def scores_from_confusion(conf: np.ndarray) -> Scores:
     )
 
 
-def _gt_file(gt_dir: str | Path, image_id: str) -> bytes | None:
-    """The bytes of gt_dir/<id>.png; None when missing or the id is not a safe file name."""
+def _gt_path(gt_dir: str | Path, image_id: str) -> Path | None:
+    """gt_dir/<id>.png where it exists; None when missing or the id is not a safe file name."""
     path = file_in(gt_dir, image_id, ".png") if key_problem(image_id) is None else None
-    return path.read_bytes() if path is not None and path.is_file() else None
+    return path if path is not None and path.is_file() else None
 
 
 def evaluate_job(job, gt_dir: str | Path | None = None, processes: int = 1,
@@ -98,19 +103,32 @@ def evaluate_job(job, gt_dir: str | Path | None = None, processes: int = 1,
 
 def _shard_confusion(job, gt_dir: str | None, n_classes: int, tar: str) -> tuple[np.ndarray, int, list[str]]:
     """One mask shard's confusion matrix, how many of its masks were scored, and the ids of
-    those without ground truth (or with ground truth of another size). job (a JobOutput, its
-    folder alone) travels to the pool's processes pickled."""
+    those without ground truth. Ground truth that is not an index mask of its image's size is
+    a GroundTruthError naming it: an mIoU over the rest would not be the dataset's. job (a
+    JobOutput, its folder alone) travels to the pool's processes pickled."""
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
     if gt_dir is not None:
-        pairs = ((record, _gt_file(gt_dir, record.id)) for record in job.masks([Path(tar)]))
+        fix = ("pass --gt the folder of these images' <id>.png index masks (mode P or L, values 0..C and 255: VOC's "
+               "SegmentationClassAug or SegmentationClass)")
+        paths = ((record, _gt_path(gt_dir, record.id)) for record in job.masks([Path(tar)]))
+        triples = ((record, path and path.read_bytes(), str(path)) for record, path in paths)
     else:
-        pairs = ((record, sample.get("gt.png") if sample else None) for record, sample in job.joined([Path(tar)]))
-    for record, data in pairs:
-        gt = None if data is None else decode_mask(data)
-        if gt is None or gt.shape != record.labels.shape:
+        fix = "shard the dataset again from its ground truth, or pass --gt the folder of its <id>.png index masks"
+        urls = job.input_shards()
+        triples = ((record, sample.get("gt.png") if sample else None,
+                    f"{record.id}.gt.png in {urls[record.shard]}") for record, sample in job.joined([Path(tar)]))
+    for record, data, where in triples:
+        if data is None:
             skipped.append(record.id)
             continue
+        try:
+            gt = decode_mask(data)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise GroundTruthError(f"cannot read the ground truth {where} as an index mask ({exc}): {fix}") from None
+        if gt.shape != record.labels.shape:
+            raise GroundTruthError(f"the ground truth {where} is {gt.shape[1]} x {gt.shape[0]} pixels, its image "
+                                   f"{record.labels.shape[1]} x {record.labels.shape[0]}: {fix}")
         conf += confusion_matrix(record.labels, gt, n_classes)
         images += 1
     return conf, images, skipped
