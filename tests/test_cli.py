@@ -95,7 +95,7 @@ def test_an_output_path_of_the_wrong_kind_is_a_one_line_error(image_file, tmp_pa
     shards = write_voc_shards(tmp_path, "img", [(1, 2)])
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
-    a_folder = tmp_path / "masks"
+    a_folder = tmp_path / "mask.png"
     a_folder.mkdir()
     for argv, message in (
             (["run", "--input", str(shards), "--model", "tiny", "-o", str(a_file)],
@@ -113,9 +113,24 @@ def test_an_output_path_of_the_wrong_kind_is_a_one_line_error(image_file, tmp_pa
 def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("iterations: -3\n")
-    code = main(["segment", str(image_file), "--labels", "cat", "--config", str(config), "-o", str(tmp_path / "m")])
+    code = main(["segment", str(image_file), "--labels", "cat", "--config", str(config), "-o", str(tmp_path / "m.png")])
     err = capsys.readouterr().err
     assert code == 2 and "key iterations" in err
+
+
+def test_a_mask_path_that_is_not_a_png_or_an_overlay_that_is_no_picture_is_refused_before_the_model_loads(
+        image_file, tmp_path, capsys, monkeypatch):
+    import pipeline.segment.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    for extra, message in (
+            (["-o", str(tmp_path / "m.jpg")], f"-o {tmp_path / 'm.jpg'}: the mask is written as a PNG of class indices "
+                                              "(a JPEG would change them): pass a path ending in .png"),
+            (["-o", str(tmp_path / "m.png"), "--overlay", str(tmp_path / "look")],
+             f"--overlay {tmp_path / 'look'}: name a picture file (.png, .jpg, ...)")):
+        assert main(["segment", str(image_file), "--labels", "cat", "--model", "tiny", *extra]) == 2
+        assert capsys.readouterr().err == f"pseudolabel: error: {message}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["photo.jpg"]  # nothing written
 
 
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):

@@ -50,6 +50,11 @@ def run_segment(args: argparse.Namespace) -> int:
     from pipeline.segment.models import load_model
     from pipeline.segment.segmenter import Segmenter
 
+    if Path(args.output).suffix.lower() != ".png":
+        raise ConfigError(f"-o {args.output}: the mask is written as a PNG of class indices (a JPEG would change "
+                          "them): pass a path ending in .png")
+    if args.overlay and Path(args.overlay).suffix.lower() not in Image.registered_extensions():
+        raise ConfigError(f"--overlay {args.overlay}: name a picture file (.png, .jpg, ...)")
     config = load_config(args.config)
     if args.crf:
         config = config.with_crf(True)
