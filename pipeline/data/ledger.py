@@ -1,7 +1,8 @@
 """Per-shard job state and resume decisions.
 
 `out/ledger/<shard>.json` holds one shard's state (done / failed / in_progress), attempts,
-output checksums, config hash and model; `out/job.json` the job's config, model and input.
+output checksums, config hash, model and its input's fingerprint; `out/job.json` the job's
+config, model and input.
 Every file is written to a temporary name and renamed, so a crash never leaves a partial file
 under a final name.
 """
