@@ -577,20 +577,20 @@ def test_ray_address_follows_rays_convention():
 
 
 def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shards, tmp_path, monkeypatch, capsys):
-    # The job is started from the shards' parent with a relative --input and batch size auto
-    # (1 on a CPU), interrupted (one shard left in progress), then resumed from elsewhere with
-    # batch size 3.
+    # The job is started from the shard folder with a relative --input through `..` and batch
+    # size auto (1 on a CPU), interrupted (one shard left in progress), then resumed from
+    # elsewhere with batch size 3.
     out = tmp_path / "out"
-    monkeypatch.chdir(shards.parent)
+    monkeypatch.chdir(shards)
     config = load_config(FAST_CONFIG).model_copy(update={"batch_size": "auto"})
-    run_job("shards/*.tar", out, config, "tiny", workers=1, progress=False)
+    run_job("../shards/*.tar", out, config, "tiny", workers=1, progress=False)
     printed = capsys.readouterr().out
     assert "1 segmenter worker(s) on cpu; 1 image(s) per batch (batch_size: auto)" in printed
     # the worker's process started with the allocator settings (read from its /proc/self/environ)
     assert ("CPU workers keep freed memory for reuse: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
             "MALLOC_TRIM_THRESHOLD_=68719476736") in printed
     job = json.loads((out / "job.json").read_text())
-    assert job["input"] == str(shards / "*.tar")
+    assert job["input"] == str(shards / "*.tar")  # recorded absolute, `..` resolved
     entry = Ledger(out).get("voc-train-000002")
     entry.state = "in_progress"
     Ledger(out).put(entry)

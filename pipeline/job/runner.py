@@ -62,11 +62,11 @@ def config_hash(config: SegmenterConfig, model: str) -> str:
 
 
 def absolute_input(pattern: str) -> str:
-    """The --input pattern anchored at the current folder (URLs and pipes unchanged), so that a
-    job's recorded input works from any folder."""
-    if "://" in pattern or pattern.startswith("pipe:") or os.path.isabs(pattern):
+    """The --input pattern anchored at the current folder, `..` resolved (URLs and pipes
+    unchanged), so that a job's recorded input works from any folder."""
+    if "://" in pattern or pattern.startswith("pipe:"):
         return pattern
-    return os.path.join(os.getcwd(), pattern)
+    return os.path.abspath(pattern)
 
 
 def ray_shard_worker_class():
@@ -248,7 +248,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                          f"--device cuda, and limit the GPUs Ray hands out with CUDA_VISIBLE_DEVICES="
                          f"{device.split(':', 1)[1]} before the command (or before `ray start`)")
     started = time.perf_counter()
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(os.path.abspath(out_dir))
     input_pattern = absolute_input(input_pattern)
     urls = expand_input(input_pattern)
     manifests = manifests_beside(urls)

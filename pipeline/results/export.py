@@ -64,7 +64,7 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     when complete, so a failure leaves no half-written dest. An existing non-empty dest is an
     error unless replace. Everything the export needs (the input shards, with_images) is found
     before anything is written. `progress` (a tqdm bar) moves by one for each mask read."""
-    dest = Path(dest).absolute()
+    dest = Path(os.path.abspath(dest))
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not replace:
         raise ExportError(f"{dest} already exists: pass a new -o/--output, or --force to replace it")
     if with_images:
