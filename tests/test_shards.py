@@ -331,3 +331,20 @@ def test_a_damaged_or_foreign_manifest_is_named_or_left_alone(tmp_path, capsys):
     assert manifests_beside([str(tmp_path / "voc-000000.tar")]) == {}
     with pytest.raises(InputError, match="manifest.json does not list shards as sharding writes it"):
         expand_input(str(tmp_path))
+
+
+def test_sharding_again_into_a_folder_removes_the_shards_of_before_that_it_does_not_write(tmp_path, capsys):
+    import glob
+
+    root = _voc(tmp_path)
+    out = tmp_path / "s"
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "-o", str(out), "--shard-size", "2"]) == 0
+    (out / "notes.tar").write_bytes(b"not the tool's")  # not in the manifest: left alone
+    capsys.readouterr()
+    assert main(["shard-voc", "--voc-root", str(root), "--split", "train", "-o", str(out), "--shard-size", "4"]) == 0
+    assert ("removed 1 shard(s) of the sharding there before, which this one does not write again: "
+            "voc-train-000002.tar\n") in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.tar", "voc-train-000000.tar",
+                                                     "voc-train-000001.tar"]
+    ids = [s["__key__"] for path in sorted(glob.glob(str(out / "voc-train-*.tar"))) for s in read_shard(path)]
+    assert len(ids) == len(set(ids)) == 5  # each image once

@@ -79,6 +79,9 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
     print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
+    if report.replaced:
+        print(f"removed {len(report.replaced)} shard(s) of the sharding there before, which this one does not "
+              f"write again: {', '.join(report.replaced[:3])}{', ...' if len(report.replaced) > 3 else ''}")
     origins = {"mask": "the ground-truth masks", "xml": "Annotations XML", "labels-file": "the labels file",
                "none": "nowhere (no labels)"}
     print("image-level labels from " + ", ".join(f"{origins.get(k, k)} for {n}" for k, n in

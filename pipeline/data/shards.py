@@ -65,6 +65,7 @@ class ShardingReport:
     problems: list[dict] = field(default_factory=list)
     turned_upright: list[dict] = field(default_factory=list)  # {id, exif_orientation} per image
     label_sources: dict[str, int] = field(default_factory=dict)  # images sharded per label source
+    replaced: list[str] = field(default_factory=list)  # shards of the folder's previous manifest, now removed
 
     def problem(self, sample_id: str, kind: str, detail: str) -> None:
         self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
@@ -399,10 +400,28 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
         report.shards.append({"url": path.name, "samples": len(chunk), "sha256": file_sha256(path)})
         if progress is not None:
             progress.update(len(chunk))
+    report.replaced = _previous_shards(out_dir, {shard["url"] for shard in report.shards})
     atomic_write_json(out_dir / "manifest.json",
                       {"shards": report.shards, "classes": class_names, "label_sources": report.label_sources,
                        "problems": report.problems, "turned_upright": report.turned_upright})
+    for name in report.replaced:  # after the new manifest: a crash between the two leaves extra files only
+        (out_dir / name).unlink(missing_ok=True)
     return report
+
+
+def _previous_shards(out_dir: Path, written: set[str]) -> list[str]:
+    """The shard files the folder's manifest.json listed before this sharding that it did not
+    write again (the shards of an earlier, larger sharding into the same folder: a glob over
+    the folder would take them with the new ones, their images twice). Only plain file names
+    of this folder that exist; an unreadable old manifest lists none."""
+    try:
+        previous = read_manifest(out_dir) or {}
+    except InputError:
+        return []
+    listed = previous.get("shards") if isinstance(previous.get("shards"), list) else []
+    names = {shard.get("url") for shard in listed if isinstance(shard, dict)}
+    return sorted(name for name in names if isinstance(name, str) and name not in written
+                  and key_problem(name) is None and (out_dir / name).is_file())
 
 
 class InputError(PipelineError, ValueError):
