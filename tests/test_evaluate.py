@@ -131,7 +131,7 @@ def test_ground_truth_that_is_not_its_images_index_mask_is_one_line_naming_it(tm
                         f"cannot read the ground truth {folder}/{first}.png as an index mask (mask PNG has mode RGB; "
                         f"index masks are mode P or L): {fix}"),
              "not a PNG": (lambda p: p.write_bytes(b"<html>"), f"cannot read the ground truth {folder}/{first}.png as "
-                                                              "an index mask (cannot identify image file "),
+                                                              "an index mask (not a picture, its first bytes are b'<html>'): "),
              "resized": (lambda p: p.write_bytes(encode_mask(gts[first][: height // 2, : width // 2])),
                          f"the ground truth {folder}/{first}.png is {width // 2} x {height // 2} pixels, its image "
                          f"{width} x {height}: {fix}")}

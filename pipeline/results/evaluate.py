@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 from pipeline.mask.codec import IGNORE_INDEX, decode_mask
@@ -125,7 +126,9 @@ def _shard_confusion(job, gt_dir: str | None, n_classes: int, tar: str) -> tuple
         try:
             gt = decode_mask(data)
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            raise GroundTruthError(f"cannot read the ground truth {where} as an index mask ({exc}): {fix}") from None
+            reason = (f"not a picture, its first bytes are {data[:8]!r}" if isinstance(exc, UnidentifiedImageError)
+                      else str(exc))  # the former's text names only the in-memory buffer
+            raise GroundTruthError(f"cannot read the ground truth {where} as an index mask ({reason}): {fix}") from None
         if gt.shape != record.labels.shape:
             raise GroundTruthError(f"the ground truth {where} is {gt.shape[1]} x {gt.shape[0]} pixels, its image "
                                    f"{record.labels.shape[1]} x {record.labels.shape[0]}: {fix}")
