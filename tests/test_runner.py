@@ -772,6 +772,9 @@ def test_a_shard_changed_since_it_was_done_is_redone_and_one_unlike_its_manifest
     same.write_bytes(same.read_bytes())  # a new modification time, the same bytes
     _update_manifest(tmp_path / "in")
     capsys.readouterr()
+    assert main(["status", str(out)]) == 0  # status tells from sizes, times and the manifest, reading no shard
+    assert (f"1 done shard(s) hold other bytes in their input shard now (first: voc-train-000002): `pseudolabel "
+            f"resume {out}` redoes them\n") in capsys.readouterr().out
     summary = run_job(pattern, out, config, "tiny", workers=1, progress=False)
     assert "1 shard(s) done before hold other bytes now (a new shard or a new copy), so they are redone: " \
            "voc-train-000002" in capsys.readouterr().out

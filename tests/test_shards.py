@@ -299,6 +299,8 @@ def test_a_shards_fingerprint_and_its_manifests_checksum(tmp_path):
     shard.write_bytes(b"a" * 999)
     assert input_changed(fingerprint, str(shard))
     assert not input_changed(fingerprint, str(shard), fingerprint["sha256"])  # its manifest says it is the same
+    shard.write_bytes(b"b" * 1000)  # the size recorded, other bytes, a new time
+    assert input_changed(fingerprint, str(shard)) and not input_changed(fingerprint, str(shard), read=False)
     manifests = {tmp_path: {"shards": [{"url": shard.name, "samples": 1, "sha256": fingerprint["sha256"]},
                                        {"url": "no-checksum.tar", "samples": 2}]}}
     assert manifest_listing(manifests, "samples", int) == {str(shard): 1, str(tmp_path / "no-checksum.tar"): 2}

@@ -154,11 +154,31 @@ def run_status(args: argparse.Namespace) -> int:
                            if counts[STALE] else "")
           + (f"; a job is running here ({running})" if running else "; no job is running here"))
     print(_not_started_line(ledger, args.job))
+    changed = _changed_inputs(ledger, done)
+    if changed:
+        print(f"{len(changed)} done shard(s) hold other bytes in their input shard now (first: {changed[0]}): "
+              f"`pseudolabel resume {args.job}` redoes them")
     failed = failed_image_ids(args.job)
     if failed:
         print(f"{len(failed)} failed image(s): {name_first(failed, len(failed))} "
               "(errors in stats/, status column 'failed')")
     return 0
+
+
+def _changed_inputs(ledger, done: list) -> list[str]:
+    """The done shards whose input shard holds other bytes now, as far as telling costs no
+    read of the shards (`input_changed` without reading: their size, time and manifest)."""
+    from pipeline.data.shards import expand_input, input_changed, manifest_listing, manifests_beside, shard_name
+
+    try:
+        urls = expand_input(ledger.recorded_job()["input"])
+    except PipelineError:
+        return []  # the not-started line has said why
+    checksums = manifest_listing(manifests_beside(urls), "sha256", str)
+    by_name = {shard_name(url): url for url in urls}
+    return [entry.shard for entry in done if entry.shard in by_name
+            and input_changed(entry.input_fingerprint, by_name[entry.shard], checksums.get(by_name[entry.shard]),
+                              read=False)]
 
 
 def _not_started_line(ledger, job_folder) -> str:

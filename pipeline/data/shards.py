@@ -515,12 +515,13 @@ def input_fingerprint(url: str) -> dict | None:
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(Path(url))}
 
 
-def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = None) -> bool:
+def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = None, read: bool = True) -> bool:
     """Whether the shard at url holds other bytes than the fingerprint recorded when it was done
     (`input_fingerprint`). The same size and modification time count as unchanged without
     reading the file (rsync's quick check; a copy or a new shard changes the time); else the
     sha256 its manifest lists decides (listed_sha256: sharding writes the two together), or,
-    without one, the file's own. False where nothing was recorded (a URL, a ledger from before)."""
+    without one, the file's own (unless not read: then only another size tells). False where
+    nothing was recorded (a URL, a ledger from before)."""
     if not recorded or "://" in url or url.startswith("pipe:"):
         return False
     try:
@@ -531,7 +532,7 @@ def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = N
         return False
     if listed_sha256 is not None:
         return listed_sha256 != recorded.get("sha256")
-    return stat.st_size != recorded.get("size") or file_sha256(Path(url)) != recorded.get("sha256")
+    return stat.st_size != recorded.get("size") or (read and file_sha256(Path(url)) != recorded.get("sha256"))
 
 
 def checksum_problem(url: str, fingerprint: dict | None, checksums: dict[str, str]) -> str | None:
