@@ -49,8 +49,8 @@ def differing_keys(recorded: dict, new: dict, prefix: str = "") -> list[str]:
 @dataclass
 class ShardEntry:
     """One input shard's state. outputs: output path (relative to the job folder) -> sha256;
-    input_fingerprint: the input shard's size, modification time and sha256 when it was sent to
-    a worker (`shards.input_fingerprint`; None for a URL or `pipe:` input)."""
+    input_fingerprint: the input shard's size, modification time and sha256 as its worker read
+    it (`shards.input_fingerprint`; None for a URL or `pipe:` input, or before it was read)."""
 
     shard: str
     url: str

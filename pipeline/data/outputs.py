@@ -28,6 +28,7 @@ class DamagedOutputError(ShardReadError):
 
 
 def damaged_output(out_dir: Path, path: Path, cause: str) -> DamagedOutputError:
+    """The error for an output file of the job in out_dir that cannot be used, and why."""
     return DamagedOutputError(f"cannot read {path}, written by the job in {out_dir}: {cause}; `pseudolabel resume "
                               f"{out_dir}` redoes each shard whose outputs no longer match the ledger's checksums")
 

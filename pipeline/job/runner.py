@@ -268,8 +268,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
                       "input": input_pattern}, force=force)
         by_name = dict(zip(names, urls))
-        sample_counts, checksums = (manifest_listing(manifests, "samples", int),
-                                      manifest_listing(manifests, "sha256", str))
+        sample_counts = manifest_listing(manifests, "samples", int)
+        checksums = manifest_listing(manifests, "sha256", str)
         plan = ledger.plan(names, digest, retry_failed, by_name, checksums)
         todo = list(plan["run"])
         if plan["changed"]:
