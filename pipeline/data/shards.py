@@ -71,6 +71,11 @@ class ShardingReport:
         self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
 
 
+def is_name_list(value) -> bool:
+    """Whether value is a list of class names (strings), as labels files and samples give them."""
+    return isinstance(value, list) and all(isinstance(name, str) for name in value)
+
+
 def sample_key(name: str) -> str:
     """A WebDataset key from a file stem: dots and path separators become underscores."""
     return re.sub(r"[./\\]", "_", name)
@@ -232,8 +237,7 @@ def _labels_file(path: Path) -> dict[str, list[str]]:
     if path.suffix == ".json":
         try:
             table = json.loads(path.read_text())
-            bad = next((k for k, v in table.items() if not isinstance(v, list) or
-                        not all(isinstance(n, str) for n in v)), None)
+            bad = next((k for k, v in table.items() if not is_name_list(v)), None)
         except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
             raise ShardingError(f"labels file {path} is not a JSON object of image id -> [class names]: "
                                 f"{exc}") from exc
@@ -305,7 +309,7 @@ def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
                 image, names = record["image"], record.get("labels", [])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image': {exc}") from exc
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            if not is_name_list(names):
                 raise ShardingError(f"{labels_path} line {number}: 'labels' is {names!r}, not a list of class names "
                                     "(\"labels\": [\"cat\", \"sofa\"])")
             rows.append((image, names))
@@ -589,7 +593,7 @@ def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
     names = meta.get("names") or []
     if not names:
         raise ConfigError("image has no labels: give it at least one image-level label")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    if not is_name_list(names):
         raise ConfigError(f"sample .json names {names!r} are not a list of class names: reshard it")
     classes = [config.class_index(name) for name in names]
     labels = meta.get("labels")

@@ -71,10 +71,10 @@ def scores_from_confusion(conf: np.ndarray) -> Scores:
     )
 
 
-def _gt_path(gt_dir: str | Path, image_id: str) -> Path | None:
-    """gt_dir/<id>.png where it exists; None when missing or the id is not a safe file name."""
+def _gt_file(gt_dir: str | Path, image_id: str) -> bytes | None:
+    """The bytes of gt_dir/<id>.png; None when missing or the id is not a safe file name."""
     path = file_in(gt_dir, image_id, ".png") if key_problem(image_id) is None else None
-    return path if path is not None and path.is_file() else None
+    return path.read_bytes() if path is not None and path.is_file() else None
 
 
 def evaluate_job(job, gt_dir: str | Path | None = None, processes: int = 1,
@@ -110,16 +110,10 @@ def _shard_confusion(job, gt_dir: str | None, n_classes: int, tar: str) -> tuple
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
     if gt_dir is not None:
-        fix = ("pass --gt the folder of these images' <id>.png index masks (mode P or L, values 0..C and 255: VOC's "
-               "SegmentationClassAug or SegmentationClass)")
-        paths = ((record, _gt_path(gt_dir, record.id)) for record in job.masks([Path(tar)]))
-        triples = ((record, path and path.read_bytes(), str(path)) for record, path in paths)
+        pairs = ((record, _gt_file(gt_dir, record.id)) for record in job.masks([Path(tar)]))
     else:
-        fix = "shard the dataset again from its ground truth, or pass --gt the folder of its <id>.png index masks"
-        urls = job.input_shards()
-        triples = ((record, sample.get("gt.png") if sample else None,
-                    f"{record.id}.gt.png in {urls[record.shard]}") for record, sample in job.joined([Path(tar)]))
-    for record, data, where in triples:
+        pairs = ((record, sample.get("gt.png") if sample else None) for record, sample in job.joined([Path(tar)]))
+    for record, data in pairs:
         if data is None:
             skipped.append(record.id)
             continue
@@ -128,13 +122,26 @@ def _shard_confusion(job, gt_dir: str | None, n_classes: int, tar: str) -> tuple
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
             reason = (f"not a picture, its first bytes are {data[:8]!r}" if isinstance(exc, UnidentifiedImageError)
                       else str(exc))  # the former's text names only the in-memory buffer
+            where, fix = _gt_place_and_fix(job, gt_dir, record)
             raise GroundTruthError(f"cannot read the ground truth {where} as an index mask ({reason}): {fix}") from None
         if gt.shape != record.labels.shape:
+            where, fix = _gt_place_and_fix(job, gt_dir, record)
             raise GroundTruthError(f"the ground truth {where} is {gt.shape[1]} x {gt.shape[0]} pixels, its image "
                                    f"{record.labels.shape[1]} x {record.labels.shape[0]}: {fix}")
         conf += confusion_matrix(record.labels, gt, n_classes)
         images += 1
     return conf, images, skipped
+
+
+def _gt_place_and_fix(job, gt_dir: str | None, record) -> tuple[str, str]:
+    """Where a mask's unusable ground truth lies and how to give a usable one (the input shards
+    are listed only here, for the error)."""
+    if gt_dir is not None:
+        return str(file_in(gt_dir, record.id, ".png")), (
+            "pass --gt the folder of these images' <id>.png index masks (mode P or L, values 0..C and 255: VOC's "
+            "SegmentationClassAug or SegmentationClass)")
+    return (f"{record.id}.gt.png in {job.input_shards()[record.shard]}",
+            "shard the dataset again from its ground truth, or pass --gt the folder of its <id>.png index masks")
 
 
 def format_table(scores: Scores, class_names: list[str]) -> str:
