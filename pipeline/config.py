@@ -6,6 +6,7 @@ The defaults are the reference iSeg settings for PASCAL VOC (docs/method.md list
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
@@ -45,9 +46,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def name_key(name: str) -> str:
+    """A class name as it is matched: case, spaces, '_' and '-' ignored, so 'Dining Table',
+    'dining_table' and 'diningtable' are one class."""
+    return "".join(ch for ch in name.casefold() if not ch.isspace() and ch not in "_-")
+
+
 def repeated_names(names: list[str]) -> list[str]:
-    """The names that occur more than once in names, sorted."""
-    return sorted({n for n in names if names.count(n) > 1})
+    """The names in names that match another one (`name_key`), sorted."""
+    keys = [name_key(n) for n in names]
+    return sorted({n for n, key in zip(names, keys) if keys.count(key) > 1})
+
+
+def match_class(name: str, spellings: list[tuple[str, ...]]) -> int | None:
+    """The index of the class one of whose spellings (its name, its prompt words) matches name
+    (`name_key`); None when none does."""
+    key = name_key(name)
+    for index, words in enumerate(spellings):
+        if any(name_key(word) == key for word in words):
+            return index
+    return None
+
+
+def closest_class(name: str, class_names: list[str]) -> str | None:
+    """The class name most like name (`name_key`, difflib's ratio of at least 0.6), if any."""
+    keys = {name_key(n): n for n in class_names}
+    close = difflib.get_close_matches(name_key(name), list(keys), n=1)
+    return keys[close[0]] if close else None
 
 
 class ClassSpec(_Strict):
@@ -324,7 +349,7 @@ class SegmenterConfig(_Strict):
     def _unique_classes(cls, classes: list[ClassSpec]) -> list[ClassSpec]:
         dupes = repeated_names([c.name for c in classes])
         if dupes:
-            raise ValueError(f"class names must be unique, repeated: {dupes}")
+            raise ValueError(f"class names must be unique (ignoring case, spaces, '_' and '-'), repeated: {dupes}")
         if not classes:
             raise ValueError("at least one class is needed")
         if len(classes) > MAX_CLASSES:
@@ -354,13 +379,14 @@ class SegmenterConfig(_Strict):
         return [c.name for c in self.classes]
 
     def class_index(self, name: str) -> int:
-        """0-based index of a class by its dataset name or its prompt words."""
-        for i, spec in enumerate(self.classes):
-            if name in (spec.name, spec.prompt):
-                return i
-        raise ConfigError(
-            f"unknown class name {name!r}: use one of {', '.join(self.class_names)}"
-        )
+        """0-based index of a class by its dataset name or its prompt words, matched ignoring
+        case, spaces, '_' and '-' (`name_key`)."""
+        index = match_class(name, [(spec.name, spec.prompt) for spec in self.classes])
+        if index is None:
+            close = closest_class(name, self.class_names)
+            hint = f"did you mean {close!r}? " if close else ""
+            raise ConfigError(f"unknown class name {name!r}: {hint}use one of {', '.join(self.class_names)}")
+        return index
 
 
 BUILT_IN_CONFIGS = ("voc", "coco")

@@ -47,8 +47,20 @@ def test_class_lookup_by_name_or_prompt_words():
     config = SegmenterConfig()
     assert config.class_index("aeroplane") == config.class_index("plane") == 0
     assert config.class_index("dining table") == 10
-    with pytest.raises(ConfigError, match="unknown class name 'giraffe'"):
+    with pytest.raises(ConfigError, match="^unknown class name 'giraffe': use one of aeroplane, "):
         config.class_index("giraffe")
+
+
+def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_is_named():
+    config = SegmenterConfig()
+    for spelling in ("Cat", "CAT", " cat "):
+        assert config.class_index(spelling) == 7
+    for spelling in ("Dining Table", "dining_table", "DiningTable", "Potted-Plant"):
+        assert config.class_index(spelling) == (10 if "ining" in spelling else 15)
+    with pytest.raises(ConfigError, match="^unknown class name 'motorcycle': did you mean 'motorbike'\\? use one of "):
+        config.class_index("motorcycle")
+    with pytest.raises(ConfigError, match="^unknown class name 'kat': did you mean 'cat'\\? "):
+        config.class_index("kat")
 
 
 @pytest.mark.parametrize("text, key", [
@@ -109,7 +121,10 @@ def test_classes_given_by_name_alone_are_their_own_prompts(tmp_path):
     assert [(c.name, c.prompt, c.focus) for c in classes] == [("cat", "cat", None), ("dining table", "dining table", None),
                                                               ("tv", "tv monitor", ["monitor"])]
     config.write_text("classes: [cat, cat]\n")
-    with pytest.raises(ConfigError, match="class names must be unique, repeated: \\['cat'\\]"):
+    with pytest.raises(ConfigError, match="class names must be unique .*, repeated: \\['cat'\\]"):
+        load_config(config)
+    config.write_text("classes: [Cat, dog, cat]\n")  # one class under two spellings
+    with pytest.raises(ConfigError, match="ignoring case, spaces, '_' and '-'\\), repeated: \\['Cat', 'cat'\\]"):
         load_config(config)
 
 

@@ -129,8 +129,8 @@ def run_shard_folder(args: argparse.Namespace) -> int:
         raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
     repeated = repeated_names(classes)
     if repeated:
-        raise ConfigError(f"--classes names {', '.join(repeated)} more than once: give each class once, in label "
-                          "order")
+        raise ConfigError(f"--classes names one class more than once ({', '.join(repeated)}; case, spaces, '_' and "
+                          "'-' are ignored): give each class once, in label order")
     report = ShardingReport()
     sources = folder_sources(args.image_dir, args.labels_file, report)
     return _write(sources, args, args.prefix, classes, report)

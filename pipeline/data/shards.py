@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, closest_class, match_class
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
 from pipeline.mask.codec import ImageDecodeError, undecodable_reason, upright_image_bytes
@@ -348,8 +348,10 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
 
 def _image_sample(source: SourceImage, class_names: list[str], report: ShardingReport) -> dict:
     data = source.image.read_bytes()
-    meta = {"id": source.id, "names": source.names, "source": str(source.image),
-            "labels": [class_names.index(n) + 1 if n in class_names else None for n in source.names]}
+    indices = [match_class(name, [(c,) for c in class_names]) for name in source.names]
+    names = [name if index is None else class_names[index] for name, index in zip(source.names, indices)]
+    meta = {"id": source.id, "names": names, "source": str(source.image),
+            "labels": [None if index is None else index + 1 for index in indices]}
     if source.label_source is not None:
         meta["label_source"] = source.label_source
     if source.upright:
@@ -364,9 +366,11 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
         report.problem(source.id, "unreadable image", f"{source.image}: {undecodable_reason(data, exc)}")
     if not source.names:
         report.problem(source.id, "no labels", "no image-level label found; the run will fail this image")
-    unknown = [n for n in source.names if n not in class_names]
-    if unknown:
-        report.problem(source.id, "unknown class", f"{unknown} are not in the class list")
+    for name, index in zip(source.names, indices):
+        if index is None:
+            close = closest_class(name, class_names)
+            report.problem(source.id, "unknown class", f"{name!r} is not in the class list"
+                           + (f" (did you mean {close!r}?)" if close else ""))
     sample = {"__key__": source.id, "jpg": data, "json": encode_json(meta)}
     if source.gt is not None:
         sample["gt.png"] = source.gt.read_bytes()
