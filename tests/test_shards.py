@@ -354,3 +354,11 @@ def test_sharding_again_into_a_folder_removes_the_shards_of_before_that_it_does_
                                                      "voc-train-000001.tar"]
     ids = [s["__key__"] for path in sorted(glob.glob(str(out / "voc-train-*.tar"))) for s in read_shard(path)]
     assert len(ids) == len(set(ids)) == 5  # each image once
+
+
+def test_a_manifest_whose_classes_differ_only_in_spelling_is_accepted(tmp_path):
+    from pipeline.data.shards import InputError, check_shard_classes
+
+    check_shard_classes({tmp_path: {"classes": ["Cat", "Dining Table"]}}, ["cat", "diningtable"])
+    with pytest.raises(InputError, match=r"written for 2 classes \(diningtable, cat\)"):  # the order still counts
+        check_shard_classes({tmp_path: {"classes": ["diningtable", "cat"]}}, ["cat", "diningtable"])

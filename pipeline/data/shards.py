@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, closest_class, match_class
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, closest_class, match_class, name_key
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
 from pipeline.mask.codec import ImageDecodeError, undecodable_reason, upright_image_bytes
@@ -557,13 +557,13 @@ def checksum_problem(url: str, fingerprint: dict | None, checksums: dict[str, st
 
 def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:
     """InputError when a manifest beside the shards (`manifests_beside`) lists other classes
-    than the config's: every image's labels would fail (their values number the manifest's
-    classes). Shards without a manifest are checked image by image as they run."""
+    than the config's (`name_key` spellings, in order): every image's labels would fail (their
+    values number the manifest's classes). Shards without a manifest are checked image by image as they run."""
     from pipeline.config import BUILT_IN_CONFIGS, load_config
 
     for folder, manifest in manifests.items():
         listed = manifest.get("classes")
-        if not isinstance(listed, list) or not listed or listed == list(class_names):
+        if not is_name_list(listed) or not listed or [name_key(n) for n in listed] == [name_key(n) for n in class_names]:
             continue
         match = next((name for name in BUILT_IN_CONFIGS if load_config(name).class_names == listed), None)
         fix = (f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its "
