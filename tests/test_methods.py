@@ -324,7 +324,11 @@ def test_all_layer_methods_keep_one_map_per_resolution(tiny_model):
     assert store.sums["self:64"].shape == (1, 4096, 4096)
 
 
-def test_compare_prints_one_row_per_method(tmp_path, capsys, monkeypatch):
+def test_compare_prints_one_row_per_method_and_scores_the_ground_truth_as_eval(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from PIL import Image
+
     from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
     from pipeline.cli import main
     from pipeline.config import VOC_CLASS_NAMES
@@ -344,6 +348,25 @@ def test_compare_prints_one_row_per_method(tmp_path, capsys, monkeypatch):
         assert row[1] == "3" and 0 <= float(row[2]) <= 100 and 0 <= float(row[3]) <= 1 and float(row[4]) > 0
     assert main(["compare", "--methods", "iseg,nope", "--input", str(tmp_path / "shards"), "--model", "tiny"]) == 2
     capsys.readouterr()
+    # --gt is the ground truth, as eval's: a folder missing an id scores the others only; an
+    # unusable mask is named, with the fix
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    for image_id in ("2012_000000", "2012_000001"):
+        shutil.copy(root / "SegmentationClass" / f"{image_id}.png", gt)
+    compare = ["compare", "--methods", "iseg", "--input", str(tmp_path / "shards"), "--gt", str(gt), "--model", "tiny",
+               "--config", FAST_CONFIG, "--device", "cpu", "--no-progress"]
+    assert main(compare) == 0
+    assert "(mIoU over the 2 of 3 images with ground truth; pass --gt the folder" in capsys.readouterr().out
+    Image.new("L", (10, 20)).save(gt / "2012_000001.png")
+    assert main(compare) == 2
+    assert capsys.readouterr().err == (f"pseudolabel: error: the ground truth {gt / '2012_000001.png'} is 10 x 20 pixels, "
+                                       "its image 40 x 40: pass --gt the folder of these images' <id>.png index masks "
+                                       "(mode P or L, values 0..C and 255: VOC's SegmentationClassAug or "
+                                       "SegmentationClass)\n")
+    (gt / "2012_000001.png").write_text("not a mask")
+    assert main(compare) == 2
+    assert "(not a picture, its first bytes are b'not a ma'): pass --gt" in capsys.readouterr().err
     # VOC shards with the COCO config: refused before the model loads (a real one takes minutes)
     monkeypatch.setattr("pipeline.segment.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["compare", "--methods", "iseg", "--input", str(tmp_path / "shards"), "--config", "coco"]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,11 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.config import METHODS, ConfigError, SegmenterConfig
-from pipeline.results.evaluate import confusion_matrix, scores_from_confusion
-from pipeline.mask.codec import ImageDecodeError, decode_image, decode_mask
+from pipeline.results.evaluate import (confusion_matrix, ground_truth_mask, gt_file, gt_place_and_fix,
+                                       scores_from_confusion)
+from pipeline.mask.codec import ImageDecodeError, decode_image
 from pipeline.mask.postprocess import finish_mask
-from pipeline.data.safe_paths import UnsafeKeyError, check_key, file_in
+from pipeline.data.safe_paths import UnsafeKeyError, check_key
 from pipeline.segment.segmenter import Segmenter
 from pipeline.data.shards import expand_input, read_shard, sample_classes, sample_image
 
@@ -40,6 +42,14 @@ class MethodTally:
     seconds: float = 0.0
     images: int = 0
     scored: int = 0
+
+    def add(self, result, gt: np.ndarray | None) -> None:
+        """Count one image's finished mask (a MaskResult), scored where it has ground truth."""
+        self.images += 1
+        self.confidences.append(float(result.confidence.mean()))
+        if gt is not None:
+            self.confusion += confusion_matrix(result.labels, gt, self.confusion.shape[0])
+            self.scored += 1
 
 
 @dataclass(frozen=True)
@@ -106,9 +116,21 @@ def comparison_rows(methods: list[str], config: SegmenterConfig, sweep: Sweep | 
     return rows
 
 
-def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
-    """(id, image, classes, gt bytes or None) of every usable sample; unusable ones are
-    reported and skipped."""
+@dataclass
+class ComparedImage:
+    """A usable shard sample: its image uint8 [H, W, 3], labelled classes (0-based) and ground
+    truth uint8 [H, W] (None where it has none)."""
+
+    id: str
+    image: np.ndarray
+    classes: list[int]
+    gt: np.ndarray | None
+
+
+def _samples(input_pattern: str, config: SegmenterConfig, gt_dir: str | Path | None, limit: int | None):
+    """A ComparedImage per usable sample, its ground truth gt_dir/<id>.png when gt_dir is given
+    (as `eval --gt`), else its shard's gt.png. Samples that cannot be segmented are reported
+    and skipped; ground truth that cannot be scored is a GroundTruthError naming it."""
     count = 0
     for url in expand_input(input_pattern):
         for sample in read_shard(url):
@@ -122,7 +144,10 @@ def _samples(input_pattern: str, config: SegmenterConfig, limit: int | None):
                 print(f"skipped {sample['__key__']!r}: {exc}")
                 continue
             count += 1
-            yield sample["__key__"], image, classes, sample.get("gt.png")
+            data = gt_file(gt_dir, key) if gt_dir is not None else sample.get("gt.png")
+            gt = None if data is None else ground_truth_mask(data, image.shape[:2],
+                                                             partial(gt_place_and_fix, key, gt_dir, url))
+            yield ComparedImage(key, image, classes, gt)
 
 
 def compare_methods(input_pattern: str, methods: list[str], config: SegmenterConfig, model,
@@ -150,8 +175,8 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
 
     def run_batch():
         nonlocal warmed_up
-        images = [torch.from_numpy(img).permute(2, 0, 1) for _, img, _, _ in batch]
-        class_lists = [classes for _, _, classes, _ in batch]
+        images = [torch.from_numpy(item.image).permute(2, 0, 1) for item in batch]
+        class_lists = [item.classes for item in batch]
         if not warmed_up:
             # One untimed batch per segmenter first: a process's one-off costs (the heap growing
             # to its working size, a GPU's first kernels) are nobody's cost per image.
@@ -164,17 +189,17 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
             segment_seconds = time.perf_counter() - start
             for name, finish_config in served:
                 start = time.perf_counter()
-                results = [finish_mask(s.maps, s.classes, img, finish_config, s.background)
-                           for s, (_, img, _, _) in zip(scores, batch)]
+                results = [finish_mask(s.maps, s.classes, item.image, finish_config, s.background)
+                           for s, item in zip(scores, batch)]
                 tally = tallies[name]
                 tally.seconds += segment_seconds + time.perf_counter() - start
-                for result, (image_id, _, _, gt_bytes) in zip(results, batch):
-                    _tally_image(tally, result, image_id, gt_bytes, gt_dir, n_classes)
+                for result, item in zip(results, batch):
+                    tally.add(result, item.gt)
         if progress is not None:
             progress.update(len(batch))
         batch.clear()
 
-    for item in _samples(input_pattern, config, limit):
+    for item in _samples(input_pattern, config, gt_dir, limit):
         batch.append(item)
         if len(batch) == batch_size:
             run_batch()
@@ -183,20 +208,8 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
     return tallies
 
 
-def _tally_image(tally: MethodTally, result, image_id: str, gt_bytes: bytes | None, gt_dir, n_classes: int) -> None:
-    tally.images += 1
-    tally.confidences.append(float(result.confidence.mean()))
-    gt_path = file_in(gt_dir, image_id, ".png") if gt_dir is not None else None
-    if gt_path is not None and gt_path.is_file():
-        gt_bytes = gt_path.read_bytes()
-    if gt_bytes is not None:
-        gt = decode_mask(gt_bytes)
-        if gt.shape == result.labels.shape:
-            tally.confusion += confusion_matrix(result.labels, gt, n_classes)
-            tally.scored += 1
-
-
 def format_comparison(tallies: dict[str, MethodTally]) -> str:
+    """One row per table row: images, mIoU ('-' without ground truth), mean confidence, s/image."""
     width = max([20] + [len(name) for name in tallies])
     lines = [f"{'method':{width}} {'images':>6} {'mIoU':>6} {'mean conf':>9} {'s/image':>8}"]
     for method, tally in tallies.items():
@@ -204,4 +217,8 @@ def format_comparison(tallies: dict[str, MethodTally]) -> str:
         conf = float(np.mean(tally.confidences)) if tally.confidences else float("nan")
         per_image = tally.seconds / tally.images if tally.images else float("nan")
         lines.append(f"{method:{width}} {tally.images:6d} {miou} {conf:9.3f} {per_image:8.2f}")
+    first = next(iter(tallies.values()), None)  # every row sees the same images
+    if first is not None and first.scored < first.images:
+        lines.append(f"(mIoU over the {first.scored} of {first.images} images with ground truth; pass --gt the folder "
+                     "of the others' <id>.png masks)")
     return "\n".join(lines)

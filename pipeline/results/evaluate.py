@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -71,7 +72,7 @@ def scores_from_confusion(conf: np.ndarray) -> Scores:
     )
 
 
-def _gt_file(gt_dir: str | Path, image_id: str) -> bytes | None:
+def gt_file(gt_dir: str | Path, image_id: str) -> bytes | None:
     """The bytes of gt_dir/<id>.png; None when missing or the id is not a safe file name."""
     path = file_in(gt_dir, image_id, ".png") if key_problem(image_id) is None else None
     return path.read_bytes() if path is not None and path.is_file() else None
@@ -110,38 +111,51 @@ def _shard_confusion(job, gt_dir: str | None, n_classes: int, tar: str) -> tuple
     conf = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
     images, skipped = 0, []
     if gt_dir is not None:
-        pairs = ((record, _gt_file(gt_dir, record.id)) for record in job.masks([Path(tar)]))
+        pairs = ((record, gt_file(gt_dir, record.id)) for record in job.masks([Path(tar)]))
     else:
         pairs = ((record, sample.get("gt.png") if sample else None) for record, sample in job.joined([Path(tar)]))
     for record, data in pairs:
         if data is None:
             skipped.append(record.id)
             continue
-        try:
-            gt = decode_mask(data)
-        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-            reason = (f"not a picture, its first bytes are {data[:8]!r}" if isinstance(exc, UnidentifiedImageError)
-                      else str(exc))  # the former's text names only the in-memory buffer
-            where, fix = _gt_place_and_fix(job, gt_dir, record)
-            raise GroundTruthError(f"cannot read the ground truth {where} as an index mask ({reason}): {fix}") from None
-        if gt.shape != record.labels.shape:
-            where, fix = _gt_place_and_fix(job, gt_dir, record)
-            raise GroundTruthError(f"the ground truth {where} is {gt.shape[1]} x {gt.shape[0]} pixels, its image "
-                                   f"{record.labels.shape[1]} x {record.labels.shape[0]}: {fix}")
+        gt = ground_truth_mask(data, record.labels.shape, partial(_gt_place_and_fix, job, gt_dir, record))
         conf += confusion_matrix(record.labels, gt, n_classes)
         images += 1
     return conf, images, skipped
 
 
-def _gt_place_and_fix(job, gt_dir: str | None, record) -> tuple[str, str]:
-    """Where a mask's unusable ground truth lies and how to give a usable one (the input shards
-    are listed only here, for the error)."""
+def ground_truth_mask(data: bytes, shape: tuple[int, int], place: Callable[[], tuple[str, str]]) -> np.ndarray:
+    """A ground-truth PNG's bytes -> uint8 [H, W] index mask of its image's shape (H, W). Bytes
+    that are not an index mask, or one of another size, are a GroundTruthError naming where
+    they lie and the fix: place() -> (where, fix), asked only then."""
+    try:
+        gt = decode_mask(data)
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        reason = (f"not a picture, its first bytes are {data[:8]!r}" if isinstance(exc, UnidentifiedImageError)
+                  else str(exc))  # the former's text names only the in-memory buffer
+        where, fix = place()
+        raise GroundTruthError(f"cannot read the ground truth {where} as an index mask ({reason}): {fix}") from None
+    if gt.shape != tuple(shape):
+        where, fix = place()
+        raise GroundTruthError(f"the ground truth {where} is {gt.shape[1]} x {gt.shape[0]} pixels, its image "
+                               f"{shape[1]} x {shape[0]}: {fix}")
+    return gt
+
+
+def gt_place_and_fix(image_id: str, gt_dir: str | Path | None, shard_url: str) -> tuple[str, str]:
+    """Where an image's unusable ground truth lies (gt_dir/<id>.png, else its shard's
+    <id>.gt.png) and how to give a usable one."""
     if gt_dir is not None:
-        return str(file_in(gt_dir, record.id, ".png")), (
+        return str(file_in(gt_dir, image_id, ".png")), (
             "pass --gt the folder of these images' <id>.png index masks (mode P or L, values 0..C and 255: VOC's "
             "SegmentationClassAug or SegmentationClass)")
-    return (f"{record.id}.gt.png in {job.input_shards()[record.shard]}",
+    return (f"{image_id}.gt.png in {shard_url}",
             "shard the dataset again from its ground truth, or pass --gt the folder of its <id>.png index masks")
+
+
+def _gt_place_and_fix(job, gt_dir: str | None, record) -> tuple[str, str]:
+    """gt_place_and_fix of a job's mask (the input shards are listed only here, for the error)."""
+    return gt_place_and_fix(record.id, gt_dir, job.input_shards()[record.shard] if gt_dir is None else "")
 
 
 def format_table(scores: Scores, class_names: list[str]) -> str:
