@@ -77,9 +77,20 @@ def test_export_is_all_or_nothing(tmp_path, capsys):
     assert main(["export", str(out), "-o", str(tmp_path / "new"), "--with-images"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    # --force replaces an existing export in one rename.
+    # --force replaces an earlier export in one rename, and nothing else: not a folder holding
+    # other files, as the job's own folder or the folder above it
+    for target, held in ((dest, "mine.txt"), (out, "job.json and more"), (tmp_path, "VOC2012 and more")):
+        assert main(["export", str(out), "-o", str(target), "--force"]) == 2
+        assert capsys.readouterr().err == (f"pseudolabel: error: {target} holds {held}, which no export writes: "
+                                           "--force replaces only an earlier export (SegmentationClassPseudo, "
+                                           "ImageSets, JPEGImages); pass a new -o/--output\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (out / "job.json").is_file()
+    (dest / "mine.txt").unlink()
+    assert main(["export", str(out), "-o", str(dest)]) == 0
+    (dest / "SegmentationClassPseudo" / "stale.png").write_bytes(b"an earlier export's mask")
     assert main(["export", str(out), "-o", str(dest), "--force"]) == 0
     assert sorted(p.name for p in dest.iterdir()) == ["ImageSets", "SegmentationClassPseudo"]
+    assert not (dest / "SegmentationClassPseudo" / "stale.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -23,6 +23,8 @@ from pipeline.data.outputs import MASK_FOLDER, failed_image_ids
 from pipeline.data.safe_paths import file_in, key_problem
 from pipeline.data.shards import sample_image
 
+# What an export writes into its folder: all that --force may replace.
+EXPORT_ENTRIES = (MASK_FOLDER, "ImageSets", "JPEGImages")
 
 
 class ExportError(PipelineError, ValueError):
@@ -62,11 +64,21 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
 
     All or nothing: the export is written into a hidden folder beside dest and renamed to dest
     when complete, so a failure leaves no half-written dest. An existing non-empty dest is an
-    error unless replace. Everything the export needs (the input shards, with_images) is found
+    error unless replace, and replace takes only a folder holding nothing but EXPORT_ENTRIES
+    (never a job's folder, a dataset or a home folder given by mistake). Everything the export needs (the input shards, with_images) is found
     before anything is written. `progress` (a tqdm bar) moves by one for each mask read."""
     dest = Path(os.path.abspath(dest))
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not replace:
-        raise ExportError(f"{dest} already exists: pass a new -o/--output, or --force to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"{dest} is a file: -o/--output takes a folder, pass a new one")
+    if dest.exists() and any(dest.iterdir()):
+        if not replace:
+            raise ExportError(f"{dest} already exists: pass a new -o/--output, or --force to replace it")
+        foreign = sorted((p.name for p in dest.iterdir() if p.name not in EXPORT_ENTRIES),
+                         key=lambda name: (name.startswith("."), name))
+        if foreign:
+            raise ExportError(f"{dest} holds {foreign[0]}{' and more' if len(foreign) > 1 else ''}, which no export "
+                              f"writes: --force replaces only an earlier export ({', '.join(EXPORT_ENTRIES)}); pass "
+                              "a new -o/--output")
     if with_images:
         job.input_shards()  # raises (naming the missing shard) before anything is written
     dest.parent.mkdir(parents=True, exist_ok=True)
