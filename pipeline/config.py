@@ -374,6 +374,19 @@ class SegmenterConfig(_Strict):
                                  "e.g. mid_block.attentions.0:self")
         return layers
 
+    def named_layers(self) -> list[tuple[str, str]]:
+        """(config key, UNet transformer block name) of every layer the config's method reads
+        by name, and of classic_attention_layers."""
+        named = [(f"classic_attention_layers.{i}", name.rpartition(":")[0])
+                 for i, name in enumerate(self.classic_attention_layers)]
+        if self.method == "iseg":
+            named += [(f"cross_attention.layers.{i}", layer.name) for i, layer in enumerate(self.cross_attention.layers)]
+            named += [(f"self_attention.layers.{i}", layer.name) for i, layer in enumerate(self.self_attention.layers)]
+        if self.method == "goca":
+            named += [("goca.reference_layer", self.goca.reference_layer)]
+            named += [(f"goca.propagation_layers.{i}", name) for i, name in enumerate(self.goca.propagation_layers)]
+        return named
+
     @property
     def class_names(self) -> list[str]:
         return [c.name for c in self.classes]

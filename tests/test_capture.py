@@ -207,5 +207,24 @@ def test_pooled_by_side_is_the_mean_over_all_kept_heads():
 def test_bad_layer_names_and_heads_are_clear_errors(fresh_model):
     with pytest.raises(ValueError, match="not in the UNet; layers with attention: .*up_blocks.3.attentions.1"):
         install_capture(fresh_model.unet, [CaptureSpec("up_blocks.9.attentions.0", "cross")])
-    with pytest.raises(ValueError, match="has 5 heads; head index 7 does not exist"):
+    with pytest.raises(ValueError, match="has 5 heads; head index 7 does not exist: give heads 0..4 in the config"):
         install_capture(fresh_model.unet, [CaptureSpec(SELF_LAYER, "self", [7])])
+
+
+@pytest.mark.parametrize("update, key", [
+    ({"method": "goca", "goca": {"reference_layer": "up_blocks.0.attentions.0"}},  # SD's up block 0 has none
+     "goca.reference_layer"),
+    ({"self_attention": {"layers": [{"name": "up_blocks.3.attentions.1.transformer_blocks.0"}]}},
+     "self_attention.layers.0"),
+    ({"classic_attention_layers": ["mid_block.attentions.1:self"]}, "classic_attention_layers.0"),
+])
+def test_a_config_naming_a_layer_the_unet_lacks_fails_as_the_segmenter_is_built(fresh_model, update, key):
+    from pipeline.config import ConfigError, SegmenterConfig
+    from pipeline.segment.segmenter import Segmenter
+
+    config = SegmenterConfig.model_validate(SegmenterConfig().model_dump() | update)
+    with pytest.raises(ConfigError, match=rf"^config key {key}: layer '.*' is not in the UNet; layers with attention: "
+                                          r"down_blocks.0.attentions.0, .*: name one of those$"):
+        Segmenter(fresh_model, config)
+    # a method is held only to the layers it reads: GoCA's do not concern iSeg
+    Segmenter(fresh_model, SegmenterConfig.model_validate({"goca": {"reference_layer": "up_blocks.0.attentions.0"}}))

@@ -246,6 +246,7 @@ def test_unreachable_model_fails_before_the_job_is_recorded(shards, tmp_path, mo
 
 
 def test_worker_start_failure_names_the_cause(ray_local, shards, tmp_path):
+    from pipeline.config import CaptureLayer
     from pipeline.job.runner import WorkerStartError
 
     broken = tmp_path / "broken-model"
@@ -258,6 +259,14 @@ def test_worker_start_failure_names_the_cause(ray_local, shards, tmp_path):
     assert message.startswith("segmenter workers could not start: ") and "\n" not in message
     assert "creation task" not in message and "pipeline.errors" not in message, message
     assert f"cannot load model {str(broken)!r}" in message, message  # the worker's ModelLoadError, as it is
+    # a config naming a layer this UNet lacks stops the job as its workers start, before any shard
+    config = load_config(FAST_CONFIG)
+    config = config.model_copy(update={"cross_attention": config.cross_attention.model_copy(
+        update={"layers": [CaptureLayer(name="up_blocks.9.attentions.0")]})})
+    with pytest.raises(WorkerStartError, match=r"^segmenter workers could not start: config key cross_attention.layers.0: layer 'up_blocks.9.attentions.0' "
+                                               r"is not in the UNet; layers with attention: down_blocks.0.attentions.0"):
+        run_job(str(shards), tmp_path / "out2", config, "tiny", workers=1, progress=False)
+    assert not list((tmp_path / "out2" / "ledger").glob("*.json"))
 
 
 def test_input_patterns(shards, tmp_path):

@@ -466,7 +466,7 @@ def _start_error(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and "creation task" in lines[0]:
         # the project's own errors name the thing and the fix; their class path adds nothing
-        return re.sub(r"^pipeline\.errors\.\w+: ", "", lines[-1])
+        return re.sub(r"^pipeline(\.\w+)+: ", "", lines[-1])
     return _first_line(exc)
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor
 
+from pipeline.config import ConfigError
 from pipeline.segment.maps import grid_side, square_side
 
 # Above this many (query x key) entries per head, heads are reduced one at a time.
@@ -345,19 +346,24 @@ class CaptureSpec:
 
 
 def attention_modules(unet: torch.nn.Module, spec: CaptureSpec) -> list[tuple[str, Attention]]:
+    """The (name, module) of every attention module the spec names; a ConfigError names a
+    layer or head that this UNet does not have."""
     try:
         parent = unet.get_submodule(spec.layer)
     except AttributeError:
         names = sorted(attention_layers(unet))
-        raise ValueError(f"layer {spec.layer!r} is not in the UNet; layers with attention: {', '.join(names)}") from None
+        raise ConfigError(f"layer {spec.layer!r} is not in the UNet; layers with attention: {', '.join(names)}: "
+                          "name those in the config") from None
     attr = "attn1" if spec.kind == "self" else "attn2"
     found = [(f"{spec.layer}.{name}", m) for name, m in parent.named_modules()
              if isinstance(m, Attention) and name.endswith(attr)]
     if not found:
-        raise ValueError(f"layer {spec.layer!r} has no {attr} attention")
+        raise ConfigError(f"layer {spec.layer!r} has no {attr} attention: name a layer of "
+                          f"{', '.join(sorted(attention_layers(unet)))} in the config")
     for name, module in found:
         if spec.heads is not None and max(spec.heads, default=-1) >= module.heads:
-            raise ValueError(f"{name} has {module.heads} heads; head index {max(spec.heads)} does not exist")
+            raise ConfigError(f"{name} has {module.heads} heads; head index {max(spec.heads)} does not exist: "
+                              f"give heads 0..{module.heads - 1} in the config")
     return found
 
 
@@ -384,6 +390,16 @@ def attention_layers(unet: torch.nn.Module) -> list[str]:
     """Names of every transformer (attention) block of the UNet, e.g. `down_blocks.0.attentions.0`
     (16 in SD 1.x/2.x)."""
     return [n for n, _ in unet.named_modules() if n.split(".")[-2:-1] == ["attentions"]]
+
+
+def check_named_layers(unet: torch.nn.Module, config) -> None:
+    """ConfigError naming the first layer a SegmenterConfig names (`named_layers`) that is not
+    a transformer block of this UNet, with the UNet's own."""
+    blocks = attention_layers(unet)
+    for key, name in config.named_layers():
+        if name not in blocks:
+            raise ConfigError(f"config key {key}: layer {name!r} is not in the UNet; layers with attention: "
+                              f"{', '.join(sorted(blocks))}: name one of those")
 
 
 def install_capture(unet: torch.nn.Module, specs: list[CaptureSpec], kernel: str = "official",

@@ -17,7 +17,8 @@ import torch
 
 from pipeline.errors import ImageError
 from pipeline.config import SegmenterConfig
-from pipeline.segment.capture import CaptureSpec, UNetStopped, attention_modules, capturing, classic_attention
+from pipeline.segment.capture import (CaptureSpec, UNetStopped, attention_modules, capturing, check_named_layers,
+                                      classic_attention)
 from pipeline.segment.methods import PLANS, diffsegmenter
 from pipeline.segment.models import CompiledBlocks, ModelBundle
 from pipeline.segment.prompts import ClassPrompt, build_class_prompt
@@ -119,13 +120,14 @@ class Segmenter:
     def __init__(self, model: ModelBundle, config: SegmenterConfig, time_stages: bool = False):
         self.model = model
         self.config = config
+        check_named_layers(model.unet, config)
         self.plan = PLANS[config.method](model, config)
         self.official_kernel = config.attention_kernel == "official"
         captured = {(s.layer, s.kind) for s in self.plan.specs}
         self.classic_layers = [CaptureSpec(layer, kind) for layer, _, kind in
                                (name.rpartition(":") for name in config.classic_attention_layers)
                                if (layer, kind) not in captured]
-        for spec in self.classic_layers:  # a name that is not in this UNet fails here, with the list
+        for spec in [*self.plan.specs, *self.classic_layers]:  # a layer or head not in this UNet fails here
             attention_modules(model.unet, spec)
         self.time_stages = time_stages
         self.times = StageTimes()

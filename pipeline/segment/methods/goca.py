@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from pipeline.config import SegmenterConfig
+from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers, layer_side
 from pipeline.segment.maps import TINY, minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
@@ -97,12 +97,8 @@ class GocaPlan(Plan):
         self.config = config
         self.layers = attention_layers(model.unet)
         settings = config.goca
-        for key, names in (("reference_layer", [settings.reference_layer]),
-                           ("propagation_layers", settings.propagation_layers)):
-            unknown = [name for name in names if name not in self.layers]
-            if unknown or not names:
-                raise ValueError(f"goca.{key} {unknown or names} must name UNet attention layers; "
-                                 f"use some of: {', '.join(self.layers)}")
+        if not settings.propagation_layers:  # the names themselves are checked by the Segmenter
+            raise ConfigError(f"goca.propagation_layers is empty: name some of {', '.join(self.layers)}")
         self.reference_side = layer_side(settings.reference_layer, config.image_size // 8,
                                           len(model.unet.down_blocks))
         self.specs = []
