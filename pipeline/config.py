@@ -111,6 +111,14 @@ class CaptureLayer(_Strict):
     name: str
     heads: list[int] | None = None
 
+    @field_validator("heads")
+    @classmethod
+    def _head_indices(cls, heads: list[int] | None) -> list[int] | None:
+        if heads is not None and (not heads or min(heads) < 0 or len(set(heads)) != len(heads)):
+            raise ValueError(f"heads {heads} must be distinct head indices from 0, at least one (or omit heads "
+                             "for all of them)")
+        return heads
+
 
 def _layers(names_and_heads: list[tuple[str, list[int] | None]]) -> list[CaptureLayer]:
     return [CaptureLayer(name=n, heads=h) for n, h in names_and_heads]

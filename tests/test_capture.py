@@ -228,3 +228,27 @@ def test_a_config_naming_a_layer_the_unet_lacks_fails_as_the_segmenter_is_built(
         Segmenter(fresh_model, config)
     # a method is held only to the layers it reads: GoCA's do not concern iSeg
     Segmenter(fresh_model, SegmenterConfig.model_validate({"goca": {"reference_layer": "up_blocks.0.attentions.0"}}))
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"cross_attention": {"resolution_weights": {16: 1.0}}},
+     "cross_attention.resolution_weights has no weight for side 32, which cross_attention.layers read: add `32: "
+     "<weight>` to it, or name layers of the sides it weighs"),
+    ({"self_attention": {"layers": [{"name": "up_blocks.3.attentions.1"}, {"name": "up_blocks.2.attentions.1"}]}},
+     "self_attention.layers must share one resolution, but up_blocks.3.attentions.1 is 64 px, "
+     "up_blocks.2.attentions.1 is 32 px: name layers of one side"),
+    ({"method": "goca", "goca": {"propagation_layers": ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]}},
+     "goca.propagation_layers must share one resolution, but up_blocks.3.attentions.0 is 64 px, "
+     "up_blocks.2.attentions.0 is 32 px: name layers of one side"),
+    ({"method": "diffsegmenter", "diffsegmenter": {"resolution_weights": {64: 1.0}}},
+     "diffsegmenter.resolution_weights has no weight for side 8, 16, 32, which DiffSegmenter's layers (every "
+     "attention layer) read: add `8: <weight>` to it"),
+])
+def test_layers_a_method_cannot_combine_fail_as_the_segmenter_is_built(fresh_model, update, message):
+    # each failed at the first image before (a ValueError or a tensor size mismatch), every image of a job
+    from pipeline.config import ConfigError, SegmenterConfig
+    from pipeline.segment.segmenter import Segmenter
+
+    with pytest.raises(ConfigError) as error:
+        Segmenter(fresh_model, SegmenterConfig.model_validate(SegmenterConfig().model_dump() | update))
+    assert str(error.value) == message

@@ -43,6 +43,14 @@ def test_the_built_in_head_order_belongs_to_the_built_in_layers(tmp_path):
     assert load_config(path).cross_attention.head_order == {16: [1, 0]}
 
 
+@pytest.mark.parametrize("heads", ["[]", "[-1]", "[0, 0]"])
+def test_a_layer_with_no_or_bad_head_indices_is_refused(tmp_path, heads):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"cross_attention: {{layers: [{{name: up_blocks.3.attentions.1, heads: {heads}}}]}}\n")
+    with pytest.raises(ConfigError, match=r"key cross_attention.layers.0.heads: heads .* must be distinct head indices"):
+        load_config(path)
+
+
 def test_class_lookup_by_name_or_prompt_words():
     config = SegmenterConfig()
     assert config.class_index("aeroplane") == config.class_index("plane") == 0

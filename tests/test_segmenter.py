@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import FAST_CONFIG, image_tensor, synthetic_image
 from pipeline.segment.capture import capturing
-from pipeline.config import SegmenterConfig, load_config
+from pipeline.config import ConfigError, SegmenterConfig, load_config
 from pipeline.segment.models import load_model
 from pipeline.mask.postprocess import finish_mask
 from pipeline.segment.segmenter import Segmenter, resize_to_model
@@ -169,7 +169,7 @@ def test_official_head_order_names_the_layers_heads_in_forward_order(tiny_model)
     assert order == {16: [("up_blocks.1.attentions.0:cross", 1), ("down_blocks.2.attentions.0:cross", 19),
                           ("down_blocks.2.attentions.0:cross", 0)],
                      32: [("down_blocks.1.attentions.1:cross", 5)]}
-    with pytest.raises(ValueError, match=r"head_order\[16\] does not name the heads .* or set head_order to null"):
+    with pytest.raises(ConfigError, match=r"head_order\[16\] does not name the heads .* or set head_order to null"):
         official_head_order(tiny_model.unet, specs, {16: [21, 19, 1]}, 64)
 
 

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import ConfigError
+from pipeline.segment.capture import layer_side
+
 
 class Plan:
     """What every method plan says besides its captures (`specs`) and its `scores`.
@@ -44,3 +47,26 @@ def single_side(maps_by_side: dict[int, torch.Tensor], what: str) -> tuple[int, 
     if len(maps_by_side) != 1:
         raise ValueError(f"{what} layers must share one resolution, got sides {sorted(maps_by_side)}")
     return next(iter(maps_by_side.items()))
+
+
+def layer_sides(unet: torch.nn.Module, layers: list[str], image_size: int) -> dict[str, int]:
+    """Layer name -> the side in pixels of its attention maps for images of image_size."""
+    return {name: layer_side(name, image_size // 8, len(unet.down_blocks)) for name in layers}
+
+
+def require_one_side(sides: dict[str, int], key: str) -> None:
+    """ConfigError unless the layers (`layer_sides`) that config key names share one side."""
+    if len(set(sides.values())) > 1:
+        listing = ", ".join(f"{name} is {side} px" for name, side in sides.items())
+        raise ConfigError(f"{key} must share one resolution, but {listing}: name layers of one side")
+
+
+def require_side_weights(sides: dict[str, int], weights: dict[int, float], readers: str, weights_key: str,
+                         layers_named: bool = True) -> None:
+    """ConfigError unless weights (config key weights_key) weigh every side the layers
+    (`layer_sides`; the config's own where layers_named) read."""
+    missing = sorted(set(sides.values()) - set(weights))
+    if missing:
+        raise ConfigError(f"{weights_key} has no weight for side {', '.join(map(str, missing))}, which {readers} read: "
+                          f"add `{missing[0]}: <weight>` to it"
+                          + (", or name layers of the sides it weighs" if layers_named else ""))

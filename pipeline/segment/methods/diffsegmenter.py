@@ -13,7 +13,7 @@ from pipeline.config import SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers
 from pipeline.segment.maps import minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
-from pipeline.segment.plan import Plan, PlannedScores
+from pipeline.segment.plan import Plan, PlannedScores, layer_sides, require_side_weights
 from pipeline.segment.prompts import ClassPrompt
 
 def fuse_class_maps(maps_by_side: dict[int, torch.Tensor], columns: list[list[int]], weights: dict[int, float],
@@ -58,6 +58,9 @@ class DiffSegmenterPlan(Plan):
         self.config = config
         self.emphasis = config.diffsegmenter.class_emphasis
         layers = attention_layers(model.unet)
+        require_side_weights(layer_sides(model.unet, layers, config.image_size),
+                             config.diffsegmenter.resolution_weights, "DiffSegmenter's layers (every attention layer)",
+                             "diffsegmenter.resolution_weights", layers_named=False)
         self.specs = [CaptureSpec(layer, "cross", records=(Record("sum", "cross:{side}"),)) for layer in layers]
         self.specs += [CaptureSpec(layer, "self", records=(Record("sum", "self:{side}"),)) for layer in layers]
 

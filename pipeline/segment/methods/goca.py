@@ -15,7 +15,7 @@ from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.segment.capture import CapturedAttention, CaptureSpec, Record, attention_layers, layer_side
 from pipeline.segment.maps import TINY, minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
-from pipeline.segment.plan import Plan, PlannedScores, single_side
+from pipeline.segment.plan import Plan, PlannedScores, layer_sides, require_one_side, single_side
 from pipeline.segment.prompts import ClassPrompt
 import torch.nn.functional as F
 
@@ -99,6 +99,8 @@ class GocaPlan(Plan):
         settings = config.goca
         if not settings.propagation_layers:  # the names themselves are checked by the Segmenter
             raise ConfigError(f"goca.propagation_layers is empty: name some of {', '.join(self.layers)}")
+        require_one_side(layer_sides(model.unet, settings.propagation_layers, config.image_size),
+                         "goca.propagation_layers")
         self.reference_side = layer_side(settings.reference_layer, config.image_size // 8,
                                           len(model.unet.down_blocks))
         self.specs = []

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import SegmenterConfig
+from pipeline.config import ConfigError, SegmenterConfig
 from pipeline.segment.capture import (CapturedAttention, CaptureSpec, Record, attention_modules, forward_rank,
                                       layer_side)
 from pipeline.segment.maps import TINY, grid_side, minmax, upsample_maps
 from pipeline.segment.models import ModelBundle
-from pipeline.segment.plan import Plan, PlannedScores, single_side
+from pipeline.segment.plan import Plan, PlannedScores, layer_sides, require_one_side, require_side_weights, single_side
 from pipeline.segment.prompts import ClassPrompt
 from pipeline.segment.transfer import to_device
 
@@ -364,7 +364,7 @@ def official_head_order(unet: torch.nn.Module, specs: list[CaptureSpec], head_or
         kept = {(f"{s.layer}:{s.kind}", head) for s in at_side for head in s.heads or ()}
         pairs = [concatenated[i] for i in indices if 0 <= i < len(concatenated)]
         if len(pairs) != len(indices) or set(pairs) != kept or len(set(pairs)) != len(pairs):
-            raise ValueError(f"cross_attention.head_order[{side}] does not name the heads cross_attention.layers "
+            raise ConfigError(f"cross_attention.head_order[{side}] does not name the heads cross_attention.layers "
                              f"keep at side {side}: make it match them, or set head_order to null")
         pairs_by_side[side] = pairs
     return pairs_by_side
@@ -384,6 +384,11 @@ class IsegPlan(Plan):
         self.self_specs = [CaptureSpec(l.name, "self", l.heads if use_subsets else None, records)
                            for l in config.self_attention.layers]
         self.specs = self.cross_specs + self.self_specs
+        require_side_weights(layer_sides(model.unet, [s.layer for s in self.cross_specs], config.image_size),
+                             config.cross_attention.resolution_weights, "cross_attention.layers",
+                             "cross_attention.resolution_weights")
+        require_one_side(layer_sides(model.unet, [s.layer for s in self.self_specs], config.image_size),
+                         "self_attention.layers")
         order = config.cross_attention.head_order
         # the official order of the head mean; the fused kernel sums heads inside the processor
         per_head = config.attention_kernel == "official"
