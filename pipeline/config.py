@@ -86,6 +86,8 @@ class ClassSpec(_Strict):
     @model_validator(mode="after")
     def _focus_in_prompt(self) -> "ClassSpec":
         words = self.prompt.split()
+        if not words:
+            raise ValueError(f"class {self.name!r}: its prompt is empty: give the words that name it in a sentence")
         for word in self.focus or []:
             if word not in words:
                 raise ValueError(f"class {self.name!r}: focus word {word!r} is not in its prompt {self.prompt!r}")
@@ -231,6 +233,13 @@ class GocaConfig(_Strict):
     # ground truth (`pseudolabel compare --sweep goca.background_offset=-0.4:0.4:0.1`).
     background_offset: float = 0.0
 
+    @field_validator("blur_kernel")
+    @classmethod
+    def _odd_kernel(cls, kernel: int) -> int:
+        if kernel % 2 == 0:
+            raise ValueError(f"blur_kernel must be odd (a Gaussian blur keeps the map's size only then), not {kernel}")
+        return kernel
+
 
 class DiffSegmenterConfig(_Strict):
     """DiffSegmenter: multi-resolution cross-attention, completed once by self-attention."""
@@ -333,6 +342,9 @@ class SegmenterConfig(_Strict):
         if wrong:
             raise ValueError(f"cross_attention.head_order has sides {wrong}, but at image_size {self.image_size} the "
                              f"attention maps are {sorted(sides)} pixels wide: key it by those sides or set it to null")
+        if self.diffseg.anchors > self.image_size // 8:
+            raise ValueError(f"diffseg.anchors is {self.diffseg.anchors}, but at image_size {self.image_size} the "
+                             f"self-attention it samples is {self.image_size // 8} pixels wide: give at most that")
         return self
 
     def with_crf(self, enabled: bool) -> "SegmenterConfig":
