@@ -362,3 +362,28 @@ def test_a_manifest_whose_classes_differ_only_in_spelling_is_accepted(tmp_path):
     check_shard_classes({tmp_path: {"classes": ["Cat", "Dining Table"]}}, ["cat", "diningtable"])
     with pytest.raises(InputError, match=r"written for 2 classes \(diningtable, cat\)"):  # the order still counts
         check_shard_classes({tmp_path: {"classes": ["diningtable", "cat"]}}, ["cat", "diningtable"])
+
+
+def test_label_files_and_split_lists_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    # Excel's "CSV UTF-8" and Windows Notepad start the file with U+FEFF (and end lines with CRLF)
+    from PIL import Image
+
+    from pipeline.data.shards import folder_sources
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(synthetic_image(20, 20, seed=1)).save(tmp_path / "imgs" / "a.jpg")
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_bytes("image,labels\r\na.jpg,cat;dog\r\n".encode("utf-8-sig"))
+    jsonl_file = tmp_path / "labels.jsonl"
+    jsonl_file.write_bytes('{"image": "a.jpg", "labels": ["cat"]}\r\n'.encode("utf-8-sig"))
+    for labels, names in ((csv_file, ["cat", "dog"]), (jsonl_file, ["cat"])):
+        (source,) = folder_sources(tmp_path / "imgs", labels, ShardingReport())
+        assert (source.id, source.names) == ("a", names)
+    images = {"2007_000001": (synthetic_image(20, 20, seed=1), two_class_mask(20, 20, 8, 0))}
+    root = write_voc_folder(tmp_path / "VOC2012", images)
+    split = tmp_path / "ids.txt"
+    split.write_bytes("2007_000001\r\n".encode("utf-8-sig"))
+    labels_json = tmp_path / "labels.json"
+    labels_json.write_bytes('{"2007_000001": ["dog"]}'.encode("utf-8-sig"))
+    (source,) = voc_sources(root, str(split), labels_json, ShardingReport())
+    assert (source.id, source.names) == ("2007_000001", ["dog"])

@@ -197,7 +197,8 @@ def _split_ids(voc_root: Path, split: str) -> list[str]:
         candidates = [Path(split)]
     for path in candidates:
         if path.is_file():  # one id per line, or DeepLab's "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
-            return [PurePosixPath(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+            return [PurePosixPath(line.split()[0]).stem for line in path.read_text(encoding="utf-8-sig").splitlines()
+                    if line.strip()]
     raise ShardingError(
         f"split list for {split!r} not found (looked for {', '.join(map(str, candidates))}): "
         "pass train, train_aug, val or the path of a file with one image id per line"
@@ -236,7 +237,7 @@ def _labels_file(path: Path) -> dict[str, list[str]]:
                                 f"cls_labels.npy): {exc}") from exc
     if path.suffix == ".json":
         try:
-            table = json.loads(path.read_text())
+            table = json.loads(path.read_text(encoding="utf-8-sig"))
             bad = next((k for k, v in table.items() if not is_name_list(v)), None)
         except (ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
             raise ShardingError(f"labels file {path} is not a JSON object of image id -> [class names]: "
@@ -294,15 +295,16 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
 
 def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
     """(image path, class names) per row of a labels CSV (image,labels; names split by ';') or
-    JSONL file ({"image": path, "labels": [names]})."""
+    JSONL file ({"image": path, "labels": [names]}), UTF-8 with or without the byte-order mark
+    that Excel and Notepad write (as the split lists and JSON labels files)."""
     rows: list[tuple[str, list[str]]] = []
     if labels_path.suffix == ".csv":
-        with open(labels_path, newline="") as handle:
+        with open(labels_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
                 raise ShardingError(f"{labels_path} needs a header with columns image,labels")
             return [(r["image"], [n.strip() for n in (r["labels"] or "").split(";") if n.strip()]) for r in reader]
-    for number, line in enumerate(labels_path.read_text().splitlines(), 1):
+    for number, line in enumerate(labels_path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
