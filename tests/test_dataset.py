@@ -1,6 +1,7 @@
 """Training datasets: map-style over an export, iterable over the shards; a training step."""
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_job_output
@@ -14,6 +15,9 @@ def test_folder_and_shard_datasets_agree(tmp_path):
     export_voc(JobOutput(out), tmp_path / "export", with_images=True)
     folder = PseudoMaskFolder(tmp_path / "export")
     assert len(folder) == 4
+    with pytest.raises(FileNotFoundError, match=r"val.txt not found: the export has train_aug: pass split='train_aug', "
+                                                r"or export the job with pseudolabel export --split val"):
+        PseudoMaskFolder(tmp_path / "export", split="val")
     image, mask = folder[0]
     assert image.shape == (3, 30, 45) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
     assert mask.dtype == torch.int64 and (mask.numpy() == gts[folder.ids[0]]).all()

@@ -93,7 +93,10 @@ class PseudoMaskFolder(Dataset):
         self.images_dir = Path(images_dir) if images_dir else self.root / "JPEGImages"
         split_file = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} not found: export the job with pseudolabel export --split {split}")
+            present = sorted(path.stem for path in split_file.parent.glob("*.txt"))
+            found = f"the export has {', '.join(present)}: pass split={present[0]!r}, or " if present else ""
+            raise FileNotFoundError(f"{split_file} not found: {found}export the job with pseudolabel export --split "
+                                    f"{split}")
         self.ids = split_file.read_text().split()
         self.transform = transform
 
