@@ -275,6 +275,10 @@ def test_input_patterns(shards, tmp_path):
     names = [Path(u).name for u in expand_input(str(shards / "voc-train-{000000..000002}.tar"))]
     assert names == ["voc-train-000000.tar", "voc-train-000001.tar", "voc-train-000002.tar"]
     assert expand_input(str(shards)) == expand_input(str(shards / "*.tar"))
+    # `shards/*` and the manifest itself give the shards, not the manifest as a shard
+    assert expand_input(str(shards / "*")) == expand_input(str(shards / "manifest.json")) == expand_input(str(shards))
+    with pytest.raises(InputError, match=r"matches no shard \(a glob takes the .tar, .tar.gz, .tgz files it matches\)"):
+        expand_input(str(shards / "*.json"))
     with pytest.raises(InputError, match=r"voc-train-000003.tar does not exist \(7 missing\)"):
         expand_input(str(shards / "voc-train-{000000..000009}.tar"))
     with pytest.raises(InputError, match="no manifest.json"):

@@ -438,12 +438,19 @@ class InputError(PipelineError, ValueError):
     """The --input pattern matches no shard."""
 
 
+# The file names a glob takes as shards (WebDataset's tar and gzipped tar).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def expand_input(pattern: str) -> list[str]:
-    """Shard paths from a brace pattern (`shards/voc-{000000..000041}.tar`), a glob, or a
-    folder holding a manifest.json; in order, without duplicates."""
+    """Shard paths from a brace pattern (`shards/voc-{000000..000041}.tar`), a glob (its
+    SHARD_SUFFIXES files: `shards/*` leaves the manifest out), or a folder holding a
+    manifest.json (or that manifest.json); in order, without duplicates."""
     from braceexpand import braceexpand
 
     path = Path(pattern)
+    if path.name == "manifest.json" and path.is_file():
+        path = path.parent
     if path.is_dir():
         if not (path / "manifest.json").is_file():
             raise InputError(f"{path} has no manifest.json: pass a shard pattern such as '{path}/*.tar'")
@@ -457,11 +464,13 @@ def expand_input(pattern: str) -> list[str]:
     else:
         urls = []
         for expanded in braceexpand(pattern):
-            matches = sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded]
+            globbed = any(c in expanded for c in "*?[")
+            matches = [m for m in sorted(glob.glob(expanded)) if m.endswith(SHARD_SUFFIXES)] if globbed else [expanded]
             urls.extend(u for u in matches if u not in urls)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
     if not urls:
-        raise InputError(f"--input {pattern!r} matches no shard")
+        raise InputError(f"--input {pattern!r} matches no shard (a glob takes the {', '.join(SHARD_SUFFIXES)} files "
+                         "it matches)")
     if missing:
         raise InputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
                          f"pattern {pattern!r} and that the shards are readable from this machine")
