@@ -77,6 +77,19 @@ def ray_shard_worker_class():
     from pipeline.job import worker
 
     class ShardWorker(worker.ShardWorker):  # the same name: Ray's dashboard and process titles show it
+        def __init__(self, *args):
+            # The project's own errors (a model that cannot load, a config this UNet cannot run)
+            # name the thing and the fix: `ready` hands one to the driver, which stops with it,
+            # rather than Ray printing the constructor's traceback from every node.
+            self.start_error = None
+            try:
+                super().__init__(*args)
+            except PipelineError as exc:
+                self.start_error = str(exc)
+
+        def ready(self) -> dict:
+            return {"error": self.start_error} if self.start_error is not None else super().ready()
+
         def node_id(self) -> str | None:
             return ray.get_runtime_context().get_node_id()
 
@@ -300,6 +313,9 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             started_on = ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
         except ray.exceptions.RayActorError as exc:
             raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+        start_error = next((where["error"] for where in started_on if "error" in where), None)
+        if start_error is not None:
+            raise WorkerStartError(f"segmenter workers could not start: {start_error}")
         summary.worker_nodes = len({where["node"] for where in started_on})
         print(workers_line(started_on, config.batch_size))
         allocator_line = cpu_allocator_line(cpu_env, started_on)
@@ -443,14 +459,18 @@ def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            ray.get(actor.ready.remote())
+            where = ray.get(actor.ready.remote())
+            if "error" in where:
+                raise WorkerStartError(f"a restarted segmenter worker could not start: {where['error']}")
             return actor
         except ray.exceptions.ActorUnavailableError:
             time.sleep(1.0)
         except ray.exceptions.RayActorError:
             break
     actor = actor_class.options(**options).remote(*init_args)
-    ray.get(actor.ready.remote())
+    where = ray.get(actor.ready.remote())
+    if "error" in where:
+        raise WorkerStartError(f"a new segmenter worker could not start: {where['error']}")
     return actor
 
 
