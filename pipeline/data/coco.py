@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from pipeline.config import match_class
 from pipeline.mask.codec import encode_mask
 from pipeline.data.shards import ShardingError, ShardingReport, SourceImage
 
@@ -69,15 +70,16 @@ def instances_problem(dataset) -> str | None:
 
 
 def category_indices(coco, class_names: list[str]) -> dict[int, int]:
-    """COCO category id -> contiguous class index (1-based, the mask value) by name: the
-    config's class names are the COCO names with spaces as underscores."""
+    """COCO category id -> contiguous class index (1-based, the mask value) by name, matched
+    as every class name is (`match_class`: the config's `traffic_light` is COCO's `traffic light`)."""
     indices = {}
+    spellings = [(name,) for name in class_names]
     for category in coco.loadCats(coco.getCatIds()):
-        name = category["name"].replace(" ", "_")
-        if name not in class_names:
+        index = match_class(category["name"], spellings)
+        if index is None:
             raise ShardingError(f"COCO category {category['id']} {category['name']!r} is not a class of the "
                                 f"config: pass the COCO config (--config coco)")
-        indices[category["id"]] = class_names.index(name) + 1
+        indices[category["id"]] = index + 1
     return indices
 
 
