@@ -350,7 +350,8 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
 
 def _image_sample(source: SourceImage, class_names: list[str], report: ShardingReport) -> dict:
     data = source.image.read_bytes()
-    indices = [match_class(name, [(c,) for c in class_names]) for name in source.names]
+    spellings = [(name,) for name in class_names]
+    indices = [match_class(name, spellings) for name in source.names]
     names = [name if index is None else class_names[index] for name, index in zip(source.names, indices)]
     meta = {"id": source.id, "names": names, "source": str(source.image),
             "labels": [None if index is None else index + 1 for index in indices]}
@@ -568,13 +569,14 @@ def checksum_problem(url: str, fingerprint: dict | None, checksums: dict[str, st
 
 def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:
     """InputError when a manifest beside the shards (`manifests_beside`) lists other classes
-    than the config's (`name_key` spellings, in order): every image's labels would fail (their
-    values number the manifest's classes). Shards without a manifest are checked image by image as they run."""
+    than the config's (by `name_key`, in order): every image's labels would fail (their values
+    number the manifest's classes). Shards without a manifest are checked image by image as
+    they run."""
     from pipeline.config import BUILT_IN_CONFIGS, load_config
 
     for folder, manifest in manifests.items():
         listed = manifest.get("classes")
-        if not is_name_list(listed) or not listed or [name_key(n) for n in listed] == [name_key(n) for n in class_names]:
+        if not is_name_list(listed) or not listed or list(map(name_key, listed)) == list(map(name_key, class_names)):
             continue
         match = next((name for name in BUILT_IN_CONFIGS if load_config(name).class_names == listed), None)
         fix = (f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its "

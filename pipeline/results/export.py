@@ -65,8 +65,8 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     All or nothing: the export is written into a hidden folder beside dest and renamed to dest
     when complete, so a failure leaves no half-written dest. An existing non-empty dest is an
     error unless replace, and replace takes only a folder holding nothing but EXPORT_ENTRIES
-    (never a job's folder, a dataset or a home folder given by mistake). Everything the export needs (the input shards, with_images) is found
-    before anything is written. `progress` (a tqdm bar) moves by one for each mask read."""
+    (never a job's folder, a dataset or a home folder given by mistake). Everything the export
+    needs (the input shards, with_images) is found before anything is written. `progress` (a tqdm bar) moves by one for each mask read."""
     dest = Path(os.path.abspath(dest))
     if dest.exists() and not dest.is_dir():
         raise ExportError(f"{dest} is a file: -o/--output takes a folder, pass a new one")
