@@ -282,3 +282,15 @@ def test_a_damaged_statistics_file_or_job_record_is_one_line_and_a_damaged_ledge
             f"pseudolabel: error: cannot read {out}/job.json: Expecting ':' delimiter: line 1 column 22 (char 21); "
             f"delete it and run the job's command again (pseudolabel run --input SHARDS -o {out}, its config and "
             "model): the shards its ledger records as done under them stay done\n"), command
+
+
+@pytest.mark.parametrize("split, problem", [("../../../evil", "it holds a path separator"), ("", "it is empty"),
+                                            (".hidden", "it starts with a dot")])
+def test_a_split_that_is_not_a_plain_name_is_refused_before_anything_is_written(tmp_path, capsys, split, problem):
+    # '../../../evil' wrote evil.txt beside the export, outside it
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["export", str(out), "-o", str(tmp_path / "export"), "--split", split]) == 2
+    assert capsys.readouterr().err == (f"pseudolabel: error: --split {split!r}: {problem}; the split names the file "
+                                       "ImageSets/Segmentation/<split>.txt, so give a plain name such as train_aug\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -67,6 +67,10 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     error unless replace, and replace takes only a folder holding nothing but EXPORT_ENTRIES
     (never a job's folder, a dataset or a home folder given by mistake). Everything the export
     needs (the input shards, with_images) is found before anything is written. `progress` (a tqdm bar) moves by one for each mask read."""
+    split_problem = key_problem(split)
+    if split_problem is not None:
+        raise ExportError(f"--split {split!r}: {split_problem}; the split names the file ImageSets/Segmentation/"
+                          "<split>.txt, so give a plain name such as train_aug")
     dest = Path(os.path.abspath(dest))
     if dest.exists() and not dest.is_dir():
         raise ExportError(f"{dest} is a file: -o/--output takes a folder, pass a new one")
@@ -132,6 +136,6 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
     if failed:
         summary.dropped["failed in the job"] = len(failed)
     summary.exported = len(ids)
-    summary.split_file = dest / "ImageSets" / "Segmentation" / f"{split}.txt"
+    summary.split_file = file_in(dest / "ImageSets" / "Segmentation", split, ".txt")
     write_staged_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())
     return summary
