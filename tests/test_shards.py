@@ -387,3 +387,18 @@ def test_label_files_and_split_lists_saved_with_a_byte_order_mark_read_as_withou
     labels_json.write_bytes('{"2007_000001": ["dog"]}'.encode("utf-8-sig"))
     (source,) = voc_sources(root, str(split), labels_json, ShardingReport())
     assert (source.id, source.names) == ("2007_000001", ["dog"])
+
+
+def test_a_shard_prefix_that_is_not_a_plain_name_is_refused(tmp_path, capsys):
+    # '--prefix ../../x' wrote the shards outside the output folder
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(synthetic_image(20, 20, seed=1)).save(tmp_path / "imgs" / "a.jpg")
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,cat\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.csv"),
+                 "--classes", "cat", "-o", str(tmp_path / "out" / "deep"), "--prefix", "../../x"]) == 2
+    assert capsys.readouterr().err.startswith("pseudolabel: error: shard name prefix '../../x': it holds a path "
+                                              "separator; the shards are named <prefix>-000000.tar")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -70,8 +70,9 @@ def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str
     """Write the shards with a progress bar and print what was written and what was wrong."""
     from tqdm import tqdm
 
-    from pipeline.data.shards import write_image_shards
+    from pipeline.data.shards import check_shard_prefix, write_image_shards
 
+    check_shard_prefix(prefix)
     Path(args.output).mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails before the bar
     # delay: the bar shows from its first update after half a second, so a command that fails
     # before writing anything prints its error alone

@@ -382,12 +382,22 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
     return sample
 
 
+def check_shard_prefix(prefix: str) -> None:
+    """ShardingError unless prefix is a plain file name (`key_problem`): shards are named
+    <prefix>-000000.tar in their folder."""
+    problem = key_problem(prefix)
+    if problem is not None:
+        raise ShardingError(f"shard name prefix {prefix!r}: {problem}; the shards are named <prefix>-000000.tar "
+                            "in the output folder, so give a plain name (--prefix, or a --split without '/')")
+
+
 def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: str, shard_size: int,
                        class_names: list[str], report: ShardingReport, progress=None) -> ShardingReport:
     """Write `<prefix>-000000.tar`, ... of shard_size samples each, and `manifest.json`
     (shards with url, sample count and sha256; classes; problems)."""
     if shard_size < 1:
         raise ShardingError("--shard-size must be at least 1")
+    check_shard_prefix(prefix)
     safe = []
     for source in sources:
         problem = key_problem(source.id)
