@@ -131,6 +131,11 @@ def test_a_mask_path_that_is_not_a_png_or_an_overlay_that_is_no_picture_is_refus
         assert main(["segment", str(image_file), "--labels", "cat", "--model", "tiny", *extra]) == 2
         assert capsys.readouterr().err == f"pseudolabel: error: {message}\n"
     assert [p.name for p in tmp_path.iterdir()] == ["photo.jpg"]  # nothing written
+    # a mask folder that cannot be made (a file stands there) fails before the model loads too
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    assert main(["segment", str(image_file), "--labels", "cat", "--model", "tiny", "-o", str(blocker / "m.png")]) == 2
+    assert "a file stands where a folder is needed" in capsys.readouterr().err
 
 
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):

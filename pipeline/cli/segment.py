@@ -64,6 +64,8 @@ def run_segment(args: argparse.Namespace) -> int:
     image = read_image(args.image, upright=True)
     with Image.open(args.image) as img:
         orientation = exif_orientation(img)
+    for written in filter(None, (args.output, args.overlay)):  # a folder that cannot be made fails before the model
+        Path(written).parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
