@@ -7,6 +7,7 @@ The defaults are the reference iSeg settings for PASCAL VOC (docs/method.md list
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
@@ -58,14 +59,21 @@ def repeated_names(names: list[str]) -> list[str]:
     return sorted({n for n, key in zip(names, keys) if keys.count(key) > 1})
 
 
+@lru_cache(maxsize=32)
+def _index_by_key(spellings: tuple[tuple[str, ...], ...]) -> dict[str, int]:
+    """`name_key` of each spelling -> its class index, the first class where two share one."""
+    index_by_key: dict[str, int] = {}
+    for index, words in enumerate(spellings):
+        for word in words:
+            index_by_key.setdefault(name_key(word), index)
+    return index_by_key
+
+
 def match_class(name: str, spellings: list[tuple[str, ...]]) -> int | None:
     """The index of the class one of whose spellings (its name, its prompt words) matches name
-    (`name_key`); None when none does."""
-    key = name_key(name)
-    for index, words in enumerate(spellings):
-        if any(name_key(word) == key for word in words):
-            return index
-    return None
+    (`name_key`); None when none does. The keys of a list of spellings are made once (a
+    worker looks up every label of every image)."""
+    return _index_by_key(tuple(spellings)).get(name_key(name))
 
 
 def closest_class(name: str, class_names: list[str]) -> str | None:
