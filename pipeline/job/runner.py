@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 import signal
 import threading
@@ -482,11 +481,11 @@ def _first_line(exc: Exception) -> str:
 
 def _start_error(exc: Exception) -> str:
     """The error a worker raised while starting (the last line of the traceback Ray reports
-    for a failed actor constructor), else the first line of exc."""
+    for a failed actor constructor), else the first line of exc. The project's own errors do
+    not come here: the worker hands them to `ready`."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if lines and "creation task" in lines[0]:
-        # the project's own errors name the thing and the fix; their class path adds nothing
-        return re.sub(r"^pipeline(\.\w+)+: ", "", lines[-1])
+        return lines[-1]
     return _first_line(exc)
 
 
