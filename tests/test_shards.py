@@ -175,6 +175,25 @@ def test_upright_image_bytes_turns_the_pixels_as_a_viewer_shows_them(tmp_path, o
     assert np.array_equal(decode_image(data), stored)  # the stored grid by default
 
 
+def test_a_16_bit_greyscale_image_is_read_over_its_whole_range_not_clipped_white(tmp_path):
+    from PIL import Image
+
+    from pipeline.mask.codec import decode_image
+
+    grey = synthetic_image(20, 30, seed=4)[..., 0]
+    wide = grey.astype(np.uint16) * 257  # the same picture, 16 bits a pixel
+    Image.fromarray(wide).save(tmp_path / "deep.png")
+    data = (tmp_path / "deep.png").read_bytes()
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode in ("I;16", "I")
+    assert np.array_equal(decode_image(data), np.repeat(grey[..., None], 3, axis=2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(wide).save(tmp_path / "deep-turned.png", exif=exif)
+    assert np.array_equal(decode_image((tmp_path / "deep-turned.png").read_bytes(), upright=True),
+                          np.repeat(np.rot90(grey, -1)[..., None], 3, axis=2))
+
+
 def test_upright_image_bytes_keeps_upright_images_and_drops_the_tag_of_a_turned_jpeg(tmp_path):
     from PIL import Image
 

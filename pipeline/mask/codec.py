@@ -96,6 +96,23 @@ def upright_image_bytes(data: bytes) -> tuple[bytes, int]:
         return data, 1
 
 
+def rgb_pixels(img: Image.Image, upright: bool = False) -> np.ndarray:
+    """An opened image's pixels as uint8 RGB [H, W, 3]; with upright, turned by its EXIF
+    orientation first.
+
+    A 16-bit greyscale image (a PNG or TIFF of mode I;16, or a PNG that Pillow opens as mode I)
+    has its 0..65535 range mapped onto 0..255 (value / 257, rounded), as OpenCV and torchvision
+    read it: Pillow's own conversion clips each value to 255, which turns such an image white.
+    """
+    sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
+    if upright:
+        img = ImageOps.exif_transpose(img)
+    if sixteen_bit:
+        grey = ((np.asarray(img).astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(img.convert("RGB"))
+
+
 def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None,
                  upright: bool = False) -> np.ndarray:
     """Encoded image bytes -> uint8 RGB [H, W, 3]; ImageDecodeError names `name` otherwise.
@@ -113,7 +130,7 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageDecodeError(f"{name} is {width} x {height} = {width * height:,} pixels, over the limit of "
                                        f"{max_pixels:,}: shrink the image or raise max_image_pixels in the config")
-            return np.array((ImageOps.exif_transpose(img) if upright else img).convert("RGB"))
+            return rgb_pixels(img, upright)
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
