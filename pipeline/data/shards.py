@@ -77,8 +77,9 @@ def is_name_list(value) -> bool:
 
 
 def sample_key(name: str) -> str:
-    """A WebDataset key from a file stem: dots and path separators become underscores."""
-    return re.sub(r"[./\\]", "_", name)
+    """A WebDataset key from a file stem: dots, path separators and whitespace become
+    underscores (a split list holds one id a line, which loaders strip or split on spaces)."""
+    return re.sub(r"[./\\\s]", "_", name)
 
 
 def encode_json(value: dict) -> bytes:
