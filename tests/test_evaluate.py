@@ -151,3 +151,19 @@ def test_ground_truth_that_is_not_its_images_index_mask_is_one_line_naming_it(tm
         f"pseudolabel: error: the ground truth {first}.gt.png in {shard} is 4 x 4 pixels, its image {width} x "
         f"{height}: shard the dataset again from its ground truth, or pass --gt the folder of its <id>.png index "
         "masks\n")
+
+
+def test_eval_with_nothing_to_score_says_why_in_one_line(tmp_path, capsys, monkeypatch):
+    from pipeline.data.outputs import JobOutput
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    (tmp_path / "other-gt").mkdir()
+    (tmp_path / "other-gt" / "2008_000001.png").write_bytes(b"")  # another dataset's ids
+    assert main(["eval", str(out), "--gt", str(tmp_path / "other-gt"), "--processes", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"pseudolabel: error: no image has ground truth: its shards carry no gt.png and --gt {tmp_path / 'other-gt'} "
+        "holds no <id>.png of its ids (such as 2011_000000.png): pass the folder of this dataset's masks\n")
+    monkeypatch.setattr(JobOutput, "masks", lambda self, shards=None: iter(()))  # every image failed in the job
+    assert main(["eval", str(out), "--processes", "1"]) == 2
+    assert capsys.readouterr().err == (f"pseudolabel: error: job {out} has no mask to score: every image failed (see "
+                                       f"`pseudolabel status {out}` and the stats' error column)\n")

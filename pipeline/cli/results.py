@@ -213,8 +213,15 @@ def run_eval(args: argparse.Namespace) -> int:
     with image_bar(job, "eval", args) as bar:
         scores, conf = evaluate_job(job, gt_dir=args.gt, processes=pool_size, progress=bar)
     if not scores.images:
-        raise InputError("no image has ground truth: its shards carry no gt.png and --gt names none of its ids; "
-                         "pass --gt with the folder of <id>.png masks (VOC: SegmentationClassAug)")
+        example = next((record.id for record in job.masks()), None)
+        if example is None:
+            raise InputError(f"job {args.job} has no mask to score: every image failed (see `pseudolabel status "
+                             f"{args.job}` and the stats' error column)")
+        if args.gt:
+            raise InputError(f"no image has ground truth: its shards carry no gt.png and --gt {args.gt} holds no "
+                             f"<id>.png of its ids (such as {example}.png): pass the folder of this dataset's masks")
+        raise InputError("no image has ground truth: its shards carry no gt.png; pass --gt with the folder of "
+                         "<id>.png masks (VOC: SegmentationClassAug)")
     names = job.class_names
     print(format_table(scores, names))
     json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"
