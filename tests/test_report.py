@@ -17,6 +17,9 @@ def test_report_is_one_self_contained_page(tmp_path, capsys):
     assert len(images) == 3 + 4  # worst, median and best strips (one each of 4 images) and four plots
     assert "Worst by mean confidence" in page and "mIoU" in page and "Mean confidence per image" in page
     assert "src='http" not in page and "href=" not in page
+    # the worst image is labelled cat (mask value 8) and sofa (18): each name after its colour in the masks
+    assert ("<span class='swatch' style='background:#400000'></span>cat, "
+            "<span class='swatch' style='background:#00c000'></span>sofa") in page
 
 
 def test_examples_are_disjoint_groups():

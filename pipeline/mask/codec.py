@@ -40,6 +40,11 @@ def voc_palette() -> np.ndarray:
 
 _PALETTE = voc_palette()
 
+
+def mask_colour(value: int) -> str:
+    """The CSS colour (#rrggbb) that masks show the mask value `value` (0..255) in."""
+    return "#" + bytes(_PALETTE[value]).hex()
+
 # zlib level of confidence PNGs, against PIL's default 6: on VOC-sized confidence maps
 # (upsampled attention maps) 6.2 ms per image instead of 15.4 for 3% more bytes, on one core.
 # Mask PNGs keep level 6: on VOC masks level 3 saves only 0.3 ms for 43% more bytes.

@@ -18,7 +18,7 @@ from pipeline.data.ledger import Ledger, count_states
 from pipeline.data.safe_paths import file_in
 from pipeline.data.outputs import DamagedOutputError
 from pipeline.data.shards import InputError, ShardReadError, sample_image
-from pipeline.mask.codec import decode_image, decode_mask, overlay
+from pipeline.mask.codec import decode_image, decode_mask, mask_colour, overlay
 
 
 def _png_data_uri(image: Image.Image) -> str:
@@ -118,6 +118,12 @@ def write_overlays(job, dest: str | Path) -> int:
     return count
 
 
+def _named_colours(row: dict) -> str:
+    """A row's class names, each after a square of the colour its pixels have in the masks."""
+    return ", ".join(f"<span class='swatch' style='background:{mask_colour(value)}'></span>{html.escape(name)}"
+                     for value, name in zip(row["labels"], row["names"]))
+
+
 def _examples_html(job, rows: list[dict], per_group: int) -> str:
     groups = pick_examples(rows, per_group)
     wanted = {r["id"]: r for group in groups.values() for r in group}
@@ -132,7 +138,8 @@ def _examples_html(job, rows: list[dict], per_group: int) -> str:
         parts.append(f"<h3>{title}</h3><div class='sheet'>")
         for row in chosen:
             if row["id"] in strips:
-                caption = f"{html.escape(row['id'])} · {', '.join(row['names'])} · confidence {row['mean_confidence']:.2f}"
+                caption = (f"{html.escape(row['id'])} · {_named_colours(row)} · "
+                           f"confidence {row['mean_confidence']:.2f}")
                 parts.append(f"<figure><img src='{strips[row['id']]}' alt='{html.escape(row['id'])}'>"
                              f"<figcaption>{caption}</figcaption></figure>")
         parts.append("</div>")
@@ -154,7 +161,8 @@ def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, 
                 f"model <code>{html.escape(str(job_info.get('model', '?')))}</code> · config "
                 f"<code>{html.escape(str(job_info.get('config_hash', '?'))[:12])}</code></p>"
                 "<p class='legend'>Each strip: image with the mask blended · pseudo mask · ground truth "
-                "(when the shards carry it). Colours: PASCAL VOC palette.</p>"]
+                "(when the shards carry it). Colours: the PASCAL VOC palette by class index, each caption "
+                "showing its classes' colours.</p>"]
     shards, left = Ledger(job.out_dir).unfinished()
     if left:
         sections[0] += (f"<p class='warning'><b>The job is not complete</b>: {shards - sum(left.values())} of "
@@ -185,7 +193,8 @@ def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, 
             "body{font-family:sans-serif;margin:24px;color:#222}figure{display:inline-block;margin:6px}"
             "figcaption{font-size:12px;color:#555}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:2px 8px}.plots img{margin:4px}.legend{color:#555;font-size:13px}"
-            ".warning{color:#a00}"
+            ".warning{color:#a00}.swatch{display:inline-block;width:10px;height:10px;margin-right:3px;"
+            "border:1px solid #888;vertical-align:baseline}"
             "</style></head><body>" + "\n".join(sections) + "</body></html>")
     path = dest / "index.html"
     path.write_text(page, encoding="utf-8")
