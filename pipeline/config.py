@@ -273,6 +273,12 @@ MethodName = Literal["iseg", "diffseg", "goca", "diffsegmenter"]
 METHODS: tuple[str, ...] = get_args(MethodName)
 
 
+# Top-level keys that only iSeg reads (its forward's timestep, Cat-Cross, its layers, Ent-Self,
+# refinement and background rule): each peer runs on its own section.
+ISEG_KEYS = frozenset({"timestep", "cat_cross", "enhancement", "cluster", "head_layout", "cross_attention",
+                       "self_attention", "ent_self", "ent", "iterations", "background"})
+
+
 class SegmenterConfig(_Strict):
     """Everything that determines a mask, so its hash identifies a run's results."""
 
@@ -414,6 +420,26 @@ class SegmenterConfig(_Strict):
             named += [("goca.reference_layer", self.goca.reference_layer)]
             named += [(f"goca.propagation_layers.{i}", name) for i, name in enumerate(self.goca.propagation_layers)]
         return named
+
+    def changes_masks(self, key: str) -> bool:
+        """Whether the dotted config key (`goca.background_offset`, `ent`) may change this config's
+        masks; False where it cannot: a peer's section but under that peer, iSeg's own keys but
+        under iSeg (`ent` only with ent_self, `enhancement` and `cluster` only with cat_cross,
+        `background.threshold` only under the threshold rule), a CRF setting with the CRF off."""
+        section, _, leaf = key.partition(".")
+        if section in METHODS:
+            return section == self.method
+        if section == "crf" and leaf != "enabled":
+            return self.crf.enabled
+        if section not in ISEG_KEYS:
+            return True
+        if self.method != "iseg":
+            return False
+        if section == "ent":
+            return self.ent_self
+        if section in ("enhancement", "cluster"):
+            return self.cat_cross
+        return not (section == "background" and leaf == "threshold" and self.background.rule != "threshold")
 
     @property
     def class_names(self) -> list[str]:

@@ -424,6 +424,35 @@ def test_sweep_parses_values_and_rejects_bad_keys():
             comparison_rows(["goca", "diffseg"], SegmenterConfig(), parse_sweep(bad))
 
 
+def test_a_sweep_runs_only_the_methods_whose_masks_the_key_changes():
+    from pipeline.results.compare import comparison_rows, parse_sweep
+    from pipeline.config import ConfigError
+
+    methods = ["iseg", "iseg-naive", "iseg-no-cat-cross", "diffseg", "goca", "diffsegmenter"]
+
+    def names(key: str, config=SegmenterConfig()) -> list[str]:
+        return [name for name, _, _ in comparison_rows(methods, config, parse_sweep(key))]
+
+    # iSeg's refinement: iSeg and its ablations each value, the peers (their own sections) once
+    assert names("iterations=1:2:1") == ["iseg iterations=1", "iseg iterations=2", "iseg-naive iterations=1",
+                                         "iseg-naive iterations=2", "iseg-no-cat-cross iterations=1",
+                                         "iseg-no-cat-cross iterations=2", "diffseg", "goca", "diffsegmenter"]
+    # Ent-Self's constant leaves iseg-naive alone, Cat-Cross's gain iseg-no-cat-cross
+    assert names("ent=0.01:0.02:0.01")[2:4] == ["iseg-naive", "iseg-no-cat-cross ent=0.01"]
+    assert names("enhancement=1:2:1")[2:5] == ["iseg-naive enhancement=1", "iseg-naive enhancement=2",
+                                               "iseg-no-cat-cross"]
+    assert len(names("scale_before_resize=0:1:1")) == 12  # every method reads the input
+    with pytest.raises(ConfigError, match="changes no mask of iseg, goca under this config"):
+        comparison_rows(["iseg", "goca"], SegmenterConfig(), parse_sweep("background.threshold=0.3:0.5:0.1"))
+    threshold = SegmenterConfig(background={"rule": "threshold"})
+    assert names("background.threshold=0.3:0.4:0.1", threshold)[:2] == ["iseg background.threshold=0.3",
+                                                                         "iseg background.threshold=0.4"]
+    with pytest.raises(ConfigError, match="changes no mask of diffseg"):
+        comparison_rows(["diffseg"], SegmenterConfig(), parse_sweep("crf.iterations=5:10:5"))  # the CRF is off
+    assert not SegmenterConfig().changes_masks("crf.iterations")
+    assert SegmenterConfig(crf={"enabled": True}).changes_masks("crf.iterations")
+
+
 def test_compare_sweep_prints_one_row_per_value(tmp_path, capsys):
     from conftest import FAST_CONFIG, two_class_mask, write_voc_folder
     from pipeline.cli import main

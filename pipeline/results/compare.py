@@ -27,9 +27,6 @@ VARIANTS = {method: {"method": method} for method in METHODS} | {
     "iseg-naive": {"method": "iseg", "ent_self": False},
     "iseg-no-cat-cross": {"method": "iseg", "cat_cross": False},
 }
-# Config sections that belong to one peer (named after it): sweeping their keys leaves the
-# other methods alone.
-METHOD_SECTIONS = frozenset(METHODS) - {"iseg"}
 # Keys that change only the post-process: a sweep over one of them segments each image once.
 POSTPROCESS_KEYS = frozenset({"goca.background_offset", "diffsegmenter.background_score", "background.threshold",
                               "ignore_below"})
@@ -104,10 +101,13 @@ def comparison_rows(methods: list[str], config: SegmenterConfig, sweep: Sweep | 
                     ) -> list[tuple[str, SegmenterConfig, SegmenterConfig]]:
     """(row name, config the segmenter runs, config the post-process applies) per table row."""
     rows = []
-    for method in methods:
-        base = config.model_copy(update=VARIANTS[method])
-        section = sweep.key.split(".")[0] if sweep is not None else None
-        if sweep is None or (section in METHOD_SECTIONS and section != base.method):  # another method's key
+    bases = {method: config.model_copy(update=VARIANTS[method]) for method in methods}
+    if sweep is not None and not any(base.changes_masks(sweep.key) for base in bases.values()):
+        raise ConfigError(f"--sweep {sweep.key} changes no mask of {', '.join(methods)} under this config "
+                          "(another method's key, or a setting its switch leaves off): pick a key these methods "
+                          "read, or the method that reads it with --methods")
+    for method, base in bases.items():
+        if sweep is None or not base.changes_masks(sweep.key):  # its masks would be the same on every row
             rows.append((method, base, base))
             continue
         for value in sweep.values:
