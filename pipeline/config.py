@@ -53,6 +53,12 @@ def name_key(name: str) -> str:
     return "".join(ch for ch in name.casefold() if not ch.isspace() and ch not in "_-")
 
 
+def is_background(name: str) -> bool:
+    """Whether a label names the background, which every mask has (value 0): it is no class, so
+    labels that name it leave it out and a class list may not hold it."""
+    return name_key(name) == "background"
+
+
 def repeated_names(names: list[str]) -> list[str]:
     """The names in names that match another one (`name_key`), sorted."""
     keys = [name_key(n) for n in names]
@@ -386,6 +392,10 @@ class SegmenterConfig(_Strict):
             raise ValueError(f"class names must be unique (ignoring case, spaces, '_' and '-'), repeated: {dupes}")
         if not classes:
             raise ValueError("at least one class is needed")
+        background = [c.name for c in classes if is_background(c.name)]
+        if background:
+            raise ValueError(f"classes lists {background[0]!r}: every mask has the background as value 0, and the "
+                             "classes are 1, 2, ... in list order; leave it out of classes (as VOC's 20 and COCO's 80)")
         if len(classes) > MAX_CLASSES:
             raise ValueError(f"{len(classes)} classes, but a mask is an 8-bit PNG (0 background, 1..{MAX_CLASSES} the "
                              f"classes, 255 ignore): split them into configs of at most {MAX_CLASSES}, one job each")
@@ -450,6 +460,9 @@ class SegmenterConfig(_Strict):
         case, spaces, '_' and '-' (`name_key`)."""
         index = match_class(name, [(spec.name, spec.prompt) for spec in self.classes])
         if index is None:
+            if is_background(name):
+                raise ConfigError(f"label {name!r} is no class: every mask has the background (value 0); leave it "
+                                  "out of the labels")
             close = closest_class(name, self.class_names)
             hint = f"did you mean {close!r}? " if close else ""
             raise ConfigError(f"unknown class name {name!r}: {hint}use one of {', '.join(self.class_names)}")

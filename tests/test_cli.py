@@ -60,7 +60,9 @@ def test_segment_lays_a_phone_photo_out_upright(tmp_path, capsys):
 
 @pytest.mark.parametrize("labels, message", [
     ("cat,giraffe", "unknown class name 'giraffe': use one of aeroplane, bicycle"),
-    (" , ", "--labels is empty"),
+    (" , ", "--labels ' , ' names no class: give at least one"),
+    ("Background", "--labels 'Background' names no class: give at least one, e.g. --labels cat,sofa (the background "
+                   "is in every mask)"),
 ])
 def test_bad_labels_are_one_line_errors(image_file, tmp_path, capsys, labels, message):
     code = main(["segment", str(image_file), "--labels", labels, "--model", "tiny", "-o", str(tmp_path / "m.png")])

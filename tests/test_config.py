@@ -139,6 +139,17 @@ def test_classes_given_by_name_alone_are_their_own_prompts(tmp_path):
         load_config(config)
 
 
+def test_the_background_is_no_class_to_list_or_label(tmp_path):
+    config = tmp_path / "mmseg-style.yaml"  # mmsegmentation's VOC class list starts with it
+    config.write_text("classes: [background, aeroplane, bicycle]\n")
+    with pytest.raises(ConfigError, match="classes lists 'background': every mask has the background as value 0, "
+                                          "and the classes are 1, 2, ... in list order; leave it out of classes"):
+        load_config(config)
+    with pytest.raises(ConfigError, match="^label 'Background' is no class: every mask has the background \\(value 0\\); "
+                                          "leave it out of the labels$"):
+        SegmenterConfig().class_index("Background")
+
+
 def test_more_classes_than_an_8_bit_mask_holds_are_refused(tmp_path):
     config = tmp_path / "vocabulary.yaml"
     config.write_text("classes: [" + ", ".join(f"c{i}" for i in range(254)) + "]\n")

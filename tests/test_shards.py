@@ -116,7 +116,7 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     for name in ("a.jpg", "sub/b.v2 final.jpg", "c.jpg"):
         Image.fromarray(synthetic_image(20, 20, seed=1)).save(tmp_path / "imgs" / name)
-    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,Cat;dog\nsub/b.v2 final.jpg,cot\nc.jpg,\nmissing.jpg,cat\n")
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,Cat;background;dog\nsub/b.v2 final.jpg,cot\nc.jpg,\nmissing.jpg,cat\n")
     assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.csv"),
                  "--classes", "cat,dog", "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
@@ -124,7 +124,8 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
     samples = list(read_shard(str(tmp_path / "out" / "images-000000.tar")))
     # one id a line in the export's split list: no space to split it on
     assert [s["__key__"] for s in samples] == ["a", "sub_b_v2_final", "c"]
-    meta = json.loads(samples[0]["json"])  # 'Cat' is the class cat, recorded as the class list spells it
+    # 'Cat' is the class cat, recorded as the class list spells it; 'background', in every mask, is left out
+    meta = json.loads(samples[0]["json"])
     assert meta["labels"] == [1, 2] and meta["names"] == ["cat", "dog"]
     problems = json.loads((tmp_path / "out" / "manifest.json").read_text())["problems"]
     assert {"id": "sub_b_v2_final", "problem": "unknown class", "detail": "'cot' is not in the class list (did you mean 'cat'?)"} \
@@ -139,6 +140,11 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
                  "--classes", "cat,dog,cat", "-o", str(tmp_path / "out3")]) == 2
     assert capsys.readouterr().err == ("pseudolabel: error: --classes names one class more than once (cat; case, "
                                        "spaces, '_' and '-' are ignored): give each class once, in label order\n")
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.jsonl"),
+                 "--classes", "Background,cat,dog", "-o", str(tmp_path / "out3")]) == 2
+    assert capsys.readouterr().err == ("pseudolabel: error: --classes lists the background: every mask has it as "
+                                       "value 0 and the classes are 1, 2, ... in list order; give only the object "
+                                       "classes\n")
     (tmp_path / "moved.csv").write_text("image,labels\nmoved/a.jpg,cat\n")
     assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "moved.csv"),
                  "--classes", "cat,dog", "-o", str(tmp_path / "out4")]) == 2

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli.options import add_command, add_cpu_allocator, add_model_options, add_output, in_process_allocator
-from pipeline.config import ConfigError, SegmenterConfig, load_config
+from pipeline.config import ConfigError, SegmenterConfig, is_background, load_config
 
 
 def register(sub) -> None:
@@ -31,10 +31,12 @@ def register(sub) -> None:
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
-    """Comma-separated class names (dataset names or prompt words) -> sorted 0-based indices."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    """Comma-separated class names (dataset names or prompt words) -> sorted 0-based indices;
+    `background` is left out (every mask has it)."""
+    names = [n.strip() for n in text.split(",") if n.strip() and not is_background(n)]
     if not names:
-        raise ConfigError("--labels is empty: give at least one class name, e.g. --labels cat,sofa")
+        raise ConfigError(f"--labels {text!r} names no class: give at least one, e.g. --labels cat,sofa (the "
+                          "background is in every mask)")
     return sorted({config.class_index(n) for n in names})
 
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli.options import add_command, add_output
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, load_config, repeated_names
+from pipeline.config import VOC_CLASS_NAMES, ConfigError, is_background, load_config, repeated_names
 
 OUTPUT_HELP = "folder for the shards and manifest.json"
 
@@ -128,6 +128,9 @@ def run_shard_folder(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     if not classes:
         raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
+    if any(is_background(name) for name in classes):
+        raise ConfigError("--classes lists the background: every mask has it as value 0 and the classes are 1, 2, "
+                          "... in list order; give only the object classes")
     repeated = repeated_names(classes)
     if repeated:
         raise ConfigError(f"--classes names one class more than once ({', '.join(repeated)}; case, spaces, '_' and "

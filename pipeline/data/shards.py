@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, closest_class, match_class, name_key
+from pipeline.config import (VOC_CLASS_NAMES, ConfigError, SegmenterConfig, closest_class, is_background,
+                             match_class, name_key)
 from pipeline.data.atomic import atomic_write_bytes, atomic_write_json, file_sha256
 from pipeline.data.safe_paths import check_key, key_problem
 from pipeline.mask.codec import ImageDecodeError, undecodable_reason, upright_image_bytes
@@ -352,8 +353,9 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
 def _image_sample(source: SourceImage, class_names: list[str], report: ShardingReport) -> dict:
     data = source.image.read_bytes()
     spellings = [(name,) for name in class_names]
-    indices = [match_class(name, spellings) for name in source.names]
-    names = [name if index is None else class_names[index] for name, index in zip(source.names, indices)]
+    given = [name for name in source.names if not is_background(name)]  # every mask has the background
+    indices = [match_class(name, spellings) for name in given]
+    names = [name if index is None else class_names[index] for name, index in zip(given, indices)]
     meta = {"id": source.id, "names": names, "source": str(source.image),
             "labels": [None if index is None else index + 1 for index in indices]}
     if source.label_source is not None:
@@ -368,9 +370,9 @@ def _image_sample(source: SourceImage, class_names: list[str], report: ShardingR
             meta["width"], meta["height"] = img.size
     except Exception as exc:  # any decoder failure: the image still goes in, the run fails it
         report.problem(source.id, "unreadable image", f"{source.image}: {undecodable_reason(data, exc)}")
-    if not source.names:
+    if not given:
         report.problem(source.id, "no labels", "no image-level label found; the run will fail this image")
-    for name, index in zip(source.names, indices):
+    for name, index in zip(given, indices):
         if index is None:
             close = closest_class(name, class_names)
             report.problem(source.id, "unknown class", f"{name!r} is not in the class list"
