@@ -110,6 +110,27 @@ def test_a_folder_labels_file_that_is_not_text_or_lists_no_names_is_one_line(tmp
         folder_sources(tmp_path, labels, ShardingReport())
 
 
+def test_a_labels_table_may_be_tsv_and_separate_names_by_semicolons_commas_or_bars(tmp_path):
+    from pipeline.data.shards import folder_sources
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    expected = [("a", ["cat", "dog"]), ("b", ["sofa", "cat"]), ("c", ["dog"])]
+    (tmp_path / "labels.CSV").write_text('image,labels\na.jpg,cat;dog\nb.jpg,"sofa, cat"\nc.jpg,dog\n')
+    (tmp_path / "labels.tsv").write_text("image\tlabels\na.jpg\tcat|dog\nb.jpg\tsofa,cat\nc.jpg\tdog\n")
+    for table in ("labels.CSV", "labels.tsv"):
+        sources = folder_sources(tmp_path, tmp_path / table, ShardingReport())
+        assert [(s.id, s.names) for s in sources] == expected, table
+    (tmp_path / "named.csv").write_text("file,classes\na.jpg,cat\n")
+    with pytest.raises(ShardingError, match=rf"^{tmp_path / 'named.csv'} needs a header with columns image,labels "
+                                            r"\(its first line is file,classes\): name the columns so$"):
+        folder_sources(tmp_path, tmp_path / "named.csv", ShardingReport())
+    (tmp_path / "labels.txt").write_text("image\tlabels\na.jpg\tcat\n")  # a table by another suffix: read as JSONL
+    with pytest.raises(ShardingError, match=r"line 1 is not a JSON object with 'image' \(.*\): a labels file is a "
+                                            r"CSV \(.csv, .tsv\) with columns image,labels or a JSONL file"):
+        folder_sources(tmp_path, tmp_path / "labels.txt", ShardingReport())
+
+
 def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
     from PIL import Image
 

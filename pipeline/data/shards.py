@@ -296,23 +296,30 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
 
 
 def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
-    """(image path, class names) per row of a labels CSV (image,labels; names split by ';') or
-    JSONL file ({"image": path, "labels": [names]}), UTF-8 with or without the byte-order mark
-    that Excel and Notepad write (as the split lists and JSON labels files)."""
+    """(image path, class names) per row of a labels CSV or TSV (`.csv`, `.tsv`: columns image,
+    labels; names split by `;`, `,` or `|`) or JSONL file ({"image": path, "labels": [names]}),
+    UTF-8 with or without the byte-order mark that Excel and Notepad write (as the split lists
+    and JSON labels files)."""
     rows: list[tuple[str, list[str]]] = []
-    if labels_path.suffix == ".csv":
+    table = labels_path.suffix.lower()
+    if table in (".csv", ".tsv"):
         with open(labels_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+            reader = csv.DictReader(handle, delimiter="\t" if table == ".tsv" else ",")
             if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
-                raise ShardingError(f"{labels_path} needs a header with columns image,labels")
-            return [(r["image"], [n.strip() for n in (r["labels"] or "").split(";") if n.strip()]) for r in reader]
+                found = ",".join(reader.fieldnames or []) or "empty"
+                raise ShardingError(f"{labels_path} needs a header with columns image,labels (its first line is "
+                                    f"{found[:80]}): name the columns so")
+            return [(r["image"], [n.strip() for n in re.split(r"[;,|]", r["labels"] or "") if n.strip()])
+                    for r in reader]
     for number, line in enumerate(labels_path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if line.strip():
             try:
                 record = json.loads(line)
                 image, names = record["image"], record.get("labels", [])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image': {exc}") from exc
+                raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image' ({exc}): a "
+                                    "labels file is a CSV (.csv, .tsv) with columns image,labels or a JSONL file "
+                                    "of {\"image\": ..., \"labels\": [...]}") from exc
             if not is_name_list(names):
                 raise ShardingError(f"{labels_path} line {number}: 'labels' is {names!r}, not a list of class names "
                                     "(\"labels\": [\"cat\", \"sofa\"])")
@@ -321,8 +328,8 @@ def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
 
 
 def folder_sources(images_dir: str | Path, labels_path: str | Path, report: ShardingReport) -> list[SourceImage]:
-    """Images of a folder labelled by a CSV (columns image,labels; labels separated by ';')
-    or a JSONL file ({"image": path, "labels": [names]} per line); paths relative to images_dir."""
+    """Images of a folder labelled by a CSV or TSV (columns image,labels; labels separated by
+    `;`, `,` or `|`) or a JSONL file ({"image": path, "labels": [names]} per line); paths relative to images_dir."""
     images_dir, labels_path = Path(images_dir), Path(labels_path)
     if not labels_path.is_file():
         raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels) or JSONL file")
