@@ -75,10 +75,10 @@ def test_shard_writers_refuse_unsafe_keys(tmp_path):
     images = tmp_path / "photos"
     images.mkdir()
     (images / "ok.jpg").write_bytes(jpeg())
-    (images / "bad\nname.jpg").write_bytes(jpeg())
+    (images / "bad\x01name.jpg").write_bytes(jpeg())
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(json.dumps({"image": name, "labels": ["cat"]}) + "\n"
-                              for name in ("ok.jpg", "bad\nname.jpg")))
+                              for name in ("ok.jpg", "bad\x01name.jpg")))
     report = ShardingReport()
     write_image_shards(folder_sources(images, labels, report), tmp_path / "shards", "photos", 8, ["cat"], report)
     with tarfile.open(tmp_path / "shards" / "photos-000000.tar") as tar:
