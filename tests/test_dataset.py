@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_job_output
+from conftest import make_job_output, synthetic_image
 from pipeline.data.dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PseudoMaskFolder, PseudoMaskShards, VocTrainTransform
 from pipeline.results.export import export_voc
 from pipeline.data.outputs import JobOutput
@@ -26,6 +26,21 @@ def test_folder_and_shard_datasets_agree(tmp_path):
     for (img_a, mask_a), index in zip(streamed, range(4)):
         img_b, mask_b = folder[index]
         assert torch.equal(img_a, img_b) and torch.equal(mask_a, mask_b)
+
+
+def test_the_folder_dataset_reads_one_id_a_line_spaces_and_all(tmp_path):
+    from PIL import Image
+
+    from pipeline.mask.codec import encode_mask
+
+    for folder in ("JPEGImages", "SegmentationClassPseudo", "ImageSets/Segmentation"):
+        (tmp_path / folder).mkdir(parents=True)
+    for image_id in ("old sofa", "cat"):  # a third-party shard's key may hold a space
+        Image.fromarray(synthetic_image(8, 10, seed=1)).save(tmp_path / "JPEGImages" / f"{image_id}.jpg")
+        (tmp_path / "SegmentationClassPseudo" / f"{image_id}.png").write_bytes(encode_mask(np.ones((8, 10), np.uint8)))
+    (tmp_path / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("old sofa\ncat\n\n")
+    folder = PseudoMaskFolder(tmp_path)
+    assert folder.ids == ["old sofa", "cat"] and folder[0][1].shape == (8, 10)
 
 
 def test_a_training_step_consumes_the_masks(tmp_path):

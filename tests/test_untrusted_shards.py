@@ -16,7 +16,8 @@ from pipeline.data.safe_paths import MAX_KEY_BYTES, UnsafeKeyError, check_key, f
 from pipeline.data.shards import ShardingReport, folder_sources, tar_bytes, write_image_shards
 from pipeline.job.worker import ShardWorker
 
-BAD_KEYS = ["../../escaped_x", "/tmp/absolute_x", "bad\nkey", "k" * (MAX_KEY_BYTES + 1), ".hidden", "a\\b", ""]
+BAD_KEYS = ["../../escaped_x", "/tmp/absolute_x", "bad\nkey", "k" * (MAX_KEY_BYTES + 1), ".hidden", "a\\b", "",
+            " padded", "trailing "]
 
 
 def jpeg(height=48, width=64, seed=0) -> bytes:
@@ -53,7 +54,8 @@ def test_unsafe_keys_are_refused_with_a_line_naming_them(key):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("key", ["2007_000032", "000000391895", "kitchen_001", "café-2", "k" * MAX_KEY_BYTES])
+@pytest.mark.parametrize("key", ["2007_000032", "000000391895", "kitchen_001", "café-2", "old sofa",
+                                 "k" * MAX_KEY_BYTES])
 def test_plain_names_are_safe_keys(key):
     assert check_key(key) == key
 

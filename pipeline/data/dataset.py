@@ -97,7 +97,7 @@ class PseudoMaskFolder(Dataset):
             found = f"the export has {', '.join(present)}: pass split={present[0]!r}, or " if present else ""
             raise FileNotFoundError(f"{split_file} not found: {found}export the job with pseudolabel export --split "
                                     f"{split}")
-        self.ids = split_file.read_text().split()
+        self.ids = [line.strip() for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         self.transform = transform
 
     def __len__(self) -> int:

@@ -23,8 +23,8 @@ class UnsafeKeyError(ImageError, ValueError):
 
 def key_problem(key: object) -> str | None:
     """Why `key` is not a safe sample key, or None when it is: a non-empty string of at most
-    MAX_KEY_BYTES UTF-8 bytes, without path separators, control characters, a leading dot or
-    a `..` component."""
+    MAX_KEY_BYTES UTF-8 bytes, without path separators, control characters, a leading dot,
+    whitespace at either end or a `..` component."""
     if not isinstance(key, str) or not key:
         return "it is empty"
     if "/" in key or "\\" in key:
@@ -33,6 +33,8 @@ def key_problem(key: object) -> str | None:
         return "it holds a control character"
     if key.startswith("."):
         return "it starts with a dot"
+    if key != key.strip():
+        return "it starts or ends with whitespace"  # a split list's line is read stripped
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         return f"it is longer than {MAX_KEY_BYTES} bytes"
     return None
@@ -44,8 +46,8 @@ def check_key(key: object) -> str:
     if problem is not None:
         shown = repr(key)
         shown = shown if len(shown) <= 80 else shown[:60] + "..." + shown[-12:]
-        raise UnsafeKeyError(f"unsafe sample key {shown}: {problem}; a key must be a plain file name "
-                             f"(no '/', '\\', '..', leading dot or control characters, at most "
+        raise UnsafeKeyError(f"unsafe sample key {shown}: {problem}; a key must be a plain file name (no '/', "
+                             f"'\\', '..', leading dot, whitespace at either end or control characters, at most "
                              f"{MAX_KEY_BYTES} bytes): rename the sample and reshard it")
     return key
 
