@@ -100,6 +100,8 @@ class ClassSpec(_Strict):
     @model_validator(mode="after")
     def _focus_in_prompt(self) -> "ClassSpec":
         words = self.prompt.split()
+        if not self.name.strip():
+            raise ValueError(f"a class has an empty name (prompt {self.prompt!r}): name each class as its labels do")
         if not words:
             raise ValueError(f"class {self.name!r}: its prompt is empty: give the words that name it in a sentence")
         for word in self.focus or []:
@@ -380,6 +382,9 @@ class SegmenterConfig(_Strict):
     @classmethod
     def _bare_names(cls, classes):
         """A class given by its name alone is its own prompt: `classes: [cat, dog, sofa]`."""
+        if isinstance(classes, str):
+            raise ValueError(f"classes is a list of class names, e.g. classes: [cat, dog, sofa], not the text "
+                             f"{classes[:60]!r}")
         if isinstance(classes, list):
             return [{"name": c, "prompt": c} if isinstance(c, str) else c for c in classes]
         return classes

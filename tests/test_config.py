@@ -84,6 +84,9 @@ def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_i
     ("batch_size: big\n", "batch_size"),
     ("batch_size: true\n", "batch_size"),
     ("classes: [{name: cat, prompt: ' '}]\n", "classes.0"),  # no words: no tokens to read a map from
+    ("classes: ['']\n", "classes.0: a class has an empty name"),
+    ("classes: cat, dog\n", "classes: classes is a list of class names, e.g. classes: \\[cat, dog, sofa\\], not the "
+                            "text 'cat, dog'"),
     ("goca: {blur_kernel: 4}\n", "goca.blur_kernel"),  # an even blur grows the map by a pixel
     ("diffseg: {anchors: 65}\n", r"\(top level\): diffseg.anchors is 65, but at image_size 512"),  # 65 x 65 at once
 ])
