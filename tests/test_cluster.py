@@ -71,7 +71,8 @@ def test_a_job_spreads_over_the_nodes_and_survives_losing_one(shards, tmp_path):
     report = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
     assert report["removed"], "no worker node was removed while the job ran"
     assert report["nodes_used"] == 2, "the two workers did not run on two nodes"
-    assert "2 segmenter worker(s) on cpu over 2 nodes; 2 image(s) per batch\n" in run.stdout
+    # the cluster's 4 CPUs shared by its 2 workers
+    assert "2 segmenter worker(s) on cpu over 2 nodes (2 torch threads each); 2 image(s) per batch\n" in run.stdout
     assert report["summary"] == [4, 0, len(LABELS)]  # shards done, shards failed, images ok
     entries = Ledger(out).entries()
     assert [e.state for e in entries] == ["done"] * 4

@@ -418,7 +418,13 @@ def test_retries_spent_marks_the_shard_failed_and_resume_redoes_it(clean_run, sh
     # status and resume in this process, on the test's own Ray (a new process would start another)
     assert main(["status", str(out)]) == 0
     assert f"{3 - len(failed)} done, {len(failed)} failed" in capsys.readouterr().out
-    assert main(["resume", str(out), "--no-progress"]) == 0, capsys.readouterr()
+    # A worker a shard to redo; each on as many torch threads as the first run's one worker, for
+    # the same float arithmetic (the CPU's sums follow the thread count: docs/method.md).
+    threads = os.cpu_count()
+    assert main(["resume", str(out), "--no-progress", "--workers", "3", "--cpu-threads", str(threads)]) == 0
+    assert (f"--workers 3: starting {len(failed)}, one for each of the {len(failed)} shard(s) to do (a shard goes to "
+            f"one worker: shard with a smaller --shard-size for more)\n{len(failed)} segmenter worker(s) on cpu "
+            f"({threads} torch threads each)") in capsys.readouterr().out
     assert _states(out) == ["done"] * 3
     assert all(e.attempts == 2 for e in Ledger(out).entries() if e.shard in {f.shard for f in failed})
     assert _outputs(out) == _outputs(clean_run[0])
@@ -598,7 +604,8 @@ def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shar
     config = load_config(FAST_CONFIG).model_copy(update={"batch_size": "auto"})
     run_job("../shards/*.tar", out, config, "tiny", workers=1, progress=False)
     printed = capsys.readouterr().out
-    assert "1 segmenter worker(s) on cpu; 1 image(s) per batch (batch_size: auto)" in printed
+    assert (f"1 segmenter worker(s) on cpu ({os.cpu_count()} torch threads each); 1 image(s) per batch "
+            "(batch_size: auto)") in printed
     # the worker's process started with the allocator settings (read from its /proc/self/environ)
     assert ("CPU workers keep freed memory for reuse: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
             "MALLOC_TRIM_THRESHOLD_=68719476736") in printed

@@ -27,7 +27,7 @@ from pipeline.data.shards import (InputError, check_shard_classes, checksum_prob
                                   manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
-from pipeline.job.summary import JobInterrupted, JobSummary, name_first, workers_line
+from pipeline.job.summary import JobInterrupted, JobSummary, fewer_workers_line, name_first, workers_line
 
 
 class WorkerStartError(PipelineError, RuntimeError):
@@ -295,12 +295,18 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             return summary
 
         ray, private = _init_ray(address)
-        n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env)
+        # A worker takes a shard at a time: no more start than there are shards to do, and CPU
+        # workers share the machine's CPUs among those that start.
+        starting = min(workers, len(todo)) if workers else None
+        n_workers, options, threads = _actor_options(ray, starting, retries, cpu_threads, device, cpu_env)
         device = worker_device(device, options)
         if private:  # its workers run this torch: a device it cannot use fails here, in one line
             resolve_device(device)
-        n_workers = min(n_workers, len(todo))
+        n_workers = min(n_workers, len(todo))  # one a GPU by default
         summary.workers = n_workers
+        cut_line = fewer_workers_line(workers, n_workers, len(todo))
+        if cut_line:
+            print(cut_line)
         config_json = config.model_dump_json()
         actor_class = ray.remote(ray_shard_worker_class())
         actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]

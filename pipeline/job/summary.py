@@ -30,13 +30,24 @@ def name_first(ids: list[str], total: int) -> str:
 
 def workers_line(started_on: list[dict], configured: int | str) -> str:
     """One line on the segmenter workers from their `ready()` reports: how many on which
-    devices and nodes, and the batch size each runs (`configured`: the config's batch_size)."""
+    devices and nodes, a CPU worker's torch threads, and the batch size each runs
+    (`configured`: the config's batch_size)."""
     devices = sorted({where["device"] for where in started_on})
     nodes = len({where["node"] for where in started_on})
     sizes = ", ".join(str(size) for size in sorted({where["batch_size"] for where in started_on}))
+    threads = ", ".join(str(n) for n in sorted({where["threads"] for where in started_on if where["device"] == "cpu"}))
     return (f"{len(started_on)} segmenter worker(s) on {', '.join(devices)}"
-            + (f" over {nodes} nodes" if nodes > 1 else "") + f"; {sizes} image(s) per batch"
-            + (" (batch_size: auto)" if configured == "auto" else ""))
+            + (f" over {nodes} nodes" if nodes > 1 else "") + (f" ({threads} torch threads each)" if threads else "")
+            + f"; {sizes} image(s) per batch" + (" (batch_size: auto)" if configured == "auto" else ""))
+
+
+def fewer_workers_line(asked: int | None, started: int, shards: int) -> str | None:
+    """The line saying why fewer workers start than --workers asked: one works a shard at a
+    time, so a job starts no more than it has shards to do. None where nothing was cut."""
+    if asked is None or started >= asked:
+        return None
+    return (f"--workers {asked}: starting {started}, one for each of the {shards} shard(s) to do (a shard goes to one "
+            "worker: shard with a smaller --shard-size for more)")
 
 
 @dataclass
