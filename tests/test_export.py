@@ -284,6 +284,24 @@ def test_a_damaged_statistics_file_or_job_record_is_one_line_and_a_damaged_ledge
             "model): the shards its ledger records as done under them stay done\n"), command
 
 
+def test_a_folder_that_is_no_job_says_what_it_is(tmp_path, capsys):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "labels.csv").write_text("image,labels\n")
+    needs_job = ": pass the -o/--output folder of a pseudolabel run"
+    for folder, command, said in (
+            ("nope", "status", "nope does not exist"),
+            ("labels.csv", "resume", "labels.csv is a file, not a job's folder"),
+            ("photos", "status", "photos holds no job's outputs (no job.json)"),
+            ("shards", "eval", "shards holds image shards (manifest.json), not a job's outputs"),
+            ("photos", "report", "photos holds no job's outputs (no masks/)")):
+        path = tmp_path / folder
+        assert main([command, str(path)] + (["-o", str(tmp_path / "r")] if command == "report" else [])) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pseudolabel: error: {tmp_path}/{said}{needs_job}") and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("split, problem", [("../../../evil", "it holds a path separator"), ("", "it is empty"),
                                             (".hidden", "it starts with a dot")])
 def test_a_split_that_is_not_a_plain_name_is_refused_before_anything_is_written(tmp_path, capsys, split, problem):

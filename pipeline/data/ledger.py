@@ -72,6 +72,18 @@ def count_states(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in counts.items())
 
 
+def no_job_reason(folder: Path, missing: str) -> str:
+    """What `folder`, given as a job's folder, is instead: missing, a file, a shard folder, or a
+    folder without the job's file `missing` (job.json, masks/)."""
+    if not folder.exists():
+        return f"{folder} does not exist"
+    if not folder.is_dir():
+        return f"{folder} is a file, not a job's folder"
+    if (folder / "manifest.json").is_file():
+        return f"{folder} holds image shards (manifest.json), not a job's outputs"
+    return f"{folder} holds no job's outputs (no {missing})"
+
+
 class JobMismatchError(PipelineError, RuntimeError):
     """The output folder belongs to a job with another config or model."""
 
@@ -218,8 +230,8 @@ class Ledger:
         """The job.json of this folder; NoJobError when no job has run here."""
         job = self.job()
         if job is None:
-            raise NoJobError(f"{self.out_dir} has no job.json: no job has run there (start one with "
-                             f"pseudolabel run --input SHARDS -o {self.out_dir})")
+            raise NoJobError(f"{no_job_reason(self.out_dir, 'job.json')}: pass the -o/--output folder of a "
+                             "pseudolabel run, or start one with pseudolabel run --input SHARDS -o FOLDER")
         return job
 
     def claim(self, job: dict, force: bool) -> None:

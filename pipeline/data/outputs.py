@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from pipeline.config import VOC_CLASS_NAMES
 from pipeline.data.atomic import atomic_write_bytes, file_sha256
-from pipeline.data.ledger import Ledger
+from pipeline.data.ledger import Ledger, no_job_reason
 from pipeline.mask.codec import decode_confidence, decode_mask
 from pipeline.data.shards import InputError, ShardReadError, expand_input, read_shard, shard_name, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA, rows_to_table
@@ -118,7 +118,8 @@ class JobOutput:
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
         if not (self.out_dir / "masks").is_dir():
-            raise InputError(f"{self.out_dir} has no masks/: pass the -o/--output folder of a pseudolabel run")
+            raise InputError(f"{no_job_reason(self.out_dir, 'masks/')}: pass the -o/--output folder of a "
+                             "pseudolabel run")
 
     def stats(self) -> pa.Table:
         """Every image's statistics row, of the shards done (the whole job once it is complete)."""
