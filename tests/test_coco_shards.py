@@ -105,9 +105,44 @@ def test_bad_annotation_files_are_one_line_errors(coco_root, tmp_path, capsys, c
     assert code == 2 and message in err and err.count("\n") == 1
 
 
-def test_unknown_split_is_a_one_line_error(coco_root, tmp_path, capsys):
+def test_a_split_is_a_folder_under_the_root_and_a_plain_name(coco_root, tmp_path, capsys):
     assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2019", "-o", str(tmp_path)]) == 2
-    assert "use one of train2014, val2014, train2017, val2017" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"pseudolabel: error: {coco_root / 'train2019'} not found: pass --coco-root, "
+                                       "the folder holding train2019/ and annotations/\n")
+    assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "../x", "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("pseudolabel: error: --split '../x': it holds a path separator; name the "
+                                       "folder of images under --coco-root (train2014, val2014, train2017, val2017, "
+                                       "or your dataset's)\n")
+
+
+def test_a_coco_format_dataset_of_other_categories_shards_under_its_config(tmp_path, capsys):
+    # as labelling tools export COCO: categories of their own, numbered from 0, files in subfolders
+    root = tmp_path / "parts"
+    (root / "inspection" / "line1").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images = [{"id": 1, "file_name": "line1/0001.jpg", "height": H, "width": W},
+              {"id": 2, "file_name": "line1/0001.png", "height": H, "width": W}]  # the same id as the first
+    for image in images:
+        Image.fromarray(np.full((H, W, 3), 90, np.uint8)).save(root / "inspection" / image["file_name"])
+    annotations = [{"id": 1, "image_id": 1, "category_id": 0, "segmentation": SQUARE, "iscrowd": 0},
+                   {"id": 2, "image_id": 1, "category_id": 1, "segmentation": WIDE, "iscrowd": 0}]
+    (root / "annotations" / "instances_inspection.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations,
+         "categories": [{"id": 0, "name": "Scratch"}, {"id": 1, "name": "dent"}]}))
+    command = ["shard-coco", "--coco-root", str(root), "--split", "inspection", "-o", str(tmp_path / "shards")]
+    assert main(command) == 2
+    assert capsys.readouterr().err == (
+        "pseudolabel: error: COCO category 0 'Scratch' is not a class of the config (COCO's 80 unless --config names "
+        "another): pass --config, a YAML whose classes are the annotation file's categories (Scratch, dent)\n")
+    (tmp_path / "parts.yaml").write_text("classes: [dent, scratch]\n")
+    assert main(command + ["--config", str(tmp_path / "parts.yaml")]) == 0
+    (sample,) = read_shard(str(tmp_path / "shards" / "coco-inspection-000000.tar"))
+    meta = json.loads(sample["json"])
+    assert (sample["__key__"], meta["names"], meta["labels"]) == ("line1_0001", ["dent", "scratch"], [1, 2])
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["classes"] == ["dent", "scratch"]
+    assert manifest["problems"] == [{"id": "line1_0001", "problem": "duplicate id",
+                                     "detail": "line1/0001.png maps to an id already used; kept the first"}]
 
 
 def test_each_instance_mask_is_decoded_once(coco_root, tmp_path, monkeypatch):

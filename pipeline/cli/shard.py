@@ -38,9 +38,14 @@ def register(sub) -> None:
         examples=["pseudolabel shard-coco --coco-root coco/ --split train2014 -o coco-shards/"])
     inputs = coco.add_argument_group("input")
     inputs.add_argument("--coco-root", required=True, help="the COCO folder (with train2014/ ... and annotations/)")
-    inputs.add_argument("--split", required=True, help="train2014, val2014, train2017 or val2017")
+    inputs.add_argument("--split", required=True,
+                        help="the folder of images under --coco-root: train2014, val2014, train2017, val2017, or "
+                             "that of a COCO-format dataset of your own")
     inputs.add_argument("--annotations", default=None,
                         help="instances JSON (default: <coco-root>/annotations/instances_<split>.json)")
+    inputs.add_argument("--config", default="coco",
+                        help="the config whose classes the annotation file's categories are, by name: coco (the "
+                             "default, COCO's 80) or a YAML file listing your own (the run's --config)")
     _shard_outputs(coco)
     coco.set_defaults(func=run_shard_coco)
 
@@ -116,7 +121,7 @@ def run_shard_coco(args: argparse.Namespace) -> int:
     from pipeline.data.coco import coco_sources
     from pipeline.data.shards import ShardingReport
 
-    class_names = load_config("coco").class_names
+    class_names = load_config(args.config).class_names
     report = ShardingReport()
     sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report,
                            lambda ids: tqdm(ids, unit="img", desc="ground truth", delay=0.5))

@@ -5,10 +5,10 @@ The semantic mask of an image follows COCO-Stuff's `cocoSegmentationToSegmentati
 truth of the weakly supervised literature: the image's non-crowd instance masks (polygons or
 RLE, decoded by pycocotools' `annToMask`) are painted in annotation-file order, a later instance
 overwriting an earlier one where they overlap; crowd regions are not painted (their pixels stay
-background); values are the contiguous class indices of `configs/coco.yaml` (1..80, 0
-background). The image-level labels are the classes present in that mask, as the official iSeg
-code derives them from its ground-truth masks: a crowd-only class, or an instance wholly covered
-by later ones, is not a label.
+background); values are the contiguous class indices of the config's classes (1..80 for
+`configs/coco.yaml`, the default; 0 background). The image-level labels are the classes present
+in that mask, as the official iSeg code derives them from its ground-truth masks: a crowd-only
+class, or an instance wholly covered by later ones, is not a label.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 import numpy as np
 
 from pipeline.config import match_class
 from pipeline.mask.codec import encode_mask
-from pipeline.data.shards import ShardingError, ShardingReport, SourceImage
+from pipeline.data.safe_paths import key_problem
+from pipeline.data.shards import ShardingError, ShardingReport, SourceImage, sample_key
 
 SPLITS = ("train2014", "val2014", "train2017", "val2017")
 
@@ -74,11 +75,14 @@ def category_indices(coco, class_names: list[str]) -> dict[int, int]:
     as every class name is (`match_class`: the config's `traffic_light` is COCO's `traffic light`)."""
     indices = {}
     spellings = [(name,) for name in class_names]
-    for category in coco.loadCats(coco.getCatIds()):
+    categories = coco.loadCats(coco.getCatIds())
+    for category in categories:
         index = match_class(category["name"], spellings)
         if index is None:
-            raise ShardingError(f"COCO category {category['id']} {category['name']!r} is not a class of the "
-                                f"config: pass the COCO config (--config coco)")
+            names = ", ".join(c["name"] for c in categories[:8]) + (", ..." if len(categories) > 8 else "")
+            raise ShardingError(f"COCO category {category['id']} {category['name']!r} is not a class of the config "
+                                f"(COCO's 80 unless --config names another): pass --config, a YAML whose classes "
+                                f"are the annotation file's categories ({names})")
         indices[category["id"]] = index + 1
     return indices
 
@@ -101,18 +105,24 @@ def coco_sources(coco_root: str | Path, split: str, annotations: str | Path | No
     labelled pixel, with an unknown category or without their file go to the report.
     progress wraps the image ids as they are rendered (a progress bar)."""
     root = Path(coco_root)
-    if split not in SPLITS:
-        raise ShardingError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    problem = key_problem(split)
+    if problem is not None:
+        raise ShardingError(f"--split {split!r}: {problem}; name the folder of images under --coco-root "
+                            f"({', '.join(SPLITS)}, or your dataset's)")
     images_dir = root / split
     if not images_dir.is_dir():
         raise ShardingError(f"{images_dir} not found: pass --coco-root, the folder holding {split}/ and annotations/")
     coco = load_coco(Path(annotations) if annotations else root / "annotations" / f"instances_{split}.json")
     indices = category_indices(coco, class_names)
-    sources = []
+    sources, seen = [], set()
     for image_id in progress(sorted(coco.imgs)):
         info = coco.imgs[image_id]
-        key = Path(info["file_name"]).stem
+        key = sample_key(str(PurePosixPath(info["file_name"]).with_suffix("")))  # COCO's own: the file's stem
         path = images_dir / info["file_name"]
+        if key in seen:
+            report.problem(key, "duplicate id", f"{info['file_name']} maps to an id already used; kept the first")
+            continue
+        seen.add(key)
         if not path.is_file():
             report.problem(key, "missing image", f"{path} not found; not sharded")
             continue
