@@ -109,3 +109,21 @@ def test_crafted_samples_fail_alone_and_the_others_are_done(tiny_model, tmp_path
     assert "over the limit of 100,000" in rows["too_big"]["error"]
     assert [s["__key__"] for s in result.mask_samples] == ["good_1", "good_2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted-000000.tar"]
+
+
+def test_a_foreign_shards_background_label_is_left_out_as_when_sharding():
+    from pipeline.config import ConfigError, SegmenterConfig
+    from pipeline.data.shards import sample_classes
+
+    config = SegmenterConfig()
+
+    def classes(meta: dict) -> list[int]:
+        return sample_classes({"__key__": "x", "json": json.dumps(meta).encode()}, config)
+
+    # another tool's labels, the background first with its value 0
+    assert classes({"names": ["background", "cat"], "labels": [0, 8]}) == [7]
+    assert classes({"names": ["cat", "Background"]}) == [7]
+    with pytest.raises(ConfigError, match="^image has no labels"):
+        classes({"names": ["background"], "labels": [0]})
+    with pytest.raises(ConfigError, match=r"labels \[9\] and names \['cat'\] disagree"):
+        classes({"names": ["background", "cat"], "labels": [0, 9]})

@@ -627,13 +627,17 @@ def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
         meta = json.loads(sample["json"])
     except json.JSONDecodeError as exc:
         raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
-    names = meta.get("names") or []
-    if not names:
-        raise ConfigError("image has no labels: give it at least one image-level label")
+    names, labels = meta.get("names") or [], meta.get("labels")
     if not is_name_list(names):
         raise ConfigError(f"sample .json names {names!r} are not a list of class names: reshard it")
+    kept = [i for i, name in enumerate(names) if not is_background(name)]  # every mask has the background
+    if len(kept) < len(names):
+        if isinstance(labels, list) and len(labels) == len(names):
+            labels = [labels[i] for i in kept]
+        names = [names[i] for i in kept]
+    if not names:
+        raise ConfigError("image has no labels: give it at least one image-level label")
     classes = [config.class_index(name) for name in names]
-    labels = meta.get("labels")
     if labels is not None and labels != [c + 1 for c in classes]:
         raise ConfigError(f"sample .json labels {labels!r} and names {names!r} disagree (the config numbers "
                           f"those names {[c + 1 for c in classes]}): fix the .json or reshard the image")
