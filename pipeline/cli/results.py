@@ -97,7 +97,8 @@ def _register_compare(sub) -> None:
     methods.add_argument("--sweep", default=None, metavar="KEY=START:STOP:STEP",
                          help="one row per value of a config key, as the reference papers tune a constant "
                               "against ground truth, e.g. goca.background_offset=-0.4:0.4:0.1 or "
-                              "diffsegmenter.background_score=0.3:0.74:0.04 (post-process keys segment once)")
+                              "diffsegmenter.background_score=0.3:0.74:0.04 (post-process keys segment once; a "
+                              "method whose masks the key cannot change gets one row)")
     add_model_options(compare)
     add_cpu_allocator(compare.add_argument_group("host memory"), in_process=True)
     add_no_progress(compare.add_argument_group("display"))
