@@ -86,8 +86,12 @@ def test_labels_file_and_split_errors(tmp_path):
     assert by_id["2008_000003"].names == ["horse"] and by_id["2008_000000"].names == []
     with pytest.raises(ShardingError, match="split list for 'train_aug' not found"):
         voc_sources(root, "train_aug", None, report)
-    with pytest.raises(ShardingError, match="has no JPEGImages"):
-        voc_sources(tmp_path, "train", None, report)
+    # the folder above VOC2012, or its JPEGImages/, names the one to pass
+    for wrong in (tmp_path, root / "JPEGImages"):
+        with pytest.raises(ShardingError, match=f"^{wrong} has no JPEGImages/: pass {root}, which has it$"):
+            voc_sources(wrong, "train", None, report)
+    with pytest.raises(ShardingError, match="has no JPEGImages/: pass the VOC2012 folder"):
+        voc_sources(tmp_path / "nowhere", "train", None, report)
     for text in ('{"2008_000003": ["horse"]', '[["horse"]]'):  # cut short; not an object
         labels.write_text(text)
         with pytest.raises(ShardingError, match=f"labels file {labels} is not a JSON object of image id -> "):

@@ -259,7 +259,10 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
     image whose XML names other classes than its mask shows is reported (`labels differ`)."""
     root = Path(voc_root)
     if not (root / "JPEGImages").is_dir():
-        raise ShardingError(f"{root} has no JPEGImages/: pass the VOC2012 folder (VOCdevkit/VOC2012)")
+        near = [folder for folder in (root.parent, root / "VOC2012", root / "VOCdevkit" / "VOC2012")
+                if (folder / "JPEGImages").is_dir()]
+        hint = f"pass {near[0]}, which has it" if near else "pass the VOC2012 folder (VOCdevkit/VOC2012)"
+        raise ShardingError(f"{root} has no JPEGImages/: {hint}")
     table = _labels_file(Path(labels_file)) if labels_file else None
     sources, seen = [], set()
     for image_id in _split_ids(root, split):
