@@ -281,8 +281,15 @@ def test_input_patterns(shards, tmp_path):
         expand_input(str(shards / "*.json"))
     with pytest.raises(InputError, match=r"voc-train-000003.tar does not exist \(7 missing\)"):
         expand_input(str(shards / "voc-train-{000000..000009}.tar"))
-    with pytest.raises(InputError, match="no manifest.json"):
+    with pytest.raises(InputError, match=f"^{tmp_path} holds no shard: no manifest.json and no .tar, .tar.gz, .tgz "
+                                         "file; pass the folder that sharding wrote, or a shard pattern$"):
         expand_input(str(tmp_path))
+    # another tool's shards: a folder of tars without a manifest gives its tars
+    foreign = tmp_path / "foreign {a,b} [1]"  # braces and brackets in a folder name are no pattern
+    foreign.mkdir()
+    for name in ("b.tar", "a.tar.gz", "notes.txt"):
+        (foreign / name).write_bytes(b"")
+    assert expand_input(str(foreign)) == [str(foreign / "a.tar.gz"), str(foreign / "b.tar")]
 
 
 def test_shard_names_come_from_paths_urls_and_pipes_and_may_not_collide(shards, tmp_path):

@@ -2,7 +2,7 @@
 
 - `-o/--output`: where the command writes (a file or a folder, as its help says);
 - `JOB` (positional): a job's folder, the `-o/--output` of `pseudolabel run`;
-- `--input`: image shards (a brace pattern, a glob, or a folder with manifest.json);
+- `--input`: image shards (a brace pattern, a glob, or a folder of shards);
 - `--model`, `--config`, `--device`: what segments, with which settings, where;
 - `--address`, `--workers`, `--batch-size`, `--retries`, `--cpu-threads`, `--cpu-allocator`: how a job
   runs on Ray;
@@ -49,7 +49,7 @@ def add_job_folder(group) -> None:
 def add_input_shards(group) -> None:
     group.add_argument("--input", required=True,
                        help="image shards: a brace pattern 'shards/voc-train_aug-{000000..000041}.tar', a glob, "
-                            "or a folder with manifest.json")
+                            "or a folder of shards (those its manifest.json lists; without one, its .tar files)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,

@@ -468,16 +468,20 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 def expand_input(pattern: str) -> list[str]:
     """Shard paths from a brace pattern (`shards/voc-{000000..000041}.tar`), a glob (its
-    SHARD_SUFFIXES files: `shards/*` leaves the manifest out), or a folder holding a
-    manifest.json (or that manifest.json); in order, without duplicates."""
+    SHARD_SUFFIXES files: `shards/*` leaves the manifest out), a folder holding a
+    manifest.json (or that manifest.json): the shards it lists, or a folder without one (another
+    tool's shards): its SHARD_SUFFIXES files; in order, without duplicates."""
     from braceexpand import braceexpand
 
     path = Path(pattern)
     if path.name == "manifest.json" and path.is_file():
         path = path.parent
-    if path.is_dir():
-        if not (path / "manifest.json").is_file():
-            raise InputError(f"{path} has no manifest.json: pass a shard pattern such as '{path}/*.tar'")
+    if path.is_dir() and not (path / "manifest.json").is_file():
+        urls = sorted(str(file) for file in path.iterdir() if file.name.endswith(SHARD_SUFFIXES) and file.is_file())
+        if not urls:
+            raise InputError(f"{path} holds no shard: no manifest.json and no {', '.join(SHARD_SUFFIXES)} file; pass "
+                             "the folder that sharding wrote, or a shard pattern")
+    elif path.is_dir():
         listed = (read_manifest(path) or {}).get("shards")
         if not isinstance(listed, list) or not all(isinstance(s, dict) and isinstance(s.get("url"), str)
                                                    for s in listed):
