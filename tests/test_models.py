@@ -117,6 +117,9 @@ def test_a_device_that_cannot_run_here_is_named_with_the_fix(monkeypatch, capsys
     assert models.resolve_device(None) == models.default_device()
     with pytest.raises(DeviceError, match=r"device 'gpu0' is not a torch device: pass cpu, cuda or cuda:N"):
         models.resolve_device("gpu0")
+    for other in ("mps", "xpu:0", "meta"):  # torch devices the segmenter does not run on: no traceback later
+        with pytest.raises(DeviceError, match=f"^device '{other}': the segmenter runs on cpu or cuda \\(cuda:N\\), not "):
+            models.resolve_device(other)
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch, as README's first command installs
     with pytest.raises(DeviceError, match=r"this torch \(.*\) is a CPU build: install torch's CUDA build"):
         models.resolve_device("cuda")

@@ -51,6 +51,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise DeviceError(f"device {str(device)!r} is not a torch device: pass cpu, cuda or cuda:N") from exc
+    if resolved.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {str(device)!r}: the segmenter runs on cpu or cuda (cuda:N), not on "
+                          f"{resolved.type}: pass --device cpu")
     if resolved.type == "cuda":
         if torch.version.cuda is None:
             raise DeviceError(f"device {str(device)!r}: this torch ({torch.__version__}) is a CPU build: install "
