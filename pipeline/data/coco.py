@@ -41,6 +41,9 @@ def load_coco(annotations: Path):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
             coco = COCO(str(annotations))
         problem = instances_problem(coco.dataset)
+        if problem is None:
+            for annotation in coco.dataset["annotations"]:  # the index holds these same dicts
+                annotation.setdefault("iscrowd", 0)  # left out by some exporters: Detectron2's default
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as exc:
         problem = str(exc) or type(exc).__name__
     if problem:
@@ -51,14 +54,14 @@ def load_coco(annotations: Path):
 
 # The keys each entry of an instances JSON needs here (pycocotools reads them).
 REQUIRED_KEYS = {"images": ("id", "file_name", "width", "height"),
-                 "annotations": ("id", "image_id", "category_id", "segmentation", "iscrowd"),
+                 "annotations": ("id", "image_id", "category_id", "segmentation"),
                  "categories": ("id", "name")}
 
 
 def instances_problem(dataset) -> str | None:
     """What keeps a parsed instances JSON from being rendered, in a few words (the first
     entry lacking a key, say), or None. Files from labelling tools' COCO exporters often
-    leave out `iscrowd` or `categories`."""
+    leave out `categories`; an annotation without `iscrowd` is an instance (`load_coco`)."""
     for section, keys in REQUIRED_KEYS.items():
         entries = dataset.get(section)
         if not isinstance(entries, list):
