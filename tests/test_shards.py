@@ -117,11 +117,13 @@ def test_a_folder_labels_file_that_is_not_text_or_lists_no_names_is_one_line(tmp
 def test_a_labels_table_may_be_tsv_and_separate_names_by_semicolons_commas_or_bars(tmp_path):
     from pipeline.data.shards import folder_sources
 
-    for name in ("a.jpg", "b.jpg", "c.jpg"):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.jpg", "b.jpg", "sub/c.jpg"):
         (tmp_path / name).write_bytes(b"")
-    expected = [("a", ["cat", "dog"]), ("b", ["sofa", "cat"]), ("c", ["dog"])]
-    (tmp_path / "labels.CSV").write_text('image,labels\na.jpg,cat;dog\nb.jpg,"sofa, cat"\nc.jpg,dog\n')
-    (tmp_path / "labels.tsv").write_text("image\tlabels\na.jpg\tcat|dog\nb.jpg\tsofa,cat\nc.jpg\tdog\n")
+    expected = [("a", ["cat", "dog"]), ("b", ["sofa", "cat"]), ("sub_c", ["dog"])]
+    # made on Windows: its path separator
+    (tmp_path / "labels.CSV").write_text('image,labels\na.jpg,cat;dog\nb.jpg,"sofa, cat"\nsub\\c.jpg,dog\n')
+    (tmp_path / "labels.tsv").write_text("image\tlabels\na.jpg\tcat|dog\nb.jpg\tsofa,cat\nsub/c.jpg\tdog\n")
     for table in ("labels.CSV", "labels.tsv"):
         sources = folder_sources(tmp_path, tmp_path / table, ShardingReport())
         assert [(s.id, s.names) for s in sources] == expected, table

@@ -21,7 +21,7 @@ import re
 import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator
 
 import numpy as np
@@ -351,6 +351,8 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
             continue
         seen.add(key)
         image = images_dir / rel
+        if not image.is_file() and "\\" in rel:  # a path written on Windows: kitchen\001.jpg
+            image = images_dir / PureWindowsPath(rel).as_posix()
         if not image.is_file():
             report.problem(key, "missing image", f"{image} does not exist")
             continue
