@@ -122,9 +122,12 @@ def test_a_labels_table_may_be_tsv_and_separate_names_by_semicolons_commas_or_ba
         (tmp_path / name).write_bytes(b"")
     expected = [("a", ["cat", "dog"]), ("b", ["sofa", "cat"]), ("sub_c", ["dog"])]
     # made on Windows: its path separator
-    (tmp_path / "labels.CSV").write_text('image,labels\na.jpg,cat;dog\nb.jpg,"sofa, cat"\nsub\\c.jpg,dog\n')
+    (tmp_path / "labels.CSV").write_text('image,labels\na.jpg,cat,dog\nb.jpg,"sofa, cat"\nsub\\c.jpg,dog\n')
     (tmp_path / "labels.tsv").write_text("image\tlabels\na.jpg\tcat|dog\nb.jpg\tsofa,cat\nsub/c.jpg\tdog\n")
-    for table in ("labels.CSV", "labels.tsv"):
+    # as Excel saves CSV where ',' is the decimal mark: ';' between columns, with a byte-order mark
+    (tmp_path / "excel.csv").write_bytes("\ufeffimage;labels\na.jpg;cat;dog\nb.jpg;sofa|cat\nsub/c.jpg;dog\n"
+                                         .encode("utf-8"))
+    for table in ("labels.CSV", "labels.tsv", "excel.csv"):
         sources = folder_sources(tmp_path, tmp_path / table, ShardingReport())
         assert [(s.id, s.names) for s in sources] == expected, table
     (tmp_path / "named.csv").write_text("file,classes\na.jpg,cat\n")

@@ -299,21 +299,26 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
 
 
 def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
-    """(image path, class names) per row of a labels CSV or TSV (`.csv`, `.tsv`: columns image,
-    labels; names split by `;`, `,` or `|`) or JSONL file ({"image": path, "labels": [names]}),
-    UTF-8 with or without the byte-order mark that Excel and Notepad write (as the split lists
-    and JSON labels files)."""
+    """(image path, class names) per row of a labels table (`.csv`, `.tsv`: columns image,labels,
+    separated by `,`, a tab or `;` as its header line shows, the last as Excel writes CSV in
+    many locales; names split by `;`, `,` or `|`) or JSONL file ({"image": path, "labels":
+    [names]}), UTF-8 with or without the byte-order mark that Excel and Notepad write (as the
+    split lists and JSON labels files)."""
     rows: list[tuple[str, list[str]]] = []
-    table = labels_path.suffix.lower()
-    if table in (".csv", ".tsv"):
+    if labels_path.suffix.lower() in (".csv", ".tsv"):
         with open(labels_path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if table == ".tsv" else ",")
+            header = handle.readline()
+            handle.seek(0)  # the decoder starts again, and drops a byte-order mark again
+            delimiter = next((d for d in (",", "\t", ";") if {"image", "labels"} <= {c.strip() for c in
+                                                                                     header.split(d)}), ",")
+            reader = csv.DictReader(handle, delimiter=delimiter)
             if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
                 found = ",".join(reader.fieldnames or []) or "empty"
                 raise ShardingError(f"{labels_path} needs a header with columns image,labels (its first line is "
                                     f"{found[:80]}): name the columns so")
-            return [(r["image"], [n.strip() for n in re.split(r"[;,|]", r["labels"] or "") if n.strip()])
-                    for r in reader]
+            # names past the labels column are more names (`a.jpg,cat,dog` unquoted), not dropped
+            return [(r["image"], [n.strip() for field in [r["labels"] or ""] + (r.get(None) or [])
+                                  for n in re.split(r"[;,|]", field) if n.strip()]) for r in reader]
     for number, line in enumerate(labels_path.read_text(encoding="utf-8-sig").splitlines(), 1):
         if line.strip():
             try:
