@@ -136,8 +136,18 @@ def test_a_labels_table_may_be_tsv_and_separate_names_by_semicolons_commas_or_ba
         folder_sources(tmp_path, tmp_path / "named.csv", ShardingReport())
     (tmp_path / "labels.txt").write_text("image\tlabels\na.jpg\tcat\n")  # a table by another suffix: read as JSONL
     with pytest.raises(ShardingError, match=r"line 1 is not a JSON object with 'image' \(.*\): a labels file is a "
-                                            r"CSV \(.csv, .tsv\) with columns image,labels or a JSONL file"):
+                                            r"CSV \(.csv, .tsv\) with columns image,labels, a JSONL file"):
         folder_sources(tmp_path, tmp_path / "labels.txt", ShardingReport())
+    # one JSON value: a list of the JSONL objects, or {image: [names]}
+    (tmp_path / "list.json").write_text(json.dumps([{"image": "a.jpg", "labels": ["cat"]}]))
+    (tmp_path / "map.json").write_text(json.dumps({"a.jpg": ["cat"], "sub/c.jpg": ["dog"]}))
+    assert [(s.id, s.names) for s in folder_sources(tmp_path, tmp_path / "list.json", ShardingReport())] == [
+        ("a", ["cat"])]
+    assert [(s.id, s.names) for s in folder_sources(tmp_path, tmp_path / "map.json", ShardingReport())] == [
+        ("a", ["cat"]), ("sub_c", ["dog"])]
+    (tmp_path / "map.json").write_text(json.dumps({"a.jpg": "cat"}))
+    with pytest.raises(ShardingError, match=r"map.json entry 1: 'labels' is 'cat', not a list of class names"):
+        folder_sources(tmp_path, tmp_path / "map.json", ShardingReport())
 
 
 def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):

@@ -58,7 +58,7 @@ def register(sub) -> None:
     inputs.add_argument("--image-dir", required=True, help="the folder of images")
     inputs.add_argument("--labels-file", required=True,
                         help="CSV or TSV (.csv, .tsv) with columns image,labels (labels separated by ';', ',' or "
-                             "'|'; columns by ',', a tab or ';') or JSONL {image, labels}")
+                             "'|'; columns by ',', a tab or ';'), JSONL {image, labels}, or .json {image: [names]}")
     inputs.add_argument("--classes", required=True, help="the class list, comma-separated, in label order")
     outputs = _shard_outputs(folder)
     outputs.add_argument("--prefix", default="images", help="shard name prefix (default images)")

@@ -304,7 +304,6 @@ def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
     many locales; names split by `;`, `,` or `|`) or JSONL file ({"image": path, "labels":
     [names]}), UTF-8 with or without the byte-order mark that Excel and Notepad write (as the
     split lists and JSON labels files)."""
-    rows: list[tuple[str, list[str]]] = []
     if labels_path.suffix.lower() in (".csv", ".tsv"):
         with open(labels_path, newline="", encoding="utf-8-sig") as handle:
             header = handle.readline()
@@ -319,33 +318,45 @@ def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
             # names past the labels column are more names (`a.jpg,cat,dog` unquoted), not dropped
             return [(r["image"], [n.strip() for field in [r["labels"] or ""] + (r.get(None) or [])
                                   for n in re.split(r"[;,|]", field) if n.strip()]) for r in reader]
-    for number, line in enumerate(labels_path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-                image, names = record["image"], record.get("labels", [])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ShardingError(f"{labels_path} line {number} is not a JSON object with 'image' ({exc}): a "
-                                    "labels file is a CSV (.csv, .tsv) with columns image,labels or a JSONL file "
-                                    "of {\"image\": ..., \"labels\": [...]}") from exc
-            if not is_name_list(names):
-                raise ShardingError(f"{labels_path} line {number}: 'labels' is {names!r}, not a list of class names "
-                                    "(\"labels\": [\"cat\", \"sofa\"])")
-            rows.append((image, names))
-    return rows
+    text = labels_path.read_text(encoding="utf-8-sig")
+    if labels_path.suffix.lower() == ".json":  # one JSON value: [{image, labels}, ...] or {image: [names]}
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ShardingError(f"{labels_path} is not valid JSON ({exc}): fix the file") from None
+        records = ([{"image": image, "labels": names} for image, names in whole.items()]
+                   if isinstance(whole, dict) else whole if isinstance(whole, list) else [whole])
+        return [_label_row(labels_path, f"entry {number}", record) for number, record in enumerate(records, 1)]
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [_label_row(labels_path, f"line {number}", line) for number, line in lines]
+
+
+def _label_row(labels_path: Path, where: str, record) -> tuple[str, list[str]]:
+    """(image path, class names) of one labels-file record: a dict or a JSONL line."""
+    try:
+        record = json.loads(record) if isinstance(record, str) else record
+        image, names = record["image"], record.get("labels", [])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ShardingError(f"{labels_path} {where} is not a JSON object with 'image' ({exc}): a labels file "
+                            "is a CSV (.csv, .tsv) with columns image,labels, a JSONL file of {\"image\": ..., "
+                            "\"labels\": [...]}, or a .json file of such objects or of {image: [names]}") from None
+    if not is_name_list(names):
+        raise ShardingError(f"{labels_path} {where}: 'labels' is {names!r}, not a list of class names "
+                            "(\"labels\": [\"cat\", \"sofa\"])")
+    return image, names
 
 
 def folder_sources(images_dir: str | Path, labels_path: str | Path, report: ShardingReport) -> list[SourceImage]:
-    """Images of a folder labelled by a CSV or TSV (columns image,labels; labels separated by
-    `;`, `,` or `|`) or a JSONL file ({"image": path, "labels": [names]} per line); paths relative to images_dir."""
+    """Images of a folder labelled by a labels file (`_labels_rows`: a CSV or TSV table, JSONL
+    or JSON); paths relative to images_dir."""
     images_dir, labels_path = Path(images_dir), Path(labels_path)
     if not labels_path.is_file():
-        raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels) or JSONL file")
+        raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels), JSONL or JSON file")
     try:
         rows = _labels_rows(labels_path)
     except UnicodeDecodeError as exc:
         raise ShardingError(f"labels file {labels_path} is not UTF-8 text (byte {exc.start}): pass a CSV "
-                            "(image,labels) or JSONL file") from None
+                            "(image,labels), JSONL or JSON file") from None
     except csv.Error as exc:
         raise ShardingError(f"labels file {labels_path} is not a CSV file: {exc}") from None
     sources, seen = [], set()
