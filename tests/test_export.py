@@ -40,6 +40,14 @@ def test_export_filters_and_ignore(tmp_path, capsys):
     low = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000000.png")  # confidence 0.2
     high = _read_like_mmseg(tmp_path / "e3/SegmentationClassPseudo/2011_000003.png")  # confidence 0.8
     assert (low == 255).all() and (high == gts["2011_000003"]).all()
+    # a filter that drops every image writes no empty split list, and leaves the earlier export
+    capsys.readouterr()
+    assert main(["export", str(out), "-o", str(dest), "--min-confidence", "0.95", "--force"]) == 2
+    assert capsys.readouterr().err == (
+        "pseudolabel: error: nothing to export (4 for mean confidence): loosen --min-confidence or "
+        "--require-all-labels, or redo the failed images; an earlier export at -o/--output is left as it was\n")
+    assert (dest / "ImageSets/Segmentation/train_aug.txt").read_text().split() == ["2011_000002", "2011_000003"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 
 @pytest.mark.parametrize("argv, message", [
