@@ -198,9 +198,8 @@ def run_export(args: argparse.Namespace) -> int:
     with image_bar(job, "export", args) as bar:
         summary = export_voc(job, args.output, split=args.split, keep=keep, with_images=args.with_images,
                              replace=args.force, progress=bar)
-    dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "none"
     print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
-          f"(dropped: {dropped}); split list {summary.split_file}")
+          f"(dropped: {summary.dropped_text() or 'none'}); split list {summary.split_file}")
     return 0
 
 

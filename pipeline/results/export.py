@@ -57,6 +57,11 @@ class ExportSummary:
     dropped: dict[str, int] = field(default_factory=dict)
     split_file: Path | None = None
 
+    def dropped_text(self) -> str | None:
+        """The images dropped, by reason ("3 for mean confidence, 1 for failed in the job"); None
+        where none was."""
+        return ", ".join(f"{n} for {why}" for why, n in self.dropped.items()) or None
+
 
 def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilter | None = None,
                with_images: bool = False, replace: bool = False, progress=None) -> ExportSummary:
@@ -136,8 +141,7 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
     if failed:
         summary.dropped["failed in the job"] = len(failed)
     if not ids:  # an empty split list would fail the training later, far from its cause
-        dropped = ", ".join(f"{n} for {why}" for why, n in summary.dropped.items()) or "the job has no mask"
-        raise ExportError(f"nothing to export ({dropped}): loosen --min-confidence or --require-all-labels, or "
+        raise ExportError(f"nothing to export ({summary.dropped_text() or 'the job has no mask'}): loosen --min-confidence or --require-all-labels, or "
                           "redo the failed images; an earlier export at -o/--output is left as it was")
     summary.exported = len(ids)
     summary.split_file = file_in(dest / "ImageSets" / "Segmentation", split, ".txt")
