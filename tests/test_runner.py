@@ -465,6 +465,8 @@ def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threa
     assert torch_threads == (threads or max(1, cpus // workers))
     if threads:
         assert options["num_cpus"] <= threads
+    # fewer shards to do than workers asked: as many start, sharing the CPUs among themselves
+    assert _actor_options(_Cluster(CPU=cpus), workers + 1, 2, shards=1)[::2] == (1, cpus)
 
 
 def test_cpu_workers_start_with_the_allocator_settings_unless_the_shell_sets_them_or_asks_unchanged():

@@ -208,9 +208,11 @@ SHARDS_PER_WORKER = 2
 
 
 def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | None = None,
-                   device: str | None = None, cpu_env: Mapping[str, str] | None = None) -> tuple[int, dict, int]:
+                   device: str | None = None, cpu_env: Mapping[str, str] | None = None,
+                   shards: int | None = None) -> tuple[int, dict, int]:
     """(workers, actor options, torch threads per actor): one GPU each where the cluster has
-    GPUs (unless device is "cpu"), else CPU slots. CPU workers together reserve all but at
+    GPUs (unless device is "cpu"), else CPU slots; no more workers than `shards` to do, as a
+    worker takes a shard at a time. CPU workers together reserve all but at
     least one CPU (fractions allowed), so post-processing tasks can always be scheduled; the
     reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
     cpu_threads threads, by default on its whole share of the CPUs: the model is idle while
@@ -221,12 +223,12 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     # One concurrency slot beyond the shards, for the driver's progress polls.
     fault = dict(max_restarts=-1, max_task_retries=retries, max_concurrency=SHARDS_PER_WORKER + 1)
     if gpus and device != "cpu":
-        n = workers or gpus
+        n = min(workers or gpus, shards or math.inf)
         if n > gpus:
             raise InputError(f"--workers {n} asks for one GPU each but the cluster has {gpus}: "
                              f"use --workers {gpus} or fewer, or --device cpu for CPU workers")
         return n, dict(num_gpus=1, num_cpus=1, **fault), 0
-    n = workers or 1
+    n = min(workers or 1, shards or math.inf)
     share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
     reserved = min(cpu_threads, share) if cpu_threads else share
     # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
@@ -295,14 +297,11 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             return summary
 
         ray, private = _init_ray(address)
-        # A worker takes a shard at a time: no more start than there are shards to do, and CPU
-        # workers share the machine's CPUs among those that start.
-        starting = min(workers, len(todo)) if workers else None
-        n_workers, options, threads = _actor_options(ray, starting, retries, cpu_threads, device, cpu_env)
+        n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
+                                                     shards=len(todo))
         device = worker_device(device, options)
         if private:  # its workers run this torch: a device it cannot use fails here, in one line
             resolve_device(device)
-        n_workers = min(n_workers, len(todo))  # one a GPU by default
         summary.workers = n_workers
         cut_line = fewer_workers_line(workers, n_workers, len(todo))
         if cut_line:
