@@ -301,9 +301,10 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
 def _labels_rows(labels_path: Path) -> list[tuple[str, list[str]]]:
     """(image path, class names) per row of a labels table (`.csv`, `.tsv`: columns image,labels,
     separated by `,`, a tab or `;` as its header line shows, the last as Excel writes CSV in
-    many locales; names split by `;`, `,` or `|`) or JSONL file ({"image": path, "labels":
-    [names]}), UTF-8 with or without the byte-order mark that Excel and Notepad write (as the
-    split lists and JSON labels files)."""
+    many locales; names split by `;`, `,` or `|`), a JSONL file ({"image": path, "labels":
+    [names]} a line) or a `.json` file (a list of those, or {image: [names]}), UTF-8 with or
+    without the byte-order mark that Excel and Notepad write (as the split lists and JSON labels
+    files)."""
     if labels_path.suffix.lower() in (".csv", ".tsv"):
         with open(labels_path, newline="", encoding="utf-8-sig") as handle:
             header = handle.readline()
