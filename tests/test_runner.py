@@ -290,6 +290,16 @@ def test_input_patterns(shards, tmp_path):
     for name in ("b.tar", "a.tar.gz", "notes.txt"):
         (foreign / name).write_bytes(b"")
     assert expand_input(str(foreign)) == [str(foreign / "a.tar.gz"), str(foreign / "b.tar")]
+    # a job's own mask shards are no input: they hold masks, and their json the statistics
+    job = tmp_path / "job"
+    (job / "masks").mkdir(parents=True)
+    (job / "masks" / "voc-train-000000.tar").write_bytes(b"")
+    (job / "job.json").write_text(json.dumps({"input": "/data/shards"}))
+    for pattern in (job / "masks", job / "masks" / "*.tar"):
+        with pytest.raises(InputError, match=f"^input shard {job}/masks/voc-train-000000.tar holds the masks that "
+                                             f"pseudolabel run wrote into the job {job}, not images: pass the image "
+                                             r"shards that job read \(/data/shards\)$"):
+            expand_input(str(pattern))
 
 
 def test_shard_names_come_from_paths_urls_and_pipes_and_may_not_collide(shards, tmp_path):

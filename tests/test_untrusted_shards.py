@@ -127,3 +127,20 @@ def test_a_foreign_shards_background_label_is_left_out_as_when_sharding():
         classes({"names": ["background"], "labels": [0]})
     with pytest.raises(ConfigError, match=r"labels \[9\] and names \['cat'\] disagree"):
         classes({"names": ["background", "cat"], "labels": [0, 9]})
+
+
+def test_a_job_mask_shard_or_a_malformed_json_fails_its_sample_with_the_reason():
+    from pipeline.config import ConfigError, SegmenterConfig
+    from pipeline.data.shards import sample_classes
+
+    config = SegmenterConfig()
+    # a mask shard's sample: the mask as png, its confidence map and its statistics row
+    row = {"id": "x", "status": "ok", "labels": [8], "names": ["cat"], "mean_confidence": 0.6}
+    for sample in ({"png": b"", "conf.png": b"", "json": json.dumps(row).encode()},
+                   {"png": b"", "json": json.dumps(row).encode()}):  # jobs before the confidence maps
+        with pytest.raises(ConfigError, match="^sample is a pseudo mask with its statistics .* pass the image shards"):
+            sample_classes({"__key__": "x", **sample}, config)
+    with pytest.raises(ConfigError, match="^sample .json is list, not an object"):
+        sample_classes({"__key__": "x", "json": b'["cat"]'}, config)
+    with pytest.raises(ConfigError, match="^sample .json is not valid JSON"):
+        sample_classes({"__key__": "x", "json": b'{"names": ["\xff"]}'}, config)

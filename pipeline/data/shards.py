@@ -515,6 +515,15 @@ def expand_input(pattern: str) -> list[str]:
             matches = [m for m in sorted(glob.glob(expanded)) if m.endswith(SHARD_SUFFIXES)] if globbed else [expanded]
             urls.extend(u for u in matches if u not in urls)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    job_masks = next((u for u in urls if _job_of_mask_shard(u) is not None), None)
+    if job_masks is not None:
+        job = _job_of_mask_shard(job_masks)
+        try:
+            read = json.loads((job / "job.json").read_text()).get("input")
+        except (OSError, ValueError, AttributeError):
+            read = None
+        raise InputError(f"input shard {job_masks} holds the masks that pseudolabel run wrote into the job {job}, "
+                         "not images: pass the image shards" + (f" that job read ({read})" if read else ""))
     if not urls:
         raise InputError(f"--input {pattern!r} matches no shard (a glob takes the {', '.join(SHARD_SUFFIXES)} files "
                          "it matches)")
@@ -522,6 +531,14 @@ def expand_input(pattern: str) -> list[str]:
         raise InputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
                          f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
+
+
+def _job_of_mask_shard(url: str) -> Path | None:
+    """The job folder whose masks/ holds this local shard (a mask shard of `pseudolabel run`), else None."""
+    path = Path(url)
+    if "://" in url or url.startswith("pipe:") or path.parent.name != "masks":
+        return None
+    return path.parent.parent if (path.parent.parent / "job.json").is_file() else None
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -651,8 +668,13 @@ def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
         raise ConfigError("sample has no .json with its labels: reshard it with pseudolabel shard-voc/shard-folder")
     try:
         meta = json.loads(sample["json"])
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
+    if not isinstance(meta, dict):
+        raise ConfigError(f"sample .json is {type(meta).__name__}, not an object with its labels' names: reshard it")
+    if "conf.png" in sample or {"status", "mean_confidence"} <= meta.keys():
+        raise ConfigError("sample is a pseudo mask with its statistics (a mask shard that pseudolabel run wrote), "
+                          "not an image with labels: pass the image shards the job read")
     names, labels = meta.get("names") or [], meta.get("labels")
     if not is_name_list(names):
         raise ConfigError(f"sample .json names {names!r} are not a list of class names: reshard it")
