@@ -1,10 +1,13 @@
 """Peer methods: pure functions on hand-made attention maps, and each method end to end."""
 
+import io
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import image_tensor, synthetic_image
 from pipeline.segment.methods import iseg
@@ -404,6 +407,25 @@ def test_compare_times_every_segmenter_after_one_untimed_batch(tmp_path, tiny_mo
     assert sorted(calls.values()) == [[2, 2, 1], [2, 2, 1]]  # the first batch twice, the last once
     for tally in tallies.values():
         assert tally.images == 3 and 0 < tally.seconds < 1000.0
+
+
+def test_compare_names_the_first_skipped_samples_and_refuses_input_it_cannot_segment(tmp_path, tiny_model, capsys):
+    from conftest import FAST_CONFIG
+    from pipeline.config import load_config
+    from pipeline.data.shards import InputError, tar_bytes
+    from pipeline.results.compare import compare_methods
+
+    png = io.BytesIO()
+    Image.fromarray(synthetic_image(16, 16, 0)).save(png, format="PNG")
+    samples = [{"__key__": f"img{i}", "png": png.getvalue(), "json": json.dumps({"names": ["no-such-class"]}).encode()}
+               for i in range(7)]
+    (tmp_path / "bad-000000.tar").write_bytes(tar_bytes(samples))
+    with pytest.raises(InputError, match=r"^no image of --input .* could be segmented \(7 skipped: the first, 'img0': "
+                                         r"unknown class name 'no-such-class'"):
+        compare_methods(str(tmp_path), ["iseg"], load_config(FAST_CONFIG), tiny_model)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"skipped 'img{i}'" for i in range(5)] + [
+        "... 2 more skipped (7 in all)"]
 
 
 def test_sweep_parses_values_and_rejects_bad_keys():

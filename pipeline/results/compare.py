@@ -20,7 +20,7 @@ from pipeline.mask.codec import ImageDecodeError, decode_image
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key
 from pipeline.segment.segmenter import Segmenter
-from pipeline.data.shards import expand_input, read_shard, sample_classes, sample_image
+from pipeline.data.shards import InputError, expand_input, read_shard, sample_classes, sample_image
 
 # Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
 VARIANTS = {method: {"method": method} for method in METHODS} | {
@@ -127,10 +127,16 @@ class ComparedImage:
     gt: np.ndarray | None
 
 
-def _samples(input_pattern: str, config: SegmenterConfig, gt_dir: str | Path | None, limit: int | None):
+# Samples that cannot be segmented are named one a line up to this many, then counted.
+SKIPPED_NAMED = 5
+
+
+def _samples(input_pattern: str, config: SegmenterConfig, gt_dir: str | Path | None, limit: int | None,
+             skipped: list[tuple[str, str]]):
     """A ComparedImage per usable sample, its ground truth gt_dir/<id>.png when gt_dir is given
-    (as `eval --gt`), else its shard's gt.png. Samples that cannot be segmented are reported
-    and skipped; ground truth that cannot be scored is a GroundTruthError naming it."""
+    (as `eval --gt`), else its shard's gt.png. Samples that cannot be segmented are added to
+    skipped as (key, reason), the first SKIPPED_NAMED printed; ground truth that cannot be
+    scored is a GroundTruthError naming it."""
     count = 0
     for url in expand_input(input_pattern):
         for sample in read_shard(url):
@@ -141,7 +147,9 @@ def _samples(input_pattern: str, config: SegmenterConfig, gt_dir: str | Path | N
                 image = decode_image(sample_image(sample), key, config.max_image_pixels)
                 classes = sample_classes(sample, config)
             except (ImageDecodeError, ConfigError, UnsafeKeyError) as exc:
-                print(f"skipped {sample['__key__']!r}: {exc}")
+                skipped.append((sample["__key__"], str(exc)))
+                if len(skipped) <= SKIPPED_NAMED:
+                    print(f"skipped {sample['__key__']!r}: {exc}")
                 continue
             count += 1
             data = gt_file(gt_dir, key) if gt_dir is not None else sample.get("gt.png")
@@ -199,12 +207,18 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
             progress.update(len(batch))
         batch.clear()
 
-    for item in _samples(input_pattern, config, gt_dir, limit):
+    skipped: list[tuple[str, str]] = []
+    for item in _samples(input_pattern, config, gt_dir, limit, skipped):
         batch.append(item)
         if len(batch) == batch_size:
             run_batch()
     if batch:
         run_batch()
+    if len(skipped) > SKIPPED_NAMED:
+        print(f"... {len(skipped) - SKIPPED_NAMED} more skipped ({len(skipped)} in all)")
+    if not next(iter(tallies.values())).images:
+        first = f": the first, {skipped[0][0]!r}: {skipped[0][1]}" if skipped else ""
+        raise InputError(f"no image of --input {input_pattern} could be segmented ({len(skipped)} skipped{first})")
     return tallies
 
 
