@@ -614,6 +614,32 @@ def test_ray_address_follows_rays_convention():
     assert ray_address("local", None, running) == "local"
 
 
+def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkeypatch):
+    import logging
+
+    import ray
+
+    from pipeline.job.runner import _init_ray
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    printed = []
+    handler = logging.Handler()
+    handler.emit = lambda record: printed.append(record.getMessage())
+
+    def init(**kwargs):  # what ray.init logs as it starts a local instance
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("another warning")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    logger.addHandler(handler)
+    try:
+        assert _init_ray("local") == (ray, True)
+    finally:
+        logger.removeHandler(handler)
+    assert printed == ["another warning"]
+
+
 def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shards, tmp_path, monkeypatch, capsys):
     # The job is started from the shard folder with a relative --input through `..` and batch
     # size auto (1 on a CPU), interrupted (one shard left in progress), then resumed from

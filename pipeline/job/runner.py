@@ -16,6 +16,7 @@ import time
 import signal
 import threading
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -133,9 +134,34 @@ def _init_ray(address: str | None):
                     cause = cause.__cause__ or cause.__context__
                 raise ClusterJoinError(join_failure(address, "\n".join(causes))) from exc
         else:
-            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
+            with _without_default_auth_warning():
+                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
             private = True
     return ray, private
+
+
+# Ray turns its token authentication on for every new local instance and logs this, with how
+# to opt out, as a WARNING: it would be the first line of every job on a private Ray.
+_DEFAULT_AUTH_WARNING = "Token authentication is enabled for this Ray cluster"
+
+
+@contextmanager
+def _without_default_auth_warning():
+    """Leave out Ray's _DEFAULT_AUTH_WARNING while starting a private instance (the
+    authentication stays on; setting RAY_AUTH_MODE here instead would not reach Ray's
+    already-read config)."""
+    import logging
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_DEFAULT_AUTH_WARNING)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def join_failure(address: str, error: str) -> str:
