@@ -347,6 +347,18 @@ def _label_row(labels_path: Path, where: str, record) -> tuple[str, list[str]]:
     return image, names
 
 
+def _folder_image_id(path: str, images_dir: Path) -> str:
+    """A labels file's image path as an id (`sample_key` of it without the suffix): relative to
+    images_dir, also where the file gives it as an absolute path inside images_dir; any other
+    absolute path without its leading /. `.` and `..` are resolved as written (`sub/../a.jpg`
+    is `a`)."""
+    image = Path(os.path.normpath(path))
+    if image.is_absolute():
+        root = Path(os.path.abspath(images_dir))
+        image = image.relative_to(root) if image.is_relative_to(root) else image.relative_to(image.anchor)
+    return sample_key(str(image.with_suffix("")))
+
+
 def folder_sources(images_dir: str | Path, labels_path: str | Path, report: ShardingReport) -> list[SourceImage]:
     """Images of a folder labelled by a labels file (`_labels_rows`: a CSV or TSV table, JSONL
     or JSON); paths relative to images_dir."""
@@ -362,7 +374,7 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
         raise ShardingError(f"labels file {labels_path} is not a CSV file: {exc}") from None
     sources, seen = [], set()
     for rel, names in rows:
-        key = sample_key(str(Path(rel).with_suffix("")))
+        key = _folder_image_id(rel, images_dir)
         if key in seen:
             report.problem(key, "duplicate id", f"{rel} maps to an id already used; kept the first")
             continue
