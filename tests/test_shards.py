@@ -193,6 +193,33 @@ def test_folder_shards_with_csv_and_jsonl(tmp_path, capsys):
         f"{tmp_path / 'imgs' / 'moved' / 'a.jpg'} does not exist\n")
 
 
+def test_folder_ids_are_relative_to_the_image_folder_however_the_labels_file_writes_the_path(tmp_path, capsys):
+    from PIL import Image
+
+    from pipeline.config import VOC_CLASS_NAMES
+
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("imgs/a.jpg", "imgs/sub/b.jpg", "elsewhere/c.jpg"):
+        Image.fromarray(synthetic_image(20, 20, seed=1)).save(tmp_path / name)
+    (tmp_path / "labels.csv").write_text(f"image,labels\n{tmp_path}/imgs/a.jpg,cat\n./sub/b.jpg,dog\n"
+                                         f"sub/../a.jpg,cat\n{tmp_path}/elsewhere/c.jpg,cat\n")
+    # --config: the class list of a built-in config (or the run's YAML), not typed out
+    assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.csv"),
+                 "--config", "voc", "-o", str(tmp_path / "out")]) == 0
+    assert "a: duplicate id: sub/../a.jpg maps to an id already used" in capsys.readouterr().out
+    samples = list(read_shard(str(tmp_path / "out" / "images-000000.tar")))
+    outside = str(tmp_path / "elsewhere" / "c").lstrip("/").replace("/", "_")
+    assert [s["__key__"] for s in samples] == ["a", "sub_b", outside]
+    assert json.loads(samples[1]["json"])["labels"] == [VOC_CLASS_NAMES.index("dog") + 1]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["classes"] == list(VOC_CLASS_NAMES)
+    with pytest.raises(SystemExit):
+        main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file", str(tmp_path / "labels.csv"),
+              "--config", "voc", "--classes", "cat", "-o", str(tmp_path / "out2")])
+    assert "argument --classes: not allowed with argument --config" in capsys.readouterr().err
+
+
 def _tagged(image: np.ndarray, path, orientation: int, **save) -> bytes:
     """Save image with an EXIF orientation tag (format from the suffix); returns the file's bytes."""
     from PIL import Image

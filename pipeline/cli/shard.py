@@ -53,13 +53,17 @@ def register(sub) -> None:
         sub, "shard-folder", help="write WebDataset shards of a labelled image folder",
         description="Write WebDataset image shards of any image folder with a label file.",
         examples=["pseudolabel shard-folder --image-dir photos/ --labels-file labels.csv --classes cat,dog,sofa "
-                  "-o shards/"])
+                  "-o shards/",
+                  "pseudolabel shard-folder --image-dir photos/ --labels-file labels.csv --config voc -o shards/"])
     inputs = folder.add_argument_group("input")
     inputs.add_argument("--image-dir", required=True, help="the folder of images")
     inputs.add_argument("--labels-file", required=True,
                         help="CSV or TSV (.csv, .tsv) with columns image,labels (labels separated by ';', ',' or "
                              "'|'; columns by ',', a tab or ';'), JSONL {image, labels}, or .json {image: [names]}")
-    inputs.add_argument("--classes", required=True, help="the class list, comma-separated, in label order")
+    classes = inputs.add_mutually_exclusive_group(required=True)
+    classes.add_argument("--classes", help="the class list, comma-separated, in label order")
+    classes.add_argument("--config", help="or the config whose classes the labels name: voc, coco or a YAML file "
+                                          "(the run's --config)")
     outputs = _shard_outputs(folder)
     outputs.add_argument("--prefix", default="images", help="shard name prefix (default images)")
     folder.set_defaults(func=run_shard_folder)
@@ -131,7 +135,19 @@ def run_shard_coco(args: argparse.Namespace) -> int:
 def run_shard_folder(args: argparse.Namespace) -> int:
     from pipeline.data.shards import ShardingReport, folder_sources
 
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if args.config is not None:
+        classes = load_config(args.config).class_names
+    else:
+        classes = _class_list(args.classes)
+    report = ShardingReport()
+    sources = folder_sources(args.image_dir, args.labels_file, report)
+    return _write(sources, args, args.prefix, classes, report)
+
+
+def _class_list(text: str) -> list[str]:
+    """--classes as a list of names; a ConfigError where it is empty, holds the background or
+    names a class twice."""
+    classes = [c.strip() for c in text.split(",") if c.strip()]
     if not classes:
         raise ConfigError("--classes is empty: give the class list in label order, e.g. --classes cat,dog")
     if any(is_background(name) for name in classes):
@@ -141,6 +157,4 @@ def run_shard_folder(args: argparse.Namespace) -> int:
     if repeated:
         raise ConfigError(f"--classes names one class more than once ({', '.join(repeated)}; case, spaces, '_' and "
                           "'-' are ignored): give each class once, in label order")
-    report = ShardingReport()
-    sources = folder_sources(args.image_dir, args.labels_file, report)
-    return _write(sources, args, args.prefix, classes, report)
+    return classes
