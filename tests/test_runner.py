@@ -622,6 +622,8 @@ def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkey
     from pipeline.job.runner import _init_ray
 
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    monkeypatch.setattr(logger, "disabled", False)  # as Ray's logging setup in an earlier test may leave it
+    monkeypatch.setattr(logger, "level", logging.WARNING)
     printed = []
     handler = logging.Handler()
     handler.emit = lambda record: printed.append(record.getMessage())
