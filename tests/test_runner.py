@@ -718,10 +718,30 @@ def test_a_signal_is_recorded_and_raised_at_the_driver_loops_next_check_and_a_se
     assert stopped.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_job_succeeds_unless_a_shard_failed_or_every_image_it_segmented_failed():
+    from pipeline.job.summary import JobSummary
+
+    def summary(shards_failed, ok, failed):
+        return JobSummary(shards_done=1, shards_failed=shards_failed, shards_skipped=0, images_ok=ok,
+                          images_failed=failed, seconds=1.0)
+
+    assert summary(0, 3, 2).succeeded and summary(0, 0, 0).succeeded  # some masks; nothing to run
+    assert not summary(1, 3, 0).succeeded
+    assert not summary(0, 0, 2).succeeded  # no image got a mask: wrong labels or classes, say
+    failing = summary(0, 0, 4)
+    failing.add_failed([("a", "unknown class name 'nope'"), ("b", "other")])
+    failing.add_failed([("c", "third")])
+    assert failing.failed_lines == ["failed images: a, b, c and 1 more (errors in stats/, status column 'failed')",
+                                    "  a: unknown class name 'nope'"]
+
+
 def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp_path):
     out, summary = clean_run
     assert summary.failed_ids == ["2010_000002", "2010_000003"]
-    assert summary.failed_line.startswith("failed images: 2010_000002, 2010_000003 (errors in stats/")
+    assert summary.failed_lines == ["failed images: 2010_000002, 2010_000003 (errors in stats/, status column 'failed')",
+                                    "  2010_000002: " + summary.first_error]
+    assert summary.first_error.startswith("cannot decode image 2010_000002")
+    assert summary.succeeded
     assert main(["status", str(out)]) == 0
     assert "2 failed image(s): 2010_000002, 2010_000003" in capsys.readouterr().out
     assert main(["export", str(out), "-o", str(tmp_path / "export")]) == 0

@@ -91,10 +91,10 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
               f"resume with: pseudolabel resume {out_dir.absolute()}", file=sys.stderr)
         return 128 + stop.signum
     print(summary.line)
-    if summary.failed_line:
-        print(summary.failed_line)
+    for line in summary.failed_lines:
+        print(line)
     print(f"masks in {out_dir / 'masks'}, statistics in {out_dir / 'stats'}, ledger in {out_dir / 'ledger'}")
-    return 0 if summary.shards_failed == 0 else 1
+    return 0 if summary.succeeded else 1
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -228,4 +228,4 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.model == "tiny":
         print("   (the tiny model has random weights: these figures only show the wiring)")
     print(f"6. report: {write_report(job, dest / 'report')}")
-    return 0 if summary.shards_failed == 0 else 1
+    return 0 if summary.succeeded else 1

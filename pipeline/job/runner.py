@@ -424,7 +424,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         summary.peak_worker_device_mb = max(summary.peak_worker_device_mb, result.peak_device_mb)
                         summary.model_seconds += result.model_seconds
                         summary.queueing_seconds += result.queueing_seconds
-                        summary.add_failed(result.failed_ids)
+                        summary.add_failed(result.failures)
                     ledger.put(entry)
                     dispatched.pop(entry.shard, None)
                     if entry.state == DONE:

@@ -66,17 +66,26 @@ class JobSummary:
     model_seconds: float = 0.0  # summed over workers: wall time their segmenter ran batches
     queueing_seconds: float = 0.0  # of which their host threads spent queueing the batches
     failed_ids: list[str] = field(default_factory=list)  # the first NAMES_SHOWN failed images
+    first_error: str | None = None  # the error of the first of them
 
-    def add_failed(self, ids: list[str]) -> None:
-        self.failed_ids.extend(ids[: max(0, NAMES_SHOWN - len(self.failed_ids))])
+    def add_failed(self, failures: list[tuple[str, str]]) -> None:
+        """Note a shard's failed images, (id, error) each."""
+        self.failed_ids.extend(key for key, _ in failures[: max(0, NAMES_SHOWN - len(self.failed_ids))])
+        if failures and self.first_error is None:
+            self.first_error = failures[0][1]
 
     @property
-    def failed_line(self) -> str | None:
-        """The failed images, the first few by id, or None when none failed."""
+    def failed_lines(self) -> list[str]:
+        """The failed images, the first few by id, and the first one's error (none when none failed)."""
         if not self.images_failed:
-            return None
-        return (f"failed images: {name_first(self.failed_ids, self.images_failed)} "
-                "(errors in stats/, status column 'failed')")
+            return []
+        return [f"failed images: {name_first(self.failed_ids, self.images_failed)} (errors in stats/, status column "
+                "'failed')"] + ([f"  {self.failed_ids[0]}: {self.first_error}"] if self.first_error else [])
+
+    @property
+    def succeeded(self) -> bool:
+        """No shard failed, and some image got a mask unless none was segmented (the exit status 0)."""
+        return not self.shards_failed and (self.images_ok > 0 or not self.images_failed)
 
     @property
     def model_busy(self) -> float:

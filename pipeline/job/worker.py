@@ -94,8 +94,9 @@ class ShardResult:
         return sum(row["status"] != "ok" for row in self.rows)
 
     @property
-    def failed_ids(self) -> list[str]:
-        return [row["id"] for row in self.rows if row["status"] != "ok"]
+    def failures(self) -> list[tuple[str, str]]:
+        """(id, error) of each failed image, in shard order."""
+        return [(row["id"], row["error"]) for row in self.rows if row["status"] != "ok"]
 
 
 def warm_up_batch_sizes(batch_size: int, compiled: bool) -> list[int]:
