@@ -55,10 +55,14 @@ def test_export_filters_and_ignore(tmp_path, capsys):
     (["export", "JOB", "-o", "EXPORT", "--ignore-below", "-0.1"], "--ignore-below takes a score from 0 to 1, got -0.1"),
     (["eval", "JOB", "--gt", "MISSING"], "--gt MISSING does not exist: pass the folder of <id>.png ground-truth masks"),
     (["eval", "JOB", "--gt", "JOB/job.json"], "--gt JOB/job.json is a file: pass the folder of <id>.png"),
+    (["eval", "JOB", "--gt", "OBJECTS"], "--gt OBJECTS holds VOC's instance masks (a value per object, not per "
+                                         "class): pass SegmentationClass or SegmentationClassAug, beside it"),
 ])
 def test_bad_hand_off_options_are_one_line_errors(tmp_path, capsys, argv, message):
     out, _ = make_job_output(tmp_path, lambda gt, i: gt)
-    paths = {"JOB": str(out), "EXPORT": str(tmp_path / "export"), "MISSING": str(tmp_path / "SegmentationClassAug")}
+    paths = {"JOB": str(out), "EXPORT": str(tmp_path / "export"), "MISSING": str(tmp_path / "SegmentationClassAug"),
+             "OBJECTS": str(tmp_path / "SegmentationObject")}
+    (tmp_path / "SegmentationObject").mkdir()
 
     def concrete(text):
         for name, path in paths.items():

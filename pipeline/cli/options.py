@@ -143,8 +143,11 @@ def require_fraction(args: argparse.Namespace, *names: str) -> None:
 
 
 def require_gt_folder(args: argparse.Namespace) -> None:
-    """ConfigError when --gt is given and is not a folder."""
+    """ConfigError when --gt is given and is not a folder, or is VOC's folder of instance masks."""
     if args.gt is not None and not Path(args.gt).is_dir():
         what = "is a file" if Path(args.gt).exists() else "does not exist"
         raise ConfigError(f"--gt {args.gt} {what}: pass the folder of <id>.png ground-truth masks, "
                           "e.g. VOCdevkit/VOC2012/SegmentationClassAug")
+    if args.gt is not None and Path(args.gt).name == "SegmentationObject":  # same palette and sizes: no error would come
+        raise ConfigError(f"--gt {args.gt} holds VOC's instance masks (a value per object, not per class): pass "
+                          "SegmentationClass or SegmentationClassAug, beside it")
