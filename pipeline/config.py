@@ -373,6 +373,14 @@ class SegmenterConfig(_Strict):
         """A copy with the dense CRF on or off."""
         return self.model_copy(update={"crf": self.crf.model_copy(update={"enabled": enabled})})
 
+    def with_classes(self, names: list[str], given_as: str) -> "SegmenterConfig":
+        """A copy whose classes are these names, each its own prompt; a ConfigError naming
+        given_as (the option they came from) where they are no class list."""
+        try:
+            return SegmenterConfig.model_validate({**self.model_dump(), "classes": names})
+        except ValidationError as exc:
+            raise ConfigError(f"{given_as}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
     @property
     def method_timestep(self) -> int:
         """The timestep of the chosen method's single UNet forward."""

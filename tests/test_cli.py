@@ -58,6 +58,26 @@ def test_segment_lays_a_phone_photo_out_upright(tmp_path, capsys):
     assert Image.open(out).size == (120, 160) and Image.open(over).size == (240, 160)
 
 
+def test_segment_takes_classes_of_your_own(image_file, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    assert main(["segment", str(image_file), "--classes", "red car, street lamp,sky", "--labels", "Street_Lamp,sky",
+                 "--model", "tiny", "--device", "cpu", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} (160x120): background " in printed and "red car" not in printed
+    assert set(np.unique(np.array(Image.open(out)))) <= {0, 2, 3} and "street lamp" in printed
+    for argv, message in ((["--classes", "lamp,Lamp"], "--classes: class names must be unique"),
+                          (["--classes", "background,lamp"], "--classes: classes lists 'background'"),
+                          (["--classes", ","], "--classes: at least one class is needed"),
+                          ([], "--labels is needed: the classes present in the image"),
+                          (["--labels", "lamp"], "unknown class name 'lamp': use one of aeroplane, bicycle, bird, "
+                                                 "boat, bottle, bus, car, cat, chair, cow, diningtable, dog, horse, "
+                                                 "motorbike, person, pottedplant, sheep, sofa, train, tvmonitor (or "
+                                                 "name classes of your own with --classes)")):
+        assert main(["segment", str(image_file), *argv, "--model", "tiny", "-o", str(tmp_path / "m.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pseudolabel: error: {message}") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("labels, message", [
     ("cat,giraffe", "unknown class name 'giraffe': use one of aeroplane, bicycle"),
     (" , ", "--labels ' , ' names no class: give at least one"),

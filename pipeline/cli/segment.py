@@ -15,14 +15,19 @@ def register(sub) -> None:
         sub, "segment", help="segment one image given its class labels",
         description="Write the pseudo mask of one image as a VOC-palette PNG.",
         examples=["pseudolabel segment photo.jpg --labels cat,sofa -o mask.png --overlay overlay.png",
-                  "pseudolabel segment photo.jpg --labels dog --crf --model path/to/sd21 -o mask.png"])
+                  "pseudolabel segment photo.jpg --labels dog --crf --model path/to/sd21 -o mask.png",
+                  "pseudolabel segment street.jpg --classes 'red car,street lamp,bicycle' -o mask.png"])
     inputs = parser.add_argument_group("input")
     inputs.add_argument("image", help="image file (JPEG, PNG, ...); a photo with an EXIF orientation is segmented "
                                       "upright, as a viewer shows it, and its mask is laid out upright")
-    inputs.add_argument("--labels", required=True,
-                        help="comma-separated class names present in the image, e.g. cat,sofa")
+    inputs.add_argument("--labels", default=None,
+                        help="comma-separated class names present in the image, e.g. cat,sofa (with --classes: "
+                             "all of those by default)")
+    inputs.add_argument("--classes", default=None,
+                        help="names of your own in place of the config's classes, comma-separated, each its own "
+                             "prompt (open vocabulary: 'red car,street lamp'); the mask numbers them 1, 2, ...")
     outputs = parser.add_argument_group("output")
-    add_output(outputs, "the mask PNG to write (palette, indices 0..20, 255 ignore)")
+    add_output(outputs, "the mask PNG to write (palette, indices 0 background, 1.. the classes, 255 ignore)")
     outputs.add_argument("--overlay", default=None, help="also write an overlay picture (image with mask | mask)")
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     add_model_options(parser)
@@ -37,7 +42,10 @@ def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
     if not names:
         raise ConfigError(f"--labels {text!r} names no class: give at least one, e.g. --labels cat,sofa (the "
                           "background is in every mask)")
-    return sorted({config.class_index(n) for n in names})
+    try:
+        return sorted({config.class_index(n) for n in names})
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (or name classes of your own with --classes)") from None
 
 
 def run_segment(args: argparse.Namespace) -> int:
@@ -62,7 +70,12 @@ def run_segment(args: argparse.Namespace) -> int:
         config = config.with_crf(True)
     if config.crf.enabled:
         densecrf_modules()  # the module missing: one line naming the install, before the model loads
-    classes = parse_labels(args.labels, config)
+    if args.classes is not None:
+        config = config.with_classes([n.strip() for n in args.classes.split(",") if n.strip()], "--classes")
+    if args.labels is None and args.classes is None:
+        raise ConfigError("--labels is needed: the classes present in the image, e.g. --labels cat,sofa (or "
+                          "--classes for names of your own)")
+    classes = parse_labels(args.labels, config) if args.labels is not None else list(range(len(config.classes)))
     image = read_image(args.image, upright=True)
     with Image.open(args.image) as img:
         orientation = exif_orientation(img)
