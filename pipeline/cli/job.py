@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pipeline.cli.options import (add_command, add_device, add_input_shards, add_job_folder, add_job_options,
                                   add_model_options, add_no_progress, add_output, require_positive)
-from pipeline.config import VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config, recorded_config
+from pipeline.config import (VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config, random_weights_note,
+                             recorded_config)
 from pipeline.errors import PipelineError
 
 
@@ -225,7 +226,8 @@ def run_demo(args: argparse.Namespace) -> int:
     write_json(scores, conf, list(VOC_CLASS_NAMES), dest / "out" / "eval.json")
     print(f"5. evaluated against the VOC ground truth: mIoU {scores.miou:.1f}, pixel accuracy "
           f"{scores.pixel_accuracy:.1f}, coverage {scores.coverage:.1f} ({dest / 'out' / 'eval.json'})")
-    if args.model == "tiny":
-        print("   (the tiny model has random weights: these figures only show the wiring)")
+    note = random_weights_note(args.model)
+    if note:
+        print(f"   ({note})")
     print(f"6. report: {write_report(job, dest / 'report')}")
     return 0 if summary.succeeded else 1

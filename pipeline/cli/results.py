@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.cli.options import (add_command, add_cpu_allocator, add_cpu_threads, add_input_shards, add_job_folder,
                                   add_model_options, add_no_progress, add_output, in_process_allocator,
                                   require_fraction, require_gt_folder, require_positive)
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, random_weights_note
 
 
 def register(sub) -> None:
@@ -224,6 +224,9 @@ def run_eval(args: argparse.Namespace) -> int:
                          "<id>.png masks (VOC: SegmentationClassAug)")
     names = job.class_names
     print(format_table(scores, names))
+    note = random_weights_note(str(job.job().get("model")))
+    if note:
+        print(f"({note})")
     json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"
     write_json(scores, conf, names, json_path)
     print(f"wrote {json_path}")
@@ -263,8 +266,9 @@ def run_compare(args: argparse.Namespace) -> int:
         tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.num_images,
                                   progress=bar, sweep=sweep)
     print(format_comparison(tallies))
-    if args.model in ("tiny", "sd21-random"):
-        print("(random weights: the figures show the wiring and the cost, not the quality)")
+    note = random_weights_note(args.model)
+    if note:
+        print(f"({note})")
     return 0
 
 

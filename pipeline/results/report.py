@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.config import random_weights_note
 from pipeline.results.evaluate import evaluate_job
 from pipeline.data.ledger import Ledger, count_states
 from pipeline.data.safe_paths import file_in
@@ -163,6 +164,9 @@ def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, 
                 "<p class='legend'>Each strip: image with the mask blended · pseudo mask · ground truth "
                 "(when the shards carry it). Colours: the PASCAL VOC palette by class index, each caption "
                 "showing its classes' colours.</p>"]
+    note = random_weights_note(str(job_info.get("model")))
+    if note:
+        sections[0] += f"<p class='warning'>{html.escape(note[0].upper() + note[1:])}.</p>"
     shards, left = Ledger(job.out_dir).unfinished()
     if left:
         sections[0] += (f"<p class='warning'><b>The job is not complete</b>: {shards - sum(left.values())} of "

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.config import SD21_RANDOM_MODEL, TINY_MODEL
 from pipeline.errors import ModelLoadError
 
-TINY_MODEL = "tiny"
-SD21_RANDOM_MODEL = "sd21-random"
 _TINY_VERSION = "v1"
 _SEED = 0
 
