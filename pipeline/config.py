@@ -7,6 +7,7 @@ The defaults are the reference iSeg settings for PASCAL VOC (docs/method.md list
 from __future__ import annotations
 
 import difflib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, get_args
@@ -397,6 +398,16 @@ class SegmenterConfig(_Strict):
         """The timestep of the chosen method's single UNet forward."""
         return self.timestep if self.method == "iseg" else getattr(self, self.method).timestep
 
+    @field_validator("crf", mode="before")
+    @classmethod
+    def _crf_on_or_off(cls, crf):
+        """`crf: true` (or false) is short for `crf: {enabled: true}`."""
+        if isinstance(crf, bool):
+            return {"enabled": crf}
+        if not isinstance(crf, (dict, CrfConfig)):
+            raise ValueError(f"crf is true, false or its keys, e.g. crf: {{enabled: true, preset: label}}; not {crf!r}")
+        return crf
+
     @field_validator("classes", mode="before")
     @classmethod
     def _bare_names(cls, classes):
@@ -523,12 +534,17 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}: fix the file") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): pass the YAML file") from exc
+    if not isinstance(data, dict):
+        what = {"list": "a list", "str": "text"}.get(type(data).__name__, f"a {type(data).__name__}")
+        raise ConfigError(f"config file {path} holds {what}, not keys with values (such as "
+                          "`batch_size: 16`): write the keys docs/method.md lists, one a line")
     try:
         return SegmenterConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
+        # "a valid dictionary or instance of CrfConfig": the class is this code's, not the file's
+        message = re.sub(r" or instance of \w+$", "", first["msg"].removeprefix("Value error, "))
         raise ConfigError(f"config file {path}: key {key}: {message}") from exc
 
 

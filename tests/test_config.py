@@ -89,12 +89,29 @@ def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_i
                             "text 'cat, dog'"),
     ("goca: {blur_kernel: 4}\n", "goca.blur_kernel"),  # an even blur grows the map by a pixel
     ("diffseg: {anchors: 65}\n", r"\(top level\): diffseg.anchors is 65, but at image_size 512"),  # 65 x 65 at once
+    ("crf: maybe\n", "crf: crf is true, false or its keys, e.g. crf: {enabled: true, preset: label}; not 'maybe'"),
+    ("crf:\n", "crf: crf is true, false or its keys"),
+    ("cross_attention: {layers: [1]}\n", "cross_attention.layers.0: Input should be a valid dictionary$"),  # no class
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=f"key {key}"):
         load_config(path)
+
+
+def test_crf_true_is_short_for_its_section_and_a_file_of_no_keys_says_so(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("crf: true\n")
+    assert load_config(path).crf == SegmenterConfig().with_crf(True).crf
+    path.write_text("crf: false\n")
+    assert load_config(path) == SegmenterConfig()
+    for text, what in (("- batch_size: 16\n", "a list"), ("batch_size 16\n", "text")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as error:
+            load_config(path)
+        assert str(error.value) == (f"config file {path} holds {what}, not keys with values (such as `batch_size: "
+                                    "16`): write the keys docs/method.md lists, one a line")
 
 
 def test_missing_and_malformed_files(tmp_path):
