@@ -543,9 +543,34 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        # "a valid dictionary or instance of CrfConfig": the class is this code's, not the file's
-        message = re.sub(r" or instance of \w+$", "", first["msg"].removeprefix("Value error, "))
+        if first["type"] == "extra_forbidden":
+            message = _unknown_key(first["loc"])
+        else:  # "a valid dictionary or instance of CrfConfig": the class is this code's, not the file's
+            message = re.sub(r" or instance of \w+$", "", first["msg"].removeprefix("Value error, "))
         raise ConfigError(f"config file {path}: key {key}: {message}") from exc
+
+
+# Settings a user may look for in the config that are the commands' options.
+_COMMAND_LINE_ONLY = {"model": "--model", "device": "--device", "workers": "--workers", "address": "--address",
+                      "input": "--input", "output": "-o/--output", "retries": "--retries"}
+
+
+def _unknown_key(loc: tuple) -> str:
+    """Why a key the config does not take is wrong: an option of the commands, or the closest key
+    of its section, else the section's keys."""
+    name = str(loc[-1])
+    if len(loc) == 1 and name in _COMMAND_LINE_ONLY:
+        return f"not a config key: pass it on the command line ({_COMMAND_LINE_ONLY[name]})"
+    section: type[BaseModel] = SegmenterConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list of sections (classes, layers)
+            continue
+        annotation = section.model_fields[part].annotation
+        section = next(t for t in (annotation, *get_args(annotation)) if isinstance(t, type)
+                       and issubclass(t, BaseModel))
+    close = difflib.get_close_matches(name, list(section.model_fields), n=1)
+    return (f"not a config key (did you mean {close[0]!r}?)" if close
+            else f"not a config key; here the keys are {', '.join(section.model_fields)}")
 
 
 # Keys added to the config after jobs were recorded without them: (section, key) -> (the value

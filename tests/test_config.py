@@ -92,6 +92,10 @@ def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_i
     ("crf: maybe\n", "crf: crf is true, false or its keys, e.g. crf: {enabled: true, preset: label}; not 'maybe'"),
     ("crf:\n", "crf: crf is true, false or its keys"),
     ("cross_attention: {layers: [1]}\n", "cross_attention.layers.0: Input should be a valid dictionary$"),  # no class
+    ("iteration: 3\n", r"iteration: not a config key \(did you mean 'iterations'\?\)$"),
+    ("classes: [{name: a, prompt: a, focs: [a]}]\n", r"classes.0.focs: not a config key \(did you mean 'focus'\?\)$"),
+    ("model: tiny\n", r"model: not a config key: pass it on the command line \(--model\)$"),
+    ("goca: {zzz: 1}\n", "goca.zzz: not a config key; here the keys are timestep, reference_layer, "),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     path = tmp_path / "bad.yaml"
