@@ -830,6 +830,8 @@ def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards
     err = capsys.readouterr().err
     assert "voc-train-000000.tar does not exist" in err
     assert f"; if the shards moved: pseudolabel resume {out} --input NEW_PATTERN" in err
+    assert main(["resume", str(out), "--device", "cuda:1", "--no-progress"]) == 2  # not about moved shards
+    assert "--device cuda:1: Ray gives" in (err := capsys.readouterr().err) and "shards moved" not in err
     before = {e.shard: e.updated for e in Ledger(out).entries()}
     assert main(["resume", str(out), "--input", str(tmp_path / "new" / "voc-train-00000{0,2}.tar"),
                  "--no-progress"]) == 0
@@ -887,3 +889,14 @@ def test_a_shard_changed_since_it_was_done_is_redone_and_one_unlike_its_manifest
         "dataset again (which writes a new manifest)")
     assert entry.error.startswith(f"the shard's sha256 ({file_sha256(changed)[:12]}...) is not the ")
     assert not (tmp_path / "out2" / "masks" / "voc-train-000002.tar").exists()
+
+
+def test_batch_size_option_takes_auto_as_the_config_does(capsys):
+    from pipeline.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["run", "--input", "s", "-o", "o", "--batch-size", "auto"]).batch_size == "auto"
+    assert parse(["resume", "o", "--batch-size", "8"]).batch_size == 8
+    with pytest.raises(SystemExit):
+        parse(["run", "--input", "s", "-o", "o", "--batch-size", "many"])
+    assert "argument --batch-size: takes a number of images or auto, not 'many'" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def register(sub) -> None:
     resume = add_command(
         sub, "resume", help="redo the failed and interrupted shards of a job",
         description="Resume a job with its recorded input, config and model.",
-        examples=["pseudolabel resume out/", "pseudolabel resume out/ --batch-size 8 --device cuda:1",
+        examples=["pseudolabel resume out/", "CUDA_VISIBLE_DEVICES=1 pseudolabel resume out/ --batch-size 8",
                   "pseudolabel resume out/ --input '/new/place/voc-train_aug-{000000..000041}.tar'"])
     resume_inputs = resume.add_argument_group("input")
     add_job_folder(resume_inputs)
@@ -107,17 +107,18 @@ def run_run(args: argparse.Namespace) -> int:
 
 def run_resume(args: argparse.Namespace) -> int:
     from pipeline.data.ledger import Ledger
-    from pipeline.data.shards import InputError
+    from pipeline.data.shards import MissingInputError
 
     job = Ledger(args.job).recorded_job()
     config = recorded_config(job["config"])
     try:
         return _run_job(args, args.input or job["input"], Path(args.job), config, job["model"], retry_failed=True,
                         force=False)
-    except InputError as exc:
+    except MissingInputError as exc:
         if args.input:
             raise
-        raise InputError(f"{exc}; if the shards moved: pseudolabel resume {args.job} --input NEW_PATTERN") from exc
+        raise MissingInputError(f"{exc}; if the shards moved: pseudolabel resume {args.job} --input "
+                                "NEW_PATTERN") from exc
 
 
 # A job of more shards lists only those not done unless `status --all` (COCO's train2014 is 321).

@@ -111,9 +111,9 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
                             "else a private Ray)")
     group.add_argument("--workers", type=int, default=None,
                        help="segmenter actors (default: one per GPU, or 1 on a CPU-only cluster)")
-    group.add_argument("--batch-size", type=int, default=None,
-                       help="images per UNet forward, overriding the config's batch_size (default auto: 1 on "
-                            "a CPU, 16 on a GPU; not part of the config hash: a job resumes with another one)")
+    group.add_argument("--batch-size", type=_batch_size, default=None,
+                       help="images per UNet forward, or auto, overriding the config's batch_size (default auto: "
+                            "1 on a CPU, 16 on a GPU; not part of the config hash: a job resumes with another one)")
     group.add_argument("--retries", type=int, default=2,
                        help="times a shard is retried on a restarted worker after the worker dies (default 2)")
     add_cpu_threads(group)
@@ -125,11 +125,21 @@ def add_no_progress(group) -> None:
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _batch_size(text: str) -> int | str:
+    """--batch-size: a number, or `auto` as the config takes it."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number of images or auto, not {text!r}") from None
+
+
 def require_positive(args: argparse.Namespace, *names: str) -> None:
     """ConfigError naming the first of these optional integer options that is set below 1."""
     for name in names:
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 

@@ -490,7 +490,11 @@ def _previous_shards(out_dir: Path, written: set[str]) -> list[str]:
 
 
 class InputError(PipelineError, ValueError):
-    """The --input pattern matches no shard."""
+    """The --input shards cannot be used as given; the message says why."""
+
+
+class MissingInputError(InputError):
+    """The --input pattern matches no shard, or names shards that are not there."""
 
 
 # The file names a glob takes as shards (WebDataset's tar and gzipped tar).
@@ -537,10 +541,10 @@ def expand_input(pattern: str) -> list[str]:
         raise InputError(f"input shard {job_masks} holds the masks that pseudolabel run wrote into the job {job}, "
                          "not images: pass the image shards" + (f" that job read ({read})" if read else ""))
     if not urls:
-        raise InputError(f"--input {pattern!r} matches no shard (a glob takes the {', '.join(SHARD_SUFFIXES)} files "
+        raise MissingInputError(f"--input {pattern!r} matches no shard (a glob takes the {', '.join(SHARD_SUFFIXES)} files "
                          "it matches)")
     if missing:
-        raise InputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
+        raise MissingInputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
                          f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
 
