@@ -290,6 +290,12 @@ def test_input_patterns(shards, tmp_path):
     for name in ("b.tar", "a.tar.gz", "notes.txt"):
         (foreign / name).write_bytes(b"")
     assert expand_input(str(foreign)) == [str(foreign / "a.tar.gz"), str(foreign / "b.tar")]
+    # URLs WebDataset cannot open fail before anything runs, with the command that streams them
+    with pytest.raises(InputError, match=r"^input shard s3://b/voc-000000.tar: WebDataset opens no s3:// URL \(it "
+                                         r"opens .*https.*\): pass 'pipe:aws s3 cp s3://b/voc-\{000000..000001\}.tar -'$"):
+        expand_input("s3://b/voc-{000000..000001}.tar")
+    assert expand_input("https://host/voc-{000000..000001}.tar") == ["https://host/voc-000000.tar",
+                                                                      "https://host/voc-000001.tar"]
     # a job's own mask shards are no input: they hold masks, and their json the statistics
     job = tmp_path / "job"
     (job / "masks").mkdir(parents=True)

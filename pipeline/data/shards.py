@@ -531,6 +531,15 @@ def expand_input(pattern: str) -> list[str]:
             matches = [m for m in sorted(glob.glob(expanded)) if m.endswith(SHARD_SUFFIXES)] if globbed else [expanded]
             urls.extend(u for u in matches if u not in urls)
     missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    unopened = next((u for u in urls if not u.startswith("pipe:") and "://" in u
+                     and u.split("://", 1)[0] not in _url_schemes()), None)
+    if unopened is not None:
+        scheme = unopened.split("://", 1)[0]
+        given = pattern if pattern.startswith(f"{scheme}://") else unopened  # a brace pattern stays one
+        how = {"s3": f"'pipe:aws s3 cp {given} -'", "file": repr(given.split("://", 1)[1])}.get(
+            scheme, "'pipe:COMMAND' with a command that writes the shard to its output")
+        raise InputError(f"input shard {unopened}: WebDataset opens no {scheme}:// URL (it opens "
+                         f"{', '.join(_url_schemes())}): pass {how}")
     job_masks = next((u for u in urls if _job_of_mask_shard(u) is not None), None)
     if job_masks is not None:
         job = _job_of_mask_shard(job_masks)
@@ -547,6 +556,14 @@ def expand_input(pattern: str) -> list[str]:
         raise MissingInputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
                          f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
+
+
+def _url_schemes() -> list[str]:
+    """The URL schemes WebDataset opens shards from (http, https, gs, ...), `pipe:` aside."""
+    import importlib
+
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes  # the package's gopen is the function
+    return sorted(name for name in schemes if not name.startswith("_") and name != "pipe")
 
 
 def _job_of_mask_shard(url: str) -> Path | None:
