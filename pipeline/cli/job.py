@@ -50,7 +50,7 @@ def register(sub) -> None:
     resume = add_command(
         sub, "resume", help="redo the failed and interrupted shards of a job",
         description="Resume a job with its recorded input, config and model.",
-        examples=["pseudolabel resume out/", "CUDA_VISIBLE_DEVICES=1 pseudolabel resume out/ --batch-size 8",
+        examples=["pseudolabel resume out/", "pseudolabel resume out/ --batch-size 8 --address auto",
                   "pseudolabel resume out/ --input '/new/place/voc-train_aug-{000000..000041}.tar'"])
     resume_inputs = resume.add_argument_group("input")
     add_job_folder(resume_inputs)
