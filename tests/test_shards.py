@@ -84,6 +84,10 @@ def test_labels_file_and_split_errors(tmp_path):
     report = ShardingReport()
     by_id = {s.id: s for s in voc_sources(root, "train", labels, report)}
     assert by_id["2008_000003"].names == ["horse"] and by_id["2008_000000"].names == []
+    # keys that name the image file are its id
+    labels.write_text(json.dumps({"2008_000003.jpg": ["horse"], "JPEGImages/2008_000000.JPG": ["cat"]}))
+    by_id = {s.id: s for s in voc_sources(root, "train", labels, report)}
+    assert by_id["2008_000003"].names == ["horse"] and by_id["2008_000000"].names == ["cat"]
     with pytest.raises(ShardingError, match="split list for 'train_aug' not found"):
         voc_sources(root, "train_aug", None, report)
     # the folder above VOC2012, or its JPEGImages/, names the one to pass

@@ -220,8 +220,11 @@ def _labels_from_mask(path: Path) -> list[str]:
 
 def _voc_id(key) -> str:
     """A labels table's key as VOC spells the id: IRN's cls_labels.npy (also the official iSeg
-    code's) keys the ids as integers, 2007000032 for 2007_000032."""
+    code's) keys the ids as integers, 2007000032 for 2007_000032; a key naming the image file
+    (`2007_000032.jpg`, `JPEGImages/2007_000032.jpg`) is its stem."""
     text = str(int(key)) if isinstance(key, (int, np.integer)) else str(key)
+    if PurePosixPath(text).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS:
+        text = PurePosixPath(text).stem
     return f"{text[:4]}_{text[4:]}" if text.isdigit() and len(text) == 10 else text
 
 
@@ -247,7 +250,7 @@ def _labels_file(path: Path) -> dict[str, list[str]]:
         if bad is not None:
             raise ShardingError(f"labels file {path}: {bad!r} maps to {table[bad]!r}, not a list of class names "
                                 "({\"2007_000032\": [\"aeroplane\", \"person\"]})")
-        return {str(k): v for k, v in table.items()}
+        return {_voc_id(k): v for k, v in table.items()}
     raise ShardingError(f"labels file {path} must be .npy (IRN cls_labels) or .json ({{id: [names]}})")
 
 
