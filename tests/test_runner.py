@@ -284,6 +284,11 @@ def test_input_patterns(shards, tmp_path):
     with pytest.raises(InputError, match=f"^{tmp_path} holds no shard: no manifest.json and no .tar, .tar.gz, .tgz "
                                          "file; pass the folder that sharding wrote, or a shard pattern$"):
         expand_input(str(tmp_path))
+    # a dataset passed as the shards: the sharding command that makes them
+    (tmp_path / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(InputError, match=f"; it is a VOC folder: shard it first, pseudolabel shard-voc --voc-root "
+                                         f"{tmp_path / 'VOC2012'} -o shards/$"):
+        expand_input(str(tmp_path / "VOC2012"))
     # another tool's shards: a folder of tars without a manifest gives its tars
     foreign = tmp_path / "foreign {a,b} [1]"  # braces and brackets in a folder name are no pattern
     foreign.mkdir()

@@ -518,7 +518,7 @@ def expand_input(pattern: str) -> list[str]:
         urls = sorted(str(file) for file in path.iterdir() if file.name.endswith(SHARD_SUFFIXES) and file.is_file())
         if not urls:
             raise InputError(f"{path} holds no shard: no manifest.json and no {', '.join(SHARD_SUFFIXES)} file; pass "
-                             "the folder that sharding wrote, or a shard pattern")
+                             f"the folder that sharding wrote, or a shard pattern{_sharding_hint(path)}")
     elif path.is_dir():
         listed = (read_manifest(path) or {}).get("shards")
         if not isinstance(listed, list) or not all(isinstance(s, dict) and isinstance(s.get("url"), str)
@@ -559,6 +559,20 @@ def expand_input(pattern: str) -> list[str]:
         raise MissingInputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
                          f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
+
+
+def _sharding_hint(folder: Path) -> str:
+    """Where folder is a dataset rather than shards, how to shard it (with a leading "; "), else ""."""
+    if (folder / "JPEGImages").is_dir():
+        return f"; it is a VOC folder: shard it first, pseudolabel shard-voc --voc-root {folder} -o shards/"
+    if (folder / "annotations").is_dir():
+        split = next((d.name for d in sorted(folder.iterdir()) if d.is_dir() and d.name != "annotations"), "train2014")
+        return (f"; it looks like a COCO folder: shard it first, pseudolabel shard-coco --coco-root {folder} "
+                f"--split {split} -o shards/")
+    if any(f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for f in folder.iterdir()):
+        return ("; it holds images: shard them first with their labels, pseudolabel shard-folder --image-dir "
+                f"{folder} --labels-file labels.csv --config voc -o shards/")
+    return ""
 
 
 def _url_schemes() -> list[str]:
