@@ -105,7 +105,9 @@ def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
                                   "to JPEG or PNG"),
                           (empty, f"cannot decode {empty}: the file is empty (0 bytes); replace or remove the file"),
                           (text, f"cannot decode {text}: not an image format Pillow reads (its first bytes are "
-                                 "b'shopping'); replace or remove the file")):
+                                 "b'shopping'); replace or remove the file"),
+                          (tmp_path, f"image {tmp_path} is a folder: pass one image file (a folder of images is "
+                                     "sharded with pseudolabel shard-folder")):
         code = main(["segment", str(path), "--labels", "cat", "--model", "tiny", "-o", str(tmp_path / "m.png")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and err.count("\n") == 1 and "BytesIO" not in err

@@ -145,6 +145,9 @@ def decode_image(data: bytes, name: str = "image", max_pixels: int | None = None
 def read_image(path: str | Path, upright: bool = False) -> np.ndarray:
     """Image file -> uint8 RGB [H, W, 3] (upright: as `decode_image`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageDecodeError(f"image {path} is a folder: pass one image file (a folder of images is sharded with "
+                               "pseudolabel shard-folder, then segmented by pseudolabel run)")
     if not path.is_file():
         raise ImageDecodeError(f"image {path} not found: check the path")
     return decode_image(path.read_bytes(), str(path), upright=upright)
