@@ -116,6 +116,11 @@ def test_a_folder_labels_file_that_is_not_text_or_lists_no_names_is_one_line(tmp
     labels.write_text('{"image": "a.jpg", "labels": "cat"}\n')
     with pytest.raises(ShardingError, match=rf"^{labels} line 1: 'labels' is 'cat', not a list of class names"):
         folder_sources(tmp_path, labels, ShardingReport())
+    with pytest.raises(ShardingError, match=rf"^labels file {tmp_path} is a folder: pass a CSV"):
+        folder_sources(tmp_path, tmp_path, ShardingReport())
+    for images, what in ((tmp_path / "nope", "does not exist"), (labels, "is a file")):
+        with pytest.raises(ShardingError, match=rf"^--image-dir {images} {what}: pass the folder the labels file's"):
+            folder_sources(images, labels, ShardingReport())  # an absolute path in the file would still be found
 
 
 def test_a_labels_table_may_be_tsv_and_separate_names_by_semicolons_commas_or_bars(tmp_path):

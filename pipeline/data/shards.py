@@ -366,8 +366,13 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
     """Images of a folder labelled by a labels file (`_labels_rows`: a CSV or TSV table, JSONL
     or JSON); paths relative to images_dir."""
     images_dir, labels_path = Path(images_dir), Path(labels_path)
+    if not images_dir.is_dir():
+        what = "is a file" if images_dir.exists() else "does not exist"
+        raise ShardingError(f"--image-dir {images_dir} {what}: pass the folder the labels file's image paths are "
+                            "relative to")
     if not labels_path.is_file():
-        raise ShardingError(f"labels file {labels_path} not found: pass a CSV (image,labels), JSONL or JSON file")
+        what = "is a folder" if labels_path.is_dir() else "not found"
+        raise ShardingError(f"labels file {labels_path} {what}: pass a CSV (image,labels), JSONL or JSON file")
     try:
         rows = _labels_rows(labels_path)
     except UnicodeDecodeError as exc:
