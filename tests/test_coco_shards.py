@@ -108,7 +108,8 @@ def test_bad_annotation_files_are_one_line_errors(coco_root, tmp_path, capsys, c
 def test_a_split_is_a_folder_under_the_root_and_a_plain_name(coco_root, tmp_path, capsys):
     assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "train2019", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"pseudolabel: error: {coco_root / 'train2019'} not found: pass --coco-root, "
-                                       "the folder holding train2019/ and annotations/\n")
+                                       f"the folder holding train2019/ and annotations/ ({coco_root} holds "
+                                       "train2017/: pass one as --split)\n")
     assert main(["shard-coco", "--coco-root", str(coco_root), "--split", "../x", "-o", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("pseudolabel: error: --split '../x': it holds a path separator; name the "
                                        "folder of images under --coco-root (train2014, val2014, train2017, val2017, "

@@ -114,7 +114,10 @@ def coco_sources(coco_root: str | Path, split: str, annotations: str | Path | No
                             f"({', '.join(SPLITS)}, or your dataset's)")
     images_dir = root / split
     if not images_dir.is_dir():
-        raise ShardingError(f"{images_dir} not found: pass --coco-root, the folder holding {split}/ and annotations/")
+        there = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != "annotations") if root.is_dir() else []
+        held = f" ({root} holds {', '.join(f'{name}/' for name in there)}: pass one as --split)" if there else ""
+        raise ShardingError(f"{images_dir} not found: pass --coco-root, the folder holding {split}/ and "
+                            f"annotations/{held}")
     coco = load_coco(Path(annotations) if annotations else root / "annotations" / f"instances_{split}.json")
     indices = category_indices(coco, class_names)
     sources, seen = [], set()
