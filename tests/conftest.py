@@ -112,7 +112,8 @@ def two_class_mask(height, width, left_label, right_label):
 def make_job_output(tmp_path, predict, per_shard: int = 2, model: str = "fake"):
     """A job folder made without the model (recorded as `model`): VOC-style input shards
     (per_shard images each) of 4 synthetic images whose ground truth is two_class_mask, and mask
-    shards holding predict(gt, index) as the masks. Returns (job folder, {id: gt})."""
+    shards holding predict(gt, index) as the masks (None: the image failed, with no mask).
+    Returns (job folder, {id: gt})."""
 
     from pipeline.config import VOC_CLASS_NAMES, SegmenterConfig
     from pipeline.data.ledger import DONE, Ledger, ShardEntry
@@ -121,7 +122,7 @@ def make_job_output(tmp_path, predict, per_shard: int = 2, model: str = "fake"):
     from pipeline.data.outputs import write_shard_outputs
     from pipeline.job.runner import config_hash
     from pipeline.data.shards import ShardingReport, encode_json, voc_sources, write_image_shards
-    from pipeline.mask.stats import mask_statistics
+    from pipeline.mask.stats import failed_row, mask_statistics
 
     pairs = [(8, 18), (12, 0), (15, 1), (7, 20)]
     gts = {f"2011_00000{i}": two_class_mask(30, 45, a, b) for i, (a, b) in enumerate(pairs)}
@@ -141,7 +142,11 @@ def make_job_output(tmp_path, predict, per_shard: int = 2, model: str = "fake"):
         samples, rows = [], []
         for image_id in ids[per_shard * shard_index: per_shard * (shard_index + 1)]:
             index = ids.index(image_id)
-            labels = predict(gts[image_id], index).astype(np.uint8)
+            predicted = predict(gts[image_id], index)
+            if predicted is None:
+                rows.append(failed_row(image_id, f"voc-train-00000{shard_index}", "failed on purpose"))
+                continue
+            labels = predicted.astype(np.uint8)
             confidence = np.full(labels.shape, 0.2 + 0.2 * index, dtype=np.float32)
             classes = sorted(int(v) - 1 for v in np.unique(gts[image_id]) if 0 < v < 255)
             result = MaskResult(labels=labels, confidence=confidence, scores=np.zeros(1), classes=classes)
@@ -152,7 +157,8 @@ def make_job_output(tmp_path, predict, per_shard: int = 2, model: str = "fake"):
                             "json": encode_json(row)})
         shard = f"voc-train-00000{shard_index}"
         ledger.put(ShardEntry(shard=shard, url=str(tmp_path / "shards" / f"{shard}.tar"), state=DONE,
-                              config_hash=job["config_hash"], model="fake", attempts=1, samples=len(rows),
+                              config_hash=job["config_hash"], model=model, attempts=1, samples=len(rows),
+                              failed_samples=sum(row["status"] != "ok" for row in rows),
                               outputs=write_shard_outputs(out, shard, samples, rows)))
     return out, gts
 

@@ -28,3 +28,12 @@ def test_examples_are_disjoint_groups():
     ids = {k: [r["id"] for r in v] for k, v in groups.items()}
     assert ids == {"worst": ["0", "1", "2"], "median": ["4", "5", "6"], "best": ["9", "8", "7"]}
     assert list(pick_examples(rows[:2], 3)) == ["all"]
+
+
+def test_a_job_whose_every_image_failed_reports_that_and_the_reasons(tmp_path):
+    out, _ = make_job_output(tmp_path, lambda gt, i: None)
+    assert main(["report", str(out), "-o", str(tmp_path / "report"), "--no-progress", "--processes", "1"]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "4 images: 0 ok, 4 failed" in page and "<h3>" not in page  # no empty example headings
+    assert "No image got a mask: every image failed (the reasons are below)." in page
+    assert page.count("failed on purpose") == 4

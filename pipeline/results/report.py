@@ -185,7 +185,8 @@ def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, 
         sections.append(f"<h2>Against ground truth ({scores.images} images)</h2><div class='eval'><table>"
                         f"<tr><th>class</th><th>IoU</th></tr>{cells}</table><p><b>mIoU {scores.miou:.1f}</b> · "
                         f"pixel accuracy {scores.pixel_accuracy:.1f} · coverage {scores.coverage:.1f}</p></div>")
-    sections.append("<h2>Examples</h2>" + _examples_html(job, rows, per_group))
+    sections.append("<h2>Examples</h2>" + (_examples_html(job, rows, per_group) if ok else
+                                            "<p>No image got a mask: every image failed (the reasons are below).</p>"))
     if ok:
         plots = "".join(f"<img src='{uri}' alt='{html.escape(title)}'>" for title, uri in _plots(rows).items())
         sections.append(f"<h2>Statistics</h2><div class='plots'>{plots}</div>")
