@@ -59,9 +59,11 @@ def test_segment_lays_a_phone_photo_out_upright(tmp_path, capsys):
 
 
 def test_segment_takes_classes_of_your_own(image_file, tmp_path, capsys):
-    out = tmp_path / "mask.png"
+    # -o a folder: the mask is <image name>.png in it
+    out = tmp_path / "masks" / f"{image_file.stem}.png"
+    (tmp_path / "masks").mkdir()
     assert main(["segment", str(image_file), "--classes", "red car, street lamp,sky", "--labels", "Street_Lamp,sky",
-                 "--model", "tiny", "--device", "cpu", "-o", str(out)]) == 0
+                 "--model", "tiny", "--device", "cpu", "-o", str(tmp_path / "masks")]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out} (160x120): background " in printed and "red car" not in printed
     assert set(np.unique(np.array(Image.open(out)))) <= {0, 2, 3} and "street lamp" in printed
@@ -114,19 +116,20 @@ def test_unreadable_and_missing_images_are_one_line_errors(tmp_path, capsys):
 
 
 def test_an_output_path_of_the_wrong_kind_is_a_one_line_error(image_file, tmp_path, capsys):
-    from conftest import write_voc_shards
+    from conftest import make_job_output, write_voc_shards
 
     shards = write_voc_shards(tmp_path, "img", [(1, 2)])
+    job, _ = make_job_output(tmp_path / "job", lambda gt, i: gt)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
-    a_folder = tmp_path / "mask.png"
+    a_folder = tmp_path / "eval.json"
     a_folder.mkdir()
     for argv, message in (
             (["run", "--input", str(shards), "--model", "tiny", "-o", str(a_file)],
              f"File exists: {a_file}: a file stands where a folder is needed: pass another path or move that file"),
             (["shard-voc", "--voc-root", str(tmp_path / "VOC2012"), "--split", "train", "-o", str(a_file / "shards")],
              f"Not a directory: {a_file / 'shards'}: a file stands where a folder of that path is needed"),
-            (["segment", str(image_file), "--labels", "cat", "--model", "tiny", "-o", str(a_folder)],
+            (["eval", str(job), "--processes", "1", "--no-progress", "-o", str(a_folder)],
              f"Is a directory: {a_folder}: a folder stands where a file is written: pass a file's path")):
         assert main(argv) == 2
         err = capsys.readouterr().err

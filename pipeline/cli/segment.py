@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def register(sub) -> None:
                         help="names of your own in place of the config's classes, comma-separated, each its own "
                              "prompt (open vocabulary: 'red car,street lamp'); the mask numbers them 1, 2, ...")
     outputs = parser.add_argument_group("output")
-    add_output(outputs, "the mask PNG to write (palette, indices 0 background, 1.. the classes, 255 ignore)")
+    add_output(outputs, "the mask PNG to write (palette, indices 0 background, 1.. the classes, 255 ignore), or a "
+                        "folder to write <image name>.png into")
     outputs.add_argument("--overlay", default=None, help="also write an overlay picture (image with mask | mask)")
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     add_model_options(parser)
@@ -48,6 +50,13 @@ def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
         raise ConfigError(f"{exc} (or name classes of your own with --classes)") from None
 
 
+def _into_folder(path: str, image: str, suffix: str) -> str:
+    """An output path given as a folder (one that exists, or ending in /) holds <image stem><suffix>."""
+    if Path(path).is_dir() or path.endswith(("/", os.sep)):
+        return str(Path(path) / (Path(image).stem + suffix))
+    return path
+
+
 def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -60,6 +69,9 @@ def run_segment(args: argparse.Namespace) -> int:
     from pipeline.segment.models import load_model
     from pipeline.segment.segmenter import Segmenter
 
+    args.output = _into_folder(args.output, args.image, ".png")
+    if args.overlay:
+        args.overlay = _into_folder(args.overlay, args.image, ".png")
     if Path(args.output).suffix.lower() != ".png":
         raise ConfigError(f"-o {args.output}: the mask is written as a PNG of class indices (a JPEG would change "
                           "them): pass a path ending in .png")
