@@ -67,7 +67,9 @@ def test_segment_takes_classes_of_your_own(image_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"wrote {out} (160x120): background " in printed and "red car" not in printed
     assert set(np.unique(np.array(Image.open(out)))) <= {0, 2, 3} and "street lamp" in printed
-    for argv, message in ((["--classes", "lamp,Lamp"], "--classes: class names must be unique"),
+    for argv, message in ((["--classes", "sky", "--overlay", str(tmp_path / "masks")],
+                           f"-o and --overlay both name {out}: the overlay would replace the mask"),
+                          (["--classes", "lamp,Lamp"], "--classes: class names must be unique"),
                           (["--classes", "background,lamp"], "--classes: classes lists 'background'"),
                           (["--classes", ","], "--classes: at least one class is needed"),
                           ([], "--labels is needed: the classes present in the image"),
@@ -75,7 +77,7 @@ def test_segment_takes_classes_of_your_own(image_file, tmp_path, capsys):
                                                  "boat, bottle, bus, car, cat, chair, cow, diningtable, dog, horse, "
                                                  "motorbike, person, pottedplant, sheep, sofa, train, tvmonitor (or "
                                                  "name classes of your own with --classes)")):
-        assert main(["segment", str(image_file), *argv, "--model", "tiny", "-o", str(tmp_path / "m.png")]) == 2
+        assert main(["segment", str(image_file), *argv, "--model", "tiny", "-o", str(tmp_path / "masks")]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"pseudolabel: error: {message}") and err.count("\n") == 1
 

@@ -72,6 +72,9 @@ def run_segment(args: argparse.Namespace) -> int:
     args.output = _into_folder(args.output, args.image, ".png")
     if args.overlay:
         args.overlay = _into_folder(args.overlay, args.image, ".png")
+        if os.path.abspath(args.overlay) == os.path.abspath(args.output):
+            raise ConfigError(f"-o and --overlay both name {args.output}: the overlay would replace the mask; give "
+                              "it another name or folder")
     if Path(args.output).suffix.lower() != ".png":
         raise ConfigError(f"-o {args.output}: the mask is written as a PNG of class indices (a JPEG would change "
                           "them): pass a path ending in .png")
