@@ -634,14 +634,15 @@ def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkey
 
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     monkeypatch.setattr(logger, "disabled", False)  # as Ray's logging setup in an earlier test may leave it
-    monkeypatch.setattr(logger, "level", logging.WARNING)
     printed = []
     handler = logging.Handler()
     handler.emit = lambda record: printed.append(record.getMessage())
 
     def init(**kwargs):  # what ray.init logs as it starts a local instance
-        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
-        logger.warning("another warning")
+        # handed to the logger as a WARNING record, whatever levels earlier tests' logging setups left
+        for text in ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
+                     "another warning"):
+            logger.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, text, None, None))
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
