@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.config import match_class
 from pipeline.mask.codec import encode_mask
 from pipeline.data.safe_paths import key_problem
-from pipeline.data.shards import ShardingError, ShardingReport, SourceImage, sample_key
+from pipeline.data.shards import ShardingError, ShardingReport, SourceImage, sample_key, split_folders
 
 SPLITS = ("train2014", "val2014", "train2017", "val2017")
 
@@ -114,7 +114,7 @@ def coco_sources(coco_root: str | Path, split: str, annotations: str | Path | No
                             f"({', '.join(SPLITS)}, or your dataset's)")
     images_dir = root / split
     if not images_dir.is_dir():
-        there = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != "annotations") if root.is_dir() else []
+        there = split_folders(root)
         held = f" ({root} holds {', '.join(f'{name}/' for name in there)}: pass one as --split)" if there else ""
         raise ShardingError(f"{images_dir} not found: pass --coco-root, the folder holding {split}/ and "
                             f"annotations/{held}")

@@ -538,32 +538,36 @@ def expand_input(pattern: str) -> list[str]:
             globbed = any(c in expanded for c in "*?[")
             matches = [m for m in sorted(glob.glob(expanded)) if m.endswith(SHARD_SUFFIXES)] if globbed else [expanded]
             urls.extend(u for u in matches if u not in urls)
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
-    unopened = next((u for u in urls if not u.startswith("pipe:") and "://" in u
-                     and u.split("://", 1)[0] not in _url_schemes()), None)
+    missing = [u for u in urls if not is_stream(u) and not Path(u).is_file()]
+    schemes = _url_schemes()
+    unopened = next((u for u in urls if "://" in u and not u.startswith("pipe:")
+                     and u.split("://", 1)[0] not in schemes), None)
     if unopened is not None:
         scheme = unopened.split("://", 1)[0]
         given = pattern if pattern.startswith(f"{scheme}://") else unopened  # a brace pattern stays one
         how = {"s3": f"'pipe:aws s3 cp {given} -'", "file": repr(given.split("://", 1)[1])}.get(
             scheme, "'pipe:COMMAND' with a command that writes the shard to its output")
         raise InputError(f"input shard {unopened}: WebDataset opens no {scheme}:// URL (it opens "
-                         f"{', '.join(_url_schemes())}): pass {how}")
-    job_masks = next((u for u in urls if _job_of_mask_shard(u) is not None), None)
-    if job_masks is not None:
-        job = _job_of_mask_shard(job_masks)
-        try:
-            read = json.loads((job / "job.json").read_text()).get("input")
-        except (OSError, ValueError, AttributeError):
-            read = None
-        raise InputError(f"input shard {job_masks} holds the masks that pseudolabel run wrote into the job {job}, "
-                         "not images: pass the image shards" + (f" that job read ({read})" if read else ""))
+                         f"{', '.join(schemes)}): pass {how}")
+    for url in urls:
+        _refuse_mask_shard(url)
     if not urls:
-        raise MissingInputError(f"--input {pattern!r} matches no shard (a glob takes the {', '.join(SHARD_SUFFIXES)} files "
-                         "it matches)")
+        raise MissingInputError(f"--input {pattern!r} matches no shard (a glob takes the "
+                                f"{', '.join(SHARD_SUFFIXES)} files it matches)")
     if missing:
         raise MissingInputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
-                         f"pattern {pattern!r} and that the shards are readable from this machine")
+                                f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
+
+
+def is_stream(url: str) -> bool:
+    """Whether a shard is a URL or a `pipe:` command rather than a local file."""
+    return "://" in url or url.startswith("pipe:")
+
+
+def split_folders(root: Path) -> list[str]:
+    """The folders of images under a COCO-style root (train2017/, ...): all but annotations/."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and d.name != "annotations") if root.is_dir() else []
 
 
 def _sharding_hint(folder: Path) -> str:
@@ -571,7 +575,7 @@ def _sharding_hint(folder: Path) -> str:
     if (folder / "JPEGImages").is_dir():
         return f"; it is a VOC folder: shard it first, pseudolabel shard-voc --voc-root {folder} -o shards/"
     if (folder / "annotations").is_dir():
-        split = next((d.name for d in sorted(folder.iterdir()) if d.is_dir() and d.name != "annotations"), "train2014")
+        split = next(iter(split_folders(folder)), "train2014")
         return (f"; it looks like a COCO folder: shard it first, pseudolabel shard-coco --coco-root {folder} "
                 f"--split {split} -o shards/")
     if any(f.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS for f in folder.iterdir()):
@@ -588,12 +592,19 @@ def _url_schemes() -> list[str]:
     return sorted(name for name in schemes if not name.startswith("_") and name != "pipe")
 
 
-def _job_of_mask_shard(url: str) -> Path | None:
-    """The job folder whose masks/ holds this local shard (a mask shard of `pseudolabel run`), else None."""
+def _refuse_mask_shard(url: str) -> None:
+    """InputError where url is a mask shard that `pseudolabel run` wrote into a job's masks/,
+    naming the image shards that job read."""
     path = Path(url)
-    if "://" in url or url.startswith("pipe:") or path.parent.name != "masks":
-        return None
-    return path.parent.parent if (path.parent.parent / "job.json").is_file() else None
+    if is_stream(url) or path.parent.name != "masks" or not (path.parent.parent / "job.json").is_file():
+        return
+    job = path.parent.parent
+    try:
+        read = json.loads((job / "job.json").read_text()).get("input")
+    except (OSError, ValueError, AttributeError):  # a job.json that cannot be read: the refusal stands, no hint
+        read = None
+    raise InputError(f"input shard {url} holds the masks that pseudolabel run wrote into the job {job}, not "
+                     "images: pass the image shards" + (f" that job read ({read})" if read else ""))
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -615,7 +626,7 @@ def manifests_beside(urls: list[str]) -> dict[Path, dict]:
     """The manifest.json of each local folder holding some of these shards (`read_manifest`), by
     folder, in folder order; URLs, pipes and folders without one (other tools' shards) have none."""
     manifests = {}
-    for folder in sorted({Path(u).parent for u in urls if "://" not in u and not u.startswith("pipe:")}):
+    for folder in sorted({Path(u).parent for u in urls if not is_stream(u)}):
         manifest = read_manifest(folder)
         if manifest is not None:
             manifests[folder] = manifest
@@ -647,7 +658,7 @@ def input_fingerprint(url: str) -> dict | None:
     """{"size": bytes, "mtime_ns": int, "sha256": hex} of a local shard file, which its ledger
     entry records so that a resume can tell a shard changed since (`input_changed`); None for
     a URL or a `pipe:` command, which cannot be looked at without reading them whole."""
-    if "://" in url or url.startswith("pipe:"):
+    if is_stream(url):
         return None
     stat = os.stat(url)
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(Path(url))}
@@ -660,7 +671,7 @@ def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = N
     sha256 its manifest lists decides (listed_sha256: sharding writes the two together), or,
     without one, the file's own (unless not read: then only another size tells). False where
     nothing was recorded (a URL, a ledger from before)."""
-    if not recorded or "://" in url or url.startswith("pipe:"):
+    if not recorded or is_stream(url):
         return False
     try:
         stat = os.stat(url)

@@ -24,7 +24,7 @@ from pipeline.config import SegmenterConfig, unchanging_added_keys
 from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
-from pipeline.data.shards import (InputError, check_shard_classes, checksum_problem, expand_input,
+from pipeline.data.shards import (InputError, check_shard_classes, checksum_problem, expand_input, is_stream,
                                   manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
@@ -64,7 +64,7 @@ def config_hash(config: SegmenterConfig, model: str) -> str:
 def absolute_input(pattern: str) -> str:
     """The --input pattern anchored at the current folder, `..` resolved (URLs and pipes
     unchanged), so that a job's recorded input works from any folder."""
-    if "://" in pattern or pattern.startswith("pipe:"):
+    if is_stream(pattern):
         return pattern
     return os.path.abspath(pattern)
 

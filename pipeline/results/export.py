@@ -141,8 +141,9 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
     if failed:
         summary.dropped["failed in the job"] = len(failed)
     if not ids:  # an empty split list would fail the training later, far from its cause
-        raise ExportError(f"nothing to export ({summary.dropped_text() or 'the job has no mask'}): loosen --min-confidence or --require-all-labels, or "
-                          "redo the failed images; an earlier export at -o/--output is left as it was")
+        raise ExportError(f"nothing to export ({summary.dropped_text() or 'the job has no mask'}): loosen "
+                          "--min-confidence or --require-all-labels, or redo the failed images; an earlier export "
+                          "at -o/--output is left as it was")
     summary.exported = len(ids)
     summary.split_file = file_in(dest / "ImageSets" / "Segmentation", split, ".txt")
     write_staged_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())
