@@ -230,6 +230,21 @@ def test_every_command_has_examples_that_parse():
             assert args.func is command.get_default("func")
 
 
+def test_input_takes_several_shards_as_an_unquoted_glob_gives_them(tmp_path, monkeypatch):
+    """`--input shards/*.tar` unquoted reaches the command as several files; a repeated --input
+    adds to the first. Both are kept as one input, recorded absolute (WebDataset's `::` between)."""
+    from pipeline.cli import build_parser
+    from pipeline.job.runner import absolute_input
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--input", "a.tar", "b.tar", "-o", "out", "--input", "pipe:cat c.tar"])
+    assert args.input == "a.tar::b.tar::pipe:cat c.tar" and args.output == "out"
+    monkeypatch.chdir(tmp_path)
+    assert absolute_input(args.input) == f"{tmp_path}/a.tar::{tmp_path}/b.tar::pipe:cat c.tar"
+    assert parser.parse_args(["resume", "out", "--input", "x/a.tar", "x/b.tar"]).input == "x/a.tar::x/b.tar"
+    assert parser.parse_args(["resume", "out"]).input is None
+
+
 def test_help_loads_neither_torch_nor_ray():
     code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'ray', 'numpy', 'diffusers') if m in sys.modules))")

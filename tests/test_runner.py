@@ -277,6 +277,12 @@ def test_input_patterns(shards, tmp_path):
     assert expand_input(str(shards)) == expand_input(str(shards / "*.tar"))
     # `shards/*` and the manifest itself give the shards, not the manifest as a shard
     assert expand_input(str(shards / "*")) == expand_input(str(shards / "manifest.json")) == expand_input(str(shards))
+    # several inputs (WebDataset's `::` between them, as several --input values are recorded): in order, once each
+    several = f"{shards / 'voc-train-000002.tar'}::{shards}::https://host/x.tar"
+    assert [Path(u).name for u in expand_input(several)] == ["voc-train-000002.tar", "voc-train-000000.tar",
+                                                              "voc-train-000001.tar", "x.tar"]
+    with pytest.raises(InputError, match=r"voc-train-000009.tar does not exist \(1 missing\)"):
+        expand_input(f"{shards}::{shards / 'voc-train-000009.tar'}")
     with pytest.raises(InputError, match=r"matches no shard \(a glob takes the .tar, .tar.gz, .tgz files it matches\)"):
         expand_input(str(shards / "*.json"))
     with pytest.raises(InputError, match=r"voc-train-000003.tar does not exist \(7 missing\)"):

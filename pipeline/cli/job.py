@@ -54,9 +54,9 @@ def register(sub) -> None:
                   "pseudolabel resume out/ --input '/new/place/voc-train_aug-{000000..000041}.tar'"])
     resume_inputs = resume.add_argument_group("input")
     add_job_folder(resume_inputs)
-    resume_inputs.add_argument("--input", default=None,
-                               help="the job's shards where they are now, if they moved (default: the input the "
-                                    "job recorded); done shards are recognised by name")
+    add_input_shards(resume_inputs, required=False,
+                     help="the job's shards where they are now, if they moved (default: the input the job "
+                          "recorded); done shards are recognised by name")
     add_device(resume.add_argument_group("model"))
     add_job_options(resume)
     resume.set_defaults(func=run_resume)

@@ -46,10 +46,22 @@ def add_job_folder(group) -> None:
     group.add_argument("job", metavar="JOB", help="the job's folder (the -o/--output of pseudolabel run)")
 
 
-def add_input_shards(group) -> None:
-    group.add_argument("--input", required=True,
-                       help="image shards: a brace pattern 'shards/voc-train_aug-{000000..000041}.tar', a glob, "
-                            "or a folder of shards (those its manifest.json lists; without one, its .tar files)")
+class _ShardInputs(argparse.Action):
+    """--input with one or more patterns (a glob the shell expanded gives several), repeatable:
+    kept as one input string, WebDataset's `::` between them (shards.join_inputs)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from pipeline.data.shards import join_inputs
+
+        previous = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, join_inputs(([previous] if previous else []) + list(values)))
+
+
+def add_input_shards(group, required: bool = True, help: str | None = None) -> None:
+    group.add_argument("--input", required=required, nargs="+", action=_ShardInputs, metavar="SHARDS",
+                       help=help or "image shards: a brace pattern 'shards/voc-train_aug-{000000..000041}.tar', a "
+                                    "glob, a folder of shards (those its manifest.json lists; without one, its .tar "
+                                    "files), or several of these")
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,

@@ -509,11 +509,30 @@ class MissingInputError(InputError):
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-def expand_input(pattern: str) -> list[str]:
-    """Shard paths from a brace pattern (`shards/voc-{000000..000041}.tar`), a glob (its
-    SHARD_SUFFIXES files: `shards/*` leaves the manifest out), a folder holding a
-    manifest.json (or that manifest.json): the shards it lists, or a folder without one (another
-    tool's shards): its SHARD_SUFFIXES files; in order, without duplicates."""
+# WebDataset's separator of several shard patterns in one input string ("a/{0..3}.tar::b/*.tar"):
+# how several --input values are recorded as one job's input.
+INPUT_SEPARATOR = "::"
+
+
+def join_inputs(patterns: list[str]) -> str:
+    """Several --input values as one input string (INPUT_SEPARATOR between them)."""
+    return INPUT_SEPARATOR.join(patterns)
+
+
+def expand_input(inputs: str) -> list[str]:
+    """Shard paths from one input, or several joined by INPUT_SEPARATOR, each a brace pattern
+    (`shards/voc-{000000..000041}.tar`), a glob (its SHARD_SUFFIXES files: `shards/*` leaves
+    the manifest out), a folder holding a manifest.json (or that manifest.json): the shards it
+    lists, or a folder without one (another tool's shards): its SHARD_SUFFIXES files; in order,
+    without duplicates."""
+    urls: list[str] = []
+    for pattern in inputs.split(INPUT_SEPARATOR):
+        urls.extend(url for url in _expand_pattern(pattern) if url not in urls)
+    return urls
+
+
+def _expand_pattern(pattern: str) -> list[str]:
+    """The shard paths of one input pattern (expand_input)."""
     from braceexpand import braceexpand
 
     path = Path(pattern)

@@ -24,8 +24,8 @@ from pipeline.config import SegmenterConfig, unchanging_added_keys
 from pipeline.segment.models import check_model_available, resolve_device
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
-from pipeline.data.shards import (InputError, check_shard_classes, checksum_problem, expand_input, is_stream,
-                                  manifest_listing, manifests_beside, sample_count_problem, shard_name)
+from pipeline.data.shards import (INPUT_SEPARATOR, InputError, check_shard_classes, checksum_problem, expand_input,
+                                  is_stream, manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.summary import JobInterrupted, JobSummary, fewer_workers_line, name_first, workers_line
@@ -61,12 +61,12 @@ def config_hash(config: SegmenterConfig, model: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def absolute_input(pattern: str) -> str:
-    """The --input pattern anchored at the current folder, `..` resolved (URLs and pipes
-    unchanged), so that a job's recorded input works from any folder."""
-    if is_stream(pattern):
-        return pattern
-    return os.path.abspath(pattern)
+def absolute_input(inputs: str) -> str:
+    """The --input patterns (INPUT_SEPARATOR between several) each anchored at the current
+    folder, `..` resolved (URLs and pipes unchanged), so that a job's recorded input works from
+    any folder."""
+    return INPUT_SEPARATOR.join(pattern if is_stream(pattern) else os.path.abspath(pattern)
+                                for pattern in inputs.split(INPUT_SEPARATOR))
 
 
 def ray_shard_worker_class():
