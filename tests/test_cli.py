@@ -1,5 +1,6 @@
 """The `pseudolabel segment` command as a user runs it."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -132,11 +133,18 @@ def test_an_output_path_of_the_wrong_kind_is_a_one_line_error(image_file, tmp_pa
             (["shard-voc", "--voc-root", str(tmp_path / "VOC2012"), "--split", "train", "-o", str(a_file / "shards")],
              f"Not a directory: {a_file / 'shards'}: a file stands where a folder of that path is needed"),
             (["eval", str(job), "--processes", "1", "--no-progress", "-o", str(a_folder)],
-             f"Is a directory: {a_folder}: a folder stands where a file is written: pass a file's path")):
+             f"Is a directory: {a_folder}: a folder stands where a file is written: pass a file's path"),
+            (["eval", str(job), "--processes", "1", "--no-progress", "-o", str(a_file / "scores" / "eval.json")],
+             f"Not a directory: {a_file}: a file stands where a folder of that path is needed")):
         assert main(argv) == 2
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert err.startswith("pseudolabel: error: ") and message in err and err.count("\n") == 1
+        assert "mIoU" not in out  # eval refuses its output before scoring, not after
     assert a_file.read_text() == "keep me" and list(a_folder.iterdir()) == []
+    # a folder of the scores' path that does not exist yet is made
+    nested = tmp_path / "scores" / "run-1" / "eval.json"
+    assert main(["eval", str(job), "--processes", "1", "--no-progress", "-o", str(nested)]) == 0
+    assert json.loads(nested.read_text())["classes"][0] == "background"
 
 
 def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):

@@ -204,12 +204,15 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from pipeline.data.atomic import check_file_can_be_written
     from pipeline.data.shards import InputError
     from pipeline.results.evaluate import evaluate_job, format_table, write_json
 
     require_gt_folder(args)
     pool_size = process_count(args)
     job = finished_part(args.job)
+    json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"
+    check_file_can_be_written(json_path)
     with image_bar(job, "eval", args) as bar:
         scores, conf = evaluate_job(job, gt_dir=args.gt, processes=pool_size, progress=bar)
     if not scores.images:
@@ -227,7 +230,6 @@ def run_eval(args: argparse.Namespace) -> int:
     note = random_weights_note(str(job.job().get("model")))
     if note:
         print(f"({note})")
-    json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"
     write_json(scores, conf, names, json_path)
     print(f"wrote {json_path}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -48,6 +49,21 @@ def write_staged_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _naming(path), open(path, "wb") as handle:
         handle.write(data)
+
+
+def check_file_can_be_written(path: Path) -> None:
+    """Raise the OSError that writing a file at path (its missing folders made) would raise where
+    the path cannot take one: a folder at path, a file where a folder of it is needed, or a
+    first existing folder that is not writable. Checked before long work whose result it holds."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
 def atomic_write_json(path: Path, value) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from pipeline.errors import PipelineError
+from pipeline.data.atomic import atomic_write_bytes
 from pipeline.mask.codec import IGNORE_INDEX, decode_mask
 from pipeline.data.safe_paths import file_in, key_problem
 from pipeline.results.parallel import shard_map
@@ -173,4 +174,4 @@ def format_table(scores: Scores, class_names: list[str]) -> str:
 
 def write_json(scores: Scores, conf: np.ndarray, class_names: list[str], path: Path) -> None:
     payload = asdict(scores) | {"classes": ["background"] + list(class_names), "confusion": conf.tolist()}
-    path.write_text(json.dumps(payload, indent=2))
+    atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
