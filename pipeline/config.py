@@ -525,6 +525,10 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found: pass an existing YAML file or a built-in name "
                           f"({', '.join(BUILT_IN_CONFIGS)})")
+    if path.suffix == ".py":
+        raise ConfigError(f"config file {path} is Python, as mmsegmentation's configs are (they train on the exported "
+                          f"masks: docs/training.md): --config takes this tool's YAML file (configs/voc.yaml) or a "
+                          f"built-in name ({', '.join(BUILT_IN_CONFIGS)})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -137,6 +137,14 @@ def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config(binary)
     assert str(error.value) == f"config file {binary} is not UTF-8 text (byte 9): pass the YAML file"
+    # an mmsegmentation config (they train on the exported masks) passed as ours
+    mmseg_config = tmp_path / "deeplabv3plus_pseudo-voc12aug.py"
+    mmseg_config.write_text("_base_ = ['./pseudo_voc12_aug.py']\ncrop_size = (512, 512)\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(mmseg_config)
+    assert str(error.value) == (f"config file {mmseg_config} is Python, as mmsegmentation's configs are (they train "
+                                "on the exported masks: docs/training.md): --config takes this tool's YAML file "
+                                "(configs/voc.yaml) or a built-in name (voc, coco)")
 
 
 def test_batch_size_auto_is_one_image_on_a_cpu_and_a_full_batch_on_a_gpu(tmp_path):
