@@ -504,6 +504,7 @@ class SegmenterConfig(_Strict):
         return index
 
 
+# The configs shipped with the package; the first is SegmenterConfig's defaults.
 BUILT_IN_CONFIGS = ("voc", "coco")
 
 

@@ -466,6 +466,30 @@ def test_a_manifest_whose_classes_differ_only_in_spelling_is_accepted(tmp_path):
         check_shard_classes({tmp_path: {"classes": ["diningtable", "cat"]}}, ["cat", "diningtable"])
 
 
+def test_without_config_shards_of_a_built_in_configs_classes_run_with_it(tmp_path, capsys):
+    """COCO shards run without --config take the coco config (said in a line); a --config given
+    is kept, and VOC shards, shards without a manifest or of mixed classes take the default."""
+    from pipeline.cli.options import input_config
+    from pipeline.config import load_config
+
+    coco_names = [name.upper() for name in load_config("coco").class_names]  # matched as names are
+    folders = {}
+    for name, classes in (("coco", coco_names), ("voc", load_config("voc").class_names), ("bare", None)):
+        folder = folders[name] = tmp_path / name
+        folder.mkdir()
+        (folder / f"{name}-000000.tar").write_bytes(b"")
+        if classes is not None:
+            (folder / "manifest.json").write_text(json.dumps(
+                {"classes": classes, "shards": [{"url": f"{name}-000000.tar", "samples": 0}]}))
+    assert len(input_config(None, str(folders["coco"])).class_names) == 80
+    assert capsys.readouterr().out == ("config: coco, the built-in config of the classes the shards' manifest.json "
+                                       "lists (--config to choose another)\n")
+    assert len(input_config("voc", str(folders["coco"])).class_names) == 20  # refused later, naming coco
+    for inputs in (folders["voc"], folders["bare"], f"{folders['coco']}::{folders['voc']}"):
+        assert input_config(None, str(inputs)).class_names == load_config("voc").class_names
+    assert capsys.readouterr().out == ""
+
+
 def test_label_files_and_split_lists_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     # Excel's "CSV UTF-8" and Windows Notepad start the file with U+FEFF (and end lines with CRLF)
     from PIL import Image

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli.options import (add_command, add_device, add_input_shards, add_job_folder, add_job_options,
-                                  add_model_options, add_no_progress, add_output, require_positive)
+                                  add_model_options, add_no_progress, add_output, input_config, require_positive)
 from pipeline.config import (VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config, random_weights_note,
                              recorded_config)
 from pipeline.errors import PipelineError
@@ -99,7 +99,7 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
 
 
 def run_run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = input_config(args.config, args.input)
     if args.crf:
         config = config.with_crf(True)
     return _run_job(args, args.input, Path(args.output), config, args.model, args.retry_failed, args.force)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import DEFAULT_MODEL, ConfigError
+from pipeline.config import BUILT_IN_CONFIGS, DEFAULT_MODEL, ConfigError, load_config
 
 
 EXAMPLES = "examples:\n"
@@ -64,6 +64,19 @@ def add_input_shards(group, required: bool = True, help: str | None = None) -> N
                                     "files), or several of these")
 
 
+def input_config(config: str | None, inputs: str):
+    """The SegmenterConfig of --config; without one, the built-in config whose classes the input
+    shards' manifest.json lists (COCO shards: coco, said in a line), else the default (voc)."""
+    from pipeline.data.shards import built_in_config_listed, expand_input, manifests_beside
+
+    if config is None:
+        config = built_in_config_listed(manifests_beside(expand_input(inputs)))
+        if config is not None and config != BUILT_IN_CONFIGS[0]:
+            print(f"config: {config}, the built-in config of the classes the shards' manifest.json lists "
+                  "(--config to choose another)")
+    return load_config(config)
+
+
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,
                       with_config: bool = True) -> None:
     group = parser.add_argument_group("model")
@@ -72,7 +85,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
                             f"(full size, random weights) (default: {default_model})")
     if with_config:
         group.add_argument("--config", default=None,
-                           help="YAML config file, or a built-in name: voc (the default) or coco")
+                           help="YAML config file, or a built-in name: voc or coco (default: voc; for shards "
+                                "whose manifest.json lists COCO's classes, coco)")
     add_device(group)
 
 

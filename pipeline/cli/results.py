@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli.options import (add_command, add_cpu_allocator, add_cpu_threads, add_input_shards, add_job_folder,
-                                  add_model_options, add_no_progress, add_output, in_process_allocator,
+                                  add_model_options, add_no_progress, add_output, in_process_allocator, input_config,
                                   require_fraction, require_gt_folder, require_positive)
 from pipeline.config import ConfigError, load_config, random_weights_note
 
@@ -256,7 +256,7 @@ def run_compare(args: argparse.Namespace) -> int:
     require_positive(args, "num_images")
     require_gt_folder(args)
     methods = parse_methods(args.methods)
-    config = load_config(args.config)
+    config = input_config(args.config, args.input)
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep is not None:
         comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads

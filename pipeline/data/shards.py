@@ -720,18 +720,29 @@ def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> 
     than the config's (by `name_key`, in order): every image's labels would fail (their values
     number the manifest's classes). Shards without a manifest are checked image by image as
     they run."""
-    from pipeline.config import BUILT_IN_CONFIGS, load_config
-
     for folder, manifest in manifests.items():
         listed = manifest.get("classes")
         if not is_name_list(listed) or not listed or list(map(name_key, listed)) == list(map(name_key, class_names)):
             continue
-        match = next((name for name in BUILT_IN_CONFIGS if load_config(name).class_names == listed), None)
+        match = built_in_config_listed({folder: manifest})
         fix = (f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its "
                f"order: a YAML file holding the line classes: {json.dumps(listed)}")
         first = [", ".join(names[:3]) + (", ..." if len(names) > 3 else "") for names in (listed, class_names)]
         raise InputError(f"the shards in {folder} were written for {len(listed)} classes ({first[0]}) but the config "
                          f"has {len(class_names)} ({first[1]}): {fix}")
+
+
+def built_in_config_listed(manifests: dict[Path, dict]) -> str | None:
+    """The built-in config (BUILT_IN_CONFIGS) whose classes, in its order, every manifest beside
+    the shards lists (`manifests_beside`); None where there is no manifest or none matches."""
+    from pipeline.config import BUILT_IN_CONFIGS, load_config
+
+    listed = [manifest.get("classes") for manifest in manifests.values()]
+    if not listed or not all(is_name_list(names) and names == listed[0] for names in listed):
+        return None
+    keys = list(map(name_key, listed[0]))
+    return next((name for name in BUILT_IN_CONFIGS if list(map(name_key, load_config(name).class_names)) == keys),
+                None)
 
 
 # The last `<name>.tar` of a path, a URL (before its query) or a `pipe:` command.
