@@ -340,6 +340,7 @@ def test_shard_names_come_from_paths_urls_and_pipes_and_may_not_collide(shards, 
 
 def test_shards_made_for_other_classes_are_refused_with_the_config_to_pass(shards, tmp_path):
     # VOC shards (manifest: the 20 VOC classes) run with the COCO config: every label would fail.
+    from pipeline.cli.options import input_config
     from pipeline.data.shards import InputError
 
     with pytest.raises(InputError, match=rf"the shards in {shards} were written for 20 classes \(aeroplane, "
@@ -357,13 +358,19 @@ def test_shards_made_for_other_classes_are_refused_with_the_config_to_pass(shard
     (tmp_path / "own" / "voc-train-000000.tar").write_bytes((shards / "voc-train-000000.tar").read_bytes())
     (tmp_path / "own" / "manifest.json").write_text(json.dumps(
         {"shards": [{"url": "voc-train-000000.tar", "samples": 2}], "classes": ["cat", "dog"]}))
-    with pytest.raises(InputError, match=r"written for 2 classes \(cat, dog\) .*: pass a config whose "
-                                         "classes are the manifest's, in its order") as error:
+    with pytest.raises(InputError, match=r"written for 2 classes \(cat, dog\) .*: pass --classes 'cat,dog'$"):
         run_job(str(tmp_path / "own"), tmp_path / "out", config, "tiny", progress=False)
     assert not (tmp_path / "out").exists()
+    assert input_config(None, str(tmp_path / "own"), "cat,dog").class_names == ["cat", "dog"]  # the fix works
+    # a name --classes cannot give (it holds a comma): the config line
+    (tmp_path / "own" / "manifest.json").write_text(json.dumps(
+        {"shards": [{"url": "voc-train-000000.tar", "samples": 2}], "classes": ["cat", "dog, small"]}))
+    with pytest.raises(InputError, match=r"written for 2 classes \(cat, dog, small\) .*: pass a config whose "
+                                         "classes are the manifest's, in its order") as error:
+        run_job(str(tmp_path / "own"), tmp_path / "out", config, "tiny", progress=False)
     yaml_line = str(error.value).split("a YAML file holding the line ")[1]  # the fix, as written, works
     (tmp_path / "own.yaml").write_text(yaml_line + "\n")
-    assert load_config(tmp_path / "own.yaml").class_names == ["cat", "dog"]
+    assert load_config(tmp_path / "own.yaml").class_names == ["cat", "dog, small"]
 
 
 def test_a_second_job_on_a_folder_in_use_is_refused_and_status_names_the_running_one(clean_run, shards, capsys):

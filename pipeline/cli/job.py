@@ -7,8 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cli.options import (add_command, add_device, add_input_shards, add_job_folder, add_job_options,
-                                  add_model_options, add_no_progress, add_output, input_config, require_positive)
+from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_device, add_input_shards, add_job_folder,
+                                  add_job_options, add_model_options, add_no_progress, add_output, input_config,
+                                  require_positive)
 from pipeline.config import (VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config, random_weights_note,
                              recorded_config)
 from pipeline.errors import PipelineError
@@ -34,9 +35,11 @@ def register(sub) -> None:
         description="Run the job over image shards. Re-running skips shards already done.",
         examples=["pseudolabel run --input shards/ -o out/",
                   "pseudolabel run --input 'shards/voc-train_aug-{000000..000041}.tar' -o out/ --crf "
-                  "--address auto --batch-size 16"])
+                  "--address auto --batch-size 16",
+                  "pseudolabel run --input photo-shards/ --classes cat,dog,sofa -o out/"])
     inputs = run.add_argument_group("input and output")
     add_input_shards(inputs)
+    add_classes(inputs, help=CLASSES_HELP)
     add_output(inputs, "the job's folder: masks/, stats/, ledger/, job.json")
     inputs.add_argument("--crf", action="store_true", help="dense CRF on CPU workers")
     inputs.add_argument("--retry-failed", action="store_true", help="also redo shards that failed before")
@@ -99,7 +102,7 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
 
 
 def run_run(args: argparse.Namespace) -> int:
-    config = input_config(args.config, args.input)
+    config = input_config(args.config, args.input, args.classes)
     if args.crf:
         config = config.with_crf(True)
     return _run_job(args, args.input, Path(args.output), config, args.model, args.retry_failed, args.force)

@@ -64,17 +64,35 @@ def add_input_shards(group, required: bool = True, help: str | None = None) -> N
                                     "files), or several of these")
 
 
-def input_config(config: str | None, inputs: str):
-    """The SegmenterConfig of --config; without one, the built-in config whose classes the input
-    shards' manifest.json lists (COCO shards: coco, said in a line), else the default (voc)."""
+def input_config(config: str | None, inputs: str, classes: str | None = None):
+    """The SegmenterConfig of --config with --classes (comma-separated names, each its own
+    prompt) as its classes where given; without either, the built-in config whose classes the
+    input shards' manifest.json lists (COCO shards: coco, said in a line), else the default (voc)."""
     from pipeline.data.shards import built_in_config_listed, expand_input, manifests_beside
 
-    if config is None:
+    if config is None and classes is None:
         config = built_in_config_listed(manifests_beside(expand_input(inputs)))
         if config is not None and config != BUILT_IN_CONFIGS[0]:
             print(f"config: {config}, the built-in config of the classes the shards' manifest.json lists "
                   "(--config to choose another)")
-    return load_config(config)
+    return with_classes_option(load_config(config), classes)
+
+
+# --classes of the commands that read shards: the names shard-folder --classes wrote them with.
+CLASSES_HELP = ("the shards' class list, comma-separated, in label order, each name its own prompt (the --classes "
+                "of shard-folder), in place of the config's classes")
+
+
+def add_classes(group, help: str) -> None:
+    group.add_argument("--classes", default=None, help=help)
+
+
+def with_classes_option(config, classes: str | None):
+    """config with --classes (comma-separated names, each its own prompt) as its classes, where
+    given; a ConfigError names --classes where they are no class list."""
+    if classes is None:
+        return config
+    return config.with_classes([name.strip() for name in classes.split(",") if name.strip()], "--classes")
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,

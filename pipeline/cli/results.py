@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli.options import (add_command, add_cpu_allocator, add_cpu_threads, add_input_shards, add_job_folder,
-                                  add_model_options, add_no_progress, add_output, in_process_allocator, input_config,
-                                  require_fraction, require_gt_folder, require_positive)
+from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_cpu_allocator, add_cpu_threads,
+                                  add_input_shards, add_job_folder, add_model_options, add_no_progress, add_output,
+                                  in_process_allocator, input_config, require_fraction, require_gt_folder,
+                                  require_positive)
 from pipeline.config import ConfigError, load_config, random_weights_note
 
 
@@ -88,6 +89,7 @@ def _register_compare(sub) -> None:
                   "--sweep goca.background_offset=-0.4:0.4:0.1"])
     inputs = compare.add_argument_group("input")
     add_input_shards(inputs)
+    add_classes(inputs, help=CLASSES_HELP)
     inputs.add_argument("--gt", default=None, help="ground-truth folder of <id>.png (default: the shards' gt.png)")
     inputs.add_argument("--num-images", type=int, default=None,
                         help="compare on the first N usable images only (default: all)")
@@ -256,7 +258,7 @@ def run_compare(args: argparse.Namespace) -> int:
     require_positive(args, "num_images")
     require_gt_folder(args)
     methods = parse_methods(args.methods)
-    config = input_config(args.config, args.input)
+    config = input_config(args.config, args.input, args.classes)
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep is not None:
         comparison_rows(methods, config, sweep)  # a bad key or value fails before the model loads

@@ -7,7 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.cli.options import add_command, add_cpu_allocator, add_model_options, add_output, in_process_allocator
+from pipeline.cli.options import (add_classes, add_command, add_cpu_allocator, add_model_options, add_output,
+                                  in_process_allocator, with_classes_option)
 from pipeline.config import ConfigError, SegmenterConfig, is_background, load_config
 
 
@@ -24,8 +25,7 @@ def register(sub) -> None:
     inputs.add_argument("--labels", default=None,
                         help="comma-separated class names present in the image, e.g. cat,sofa (with --classes: "
                              "all of those by default)")
-    inputs.add_argument("--classes", default=None,
-                        help="names of your own in place of the config's classes, comma-separated, each its own "
+    add_classes(inputs, help="names of your own in place of the config's classes, comma-separated, each its own "
                              "prompt (open vocabulary: 'red car,street lamp'); the mask numbers them 1, 2, ...")
     outputs = parser.add_argument_group("output")
     add_output(outputs, "the mask PNG to write (palette, indices 0 background, 1.. the classes, 255 ignore), or a "
@@ -85,8 +85,7 @@ def run_segment(args: argparse.Namespace) -> int:
         config = config.with_crf(True)
     if config.crf.enabled:
         densecrf_modules()  # the module missing: one line naming the install, before the model loads
-    if args.classes is not None:
-        config = config.with_classes([n.strip() for n in args.classes.split(",") if n.strip()], "--classes")
+    config = with_classes_option(config, args.classes)
     if args.labels is None and args.classes is None:
         raise ConfigError("--labels is needed: the classes present in the image, e.g. --labels cat,sofa (or "
                           "--classes for names of your own)")

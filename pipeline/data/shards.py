@@ -725,8 +725,10 @@ def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> 
         if not is_name_list(listed) or not listed or list(map(name_key, listed)) == list(map(name_key, class_names)):
             continue
         match = built_in_config_listed({folder: manifest})
-        fix = (f"pass --config {match}" if match else "pass a config whose classes are the manifest's, in its "
-               f"order: a YAML file holding the line classes: {json.dumps(listed)}")
+        fix = (f"pass --config {match}" if match
+               else f"pass --classes '{','.join(listed)}'" if not any("," in name or "'" in name for name in listed)
+               else f"pass a config whose classes are the manifest's, in its order: a YAML file holding the line "
+                    f"classes: {json.dumps(listed)}")
         first = [", ".join(names[:3]) + (", ..." if len(names) > 3 else "") for names in (listed, class_names)]
         raise InputError(f"the shards in {folder} were written for {len(listed)} classes ({first[0]}) but the config "
                          f"has {len(class_names)} ({first[1]}): {fix}")
