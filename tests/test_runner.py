@@ -409,6 +409,7 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
         "(manifest.json has its sha256) and readable from this machine")
 
 
+@pytest.mark.faults  # two jobs: with the fault tests, out of the default run
 def test_a_shard_cut_at_a_block_boundary_fails_by_its_manifest_checksum_or_count(ray_local, shards, tmp_path):
     # A copy stopped part-way, on a 512-byte boundary: a tar reader sees a whole, shorter tar.
     import tarfile
@@ -866,6 +867,7 @@ def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards
     assert len(list((tmp_path / "export" / "JPEGImages").iterdir())) == 4
 
 
+@pytest.mark.faults  # four jobs: with the fault tests, out of the default run
 def test_a_shard_changed_since_it_was_done_is_redone_and_one_unlike_its_manifest_fails(ray_local, shards, tmp_path,
                                                                                       capsys):
     shutil.copytree(shards, tmp_path / "in")
