@@ -251,6 +251,12 @@ def test_input_takes_several_shards_as_an_unquoted_glob_gives_them(tmp_path, mon
     assert absolute_input(args.input) == f"{tmp_path}/a.tar::{tmp_path}/b.tar::pipe:cat c.tar"
     assert parser.parse_args(["resume", "out", "--input", "x/a.tar", "x/b.tar"]).input == "x/a.tar::x/b.tar"
     assert parser.parse_args(["resume", "out"]).input is None
+    # the status line (and other messages) shows the first three of many, as an unquoted glob of 42 shards gives
+    from pipeline.data.shards import describe_input
+
+    many = parser.parse_args(["run", "-o", "out", "--input"] + [f"s/voc-{i:06d}.tar" for i in range(42)]).input
+    assert describe_input(many) == "s/voc-000000.tar::s/voc-000001.tar::s/voc-000002.tar and 39 more"
+    assert describe_input(args.input) == args.input
 
 
 def test_help_loads_neither_torch_nor_ray():

@@ -133,12 +133,13 @@ def run_status(args: argparse.Namespace) -> int:
 
     from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, STALE, Ledger
     from pipeline.data.outputs import failed_image_ids
+    from pipeline.data.shards import describe_input
     from pipeline.job.summary import name_first
 
     ledger = Ledger(args.job)
     job = ledger.recorded_job()
     entries = ledger.entries()
-    print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {job['input']}")
+    print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {describe_input(job['input'])}")
     states = ledger.states()
     listed = [e for e in entries if args.all or len(entries) <= LISTED_SHARDS or states[e.shard] != DONE]
     if listed:

@@ -519,6 +519,13 @@ def join_inputs(patterns: list[str]) -> str:
     return INPUT_SEPARATOR.join(patterns)
 
 
+def describe_input(inputs: str, shown: int = 3) -> str:
+    """An input (`join_inputs`) for a line of text: its first `shown` patterns, then how many more."""
+    patterns = inputs.split(INPUT_SEPARATOR)
+    more = f" and {len(patterns) - shown} more" if len(patterns) > shown else ""
+    return INPUT_SEPARATOR.join(patterns[:shown]) + more
+
+
 def expand_input(inputs: str) -> list[str]:
     """Shard paths from one input, or several joined by INPUT_SEPARATOR, each a brace pattern
     (`shards/voc-{000000..000041}.tar`), a glob (its SHARD_SUFFIXES files: `shards/*` leaves
@@ -623,7 +630,8 @@ def _refuse_mask_shard(url: str) -> None:
     except (OSError, ValueError, AttributeError):  # a job.json that cannot be read: the refusal stands, no hint
         read = None
     raise InputError(f"input shard {url} holds the masks that pseudolabel run wrote into the job {job}, not "
-                     "images: pass the image shards" + (f" that job read ({read})" if read else ""))
+                     "images: pass the image shards" + (f" that job read ({describe_input(read)})"
+                                                        if isinstance(read, str) else ""))
 
 
 def read_manifest(folder: Path) -> dict | None:
