@@ -259,6 +259,19 @@ def test_input_takes_several_shards_as_an_unquoted_glob_gives_them(tmp_path, mon
     assert describe_input(args.input) == args.input
 
 
+def test_segment_given_several_images_names_the_way_to_segment_a_folder(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "--labels", "cat"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: unrecognized arguments: photos/b.jpg photos/c.jpg; segment reads one image (a glob the shell expanded "
+        "gives several): for a folder of images, shard them with their labels (pseudolabel shard-folder) and run the "
+        "job on the shards (pseudolabel run)\n")
+    with pytest.raises(SystemExit):  # other commands say it as argparse does
+        main(["status", "out/", "extra"])
+    assert capsys.readouterr().err.endswith("error: unrecognized arguments: extra\n")
+
+
 def test_help_loads_neither_torch_nor_ray():
     code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'ray', 'numpy', 'diffusers') if m in sys.modules))")

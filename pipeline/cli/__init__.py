@@ -50,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:  # as parse_args says it, with the command's hint where it has one
+        hint = getattr(args, "unrecognized_hint", None)
+        parser.error(f"unrecognized arguments: {' '.join(unrecognized)}" + (f"; {hint}" if hint else ""))
     try:
         status = args.func(args)
         sys.stdout.flush()  # a reader that has gone is seen here, not while Python exits

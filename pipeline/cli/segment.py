@@ -34,7 +34,10 @@ def register(sub) -> None:
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     add_model_options(parser)
     add_cpu_allocator(parser.add_argument_group("host memory"), in_process=True)
-    parser.set_defaults(func=run_segment)
+    parser.set_defaults(func=run_segment,
+                        unrecognized_hint="segment reads one image (a glob the shell expanded gives several): for a "
+                                          "folder of images, shard them with their labels (pseudolabel shard-folder) "
+                                          "and run the job on the shards (pseudolabel run)")
 
 
 def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
