@@ -261,7 +261,7 @@ def test_input_takes_several_shards_as_an_unquoted_glob_gives_them(tmp_path, mon
 
 def test_segment_given_several_images_names_the_way_to_segment_a_folder(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["segment", "photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "--labels", "cat"])
+        main(["segment", "photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "--labels", "cat", "-o", "masks/"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.endswith(
         "error: unrecognized arguments: photos/b.jpg photos/c.jpg; segment reads one image (a glob the shell expanded "
