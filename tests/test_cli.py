@@ -251,6 +251,21 @@ def test_input_takes_several_shards_as_an_unquoted_glob_gives_them(tmp_path, mon
     assert absolute_input(args.input) == f"{tmp_path}/a.tar::{tmp_path}/b.tar::pipe:cat c.tar"
     assert parser.parse_args(["resume", "out", "--input", "x/a.tar", "x/b.tar"]).input == "x/a.tar::x/b.tar"
     assert parser.parse_args(["resume", "out"]).input is None
+    # --input takes every word after it: a job's folder last is the JOB
+    from pipeline.cli.options import job_after_input
+    from pipeline.config import ConfigError
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "job.json").write_text("{}")
+    args = parser.parse_args(["resume", "--input", "x/a.tar", "x/b.tar", "out"])
+    job_after_input(args)
+    assert (args.job, args.input) == ("out", "x/a.tar::x/b.tar")
+    for argv, message in ((["resume", "--input", "x/a.tar", "x/b.tar"], "JOB is missing: name the job's folder before "
+                           "--input, which takes every word after it (pseudolabel resume out/ --input NEW_PATTERN)"),
+                          (["resume"], "JOB is missing: the job's folder, e.g. pseudolabel resume out/")):
+        with pytest.raises(ConfigError) as error:
+            job_after_input(parser.parse_args(argv))
+        assert str(error.value) == message
     # the status line (and other messages) shows the first three of many, as an unquoted glob of 42 shards gives
     from pipeline.data.shards import describe_input
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_device, add_input_shards, add_job_folder,
                                   add_job_options, add_model_options, add_no_progress, add_output, input_config,
-                                  require_positive)
+                                  job_after_input, require_positive)
 from pipeline.config import (VOC_CLASS_NAMES, ConfigError, SegmenterConfig, load_config, random_weights_note,
                              recorded_config)
 from pipeline.errors import PipelineError
@@ -56,7 +56,7 @@ def register(sub) -> None:
         examples=["pseudolabel resume out/", "pseudolabel resume out/ --batch-size 8 --address auto",
                   "pseudolabel resume out/ --input '/new/place/voc-train_aug-{000000..000041}.tar'"])
     resume_inputs = resume.add_argument_group("input")
-    add_job_folder(resume_inputs)
+    add_job_folder(resume_inputs, before_input=True)
     add_input_shards(resume_inputs, required=False,
                      help="the job's shards where they are now, if they moved (default: the input the job "
                           "recorded); done shards are recognised by name")
@@ -112,6 +112,7 @@ def run_resume(args: argparse.Namespace) -> int:
     from pipeline.data.ledger import Ledger
     from pipeline.data.shards import MissingInputError
 
+    job_after_input(args)
     job = Ledger(args.job).recorded_job()
     config = recorded_config(job["config"])
     try:

@@ -42,8 +42,27 @@ def add_output(group, help: str, required: bool = True, default: str | None = No
     group.add_argument("-o", "--output", required=required, default=default, help=help)
 
 
-def add_job_folder(group) -> None:
-    group.add_argument("job", metavar="JOB", help="the job's folder (the -o/--output of pseudolabel run)")
+def add_job_folder(group, before_input: bool = False) -> None:
+    """JOB; before_input: in a command with --input, which takes every word after it, so that
+    `resume --input new/ out/` leaves JOB to `job_after_input`."""
+    group.add_argument("job", metavar="JOB", nargs="?" if before_input else None,
+                       help="the job's folder (the -o/--output of pseudolabel run)")
+
+
+def job_after_input(args: argparse.Namespace) -> None:
+    """Where --input took the words after it, the last of them as JOB if it is a job's folder
+    (it holds job.json, so it is no shard input); else a ConfigError naming the order."""
+    if args.job is not None:
+        return
+    if args.input is None:
+        raise ConfigError("JOB is missing: the job's folder, e.g. pseudolabel resume out/")
+    from pipeline.data.shards import INPUT_SEPARATOR, join_inputs
+
+    *inputs, last = args.input.split(INPUT_SEPARATOR)
+    if not inputs or not (Path(last) / "job.json").is_file():
+        raise ConfigError("JOB is missing: name the job's folder before --input, which takes every word after it "
+                          "(pseudolabel resume out/ --input NEW_PATTERN)")
+    args.job, args.input = last, join_inputs(inputs)
 
 
 class _ShardInputs(argparse.Action):
