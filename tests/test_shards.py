@@ -490,6 +490,26 @@ def test_without_config_shards_of_a_built_in_configs_classes_run_with_it(tmp_pat
     assert capsys.readouterr().out == ""
 
 
+def test_a_labels_file_finds_images_whose_accents_are_composed_otherwise_than_it_writes_them(tmp_path):
+    """macOS stores `café.jpg` decomposed (e + combining accent), and copies keep it so; a labels
+    file typed elsewhere has it composed (é), or the other way round."""
+    import unicodedata
+
+    from pipeline.data.shards import folder_sources
+
+    stored = {"café.jpg": "NFD", "crème.jpg": "NFC"}
+    for name, form in stored.items():
+        (tmp_path / unicodedata.normalize(form, name)).write_bytes(b"")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"image,labels\n{unicodedata.normalize('NFC', 'café.jpg')},cat\n"
+                      f"{unicodedata.normalize('NFD', 'crème.jpg')},dog\nmissing.jpg,dog\n")
+    report = ShardingReport()
+    sources = folder_sources(tmp_path, labels, report)
+    assert [s.image.name for s in sources] == [unicodedata.normalize(form, name) for name, form in stored.items()]
+    assert [s.names for s in sources] == [["cat"], ["dog"]]
+    assert [p["id"] for p in report.problems] == ["missing"]
+
+
 def test_label_files_and_split_lists_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     # Excel's "CSV UTF-8" and Windows Notepad start the file with U+FEFF (and end lines with CRLF)
     from PIL import Image

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import subprocess
+import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -387,14 +388,23 @@ def folder_sources(images_dir: str | Path, labels_path: str | Path, report: Shar
             report.problem(key, "duplicate id", f"{rel} maps to an id already used; kept the first")
             continue
         seen.add(key)
-        image = images_dir / rel
-        if not image.is_file() and "\\" in rel:  # a path written on Windows: kitchen\001.jpg
-            image = images_dir / PureWindowsPath(rel).as_posix()
-        if not image.is_file():
-            report.problem(key, "missing image", f"{image} does not exist")
+        image = _written_path(images_dir, rel)
+        if image is None:
+            report.problem(key, "missing image", f"{images_dir / rel} does not exist")
             continue
         sources.append(SourceImage(id=key, image=image, names=names, upright=True, label_source="labels-file"))
     return sources
+
+
+def _written_path(images_dir: Path, rel: str) -> Path | None:
+    """The file in images_dir that a labels file's path names, or None: as written, with `\\`
+    as written on Windows (kitchen\\001.jpg), or with its accents composed or decomposed other
+    than the file name's (`café.jpg` typed as one character, stored by macOS as e + accent)."""
+    for path in dict.fromkeys([rel, PureWindowsPath(rel).as_posix()]):
+        for form in dict.fromkeys([path, unicodedata.normalize("NFC", path), unicodedata.normalize("NFD", path)]):
+            if (images_dir / form).is_file():
+                return images_dir / form
+    return None
 
 
 # --- writing --------------------------------------------------------------------------------------
