@@ -432,6 +432,9 @@ def test_a_damaged_or_foreign_manifest_is_named_or_left_alone(tmp_path, capsys):
             call()
     assert main(["run", "--model", "tiny", "--input", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith(f"pseudolabel: error: cannot read {tmp_path}/manifest.json: ")
+    manifest.write_text("[" * 100_000 + "]" * 100_000)  # nested deeper than Python's parser recurses
+    with pytest.raises(InputError, match=rf"^cannot read {tmp_path}/manifest.json: maximum recursion depth"):
+        manifests_beside([str(tmp_path / "voc-000000.tar")])
     manifest.write_text('{"shards": [{"url": 3}]}')
     with pytest.raises(InputError, match=r"manifest.json does not list shards as sharding writes it \("):
         expand_input(str(tmp_path))

@@ -144,3 +144,6 @@ def test_a_job_mask_shard_or_a_malformed_json_fails_its_sample_with_the_reason()
         sample_classes({"__key__": "x", "json": b'["cat"]'}, config)
     with pytest.raises(ConfigError, match="^sample .json is not valid JSON"):
         sample_classes({"__key__": "x", "json": b'{"names": ["\xff"]}'}, config)
+    # nested deeper than Python's parser recurses (200 KB): the sample fails, not its whole shard
+    with pytest.raises(ConfigError, match="^sample .json is not valid JSON \\(nested deeper than "):
+        sample_classes({"__key__": "x", "json": b"[" * 100_000 + b"]" * 100_000}, config)

@@ -653,7 +653,7 @@ def read_manifest(folder: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # the last: [[[[...]]]]
         raise InputError(f"cannot read {path}: {exc}; copy it again with its shards, or shard the dataset "
                          "again") from None
     return manifest if isinstance(manifest, dict) else None
@@ -786,6 +786,9 @@ def sample_classes(sample: dict, config: SegmenterConfig) -> list[int]:
         meta = json.loads(sample["json"])
     except ValueError as exc:  # not JSON, or not UTF-8
         raise ConfigError(f"sample .json is not valid JSON ({exc}): reshard it") from exc
+    except RecursionError:  # a crafted [[[[...]]]]
+        raise ConfigError("sample .json is not valid JSON (nested deeper than Python's parser goes): reshard it") \
+            from None
     if not isinstance(meta, dict):
         raise ConfigError(f"sample .json is {type(meta).__name__}, not an object with its labels' names: reshard it")
     if "conf.png" in sample or {"status", "mean_confidence"} <= meta.keys():
