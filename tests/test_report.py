@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pytest
 
 from conftest import make_job_output
 from pipeline.cli import main
@@ -20,6 +21,23 @@ def test_report_is_one_self_contained_page(tmp_path, capsys):
     # the worst image is labelled cat (mask value 8) and sofa (18): each name after its colour in the masks
     assert ("<span class='swatch' style='background:#400000'></span>cat, "
             "<span class='swatch' style='background:#00c000'></span>sofa") in page
+
+
+def test_an_html_output_is_the_page_itself_and_a_path_that_cannot_take_it_fails_before_the_evaluation(
+        tmp_path, capsys, monkeypatch):
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt)
+    page = tmp_path / "reports" / "voc-run1.html"
+    assert main(["report", str(out), "-o", str(page), "--no-progress", "--processes", "1"]) == 0
+    assert page.is_file() and "Pseudo-mask report" in page.read_text()
+    assert capsys.readouterr().out.endswith(f"wrote {page}\n")
+    import pipeline.results.report as report
+
+    monkeypatch.setattr(report, "evaluate_job", lambda *a, **k: pytest.fail("evaluated before the path was checked"))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert main(["report", str(out), "-o", str(a_file / "r.html"), "--no-progress", "--processes", "1"]) == 2
+    assert f"Not a directory: {a_file}: a file stands where a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "keep me"
 
 
 def test_examples_are_disjoint_groups():

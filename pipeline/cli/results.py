@@ -72,7 +72,7 @@ def _register_report(sub) -> None:
         examples=["pseudolabel report out/ -o report/"])
     add_job_folder(report.add_argument_group("input"))
     output = report.add_argument_group("output")
-    add_output(output, "the folder for index.html")
+    add_output(output, "the folder for index.html, or the .html file to write")
     add_processes(output)
     add_no_progress(output)
     report.set_defaults(func=run_report)

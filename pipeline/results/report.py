@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import random_weights_note
+from pipeline.data.atomic import atomic_write_bytes, check_file_can_be_written
 from pipeline.results.evaluate import evaluate_job
 from pipeline.data.ledger import Ledger, count_states
 from pipeline.data.safe_paths import file_in
@@ -148,10 +149,12 @@ def _examples_html(job, rows: list[dict], per_group: int) -> str:
 
 
 def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, progress=None) -> Path:
-    """Write dest/index.html for the job; returns its path. The evaluation scores the mask
-    shards in up to `processes` processes, moving `progress` (a tqdm bar) by their images."""
+    """Write the job's report to dest/index.html, or to dest itself where it names an .html file;
+    returns its path. The evaluation scores the mask shards in up to `processes` processes,
+    moving `progress` (a tqdm bar) by their images."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    path = dest if dest.suffix.lower() in (".html", ".htm") else dest / "index.html"
+    check_file_can_be_written(path)  # before the evaluation, which takes minutes on a large job
     rows = job.stats().to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     failed = [r for r in rows if r["status"] != "ok"]
@@ -201,6 +204,5 @@ def write_report(job, dest: str | Path, per_group: int = 4, processes: int = 1, 
             ".warning{color:#a00}.swatch{display:inline-block;width:10px;height:10px;margin-right:3px;"
             "border:1px solid #888;vertical-align:baseline}"
             "</style></head><body>" + "\n".join(sections) + "</body></html>")
-    path = dest / "index.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write_bytes(path, page.encode("utf-8"))
     return path
