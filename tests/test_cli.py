@@ -132,19 +132,20 @@ def test_an_output_path_of_the_wrong_kind_is_a_one_line_error(image_file, tmp_pa
              f"File exists: {a_file}: a file stands where a folder is needed: pass another path or move that file"),
             (["shard-voc", "--voc-root", str(tmp_path / "VOC2012"), "--split", "train", "-o", str(a_file / "shards")],
              f"Not a directory: {a_file / 'shards'}: a file stands where a folder of that path is needed"),
-            (["eval", str(job), "--processes", "1", "--no-progress", "-o", str(a_folder)],
-             f"Is a directory: {a_folder}: a folder stands where a file is written: pass a file's path"),
             (["eval", str(job), "--processes", "1", "--no-progress", "-o", str(a_file / "scores" / "eval.json")],
              f"Not a directory: {a_file}: a file stands where a folder of that path is needed")):
         assert main(argv) == 2
         out, err = capsys.readouterr()
         assert err.startswith("pseudolabel: error: ") and message in err and err.count("\n") == 1
         assert "mIoU" not in out  # eval refuses its output before scoring, not after
-    assert a_file.read_text() == "keep me" and list(a_folder.iterdir()) == []
-    # a folder of the scores' path that does not exist yet is made
+    assert a_file.read_text() == "keep me"
+    # a folder of the scores' path that does not exist yet is made; a folder (or a path ending in /) takes eval.json
     nested = tmp_path / "scores" / "run-1" / "eval.json"
-    assert main(["eval", str(job), "--processes", "1", "--no-progress", "-o", str(nested)]) == 0
-    assert json.loads(nested.read_text())["classes"][0] == "background"
+    for output, written in ((nested, nested), (a_folder, a_folder / "eval.json"),
+                            (f"{tmp_path / 'evals'}/", tmp_path / "evals" / "eval.json")):
+        assert main(["eval", str(job), "--processes", "1", "--no-progress", "-o", str(output)]) == 0
+        assert json.loads(written.read_text())["classes"][0] == "background"
+        assert capsys.readouterr().out.endswith(f"wrote {written}\n")
 
 
 def test_bad_config_value_is_a_one_line_error(image_file, tmp_path, capsys):

@@ -4,6 +4,7 @@ cost, and the hand-off to training."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_cpu_allocator, add_cpu_threads,
@@ -58,7 +59,8 @@ def _register_eval(sub) -> None:
     inputs.add_argument("--gt", default=None,
                         help="ground-truth folder of <id>.png (default: the gt.png in the input shards)")
     output = evaluate.add_argument_group("output")
-    add_output(output, "the JSON file of the scores (default JOB/eval.json)", required=False)
+    add_output(output, "the JSON file of the scores, or a folder to write eval.json into (default JOB/eval.json)",
+               required=False)
     add_processes(output)
     add_no_progress(output)
     evaluate.set_defaults(func=run_eval)
@@ -213,7 +215,9 @@ def run_eval(args: argparse.Namespace) -> int:
     require_gt_folder(args)
     pool_size = process_count(args)
     job = finished_part(args.job)
-    json_path = Path(args.output) if args.output else Path(args.job) / "eval.json"
+    json_path = Path(args.output or args.job)
+    if not args.output or args.output.endswith(("/", os.sep)) or json_path.is_dir():
+        json_path = json_path / "eval.json"
     check_file_can_be_written(json_path)
     with image_bar(job, "eval", args) as bar:
         scores, conf = evaluate_job(job, gt_dir=args.gt, processes=pool_size, progress=bar)
