@@ -301,8 +301,12 @@ def test_a_folder_that_is_no_job_says_what_it_is(tmp_path, capsys):
     (tmp_path / "shards" / "manifest.json").write_text("{}")
     (tmp_path / "photos").mkdir()
     (tmp_path / "labels.csv").write_text("image,labels\n")
+    (tmp_path / "job" / "masks").mkdir(parents=True)  # a folder inside a job's folder
+    (tmp_path / "job" / "job.json").write_text("{}")
     needs_job = ": pass the -o/--output folder of a pseudolabel run"
     for folder, command, said in (
+            ("job/masks", "eval", f"job/masks is the masks/ folder inside the job {tmp_path / 'job'} (the folder "
+                                  "to pass)"),
             ("nope", "status", "nope does not exist"),
             ("labels.csv", "resume", "labels.csv is a file, not a job's folder"),
             ("photos", "status", "photos holds no job's outputs (no job.json)"),

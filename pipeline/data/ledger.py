@@ -81,6 +81,9 @@ def no_job_reason(folder: Path, missing: str) -> str:
         return f"{folder} is a file, not a job's folder"
     if (folder / "manifest.json").is_file():
         return f"{folder} holds image shards (manifest.json), not a job's outputs"
+    job = folder.resolve().parent
+    if (job / "job.json").is_file():  # masks/, stats/ or ledger/ inside a job's folder
+        return f"{folder} is the {folder.resolve().name}/ folder inside the job {job} (the folder to pass)"
     return f"{folder} holds no job's outputs (no {missing})"
 
 
