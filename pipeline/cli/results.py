@@ -4,7 +4,6 @@ cost, and the hand-off to training."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_cpu_allocator, add_cpu_threads,
@@ -216,7 +215,7 @@ def run_eval(args: argparse.Namespace) -> int:
     pool_size = process_count(args)
     job = finished_part(args.job)
     json_path = Path(args.output or args.job)
-    if not args.output or args.output.endswith(("/", os.sep)) or json_path.is_dir():
+    if not args.output or args.output.endswith("/") or json_path.is_dir():
         json_path = json_path / "eval.json"
     check_file_can_be_written(json_path)
     with image_bar(job, "eval", args) as bar:
