@@ -107,6 +107,12 @@ def test_head_subsets_apply_only_to_the_sd2_head_layout(tiny_model):
     assert subset.self_specs[0].heads == [1, 2]
     other = Segmenter(tiny_model, SegmenterConfig(head_layout=[8, 8, 8, 8]))
     assert all(spec.heads is None for spec in other.cross_specs + other.self_specs)
+    # said, since the published numbers were measured with the subsets (a job's workers report it, segment prints it)
+    assert subset.plan.notes == ()
+    assert other.plan.notes == ("this model's attention blocks have [5, 10, 20, 20] heads, where head_layout expects "
+                                "[8, 8, 8, 8] (SD 2.x's, by default): the config's head subsets are left out and every "
+                                "head is averaged, a setting the published numbers were not measured in",)
+    assert Segmenter(tiny_model, SegmenterConfig(method="goca", head_layout=[8, 8, 8, 8])).plan.notes == ()
 
 
 @pytest.mark.parametrize("switch", [{"ent_self": False}, {"cat_cross": False}])

@@ -27,6 +27,16 @@ def _maps(worker):
     return [s.maps for s in worker.segmenter.segment(images, [[7, 17], [11]])]
 
 
+def test_a_worker_reports_the_methods_notes_on_its_model_and_the_driver_prints_each_once(worker, tiny_model):
+    from pipeline.job.summary import note_lines
+
+    config = load_config(FAST_CONFIG).model_copy(update={"head_layout": [8, 8, 8, 8]})
+    other = ShardWorker("tiny", config.model_dump_json(), device="cpu")
+    assert worker.ready()["notes"] == [] and len(other.ready()["notes"]) == 1
+    lines = note_lines([worker.ready(), other.ready(), other.ready()])
+    assert lines == [f"note: {other.segmenter.plan.notes[0]}"] and "head subsets are left out" in lines[0]
+
+
 def test_cpu_worker_starts_without_warm_up(tiny_model, monkeypatch):
     calls = []
     monkeypatch.setattr(ShardWorker, "warm_up", lambda self: calls.append(self))

@@ -102,6 +102,8 @@ def run_segment(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
     segmenter = Segmenter(model, config)
+    for note in segmenter.plan.notes:
+        print(f"note: {note}")
     loaded = time.perf_counter()
     scores = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [classes])[0]
     result = finish_mask(scores.maps, scores.classes, image, config, scores.background)

@@ -28,7 +28,8 @@ from pipeline.data.shards import (INPUT_SEPARATOR, InputError, check_shard_class
                                   is_stream, manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
-from pipeline.job.summary import JobInterrupted, JobSummary, fewer_workers_line, name_first, workers_line
+from pipeline.job.summary import (JobInterrupted, JobSummary, fewer_workers_line, name_first, note_lines,
+                                  workers_line)
 
 
 class WorkerStartError(PipelineError, RuntimeError):
@@ -348,6 +349,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             raise WorkerStartError(f"segmenter workers could not start: {start_error}")
         summary.worker_nodes = len({where["node"] for where in started_on})
         print(workers_line(started_on, config.batch_size))
+        for line in note_lines(started_on):
+            print(line)
         allocator_line = cpu_allocator_line(cpu_env, started_on)
         if allocator_line:
             print(allocator_line)

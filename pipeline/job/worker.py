@@ -212,11 +212,11 @@ class ShardWorker:
 
     def ready(self) -> dict:
         """Where this worker runs: pid, device, its node (`node_id`), the glibc allocator
-        settings its process started with (`startup_malloc_settings`), its batch size and its
-        torch CPU threads."""
+        settings its process started with (`startup_malloc_settings`), its batch size, its
+        torch CPU threads, and the method's notes on this model (`Plan.notes`)."""
         return {"pid": os.getpid(), "device": str(self.model.device), "node": self.node_id(),
                 "malloc": startup_malloc_settings(), "batch_size": self.config.batch_size,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "notes": list(self.segmenter.plan.notes)}
 
     # What a job runner (job/runner.py) overrides to run the worker as a Ray actor.
 

@@ -175,6 +175,8 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
         if key not in groups:
             groups[key] = (Segmenter(model, segment_config), [])
         groups[key][1].append((name, finish_config))
+    for note in dict.fromkeys(note for segmenter, _ in groups.values() for note in segmenter.plan.notes):
+        print(f"note: {note}")
     n_classes = len(config.classes) + 1
     tallies = {name: MethodTally(np.zeros((n_classes, n_classes + 1), dtype=np.int64)) for name, _, _ in rows}
     batch_size = config.batch_size_on(model.device.type)

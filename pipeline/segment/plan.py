@@ -19,9 +19,11 @@ class Plan:
     emphasis: the config's Compel-style class-token weight, or None; background_context: the
     prompt ends with the background words; prompt_style: `prompts.prompt_words` style;
     noised: noise the latent to the method's timestep (else the clean latent runs with that
-    timestep's embedding)."""
+    timestep's embedding); notes: what the method does otherwise than its config says on this
+    model, one line each, for the user (set by a plan's constructor)."""
 
     enhance = False
+    notes: tuple[str, ...] = ()
     emphasis: float | None = None
     background_context = True
     prompt_style = "sentence"

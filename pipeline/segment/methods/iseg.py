@@ -378,6 +378,10 @@ class IsegPlan(Plan):
     def __init__(self, model: ModelBundle, config: SegmenterConfig):
         self.config = config
         use_subsets = model.heads_per_block == list(config.head_layout)
+        if not use_subsets and any(l.heads for l in [*config.cross_attention.layers, *config.self_attention.layers]):
+            self.notes = (f"this model's attention blocks have {model.heads_per_block} heads, where head_layout "
+                          f"expects {list(config.head_layout)} (SD 2.x's, by default): the config's head subsets are "
+                          "left out and every head is averaged, a setting the published numbers were not measured in",)
         records = (Record(keep_heads=True),)
         self.cross_specs = [CaptureSpec(l.name, "cross", l.heads if use_subsets else None, records)
                             for l in config.cross_attention.layers]
