@@ -668,6 +668,7 @@ def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkey
     assert printed == ["another warning"]
 
 
+@pytest.mark.faults  # several jobs: with the fault tests, as in the fault table of docs/architecture.md
 def test_job_resumes_from_another_folder_with_another_batch_size(clean_run, shards, tmp_path, monkeypatch, capsys):
     # The job is started from the shard folder with a relative --input through `..` and batch
     # size auto (1 on a CPU), interrupted (one shard left in progress), then resumed from
