@@ -291,6 +291,12 @@ AUTO_BATCH_SIZE = {"cpu": 1, "accelerator": 16}
 # The segmenter methods; each peer's config section is named after it.
 MethodName = Literal["iseg", "diffseg", "goca", "diffsegmenter"]
 METHODS: tuple[str, ...] = get_args(MethodName)
+# The method names the CLI takes (run and segment --method, compare --methods): the config's
+# methods and the paper's two iSeg ablations, each as the config keys it sets.
+METHOD_VARIANTS: dict[str, dict] = {method: {"method": method} for method in METHODS} | {
+    "iseg-naive": {"method": "iseg", "ent_self": False},
+    "iseg-no-cat-cross": {"method": "iseg", "cat_cross": False},
+}
 
 
 # Top-level keys that only iSeg reads (its forward's timestep, Cat-Cross, its layers, Ent-Self,
@@ -384,6 +390,10 @@ class SegmenterConfig(_Strict):
     def with_crf(self, enabled: bool) -> "SegmenterConfig":
         """A copy with the dense CRF on or off."""
         return self.model_copy(update={"crf": self.crf.model_copy(update={"enabled": enabled})})
+
+    def with_method(self, name: str) -> "SegmenterConfig":
+        """A copy that runs a method of METHOD_VARIANTS (`goca`, `iseg-naive`, ...)."""
+        return self.model_copy(update=METHOD_VARIANTS[name])
 
     def with_classes(self, names: list[str], given_as: str) -> "SegmenterConfig":
         """A copy whose classes are these names, each its own prompt; a ConfigError naming

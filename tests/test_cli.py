@@ -275,6 +275,24 @@ def test_input_takes_several_shards_as_an_unquoted_glob_gives_them(tmp_path, mon
     assert describe_input(args.input) == args.input
 
 
+def test_method_option_runs_a_peer_or_an_iseg_ablation_in_place_of_the_configs(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.cli.options import input_config
+
+    (tmp_path / "images-000000.tar").write_bytes(b"")  # another tool's shard: no manifest
+    parser = build_parser()
+    for method, expected in (("goca", {"method": "goca"}), ("iseg-naive", {"method": "iseg", "ent_self": False}),
+                             (None, {"method": "iseg", "ent_self": True, "cat_cross": True})):
+        chosen = ["--method", method] if method else []
+        args = parser.parse_args(["run", "--input", str(tmp_path), "-o", "out"] + chosen)
+        config = input_config(args.config, args.input, args.classes, args.method)
+        assert {key: getattr(config, key) for key in expected} == expected
+    assert parser.parse_args(["segment", "a.jpg", "--labels", "cat", "-o", "m.png", "--method", "diffseg"]).method == \
+        "diffseg"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--input", "s/", "-o", "out", "--method", "sam"])
+
+
 def test_segment_given_several_images_names_the_way_to_segment_a_folder(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "photos/a.jpg", "photos/b.jpg", "photos/c.jpg", "--labels", "cat", "-o", "masks/"])

@@ -499,8 +499,7 @@ def test_compare_sweep_prints_one_row_per_value(tmp_path, capsys):
 
 
 def test_every_config_method_has_one_plan_and_one_compare_name():
-    from pipeline.results.compare import VARIANTS
-    from pipeline.config import METHODS
+    from pipeline.config import METHOD_VARIANTS, METHODS
     from pipeline.segment.methods import PLANS
 
-    assert set(PLANS) == set(METHODS) and set(METHODS) <= set(VARIANTS)
+    assert set(PLANS) == set(METHODS) and set(METHODS) <= set(METHOD_VARIANTS)

@@ -36,7 +36,8 @@ def register(sub) -> None:
         examples=["pseudolabel run --input shards/ -o out/",
                   "pseudolabel run --input 'shards/voc-train_aug-{000000..000041}.tar' -o out/ --crf "
                   "--address auto --batch-size 16",
-                  "pseudolabel run --input photo-shards/ --classes cat,dog,sofa -o out/"])
+                  "pseudolabel run --input photo-shards/ --classes cat,dog,sofa -o out/",
+                  "pseudolabel run --input shards/ --method goca -o out-goca/"])
     inputs = run.add_argument_group("input and output")
     add_input_shards(inputs)
     add_classes(inputs, help=CLASSES_HELP)
@@ -46,7 +47,7 @@ def register(sub) -> None:
     inputs.add_argument("--force", action="store_true",
                         help="overwrite the job in the output folder when it was made with another config or "
                              "model (every shard is redone)")
-    add_model_options(run)
+    add_model_options(run, with_method=True)
     add_job_options(run)
     run.set_defaults(func=run_run)
 
@@ -102,7 +103,7 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
 
 
 def run_run(args: argparse.Namespace) -> int:
-    config = input_config(args.config, args.input, args.classes)
+    config = input_config(args.config, args.input, args.classes, args.method)
     if args.crf:
         config = config.with_crf(True)
     return _run_job(args, args.input, Path(args.output), config, args.model, args.retry_failed, args.force)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import BUILT_IN_CONFIGS, DEFAULT_MODEL, ConfigError, load_config
+from pipeline.config import BUILT_IN_CONFIGS, DEFAULT_MODEL, METHOD_VARIANTS, ConfigError, load_config
 
 
 EXAMPLES = "examples:\n"
@@ -83,10 +83,11 @@ def add_input_shards(group, required: bool = True, help: str | None = None) -> N
                                     "files), or several of these")
 
 
-def input_config(config: str | None, inputs: str, classes: str | None = None):
+def input_config(config: str | None, inputs: str, classes: str | None = None, method: str | None = None):
     """The SegmenterConfig of --config with --classes (comma-separated names, each its own
-    prompt) as its classes where given; without either, the built-in config whose classes the
-    input shards' manifest.json lists (COCO shards: coco, said in a line), else the default (voc)."""
+    prompt) as its classes and --method as its method where given; without --config and
+    --classes, the built-in config whose classes the input shards' manifest.json lists (COCO
+    shards: coco, said in a line), else the default (voc)."""
     from pipeline.data.shards import built_in_config_listed, expand_input, manifests_beside
 
     if config is None and classes is None:
@@ -94,7 +95,18 @@ def input_config(config: str | None, inputs: str, classes: str | None = None):
         if config is not None and config != BUILT_IN_CONFIGS[0]:
             print(f"config: {config}, the built-in config of the classes the shards' manifest.json lists "
                   "(--config to choose another)")
-    return with_classes_option(load_config(config), classes)
+    return with_method_option(with_classes_option(load_config(config), classes), method)
+
+
+def add_method(group) -> None:
+    group.add_argument("--method", default=None, choices=list(METHOD_VARIANTS),
+                       help="the method, in place of the config's (default: the config's, iseg): iSeg, a peer, or "
+                            "one of the paper's two iSeg ablations, as compare --methods names them")
+
+
+def with_method_option(config, method: str | None):
+    """config running --method, where given."""
+    return config if method is None else config.with_method(method)
 
 
 # --classes of the commands that read shards: the names shard-folder --classes wrote them with.
@@ -115,7 +127,7 @@ def with_classes_option(config, classes: str | None):
 
 
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,
-                      with_config: bool = True) -> None:
+                      with_config: bool = True, with_method: bool = False) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model,
                        help=f"hub id, local diffusers folder, `tiny` (offline toy model) or `sd21-random` "
@@ -124,6 +136,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
         group.add_argument("--config", default=None,
                            help="YAML config file, or a built-in name: voc or coco (default: voc; for shards "
                                 "whose manifest.json lists COCO's classes, coco)")
+    if with_method:
+        add_method(group)
     add_device(group)
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli.options import (add_classes, add_command, add_cpu_allocator, add_model_options, add_output,
-                                  in_process_allocator, with_classes_option)
+                                  in_process_allocator, with_classes_option, with_method_option)
 from pipeline.config import ConfigError, SegmenterConfig, is_background, load_config
 
 
@@ -32,7 +32,7 @@ def register(sub) -> None:
                         "folder to write <image name>.png into")
     outputs.add_argument("--overlay", default=None, help="also write an overlay picture (image with mask | mask)")
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
-    add_model_options(parser)
+    add_model_options(parser, with_method=True)
     add_cpu_allocator(parser.add_argument_group("host memory"), in_process=True)
     parser.set_defaults(func=run_segment,
                         unrecognized_hint="segment reads one image (a glob the shell expanded gives several): for a "
@@ -88,7 +88,7 @@ def run_segment(args: argparse.Namespace) -> int:
         config = config.with_crf(True)
     if config.crf.enabled:
         densecrf_modules()  # the module missing: one line naming the install, before the model loads
-    config = with_classes_option(config, args.classes)
+    config = with_method_option(with_classes_option(config, args.classes), args.method)
     if args.labels is None and args.classes is None:
         raise ConfigError("--labels is needed: the classes present in the image, e.g. --labels cat,sofa (or "
                           "--classes for names of your own)")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from pipeline.config import METHODS, ConfigError, SegmenterConfig
+from pipeline.config import METHOD_VARIANTS, ConfigError, SegmenterConfig
 from pipeline.results.evaluate import (confusion_matrix, ground_truth_mask, gt_file, gt_place_and_fix,
                                        scores_from_confusion)
 from pipeline.mask.codec import ImageDecodeError, decode_image
@@ -22,11 +22,6 @@ from pipeline.data.safe_paths import UnsafeKeyError, check_key
 from pipeline.segment.segmenter import Segmenter
 from pipeline.data.shards import InputError, expand_input, read_shard, sample_classes, sample_image
 
-# Method names `compare` takes: the config's methods and the paper's two iSeg ablations.
-VARIANTS = {method: {"method": method} for method in METHODS} | {
-    "iseg-naive": {"method": "iseg", "ent_self": False},
-    "iseg-no-cat-cross": {"method": "iseg", "cat_cross": False},
-}
 # Keys that change only the post-process: a sweep over one of them segments each image once.
 POSTPROCESS_KEYS = frozenset({"goca.background_offset", "diffsegmenter.background_score", "background.threshold",
                               "ignore_below"})
@@ -59,9 +54,10 @@ class Sweep:
 
 def parse_methods(text: str) -> list[str]:
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in VARIANTS]
+    unknown = [m for m in methods if m not in METHOD_VARIANTS]
     if unknown or not methods:
-        raise ConfigError(f"unknown method(s) {unknown or text!r}: use a comma-separated list of {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown method(s) {unknown or text!r}: use a comma-separated list of "
+                          f"{', '.join(METHOD_VARIANTS)}")
     return methods
 
 
@@ -101,7 +97,7 @@ def comparison_rows(methods: list[str], config: SegmenterConfig, sweep: Sweep | 
                     ) -> list[tuple[str, SegmenterConfig, SegmenterConfig]]:
     """(row name, config the segmenter runs, config the post-process applies) per table row."""
     rows = []
-    bases = {method: config.model_copy(update=VARIANTS[method]) for method in methods}
+    bases = {method: config.with_method(method) for method in methods}
     if sweep is not None and not any(base.changes_masks(sweep.key) for base in bases.values()):
         raise ConfigError(f"--sweep {sweep.key} changes no mask of {', '.join(methods)} under this config "
                           "(another method's key, or a setting its switch leaves off): pick a key these methods "
