@@ -28,12 +28,12 @@ def _maps(worker):
 
 
 def test_a_worker_reports_the_methods_notes_on_its_model_and_the_driver_prints_each_once(worker, tiny_model):
-    from pipeline.job.summary import note_lines
+    from pipeline.segment.plan import note_lines
 
     config = load_config(FAST_CONFIG).model_copy(update={"head_layout": [8, 8, 8, 8]})
     other = ShardWorker("tiny", config.model_dump_json(), device="cpu")
     assert worker.ready()["notes"] == [] and len(other.ready()["notes"]) == 1
-    lines = note_lines([worker.ready(), other.ready(), other.ready()])
+    lines = note_lines(note for where in [worker.ready(), other.ready(), other.ready()] for note in where["notes"])
     assert lines == [f"note: {other.segmenter.plan.notes[0]}"] and "head subsets are left out" in lines[0]
 
 

@@ -70,6 +70,7 @@ def run_segment(args: argparse.Namespace) -> int:
     from pipeline.mask.crf import densecrf_modules
     from pipeline.mask.postprocess import finish_mask
     from pipeline.segment.models import load_model
+    from pipeline.segment.plan import note_lines
     from pipeline.segment.segmenter import Segmenter
 
     args.output = _into_folder(args.output, args.image, ".png")
@@ -102,8 +103,8 @@ def run_segment(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
     segmenter = Segmenter(model, config)
-    for note in segmenter.plan.notes:
-        print(f"note: {note}")
+    for line in note_lines(segmenter.plan.notes):
+        print(line)
     loaded = time.perf_counter()
     scores = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [classes])[0]
     result = finish_mask(scores.maps, scores.classes, image, config, scores.background)

@@ -22,14 +22,14 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.config import SegmenterConfig, unchanging_added_keys
 from pipeline.segment.models import check_model_available, resolve_device
+from pipeline.segment.plan import note_lines
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
 from pipeline.data.shards import (INPUT_SEPARATOR, InputError, check_shard_classes, checksum_problem, expand_input,
                                   is_stream, manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
-from pipeline.job.summary import (JobInterrupted, JobSummary, fewer_workers_line, name_first, note_lines,
-                                  workers_line)
+from pipeline.job.summary import JobInterrupted, JobSummary, fewer_workers_line, name_first, workers_line
 
 
 class WorkerStartError(PipelineError, RuntimeError):
@@ -349,7 +349,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             raise WorkerStartError(f"segmenter workers could not start: {start_error}")
         summary.worker_nodes = len({where["node"] for where in started_on})
         print(workers_line(started_on, config.batch_size))
-        for line in note_lines(started_on):
+        for line in note_lines(note for where in started_on for note in where["notes"]):
             print(line)
         allocator_line = cpu_allocator_line(cpu_env, started_on)
         if allocator_line:

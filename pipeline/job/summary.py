@@ -41,12 +41,6 @@ def workers_line(started_on: list[dict], configured: int | str) -> str:
             + f"; {sizes} image(s) per batch" + (" (batch_size: auto)" if configured == "auto" else ""))
 
 
-def note_lines(started_on: list[dict]) -> list[str]:
-    """The method's notes on the model (`Plan.notes`) that the workers' `ready()` reports give,
-    each once, as lines to print."""
-    return [f"note: {note}" for note in dict.fromkeys(note for where in started_on for note in where["notes"])]
-
-
 def fewer_workers_line(asked: int | None, started: int, shards: int) -> str | None:
     """The line saying why fewer workers start than --workers asked: one works a shard at a
     time, so a job starts no more than it has shards to do. None where nothing was cut."""

@@ -19,6 +19,7 @@ from pipeline.results.evaluate import (confusion_matrix, ground_truth_mask, gt_f
 from pipeline.mask.codec import ImageDecodeError, decode_image
 from pipeline.mask.postprocess import finish_mask
 from pipeline.data.safe_paths import UnsafeKeyError, check_key
+from pipeline.segment.plan import note_lines
 from pipeline.segment.segmenter import Segmenter
 from pipeline.data.shards import InputError, expand_input, read_shard, sample_classes, sample_image
 
@@ -171,8 +172,8 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
         if key not in groups:
             groups[key] = (Segmenter(model, segment_config), [])
         groups[key][1].append((name, finish_config))
-    for note in dict.fromkeys(note for segmenter, _ in groups.values() for note in segmenter.plan.notes):
-        print(f"note: {note}")
+    for line in note_lines(note for segmenter, _ in groups.values() for note in segmenter.plan.notes):
+        print(line)
     n_classes = len(config.classes) + 1
     tallies = {name: MethodTally(np.zeros((n_classes, n_classes + 1), dtype=np.int64)) for name, _, _ in rows}
     batch_size = config.batch_size_on(model.device.type)

@@ -5,6 +5,7 @@ registers them by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -28,6 +29,12 @@ class Plan:
     background_context = True
     prompt_style = "sentence"
     noised = True
+
+
+def note_lines(notes: Iterable[str]) -> list[str]:
+    """Plans' notes (`Plan.notes`, of one segmenter or of a job's several workers) as lines to
+    print, each note once."""
+    return [f"note: {note}" for note in dict.fromkeys(notes)]
 
 
 @dataclass
