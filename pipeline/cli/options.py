@@ -15,6 +15,7 @@ imports what it runs inside its function.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pipeline.config import BUILT_IN_CONFIGS, DEFAULT_MODEL, METHOD_VARIANTS, ConfigError, load_config
@@ -40,6 +41,14 @@ def add_command(sub, name: str, help: str, description: str, examples: list[str]
 
 def add_output(group, help: str, required: bool = True, default: str | None = None) -> None:
     group.add_argument("-o", "--output", required=required, default=default, help=help)
+
+
+def file_in_output(output: str, name: str) -> str:
+    """An -o/--output given as a folder (one that exists, or a path ending in /) holds the file
+    `name`; any other path is the file itself."""
+    if Path(output).is_dir() or output.endswith(("/", os.sep)):
+        return str(Path(output) / name)
+    return output
 
 
 def add_job_folder(group, before_input: bool = False) -> None:

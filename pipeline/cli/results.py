@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_cpu_allocator, add_cpu_threads,
                                   add_input_shards, add_job_folder, add_model_options, add_no_progress, add_output,
-                                  in_process_allocator, input_config, require_fraction, require_gt_folder,
-                                  require_positive)
+                                  file_in_output, in_process_allocator, input_config, require_fraction,
+                                  require_gt_folder, require_positive)
 from pipeline.config import ConfigError, load_config, random_weights_note
 
 
@@ -214,9 +214,7 @@ def run_eval(args: argparse.Namespace) -> int:
     require_gt_folder(args)
     pool_size = process_count(args)
     job = finished_part(args.job)
-    json_path = Path(args.output or args.job)
-    if not args.output or args.output.endswith("/") or json_path.is_dir():
-        json_path = json_path / "eval.json"
+    json_path = Path(file_in_output(args.output, "eval.json")) if args.output else Path(args.job) / "eval.json"
     check_file_can_be_written(json_path)
     with image_bar(job, "eval", args) as bar:
         scores, conf = evaluate_job(job, gt_dir=args.gt, processes=pool_size, progress=bar)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli.options import (add_classes, add_command, add_cpu_allocator, add_model_options, add_output,
-                                  in_process_allocator, with_classes_option, with_method_option)
+                                  file_in_output, in_process_allocator, with_classes_option, with_method_option)
 from pipeline.config import ConfigError, SegmenterConfig, is_background, load_config
 
 
@@ -53,13 +53,6 @@ def parse_labels(text: str, config: SegmenterConfig) -> list[int]:
         raise ConfigError(f"{exc} (or name classes of your own with --classes)") from None
 
 
-def _into_folder(path: str, image: str, suffix: str) -> str:
-    """An output path given as a folder (one that exists, or ending in /) holds <image stem><suffix>."""
-    if Path(path).is_dir() or path.endswith(("/", os.sep)):
-        return str(Path(path) / (Path(image).stem + suffix))
-    return path
-
-
 def run_segment(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -73,9 +66,9 @@ def run_segment(args: argparse.Namespace) -> int:
     from pipeline.segment.plan import note_lines
     from pipeline.segment.segmenter import Segmenter
 
-    args.output = _into_folder(args.output, args.image, ".png")
+    args.output = file_in_output(args.output, Path(args.image).stem + ".png")
     if args.overlay:
-        args.overlay = _into_folder(args.overlay, args.image, ".png")
+        args.overlay = file_in_output(args.overlay, Path(args.image).stem + ".png")
         if os.path.abspath(args.overlay) == os.path.abspath(args.output):
             raise ConfigError(f"-o and --overlay both name {args.output}: the overlay would replace the mask; give "
                               "it another name or folder")
