@@ -176,3 +176,32 @@ def write_voc_shards(tmp, id_prefix: str, labels: list[tuple[int, int]], per_sha
     write_image_shards(voc_sources(root, "train", None, report), tmp / "shards", "voc-train", per_shard,
                        list(VOC_CLASS_NAMES), report)
     return tmp / "shards"
+
+
+@pytest.fixture
+def http_folder():
+    """serve(folder) -> the base URL (no trailing /) of a local HTTP server over folder, as shards
+    on a web server or an object store's HTTP endpoint are read; stopped after the test."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def serve(folder) -> str:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="WebDataset reads http(s) shards with curl")

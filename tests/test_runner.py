@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from conftest import FAST_CONFIG, needs_crf, write_voc_shards
+from conftest import FAST_CONFIG, needs_crf, needs_curl, write_voc_shards
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.ledger import JobMismatchError, Ledger, ShardEntry
@@ -407,6 +407,25 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
         f"ShardReadError: cannot read shard pipe:cat {tmp_path}/in/voc-train-000002.tar: the command "
         f"'cat {tmp_path}/in/voc-train-000002.tar' exited with status 1; check that it is complete "
         "(manifest.json has its sha256) and readable from this machine")
+
+
+@needs_curl
+def test_shards_served_over_http_are_held_to_their_manifests_checksums(ray_local, shards, tmp_path, http_folder):
+    """A job over a web server's shards (`--input URL/`) hashes what it reads: a shard whose
+    bytes are not the ones its manifest lists fails, naming both; the others record theirs."""
+    shutil.copytree(shards, tmp_path / "in")
+    changed = tmp_path / "in" / "voc-train-000002.tar"
+    samples = list(read_shard(str(changed)))
+    samples[0]["json"] = samples[0]["json"].replace(b'"names"', b'"names" ')  # other bytes, same labels
+    changed.write_bytes(tar_bytes(samples))
+    base = http_folder(tmp_path / "in")
+    summary = run_job(f"{base}/", tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1, progress=False)
+    assert (summary.shards_done, summary.shards_failed) == (2, 1)
+    ledger = {e.shard: e for e in Ledger(tmp_path / "out").entries()}
+    assert ledger["voc-train-000000"].input_fingerprint == {"sha256": file_sha256(shards / "voc-train-000000.tar")}
+    assert ledger["voc-train-000002"].error.startswith(
+        f"the shard's sha256 ({file_sha256(changed)[:12]}...) is not the "
+        f"{file_sha256(shards / 'voc-train-000002.tar')[:12]}... its manifest.json lists: it was damaged")
 
 
 @pytest.mark.faults  # two jobs: with the fault tests, out of the default run

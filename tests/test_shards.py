@@ -1,13 +1,14 @@
 """Sharding VOC folders and labelled image folders into WebDataset tars."""
 
 import json
+import socket
 
 import numpy as np
 import pytest
 
-from conftest import synthetic_image, two_class_mask, write_voc_folder
+from conftest import needs_curl, synthetic_image, two_class_mask, write_voc_folder
 from pipeline.cli import main
-from pipeline.config import VOC_CLASS_NAMES
+from pipeline.config import VOC_CLASS_NAMES, load_config
 from pipeline.data.atomic import file_sha256
 from pipeline.mask.codec import decode_mask
 from pipeline.data.shards import (ShardingError, ShardingReport, ShardReadError, read_shard, voc_sources,
@@ -551,3 +552,54 @@ def test_a_shard_prefix_that_is_not_a_plain_name_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("pseudolabel: error: shard name prefix '../../x': it holds a path "
                                               "separator; the shards are named <prefix>-000000.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@needs_curl
+def test_shards_served_over_http_are_listed_checked_and_hashed_by_the_manifest_beside_them(tmp_path, http_folder):
+    """Shards on a web server (an object store's HTTP endpoint) get a local folder's guards:
+    the manifest.json beside them lists them, picks the config and holds their checksums."""
+    import hashlib
+
+    from pipeline.cli.options import input_config
+    from pipeline.data.shards import (InputError, expand_input, input_changed, input_fingerprint, manifest_listing,
+                                      manifests_beside)
+
+    assert main(["shard-voc", "--voc-root", str(_voc(tmp_path)), "--split", "train", "-o", str(tmp_path / "s"),
+                 "--shard-size", "2"]) == 0
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "bare").mkdir()  # another tool's shards: no manifest
+    base = http_folder(tmp_path)
+    urls = [f"{base}/s/voc-train-00000{i}.tar" for i in range(3)]
+    assert expand_input(f"{base}/s/") == expand_input(f"{base}/s/manifest.json") == urls
+    assert manifests_beside(urls) == {f"{base}/s": manifest}
+    assert manifest_listing(manifests_beside(urls), "samples", int) == dict(zip(urls, [2, 2, 1]))
+    listed = manifest_listing(manifests_beside(urls), "sha256", str)
+
+    digest = hashlib.sha256()
+    assert [s["__key__"] for s in read_shard(urls[0], digest)] == ["2008_000000", "2008_000001"]
+    assert digest.hexdigest() == listed[urls[0]] == file_sha256(tmp_path / "s" / "voc-train-000000.tar")
+    recorded = input_fingerprint(urls[0], digest.hexdigest())
+    assert recorded == {"sha256": listed[urls[0]]} and input_fingerprint(urls[0]) is None
+    assert not input_changed(recorded, urls[0], listed[urls[0]]) and not input_changed(recorded, urls[0])
+    assert input_changed(recorded, urls[0], "0" * 64)  # sharded again: its manifest lists another checksum
+
+    coco = load_config("coco").class_names  # a served manifest of COCO's classes picks the coco config
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "classes": coco}))
+    assert input_config(None, f"{base}/s/").class_names == coco
+
+    assert manifests_beside([f"{base}/bare/a-000000.tar"]) == {}  # the server has none there
+    with pytest.raises(InputError, match=rf"^{base}/bare/manifest.json is not there \(the server has none\): pass "
+                                         rf"the shards' URLs as a brace pattern such as '{base}/bare/NAME-"):
+        expand_input(f"{base}/bare/")
+    with pytest.raises(ShardReadError, match=rf"^cannot read shard {base}/s/voc-train-000009.tar: curl exited with "
+                                             r"status 22: the server answered with an HTTP error \(404 not found"):
+        list(read_shard(f"{base}/s/voc-train-000009.tar"))
+    (tmp_path / "s" / "manifest.json").write_text('{"shards": [')
+    with pytest.raises(InputError, match=rf"^cannot read {base}/s/manifest.json: Expecting value"):
+        manifests_beside(urls)
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(InputError, match=rf"^cannot read http://127.0.0.1:{port}/s/manifest.json: .*refused; check "
+                                         "that the server is up and reachable from this machine$"):
+        expand_input(f"http://127.0.0.1:{port}/s/")

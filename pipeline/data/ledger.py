@@ -50,7 +50,7 @@ def differing_keys(recorded: dict, new: dict, prefix: str = "") -> list[str]:
 class ShardEntry:
     """One input shard's state. outputs: output path (relative to the job folder) -> sha256;
     input_fingerprint: the input shard's size, modification time and sha256 as its worker read
-    it (`shards.input_fingerprint`; None for a URL or `pipe:` input, or before it was read)."""
+    it (`shards.input_fingerprint`: the sha256 of a URL or `pipe:` input; None before it was read)."""
 
     shard: str
     url: str

@@ -11,6 +11,7 @@ give the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -20,6 +21,7 @@ import os
 import re
 import subprocess
 import unicodedata
+import urllib.parse
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -135,11 +137,18 @@ def _pipe_exit_status(exc: Exception) -> int | None:
     return None
 
 
+# What curl's exit status means, for a shard WebDataset reads from an http(s) URL with curl.
+_CURL_EXITS = {6: "the host name could not be resolved", 7: "nothing answered at that address",
+               18: "the transfer ended part-way", 22: "the server answered with an HTTP error (404 not found, "
+               "403 forbidden, ...)", 28: "it timed out", 35: "the TLS handshake failed", 52: "the server sent nothing",
+               56: "the connection broke off", 60: "the server's certificate was not trusted"}
+
+
 def _read_failure(url: str, exc: Exception) -> str:
     """A few words saying why WebDataset could not read url (its exceptions carry file objects and
     pipes, which cannot cross a process boundary, so only this text travels). A `pipe:` command
     that failed is the reason, whether WebDataset saw its status or first the empty or cut
-    stream it left."""
+    stream it left; so is the status of the curl that fetches an http(s) URL, with its meaning."""
     reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
     reason = reason.split(" @ <")[0]  # tarfile's "... @ <_io.BufferedReader ...>"
     cause = f"{type(exc).__name__}: {reason}"
@@ -148,6 +157,11 @@ def _read_failure(url: str, exc: Exception) -> str:
         status = int(seen.group(1)) if seen else _pipe_exit_status(exc)
         if status:
             cause = f"the command {url[5:].strip()!r} exited with status {status}"
+    elif url.startswith(("http://", "https://")):
+        seen = re.search(r"\['curl', .*exit (\d+)", reason)
+        if seen:
+            status = int(seen.group(1))
+            cause = f"curl exited with status {status}" + (f": {_CURL_EXITS[status]}" if status in _CURL_EXITS else "")
     return cause
 
 
@@ -166,26 +180,53 @@ def sample_image(sample: dict) -> bytes:
                            f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}): add its image to the shard")
 
 
-def read_shard(url: str) -> Iterator[dict]:
+def read_shard(url: str, digest=None) -> Iterator[dict]:
     """Raw samples of a shard: dicts with "__key__" and bytes per extension, in tar order.
-    A shard that cannot be read to its end raises ShardReadError after the samples before it."""
-    import webdataset as wds
+    A shard that cannot be read to its end raises ShardReadError after the samples before it.
+    digest: a hashlib object that takes every byte of the shard as it is read, read to its end
+    (the tar's padding too), so it holds the checksum of the very bytes the samples came from,
+    of a file, a URL or a `pipe:` command alike."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    dataset = wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
-                             workersplitter=None)
-    samples = iter(dataset)
-    while True:
-        try:
-            sample = next(samples)
-        except StopIteration:
-            return
-        except Exception as exc:
-            cause = _read_failure(url, exc)
-            error = ShardReadError(f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has "
-                                   "its sha256) and readable from this machine")
-            error.cause = cause
-            raise error from None
-        yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+    stream = None
+    try:
+        stream = gopen(url)
+        if digest is not None:
+            stream = _HashingReader(stream, digest)
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+        if digest is not None:
+            stream.read_to_end()
+    except Exception as exc:
+        cause = _read_failure(url, exc)
+        error = ShardReadError(f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has "
+                               "its sha256) and readable from this machine")
+        error.cause = cause
+        raise error from None
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):  # a failed read has raised already; a command cut off
+                stream.close()                     # by a reader that stopped early ends with SIGPIPE
+
+
+class _HashingReader:
+    """A binary stream that feeds every byte read through it to a hashlib object."""
+
+    def __init__(self, stream, digest):
+        self.stream, self.digest = stream, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
+
+    def read_to_end(self, chunk: int = 1 << 20) -> None:
+        while self.read(chunk):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -561,13 +602,11 @@ def _expand_pattern(pattern: str) -> list[str]:
             raise InputError(f"{path} holds no shard: no manifest.json and no {', '.join(SHARD_SUFFIXES)} file; pass "
                              f"the folder that sharding wrote, or a shard pattern{_sharding_hint(path)}")
     elif path.is_dir():
-        listed = (read_manifest(path) or {}).get("shards")
-        if not isinstance(listed, list) or not all(isinstance(s, dict) and isinstance(s.get("url"), str)
-                                                   for s in listed):
-            raise InputError(f"{path / 'manifest.json'} does not list shards as sharding writes it (\"shards\": "
-                             f"[{{\"url\": FILE, ...}}, ...]): shard the dataset again, or pass a shard pattern "
-                             f"such as '{path}/*.tar'")
-        urls = [str(path / s["url"]) for s in listed]
+        urls = _listed_shards(str(path), read_manifest(path), f"'{path}/*.tar'")
+    elif pattern.startswith(("http://", "https://")) and (pattern.endswith("/") or urllib.parse.urlsplit(
+            pattern).path.endswith("/manifest.json")):  # a served shard folder, or its manifest
+        folder = pattern.rstrip("/") if pattern.endswith("/") else shard_folder(pattern)
+        urls = _listed_shards(folder, read_manifest(folder), f"'{folder}/NAME-{{000000..000009}}.tar'")
     else:
         urls = []
         for expanded in braceexpand(pattern):
@@ -594,6 +633,20 @@ def _expand_pattern(pattern: str) -> list[str]:
         raise MissingInputError(f"input shard {missing[0]} does not exist ({len(missing)} missing): check the input "
                                 f"pattern {pattern!r} and that the shards are readable from this machine")
     return urls
+
+
+def _listed_shards(folder: str, manifest: dict | None, pattern_hint: str) -> list[str]:
+    """The shards a shard folder's manifest.json lists (`read_manifest`), as paths or URLs; an
+    InputError where there is none or it lists none as sharding writes it."""
+    listed = (manifest or {}).get("shards")
+    where = beside(folder, "manifest.json")
+    if manifest is None and is_stream(folder):
+        raise InputError(f"{where} is not there (the server has none): pass the shards' URLs as a brace pattern "
+                         f"such as {pattern_hint}")
+    if not isinstance(listed, list) or not all(isinstance(s, dict) and isinstance(s.get("url"), str) for s in listed):
+        raise InputError(f"{where} does not list shards as sharding writes it (\"shards\": [{{\"url\": FILE, ...}}, "
+                         f"...]): shard the dataset again, or pass a shard pattern such as {pattern_hint}")
+    return [beside(folder, s["url"]) for s in listed]
 
 
 def is_stream(url: str) -> bool:
@@ -644,36 +697,76 @@ def _refuse_mask_shard(url: str) -> None:
                                                         if isinstance(read, str) else ""))
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest.json in folder; None where there is none, or where it is JSON but not an
-    object (another tool's file of that name); an InputError naming it where it cannot be read
-    or is not JSON (cut short in a copy, say), as its counts and checksums guard the shards."""
-    path = folder / "manifest.json"
-    if not path.is_file():
+def read_manifest(folder: Path | str) -> dict | None:
+    """The manifest.json in folder (a local folder, or the http(s) URL of one, `shard_folder`);
+    None where there is none, or where it is JSON but not an object (another tool's file of
+    that name); an InputError naming it where it cannot be read or is not JSON (cut short in a
+    copy, say), as its counts and checksums guard the shards."""
+    path = beside(str(folder), "manifest.json")
+    if is_stream(path):
+        text = _fetch_manifest(path)
+        if text is None:
+            return None
+    elif not Path(path).is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text if is_stream(path) else Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # the last: [[[[...]]]]
         raise InputError(f"cannot read {path}: {exc}; copy it again with its shards, or shard the dataset "
                          "again") from None
     return manifest if isinstance(manifest, dict) else None
 
 
-def manifests_beside(urls: list[str]) -> dict[Path, dict]:
-    """The manifest.json of each local folder holding some of these shards (`read_manifest`), by
-    folder, in folder order; URLs, pipes and folders without one (other tools' shards) have none."""
+def _fetch_manifest(url: str, timeout_s: float = 30.0) -> bytes | None:
+    """The bytes at an http(s) URL of a manifest.json; None where the server answers that it
+    has none there (404, or 403 as object stores answer for a missing key): shards without a
+    manifest, as other tools write them. An InputError where the server cannot be reached,
+    which the shards beside it could not be read from either."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.read()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as exc:  # refused, no such host, timed out
+        reason = getattr(exc, "reason", None) or exc
+        raise InputError(f"cannot read {url}: {reason}; check that the server is up and reachable from this "
+                         "machine") from None
+
+
+def shard_folder(url: str) -> str | None:
+    """Where the manifest.json of a shard would be: its local folder, or for an http(s) URL the
+    URL of its folder (query and fragment left off); None for a `pipe:` command and for URLs
+    of other schemes, which have none that can be told."""
+    if url.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(url)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rsplit("/", 1)[0], "", ""))
+    return None if is_stream(url) else str(Path(url).parent)
+
+
+def beside(folder: str, name: str) -> str:
+    """The path, or URL, of the file `name` in a shard folder (`shard_folder`)."""
+    return f"{folder}/{name}" if is_stream(folder) else str(Path(folder) / name)
+
+
+def manifests_beside(urls: list[str]) -> dict[str, dict]:
+    """The manifest.json of each shard folder (`shard_folder`: a local folder, or an http(s)
+    one) holding some of these shards (`read_manifest`), by folder, in folder order; pipes,
+    other URLs and folders without one (other tools' shards) have none."""
     manifests = {}
-    for folder in sorted({Path(u).parent for u in urls if not is_stream(u)}):
+    for folder in sorted({f for f in map(shard_folder, urls) if f is not None}):
         manifest = read_manifest(folder)
         if manifest is not None:
             manifests[folder] = manifest
     return manifests
 
 
-def manifest_listing(manifests: dict[Path, dict], key: str, kind: type) -> dict:
+def manifest_listing(manifests: dict[str, dict], key: str, kind: type) -> dict:
     """Shard path -> what its manifest lists for it under key ("samples": its sample count, an
     int; "sha256": its checksum, a str), for the shards the manifests list with such a value."""
-    return {str(folder / shard["url"]): shard[key] for folder, manifest in manifests.items()
+    return {beside(str(folder), shard["url"]): shard[key] for folder, manifest in manifests.items()
             for shard in (manifest.get("shards") if isinstance(manifest.get("shards"), list) else [])
             if isinstance(shard, dict) and isinstance(shard.get("url"), str)
             and isinstance(shard.get(key), kind)}
@@ -691,14 +784,16 @@ def sample_count_problem(url: str, samples_read: int, counts: dict[str, int]) ->
     return f"the shard {found} its manifest.json lists; copy it again or shard the dataset again"
 
 
-def input_fingerprint(url: str) -> dict | None:
-    """{"size": bytes, "mtime_ns": int, "sha256": hex} of a local shard file, which its ledger
-    entry records so that a resume can tell a shard changed since (`input_changed`); None for
-    a URL or a `pipe:` command, which cannot be looked at without reading them whole."""
+def input_fingerprint(url: str, sha256: str | None = None) -> dict | None:
+    """What a shard's ledger entry records of it, so that a resume can tell a shard changed
+    since (`input_changed`): {"size": bytes, "mtime_ns": int, "sha256": hex} of a local file,
+    {"sha256": hex} of a URL or a `pipe:` command, which cannot be looked at without reading
+    them whole. sha256: the checksum of the bytes just read (`read_shard`'s digest); without
+    it a local file is hashed, and a stream has none (None)."""
     if is_stream(url):
-        return None
+        return None if sha256 is None else {"sha256": sha256}
     stat = os.stat(url)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(Path(url))}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256 or file_sha256(Path(url))}
 
 
 def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = None, read: bool = True) -> bool:
@@ -706,10 +801,13 @@ def input_changed(recorded: dict | None, url: str, listed_sha256: str | None = N
     (`input_fingerprint`). The same size and modification time count as unchanged without
     reading the file (rsync's quick check; a copy or a new shard changes the time); else the
     sha256 its manifest lists decides (listed_sha256: sharding writes the two together), or,
-    without one, the file's own (unless not read: then only another size tells). False where
-    nothing was recorded (a URL, a ledger from before)."""
-    if not recorded or is_stream(url):
+    without one, the file's own (unless not read: then only another size tells). A URL or a
+    `pipe:` command is told by its manifest's sha256 alone. False where nothing was recorded
+    (a ledger from before)."""
+    if not recorded:
         return False
+    if is_stream(url):
+        return listed_sha256 is not None and recorded.get("sha256") not in (None, listed_sha256)
     try:
         stat = os.stat(url)
     except OSError:

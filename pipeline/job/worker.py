@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import queue
 import threading
@@ -132,9 +133,9 @@ class ModelClock:
 class ShardPrefetch:
     """Samples of a shard decoded in a background thread: iterating yields (sample, image or
     exception); a sample whose key is unsafe (`safe_paths.check_key`) is not decoded, its
-    exception says why. Once the iteration ends, `input_fingerprint` holds the shard file's
-    size, time and sha256 (`shards.input_fingerprint`, None for a URL or `pipe:`), hashed by
-    the same thread after the read, from the page cache, while the model finishes the shard."""
+    exception says why. Once the iteration ends, `input_fingerprint` holds the sha256 of the
+    bytes read (hashed by the same thread as it reads them) and, for a local file, its size and
+    time (`shards.input_fingerprint`)."""
 
     def __init__(self, url: str, depth: int, max_pixels: int | None = None):
         self.url, self.depth, self.max_pixels = url, depth, max_pixels
@@ -142,14 +143,15 @@ class ShardPrefetch:
 
     def _produce(self, buffer: queue.Queue, done: object) -> None:
         try:
-            for sample in read_shard(self.url):
+            digest = hashlib.sha256()
+            for sample in read_shard(self.url, digest):
                 try:
                     key = check_key(sample["__key__"])
                     image = decode_image(sample_image(sample), f"image {key}", self.max_pixels)
                 except (ImageDecodeError, UnsafeKeyError) as exc:
                     image = exc
                 buffer.put((sample, image))
-            self.input_fingerprint = input_fingerprint(self.url)
+            self.input_fingerprint = input_fingerprint(self.url, digest.hexdigest())
         except BaseException as exc:  # a broken shard: surface it in the consumer
             buffer.put(exc)
         buffer.put(done)
