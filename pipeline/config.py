@@ -502,20 +502,37 @@ class SegmenterConfig(_Strict):
 
     def class_index(self, name: str) -> int:
         """0-based index of a class by its dataset name or its prompt words, matched ignoring
-        case, spaces, '_' and '-' (`name_key`)."""
-        index = match_class(name, [(spec.name, spec.prompt) for spec in self.classes])
+        case, spaces, '_' and '-' (`name_key`). A ConfigError otherwise names the closest class
+        and, under a built-in config, the other built-in config that has the class (COCO labels
+        run with the VOC config: `--config coco`)."""
+        index = match_class(name, self._spellings())
         if index is None:
             if is_background(name):
                 raise ConfigError(f"label {name!r} is no class: every mask has the background (value 0); leave it "
                                   "out of the labels")
             close = closest_class(name, self.class_names)
             hint = f"did you mean {close!r}? " if close else ""
-            raise ConfigError(f"unknown class name {name!r}: {hint}use one of {', '.join(self.class_names)}")
+            built_in = [_built_in_spellings(config) for config in BUILT_IN_CONFIGS]
+            other = next((config for config, spellings in zip(BUILT_IN_CONFIGS, built_in)  # labels of one dataset
+                          if self._spellings() in built_in and spellings != self._spellings()  # run as another's
+                          and match_class(name, spellings) is not None), None)
+            known = f" (a class of --config {other})" if other else ""
+            raise ConfigError(f"unknown class name {name!r}{known}: {hint}use one of {', '.join(self.class_names)}")
         return index
+
+    def _spellings(self) -> tuple[tuple[str, str], ...]:
+        """(name, prompt) of each class, in order: what a label is matched against."""
+        return tuple((spec.name, spec.prompt) for spec in self.classes)
 
 
 # The configs shipped with the package; the first is SegmenterConfig's defaults.
 BUILT_IN_CONFIGS = ("voc", "coco")
+
+
+@lru_cache(maxsize=None)
+def _built_in_spellings(name: str) -> tuple[tuple[str, str], ...]:
+    """The (name, prompt) of each class of a built-in config (BUILT_IN_CONFIGS)."""
+    return load_config(name)._spellings()
 
 
 def built_in_config(name: str) -> Path:

@@ -84,7 +84,7 @@ def test_segment_takes_classes_of_your_own(image_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("labels, message", [
-    ("cat,giraffe", "unknown class name 'giraffe': use one of aeroplane, bicycle"),
+    ("cat,giraffe", "unknown class name 'giraffe' (a class of --config coco): use one of aeroplane, bicycle"),
     (" , ", "--labels ' , ' names no class: give at least one"),
     ("Background", "--labels 'Background' names no class: give at least one, e.g. --labels cat,sofa (the background "
                    "is in every mask)"),

@@ -55,8 +55,21 @@ def test_class_lookup_by_name_or_prompt_words():
     config = SegmenterConfig()
     assert config.class_index("aeroplane") == config.class_index("plane") == 0
     assert config.class_index("dining table") == 10
-    with pytest.raises(ConfigError, match="^unknown class name 'giraffe': use one of aeroplane, "):
-        config.class_index("giraffe")
+    with pytest.raises(ConfigError, match="^unknown class name 'lamp': use one of aeroplane, "):
+        config.class_index("lamp")
+
+
+def test_a_label_of_the_other_built_in_config_names_it():
+    """COCO shards run with the VOC config (no manifest said which): each image's error says
+    which config knows its label; a config of one's own classes gets no such guess."""
+    with pytest.raises(ConfigError, match=r"^unknown class name 'giraffe' \(a class of --config coco\): use one of "
+                                          "aeroplane, "):
+        SegmenterConfig().class_index("giraffe")
+    with pytest.raises(ConfigError, match=r"^unknown class name 'aeroplane' \(a class of --config voc\): did you "
+                                          "mean 'airplane'\\? use one of person, bicycle, "):
+        load_config("coco").class_index("aeroplane")
+    with pytest.raises(ConfigError, match=r"^unknown class name 'giraffe': use one of cat, dog$"):
+        SegmenterConfig(classes=[{"name": "cat"}, {"name": "dog"}]).class_index("giraffe")
 
 
 def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_is_named():
@@ -65,7 +78,8 @@ def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_i
         assert config.class_index(spelling) == 7
     for spelling in ("Dining Table", "dining_table", "DiningTable", "Potted-Plant"):
         assert config.class_index(spelling) == (10 if "ining" in spelling else 15)
-    with pytest.raises(ConfigError, match="^unknown class name 'motorcycle': did you mean 'motorbike'\\? use one of "):
+    with pytest.raises(ConfigError, match="^unknown class name 'motorcycle' \\(a class of --config coco\\): did you "
+                                          "mean 'motorbike'\\? "):
         config.class_index("motorcycle")
     with pytest.raises(ConfigError, match="^unknown class name 'kat': did you mean 'cat'\\? "):
         config.class_index("kat")
