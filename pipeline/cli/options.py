@@ -89,7 +89,8 @@ def add_input_shards(group, required: bool = True, help: str | None = None) -> N
     group.add_argument("--input", required=required, nargs="+", action=_ShardInputs, metavar="SHARDS",
                        help=help or "image shards: a brace pattern 'shards/voc-train_aug-{000000..000041}.tar', a "
                                     "glob, a folder of shards (those its manifest.json lists; without one, its .tar "
-                                    "files), or several of these")
+                                    "files), a served one ('https://host/shards/': its manifest.json's), URLs or "
+                                    "'pipe:COMMAND's as WebDataset reads them, or several of these")
 
 
 def input_config(config: str | None, inputs: str, classes: str | None = None, method: str | None = None):
