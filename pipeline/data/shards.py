@@ -206,8 +206,10 @@ def read_shard(url: str, digest=None) -> Iterator[dict]:
         raise error from None
     finally:
         if stream is not None:
-            with contextlib.suppress(Exception):  # a failed read has raised already; a command cut off
-                stream.close()                     # by a reader that stopped early ends with SIGPIPE
+            # a failed read has raised already; a command cut off by a reader that stopped early
+            # ends with SIGPIPE, which is no error of the shard
+            with contextlib.suppress(Exception):
+                stream.close()
 
 
 class _HashingReader:
