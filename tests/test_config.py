@@ -69,7 +69,7 @@ def test_a_label_of_the_other_built_in_config_names_it():
                                           "mean 'airplane'\\? use one of person, bicycle, "):
         load_config("coco").class_index("aeroplane")
     with pytest.raises(ConfigError, match=r"^unknown class name 'giraffe': use one of cat, dog$"):
-        SegmenterConfig(classes=[{"name": "cat"}, {"name": "dog"}]).class_index("giraffe")
+        SegmenterConfig(classes=[{"name": "cat", "prompt": "cat"}, {"name": "dog", "prompt": "dog"}]).class_index("giraffe")
 
 
 def test_class_names_match_ignoring_case_spaces_and_separators_and_a_near_miss_is_named():

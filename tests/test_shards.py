@@ -360,7 +360,7 @@ def test_a_deeplab_style_split_list_names_the_same_images(tmp_path):
 
 def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_first(tmp_path):
     # Under load WebDataset may see the empty stream of a failed `cat` (tarfile: "empty file")
-    # before the command's exit status; its error then carries the pipe, whose command is asked.
+    # before the command's exit status; the command behind the opened stream is then asked.
     import subprocess
     import tarfile
     from types import SimpleNamespace
@@ -369,8 +369,10 @@ def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_
 
     url = f"pipe:cat {tmp_path}/missing.tar"
     process = subprocess.Popen(["sh", "-c", "exit 1"])
-    error = tarfile.ReadError("empty file", SimpleNamespace(proc=process), url)
-    assert _read_failure(url, error) == f"the command 'cat {tmp_path}/missing.tar' exited with status 1"
+    error = tarfile.ReadError("empty file")
+    assert _read_failure(url, error, SimpleNamespace(proc=process)) == (
+        f"the command 'cat {tmp_path}/missing.tar' exited with status 1")
+    assert _read_failure(url, error) == "ReadError: empty file"  # no stream opened: the read's own reason
     # the real thing, end to end, and a command that ends well but streams a cut tar: the tar's reason
     with pytest.raises(ShardReadError) as raised:
         list(read_shard(url))

@@ -124,16 +124,15 @@ class ShardReadError(PipelineError, OSError):
 _PIPE_EXIT_WAIT = 2.0
 
 
-def _pipe_exit_status(exc: Exception) -> int | None:
-    """The exit status of the `pipe:` command whose stream a WebDataset read error carries (it
-    appends the stream to the error's args), once the command has ended; else None."""
-    for arg in exc.args:
-        process = getattr(arg, "proc", None)
-        if isinstance(process, subprocess.Popen):
-            try:
-                return process.wait(timeout=_PIPE_EXIT_WAIT)
-            except subprocess.TimeoutExpired:
-                return None
+def _exit_status(stream) -> int | None:
+    """The exit status of the command (a `pipe:` command, or the curl that WebDataset reads an
+    http(s) URL with) behind an opened shard stream, once it has ended; else None."""
+    process = getattr(stream, "proc", None)
+    if isinstance(process, subprocess.Popen):
+        try:
+            return process.wait(timeout=_PIPE_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            return None
     return None
 
 
@@ -144,25 +143,21 @@ _CURL_EXITS = {6: "the host name could not be resolved", 7: "nothing answered at
                56: "the connection broke off", 60: "the server's certificate was not trusted"}
 
 
-def _read_failure(url: str, exc: Exception) -> str:
-    """A few words saying why WebDataset could not read url (its exceptions carry file objects and
-    pipes, which cannot cross a process boundary, so only this text travels). A `pipe:` command
-    that failed is the reason, whether WebDataset saw its status or first the empty or cut
-    stream it left; so is the status of the curl that fetches an http(s) URL, with its meaning."""
+def _read_failure(url: str, exc: Exception, stream=None) -> str:
+    """A few words saying why a shard could not be read (WebDataset's exceptions carry file
+    objects and pipes, which cannot cross a process boundary, so only this text travels). The
+    exit status of the command behind the opened stream (`_exit_status`: a `pipe:` command, or
+    the curl that fetches an http(s) URL, with its meaning) is the reason where it failed,
+    whether the read saw its status or first the empty or cut stream it left."""
     reason = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
     reason = reason.split(" @ <")[0]  # tarfile's "... @ <_io.BufferedReader ...>"
-    cause = f"{type(exc).__name__}: {reason}"
-    if url.startswith("pipe:"):
-        seen = re.search(r"exit (-?\d+)", reason)
-        status = int(seen.group(1)) if seen else _pipe_exit_status(exc)
-        if status:
-            cause = f"the command {url[5:].strip()!r} exited with status {status}"
-    elif url.startswith(("http://", "https://")):
-        seen = re.search(r"\['curl', .*exit (\d+)", reason)
-        if seen:
-            status = int(seen.group(1))
-            cause = f"curl exited with status {status}" + (f": {_CURL_EXITS[status]}" if status in _CURL_EXITS else "")
-    return cause
+    seen = re.search(r"exit (-?\d+)", reason)
+    status = int(seen.group(1)) if seen else _exit_status(stream)
+    if status and url.startswith("pipe:"):
+        return f"the command {url[5:].strip()!r} exited with status {status}"
+    if status and url.startswith(("http://", "https://")):
+        return f"curl exited with status {status}" + (f": {_CURL_EXITS[status]}" if status in _CURL_EXITS else "")
+    return f"{type(exc).__name__}: {reason}"
 
 
 # Where a sample may carry its image (WebDataset's image extensions), in the order looked for.
@@ -189,27 +184,27 @@ def read_shard(url: str, digest=None) -> Iterator[dict]:
     from webdataset.gopen import gopen
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    stream = None
+    opened = stream = None
     try:
-        stream = gopen(url)
+        opened = stream = gopen(url)
         if digest is not None:
-            stream = _HashingReader(stream, digest)
+            stream = _HashingReader(opened, digest)
         for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
             yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
         if digest is not None:
             stream.read_to_end()
     except Exception as exc:
-        cause = _read_failure(url, exc)
+        cause = _read_failure(url, exc, opened)
         error = ShardReadError(f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has "
                                "its sha256) and readable from this machine")
         error.cause = cause
         raise error from None
     finally:
-        if stream is not None:
+        if opened is not None:
             # a failed read has raised already; a command cut off by a reader that stopped early
             # ends with SIGPIPE, which is no error of the shard
             with contextlib.suppress(Exception):
-                stream.close()
+                opened.close()
 
 
 class _HashingReader:
@@ -226,9 +221,6 @@ class _HashingReader:
     def read_to_end(self, chunk: int = 1 << 20) -> None:
         while self.read(chunk):
             pass
-
-    def close(self) -> None:
-        self.stream.close()
 
 
 # --- sources ------------------------------------------------------------------------------------
