@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.config import VOC_CLASS_NAMES, load_config
 from pipeline.data.atomic import file_sha256
 from pipeline.mask.codec import decode_mask
-from pipeline.data.shards import (ShardingError, ShardingReport, ShardReadError, read_shard, voc_sources,
+from pipeline.data.shards import (ShardingError, ShardingReport, ShardReadError, read_shard, tar_bytes, voc_sources,
                                   write_image_shards)
 
 VOC = list(VOC_CLASS_NAMES)
@@ -605,3 +605,32 @@ def test_shards_served_over_http_are_listed_checked_and_hashed_by_the_manifest_b
     with pytest.raises(InputError, match=rf"^cannot read http://127.0.0.1:{port}/s/manifest.json: .*refused; check "
                                          "that the server is up and reachable from this machine$"):
         expand_input(f"http://127.0.0.1:{port}/s/")
+
+
+def test_shards_read_in_threads_while_another_imports_webdataset_all_read(tmp_path):
+    """A worker's prefetch threads read shards while its main thread writes one: each first use
+    imports webdataset, and a submodule imported while another thread initialises the package
+    came back partly initialised (ImportError, KeyError: 'webdataset'), failing whole shards."""
+    import subprocess
+    import sys
+
+    shard = tmp_path / "a-000000.tar"
+    shard.write_bytes(tar_bytes([{"__key__": "x", "json": b"{}"}]))
+    script = """
+import sys, threading
+from pipeline.data.shards import read_shard, tar_bytes
+barrier, errors = threading.Barrier(8), []
+def use(i):
+    barrier.wait()
+    try:
+        tar_bytes([{"__key__": "a", "txt": b"x"}]) if i % 2 else list(read_shard(sys.argv[1]))
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=use, args=(i,)) for i in range(8)]
+[thread.start() for thread in threads]
+[thread.join() for thread in threads]
+print(errors)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(shard)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"

@@ -181,15 +181,18 @@ def read_shard(url: str, digest=None) -> Iterator[dict]:
     digest: a hashlib object that takes every byte of the shard as it is read, read to its end
     (the tar's padding too), so it holds the checksum of the very bytes the samples came from,
     of a file, a URL or a `pipe:` command alike."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    # The package, never a submodule first: a worker's prefetch threads read shards at once, and a
+    # thread importing webdataset.tariterators while another initialises webdataset deadlocks
+    # Python's import locks, which it breaks by handing one a partly initialised module.
+    import webdataset as wds
 
     opened = stream = None
     try:
-        opened = stream = gopen(url)
+        opened = stream = wds.gopen(url)
         if digest is not None:
             stream = _HashingReader(opened, digest)
-        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        for sample in wds.tariterators.group_by_keys(files):
             yield {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
         if digest is not None:
             stream.read_to_end()
