@@ -672,10 +672,9 @@ def _sharding_hint(folder: Path) -> str:
 
 def _url_schemes() -> list[str]:
     """The URL schemes WebDataset opens shards from (http, https, gs, ...), `pipe:` aside."""
-    import importlib
+    import webdataset as wds  # the package first, as read_shard says why
 
-    schemes = importlib.import_module("webdataset.gopen").gopen_schemes  # the package's gopen is the function
-    return sorted(name for name in schemes if not name.startswith("_") and name != "pipe")
+    return sorted(name for name in wds.gopen_schemes if not name.startswith("_") and name != "pipe")
 
 
 def _refuse_mask_shard(url: str) -> None:
