@@ -557,10 +557,13 @@ def test_a_shard_prefix_that_is_not_a_plain_name_is_refused(tmp_path, capsys):
 
 
 @needs_curl
-def test_shards_served_over_http_are_listed_checked_and_hashed_by_the_manifest_beside_them(tmp_path, http_folder):
+def test_shards_served_over_http_are_listed_checked_and_hashed_by_the_manifest_beside_them(tmp_path, http_folder,
+                                                                                           monkeypatch):
     """Shards on a web server (an object store's HTTP endpoint) get a local folder's guards:
     the manifest.json beside them lists them, picks the config and holds their checksums."""
     import hashlib
+    import urllib.error
+    import urllib.request
 
     from pipeline.cli.options import input_config
     from pipeline.data.shards import (InputError, expand_input, input_changed, input_fingerprint, manifest_listing,
@@ -599,6 +602,14 @@ def test_shards_served_over_http_are_listed_checked_and_hashed_by_the_manifest_b
     (tmp_path / "s" / "manifest.json").write_text('{"shards": [')
     with pytest.raises(InputError, match=rf"^cannot read {base}/s/manifest.json: Expecting value"):
         manifests_beside(urls)
+    def unavailable(url, timeout):
+        raise urllib.error.HTTPError(url, 503, "Service Unavailable", {}, None)
+
+    with monkeypatch.context() as patched:  # a server that fails is no "no manifest"
+        patched.setattr(urllib.request, "urlopen", unavailable)
+        with pytest.raises(InputError, match=rf"^cannot read {base}/s/manifest.json: the server answered 503 "
+                                             "Service Unavailable; check the server, or try again$"):
+            manifests_beside(urls)
     with socket.socket() as unused:  # a port nothing listens on
         unused.bind(("127.0.0.1", 0))
         port = unused.getsockname()[1]

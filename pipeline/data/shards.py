@@ -715,17 +715,20 @@ def read_manifest(folder: Path | str) -> dict | None:
 
 def _fetch_manifest(url: str, timeout_s: float = 30.0) -> bytes | None:
     """The bytes at an http(s) URL of a manifest.json; None where the server answers that it
-    has none there (404, or 403 as object stores answer for a missing key): shards without a
-    manifest, as other tools write them. An InputError where the server cannot be reached,
-    which the shards beside it could not be read from either."""
+    has none there (404 or 410; 401 or 403, as object stores answer for a key one may not
+    list): shards without a manifest, as other tools write them. An InputError where the server
+    fails (5xx) or cannot be reached, which the shards beside it could not be read from either."""
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.read()
-    except urllib.error.HTTPError:
-        return None
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403, 404, 410):
+            return None
+        raise InputError(f"cannot read {url}: the server answered {exc.code} {exc.reason}; check the server, or "
+                         "try again") from None
     except (urllib.error.URLError, OSError) as exc:  # refused, no such host, timed out
         reason = getattr(exc, "reason", None) or exc
         raise InputError(f"cannot read {url}: {reason}; check that the server is up and reachable from this "
