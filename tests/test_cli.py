@@ -176,6 +176,26 @@ def test_a_mask_path_that_is_not_a_png_or_an_overlay_that_is_no_picture_is_refus
     assert "a file stands where a folder is needed" in capsys.readouterr().err
 
 
+def test_an_output_given_as_a_url_is_refused_before_a_local_folder_of_its_name_is_made(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """`-o s3://bucket/out` made a folder `s3:/bucket/out` here and said it wrote to s3://bucket/out."""
+    monkeypatch.chdir(tmp_path)
+    for argv, option, url in (
+            (["shard-voc", "--voc-root", "VOC2012", "-o", "s3://bucket/shards"], "-o/--output", "s3://bucket/shards"),
+            (["run", "--input", "shards/", "-o", "gs://bucket/out"], "-o/--output", "gs://bucket/out"),
+            (["export", "out", "-o", "https://host/export"], "-o/--output", "https://host/export"),
+            (["segment", "a.jpg", "--labels", "cat", "-o", "m.png", "--overlay", "s3://b/o.png"], "--overlay",
+             "s3://b/o.png")):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith(f"pseudolabel {argv[0]}: error: argument {option}: {url} is a URL, and this command "
+                               "writes to this machine's file system")
+        assert f"{url.replace('://', ':/')} would be made here instead; pass a local path" in last
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     out, _ = make_job_output(tmp_path, lambda gt, i: gt)
     read_end, write_end = os.pipe()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from pipeline.config import BUILT_IN_CONFIGS, DEFAULT_MODEL, METHOD_VARIANTS, ConfigError, load_config
@@ -40,7 +41,18 @@ def add_command(sub, name: str, help: str, description: str, examples: list[str]
 
 
 def add_output(group, help: str, required: bool = True, default: str | None = None) -> None:
-    group.add_argument("-o", "--output", required=required, default=default, help=help)
+    group.add_argument("-o", "--output", required=required, default=default, type=local_path, help=help)
+
+
+def local_path(value: str) -> str:
+    """argparse type of an output path: a path on this machine (or a mounted share). A URL is
+    refused: it would silently become a local folder named after its scheme (`s3:/bucket/out`)."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise argparse.ArgumentTypeError(
+            f"{value} is a URL, and this command writes to this machine's file system (on a cluster, a shared one): "
+            f"{Path(value)} would be made here instead; pass a local path, then copy what it writes (aws s3 sync, "
+            "gsutil rsync, ...), or mount the bucket and pass its path")
+    return value
 
 
 def file_in_output(output: str, name: str) -> str:

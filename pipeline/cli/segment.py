@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from pipeline.cli.options import (add_classes, add_command, add_cpu_allocator, add_model_options, add_output,
-                                  file_in_output, in_process_allocator, with_classes_option, with_method_option)
+                                  file_in_output, in_process_allocator, local_path, with_classes_option,
+                                  with_method_option)
 from pipeline.config import ConfigError, SegmenterConfig, is_background, load_config
 
 
@@ -30,7 +31,8 @@ def register(sub) -> None:
     outputs = parser.add_argument_group("output")
     add_output(outputs, "the mask PNG to write (palette, indices 0 background, 1.. the classes, 255 ignore), or a "
                         "folder to write <image name>.png into")
-    outputs.add_argument("--overlay", default=None, help="also write an overlay picture (image with mask | mask)")
+    outputs.add_argument("--overlay", default=None, type=local_path,
+                         help="also write an overlay picture (image with mask | mask)")
     outputs.add_argument("--crf", action="store_true", help="refine edges with a dense CRF (config crf.preset)")
     add_model_options(parser, with_method=True)
     add_cpu_allocator(parser.add_argument_group("host memory"), in_process=True)
