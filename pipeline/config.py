@@ -512,9 +512,9 @@ class SegmenterConfig(_Strict):
                                   "out of the labels")
             close = closest_class(name, self.class_names)
             hint = f"did you mean {close!r}? " if close else ""
-            built_in = [_built_in_spellings(config) for config in BUILT_IN_CONFIGS]
+            mine, built_in = self._spellings(), [_built_in_spellings(config) for config in BUILT_IN_CONFIGS]
             other = next((config for config, spellings in zip(BUILT_IN_CONFIGS, built_in)  # labels of one dataset
-                          if self._spellings() in built_in and spellings != self._spellings()  # run as another's
+                          if mine in built_in and spellings != mine  # run as another's
                           and match_class(name, spellings) is not None), None)
             known = f" (a class of --config {other})" if other else ""
             raise ConfigError(f"unknown class name {name!r}{known}: {hint}use one of {', '.join(self.class_names)}")
@@ -532,7 +532,7 @@ BUILT_IN_CONFIGS = ("voc", "coco")
 @lru_cache(maxsize=None)
 def _built_in_spellings(name: str) -> tuple[tuple[str, str], ...]:
     """The (name, prompt) of each class of a built-in config (BUILT_IN_CONFIGS)."""
-    return load_config(name)._spellings()
+    return load_config(built_in_config(name))._spellings()
 
 
 def built_in_config(name: str) -> Path:
@@ -547,7 +547,7 @@ def load_config(path: str | Path | None) -> SegmenterConfig:
     name (`voc`, `coco`) the config shipped with the package, from any folder."""
     if path is None:
         return SegmenterConfig()
-    if str(path) in BUILT_IN_CONFIGS and not Path(path).exists():
+    if str(path) in BUILT_IN_CONFIGS and not Path(path).is_file():  # a folder coco/ (the dataset) is no config
         path = built_in_config(str(path))
     path = Path(path)
     if not path.is_file():

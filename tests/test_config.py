@@ -59,6 +59,16 @@ def test_class_lookup_by_name_or_prompt_words():
         config.class_index("lamp")
 
 
+def test_a_built_in_name_is_the_built_in_config_beside_a_dataset_folder_of_that_name(tmp_path, monkeypatch):
+    """Run from the folder that holds the COCO dataset as coco/ (the README's --coco-root coco/),
+    `--config coco` and the label hints read the shipped config, not that folder."""
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert len(load_config("coco").class_names) == 80
+    with pytest.raises(ConfigError, match=r"^unknown class name 'giraffe' \(a class of --config coco\): "):
+        SegmenterConfig().class_index("giraffe")
+
+
 def test_a_label_of_the_other_built_in_config_names_it():
     """COCO shards run with the VOC config (no manifest said which): each image's error says
     which config knows its label; a config of one's own classes gets no such guess."""

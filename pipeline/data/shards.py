@@ -830,7 +830,7 @@ def checksum_problem(url: str, fingerprint: dict | None, checksums: dict[str, st
             "(which writes a new manifest)")
 
 
-def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> None:
+def check_shard_classes(manifests: dict[str, dict], class_names: list[str]) -> None:
     """InputError when a manifest beside the shards (`manifests_beside`) lists other classes
     than the config's (by `name_key`, in order): every image's labels would fail (their values
     number the manifest's classes). Shards without a manifest are checked image by image as
@@ -849,17 +849,17 @@ def check_shard_classes(manifests: dict[Path, dict], class_names: list[str]) -> 
                          f"has {len(class_names)} ({first[1]}): {fix}")
 
 
-def built_in_config_listed(manifests: dict[Path, dict]) -> str | None:
+def built_in_config_listed(manifests: dict[str, dict]) -> str | None:
     """The built-in config (BUILT_IN_CONFIGS) whose classes, in its order, every manifest beside
     the shards lists (`manifests_beside`); None where there is no manifest or none matches."""
-    from pipeline.config import BUILT_IN_CONFIGS, load_config
+    from pipeline.config import BUILT_IN_CONFIGS, built_in_config, load_config
 
     listed = [manifest.get("classes") for manifest in manifests.values()]
     if not listed or not all(is_name_list(names) and names == listed[0] for names in listed):
         return None
     keys = list(map(name_key, listed[0]))
-    return next((name for name in BUILT_IN_CONFIGS if list(map(name_key, load_config(name).class_names)) == keys),
-                None)
+    return next((name for name in BUILT_IN_CONFIGS
+                 if list(map(name_key, load_config(built_in_config(name)).class_names)) == keys), None)
 
 
 # The last `<name>.tar` of a path, a URL (before its query) or a `pipe:` command.
