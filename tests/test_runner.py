@@ -851,9 +851,34 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
     auth = join_failure("10.0.0.5:6379", "Failed to connect to GCS. Last connection error: Traceback ...\n"
                                          "RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
     assert "\n" not in auth and "RAY_AUTH_MODE=token" in auth and "RAY_AUTH_TOKEN" in auth and "10.0.0.5:6379" in auth
+    # RAY_AUTH_MODE=token with no token anywhere: Ray's AuthenticationError, before any connection
+    missing = join_failure("10.0.0.5:6379", "Token authentication is enabled but no authentication token was found. "
+                                            "Ensure that the token for the cluster is available ...")
+    assert "\n" not in missing and "sent no token or another one" in missing and "RAY_AUTH_TOKEN" in missing
     down = join_failure("10.0.0.5:6379", "Failed to connect to Ray cluster at 10.0.0.5:6379\nmore")
     assert "\n" not in down and "Failed to connect to Ray cluster" in down and "--address local" in down
     assert "RAY_AUTH" not in down
+
+
+def test_token_mode_without_a_token_is_one_line_naming_where_the_token_goes(shards, tmp_path):
+    """RAY_AUTH_MODE=token in a shell that has no token (another user, another machine) printed
+    Ray's AuthenticationError as a traceback."""
+    import socket
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", HOME=str(tmp_path))  # no ~/.ray/auth_token there
+    with socket.socket() as listener:  # something answers (on every interface: Ray turns 127.0.0.1 into this
+        listener.bind(("", 0))          # node's IP); Ray refuses before connecting
+        listener.listen()
+        port = listener.getsockname()[1]
+        job = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--input", str(shards), "--output",
+                              str(tmp_path / "out"), "--model", "tiny", "--address", f"127.0.0.1:{port}",
+                              "--no-progress"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert job.returncode == 2, job.stdout + job.stderr
+    assert job.stderr.strip().splitlines() == [
+        f"pseudolabel: error: cannot join the Ray cluster at 127.0.0.1:{port}: it uses Ray's token authentication and "
+        "this shell sent no token or another one: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token `ray "
+        "get-auth-token` prints on the head> (or copy the head's ~/.ray/auth_token here)"]
 
 
 def test_export_eval_and_report_of_a_running_job_say_they_read_what_is_done(clean_run, tmp_path, capsys):
@@ -885,6 +910,24 @@ def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards
     assert json.loads((out / "job.json").read_text())["input"].startswith(str(tmp_path / "new"))
     assert main(["export", str(out), "-o", str(tmp_path / "export"), "--with-images"]) == 0  # reads the new place
     assert len(list((tmp_path / "export" / "JPEGImages").iterdir())) == 4
+
+
+def test_a_model_folder_given_relative_is_recorded_absolute_and_a_resume_elsewhere_loads_it(ray_local, shards,
+                                                                                             tmp_path, monkeypatch):
+    """`--model mymodel` (a folder here) was recorded as given: the workers of a cluster started in
+    another folder, and a resume from another folder, could not find it."""
+    from pipeline.segment.builtin_models import tiny_model_path
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model_path(), work / "mymodel")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    run_job(str(shards / "voc-train-000000.tar"), "out", load_config(FAST_CONFIG), "mymodel", workers=1,
+            progress=False)
+    assert json.loads((work / "out" / "job.json").read_text())["model"] == str(work / "mymodel")
+    monkeypatch.chdir(elsewhere)
+    assert main(["resume", str(work / "out"), "--no-progress"]) == 0  # the done shard is kept, nothing rerun
+    assert [e.state for e in Ledger(work / "out").entries()] == ["done"]
 
 
 @pytest.mark.faults  # four jobs: with the fault tests, out of the default run

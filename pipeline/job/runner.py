@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.config import SegmenterConfig, unchanging_added_keys
-from pipeline.segment.models import check_model_available, resolve_device
+from pipeline.segment.models import absolute_model, check_model_available, resolve_device
 from pipeline.segment.plan import note_lines
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
@@ -128,7 +128,7 @@ def _init_ray(address: str | None):
                 raise ClusterJoinError(join_failure(address, silence))
             try:
                 ray.init(address=address, **kwargs)
-            except (ConnectionError, RuntimeError) as exc:
+            except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
                 causes, cause = [], exc  # Ray's ConnectionError hides the reason (a missing token) in its cause
                 while cause is not None:
                     causes.append(str(cause))
@@ -167,7 +167,7 @@ def _without_default_auth_warning():
 
 def join_failure(address: str, error: str) -> str:
     """One line saying why the cluster at address could not be joined, and the fix."""
-    if "InvalidAuthToken" in error or "Unauthenticated" in error:
+    if any(sign in error for sign in ("InvalidAuthToken", "Unauthenticated", "no authentication token was found")):
         return (f"cannot join the Ray cluster at {address}: it uses Ray's token authentication and this shell "
                 "sent no token or another one: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token "
                 "`ray get-auth-token` prints on the head> (or copy the head's ~/.ray/auth_token here)")
@@ -277,6 +277,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True,
             cpu_threads: int | None = None, cpu_allocator: str = "keep-freed") -> JobSummary:
     """Run (or resume) a job: every shard of input_pattern not yet done under this config.
+    The output folder, the input's paths and a local model folder are recorded absolute.
     cpu_threads: torch threads of each CPU worker (default: its share of the machine);
     cpu_allocator: glibc settings of CPU workers, one of CPU_ALLOCATORS (`cpu_worker_env`)."""
     from tqdm import tqdm
@@ -291,6 +292,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     started = time.perf_counter()
     out_dir = Path(os.path.abspath(out_dir))
     input_pattern = absolute_input(input_pattern)
+    model = absolute_model(model)
     urls = expand_input(input_pattern)
     manifests = manifests_beside(urls)
     check_shard_classes(manifests, config.class_names)

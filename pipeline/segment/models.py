@@ -179,6 +179,18 @@ def _hub_folder(repo_id: str) -> Path:
         raise ModelLoadError(f"cannot download model {repo_id!r} from the hub: {exc}") from exc
 
 
+def absolute_model(spec: str) -> str:
+    """spec with a local folder made absolute (`~` expanded), so that a job's workers, which
+    run in other folders and on other nodes, and a resume from another folder load the same
+    folder; built-in names and hub ids (`org/name` with no such folder here) unchanged."""
+    if spec in (TINY_MODEL, SD21_RANDOM_MODEL):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists() or not _looks_like_hub_id(spec):
+        return os.path.abspath(path)
+    return spec
+
+
 def resolve_model(spec: str) -> Path:
     """The local diffusers folder of a model spec (`tiny`, a folder, or a hub id)."""
     if spec == TINY_MODEL:
