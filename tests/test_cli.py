@@ -196,6 +196,52 @@ def test_an_output_given_as_a_url_is_refused_before_a_local_folder_of_its_name_i
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_quoted_tilde_is_the_home_folder_in_every_path(image_file, tmp_path, monkeypatch):
+    """The shell leaves `~` as it is inside quotes, as a brace pattern must be given
+    (`--input '~/shards/voc-{000000..000041}.tar'`): a folder named `~` was made in the working folder."""
+    from pipeline.cli import build_parser
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    parser = build_parser()
+    h = str(home)
+    for argv, option, expected in (
+            (["run", "--input", "~/s/a-{0..1}.tar", "pipe:cat ~/b.tar", "-o", "o"], "input",
+             f"{h}/s/a-{{0..1}}.tar::pipe:cat ~/b.tar"),  # a pipe: command's own shell expands its ~
+            (["run", "--input", "x.tar", "-o", "~/out"], "output", f"{h}/out"),
+            (["run", "--input", "x.tar", "-o", "o", "--model", "~/sd21"], "model", f"{h}/sd21"),
+            (["run", "--input", "x.tar", "-o", "o", "--config", "~/my.yaml"], "config", f"{h}/my.yaml"),
+            (["resume", "~/out"], "job", f"{h}/out"),
+            (["eval", "~/out", "--gt", "~/gt"], "gt", f"{h}/gt"),
+            (["compare", "--input", "s/", "--gt", "~/gt"], "gt", f"{h}/gt"),
+            (["segment", "~/a.jpg", "--labels", "cat", "-o", "m.png"], "image", f"{h}/a.jpg"),
+            (["segment", "a.jpg", "--labels", "cat", "-o", "m.png", "--overlay", "~/o.png"], "overlay", f"{h}/o.png"),
+            (["shard-voc", "--voc-root", "~/VOC2012", "-o", "s"], "voc_root", f"{h}/VOC2012"),
+            (["shard-voc", "--voc-root", "v", "--split", "~/ids.txt", "-o", "s"], "split", f"{h}/ids.txt"),
+            (["shard-voc", "--voc-root", "v", "--labels-file", "~/l.npy", "-o", "s"], "labels_file", f"{h}/l.npy"),
+            (["shard-coco", "--coco-root", "~/coco", "--split", "val2017", "-o", "s"], "coco_root", f"{h}/coco"),
+            (["shard-coco", "--coco-root", "c", "--split", "x", "--annotations", "~/a.json", "-o", "s"],
+             "annotations", f"{h}/a.json"),
+            (["shard-coco", "--coco-root", "c", "--split", "x", "--config", "~/c.yaml", "-o", "s"], "config",
+             f"{h}/c.yaml"),
+            (["shard-folder", "--image-dir", "~/photos", "--labels-file", "l.csv", "--classes", "cat", "-o", "s"],
+             "image_dir", f"{h}/photos"),
+            (["shard-folder", "--image-dir", "p", "--labels-file", "~/l.csv", "--config", "~/c.yaml", "-o", "s"],
+             "labels_file", f"{h}/l.csv"),
+            (["shard-folder", "--image-dir", "p", "--labels-file", "l.csv", "--config", "~/c.yaml", "-o", "s"],
+             "config", f"{h}/c.yaml")):
+        assert getattr(parser.parse_args(argv), option) == expected, argv
+    assert parser.parse_args(["run", "--input", "x", "-o", "o", "--model", "org/name"]).model == "org/name"
+    assert parser.parse_args(["run", "--input", "x", "-o", "o", "--config", "coco"]).config == "coco"
+    # and a whole command: the image from the home folder, the mask into it, nothing made here
+    (home / "photos").mkdir(parents=True)
+    shutil.copy(image_file, home / "photos" / "cat.jpg")
+    assert main(["segment", "~/photos/cat.jpg", "--labels", "cat", "--model", "tiny", "-o", "~/masks/"]) == 0
+    assert (home / "masks" / "cat.png").is_file() and list(work.iterdir()) == []
+
+
 def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     out, _ = make_job_output(tmp_path, lambda gt, i: gt)
     read_end, write_end = os.pipe()

@@ -44,15 +44,22 @@ def add_output(group, help: str, required: bool = True, default: str | None = No
     group.add_argument("-o", "--output", required=required, default=default, type=local_path, help=help)
 
 
+def user_path(value: str) -> str:
+    """argparse type of a path: `~` and `~user` expanded, as the shell leaves them inside quotes
+    (a quoted brace pattern `'~/shards/voc-{000000..000041}.tar'`); else a folder `~` is made here."""
+    return os.path.expanduser(value)
+
+
 def local_path(value: str) -> str:
-    """argparse type of an output path: a path on this machine (or a mounted share). A URL is
-    refused: it would silently become a local folder named after its scheme (`s3:/bucket/out`)."""
+    """argparse type of an output path: a path on this machine (or a mounted share), `~`
+    expanded. A URL is refused: it would silently become a local folder named after its scheme
+    (`s3:/bucket/out`)."""
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", value):
         raise argparse.ArgumentTypeError(
             f"{value} is a URL, and this command writes to this machine's file system (on a cluster, a shared one): "
             f"{Path(value)} would be made here instead; pass a local path, then copy what it writes (aws s3 sync, "
             "gsutil rsync, ...), or mount the bucket and pass its path")
-    return value
+    return user_path(value)
 
 
 def file_in_output(output: str, name: str) -> str:
@@ -66,7 +73,7 @@ def file_in_output(output: str, name: str) -> str:
 def add_job_folder(group, before_input: bool = False) -> None:
     """JOB; before_input: in a command with --input, which takes every word after it, so that
     `resume --input new/ out/` leaves JOB to `job_after_input`."""
-    group.add_argument("job", metavar="JOB", nargs="?" if before_input else None,
+    group.add_argument("job", metavar="JOB", nargs="?" if before_input else None, type=user_path,
                        help="the job's folder (the -o/--output of pseudolabel run)")
 
 
@@ -88,13 +95,15 @@ def job_after_input(args: argparse.Namespace) -> None:
 
 class _ShardInputs(argparse.Action):
     """--input with one or more patterns (a glob the shell expanded gives several), repeatable:
-    kept as one input string, WebDataset's `::` between them (shards.join_inputs)."""
+    kept as one input string, WebDataset's `::` between them (shards.join_inputs), each path's
+    `~` expanded (`user_path`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from pipeline.data.shards import join_inputs
+        from pipeline.data.shards import INPUT_SEPARATOR, join_inputs
 
+        patterns = [user_path(pattern) for value in values for pattern in value.split(INPUT_SEPARATOR)]
         previous = getattr(namespace, self.dest)
-        setattr(namespace, self.dest, join_inputs(([previous] if previous else []) + list(values)))
+        setattr(namespace, self.dest, join_inputs(([previous] if previous else []) + patterns))
 
 
 def add_input_shards(group, required: bool = True, help: str | None = None) -> None:
@@ -151,11 +160,11 @@ def with_classes_option(config, classes: str | None):
 def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL,
                       with_config: bool = True, with_method: bool = False) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default_model,
+    group.add_argument("--model", default=default_model, type=user_path,
                        help=f"hub id, local diffusers folder, `tiny` (offline toy model) or `sd21-random` "
                             f"(full size, random weights) (default: {default_model})")
     if with_config:
-        group.add_argument("--config", default=None,
+        group.add_argument("--config", default=None, type=user_path,
                            help="YAML config file, or a built-in name: voc or coco (default: voc; for shards "
                                 "whose manifest.json lists COCO's classes, coco)")
     if with_method:

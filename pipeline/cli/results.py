@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.cli.options import (CLASSES_HELP, add_classes, add_command, add_cpu_allocator, add_cpu_threads,
                                   add_input_shards, add_job_folder, add_model_options, add_no_progress, add_output,
                                   file_in_output, in_process_allocator, input_config, require_fraction,
-                                  require_gt_folder, require_positive)
+                                  require_gt_folder, require_positive, user_path)
 from pipeline.config import ConfigError, load_config, random_weights_note
 
 
@@ -55,7 +55,7 @@ def _register_eval(sub) -> None:
                                            "-o out/eval-aug.json"])
     inputs = evaluate.add_argument_group("input")
     add_job_folder(inputs)
-    inputs.add_argument("--gt", default=None,
+    inputs.add_argument("--gt", type=user_path, default=None,
                         help="ground-truth folder of <id>.png (default: the gt.png in the input shards)")
     output = evaluate.add_argument_group("output")
     add_output(output, "the JSON file of the scores, or a folder to write eval.json into (default JOB/eval.json)",
@@ -91,7 +91,8 @@ def _register_compare(sub) -> None:
     inputs = compare.add_argument_group("input")
     add_input_shards(inputs)
     add_classes(inputs, help=CLASSES_HELP)
-    inputs.add_argument("--gt", default=None, help="ground-truth folder of <id>.png (default: the shards' gt.png)")
+    inputs.add_argument("--gt", type=user_path, default=None,
+                        help="ground-truth folder of <id>.png (default: the shards' gt.png)")
     inputs.add_argument("--num-images", type=int, default=None,
                         help="compare on the first N usable images only (default: all)")
     methods = compare.add_argument_group("methods")

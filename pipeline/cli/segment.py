@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.options import (add_classes, add_command, add_cpu_allocator, add_model_options, add_output,
                                   file_in_output, in_process_allocator, local_path, with_classes_option,
-                                  with_method_option)
+                                  user_path, with_method_option)
 from pipeline.config import ConfigError, SegmenterConfig, is_background, load_config
 
 
@@ -21,8 +21,9 @@ def register(sub) -> None:
                   "pseudolabel segment photo.jpg --labels dog --crf --model path/to/sd21 -o mask.png",
                   "pseudolabel segment street.jpg --classes 'red car,street lamp,bicycle' -o mask.png"])
     inputs = parser.add_argument_group("input")
-    inputs.add_argument("image", help="image file (JPEG, PNG, ...); a photo with an EXIF orientation is segmented "
-                                      "upright, as a viewer shows it, and its mask is laid out upright")
+    inputs.add_argument("image", type=user_path,
+                        help="image file (JPEG, PNG, ...); a photo with an EXIF orientation is segmented "
+                             "upright, as a viewer shows it, and its mask is laid out upright")
     inputs.add_argument("--labels", default=None,
                         help="comma-separated class names present in the image, e.g. cat,sofa (with --classes: "
                              "all of those by default)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli.options import add_command, add_output
+from pipeline.cli.options import add_command, add_output, user_path
 from pipeline.config import VOC_CLASS_NAMES, ConfigError, is_background, load_config, repeated_names
 
 OUTPUT_HELP = "folder for the shards and manifest.json"
@@ -20,10 +20,11 @@ def register(sub) -> None:
                   "pseudolabel shard-voc --voc-root VOCdevkit/VOC2012 --split train_aug "
                   "--labels-file cls_labels.npy -o shards/"])
     inputs = voc.add_argument_group("input")
-    inputs.add_argument("--voc-root", required=True, help="the VOC2012 folder (with JPEGImages/)")
-    inputs.add_argument("--split", default="train_aug",
+    inputs.add_argument("--voc-root", type=user_path, required=True,
+                        help="the VOC2012 folder (with JPEGImages/)")
+    inputs.add_argument("--split", type=user_path, default="train_aug",
                         help="train, train_aug, val, or a file of ids (default train_aug)")
-    inputs.add_argument("--labels-file", default=None,
+    inputs.add_argument("--labels-file", type=user_path, default=None,
                         help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: the "
                              "classes in each image's SegmentationClassAug/ or SegmentationClass/ mask, as the "
                              "official iSeg code; Annotations/*.xml for images without a mask)")
@@ -37,13 +38,14 @@ def register(sub) -> None:
                     "crowd regions and overlaps count).",
         examples=["pseudolabel shard-coco --coco-root coco/ --split train2014 -o coco-shards/"])
     inputs = coco.add_argument_group("input")
-    inputs.add_argument("--coco-root", required=True, help="the COCO folder (with train2014/ ... and annotations/)")
+    inputs.add_argument("--coco-root", type=user_path, required=True,
+                        help="the COCO folder (with train2014/ ... and annotations/)")
     inputs.add_argument("--split", required=True,
                         help="the folder of images under --coco-root: train2014, val2014, train2017, val2017, or "
                              "that of a COCO-format dataset of your own")
-    inputs.add_argument("--annotations", default=None,
+    inputs.add_argument("--annotations", type=user_path, default=None,
                         help="instances JSON (default: <coco-root>/annotations/instances_<split>.json)")
-    inputs.add_argument("--config", default="coco",
+    inputs.add_argument("--config", type=user_path, default="coco",
                         help="the config whose classes the annotation file's categories are, by name: coco (the "
                              "default, COCO's 80) or a YAML file listing your own (the run's --config)")
     _shard_outputs(coco)
@@ -56,14 +58,15 @@ def register(sub) -> None:
                   "-o shards/",
                   "pseudolabel shard-folder --image-dir photos/ --labels-file labels.csv --config voc -o shards/"])
     inputs = folder.add_argument_group("input")
-    inputs.add_argument("--image-dir", required=True, help="the folder of images")
-    inputs.add_argument("--labels-file", required=True,
+    inputs.add_argument("--image-dir", type=user_path, required=True, help="the folder of images")
+    inputs.add_argument("--labels-file", type=user_path, required=True,
                         help="CSV or TSV (.csv, .tsv) with columns image,labels (labels separated by ';', ',' or "
                              "'|'; columns by ',', a tab or ';'), JSONL {image, labels}, or .json {image: [names]}")
     classes = inputs.add_mutually_exclusive_group(required=True)
     classes.add_argument("--classes", help="the class list, comma-separated, in label order")
-    classes.add_argument("--config", help="or the config whose classes the labels name: voc, coco or a YAML file "
-                                          "(the run's --config)")
+    classes.add_argument("--config", type=user_path,
+                         help="or the config whose classes the labels name: voc, coco or a YAML file "
+                              "(the run's --config)")
     outputs = _shard_outputs(folder)
     outputs.add_argument("--prefix", default="images", help="shard name prefix (default images)")
     folder.set_defaults(func=run_shard_folder)
