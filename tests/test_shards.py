@@ -78,7 +78,7 @@ def test_sharding_is_deterministic_and_reports_duplicates_and_missing(tmp_path):
     assert digests[0] == digests[1]
 
 
-def test_labels_file_and_split_errors(tmp_path):
+def test_labels_file_and_split_errors(tmp_path, monkeypatch):
     root = _voc(tmp_path)
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"2008_000003": ["horse"]}))
@@ -95,8 +95,14 @@ def test_labels_file_and_split_errors(tmp_path):
     for wrong in (tmp_path, root / "JPEGImages"):
         with pytest.raises(ShardingError, match=f"^{wrong} has no JPEGImages/: pass {root}, which has it$"):
             voc_sources(wrong, "train", None, report)
-    with pytest.raises(ShardingError, match="has no JPEGImages/: pass the VOC2012 folder"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardingError, match="empty has no JPEGImages/: pass the VOC2012 folder"):
+        voc_sources(tmp_path / "empty", "train", None, report)
+    with pytest.raises(ShardingError, match=f"^{tmp_path}/nowhere does not exist: pass the VOC2012 folder"):
         voc_sources(tmp_path / "nowhere", "train", None, report)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ShardingError, match=f"^nowhere does not exist \\(looked for in {tmp_path}\\): pass the"):
+        voc_sources("nowhere", "train", None, report)
     for text in ('{"2008_000003": ["horse"]', '[["horse"]]'):  # cut short; not an object
         labels.write_text(text)
         with pytest.raises(ShardingError, match=f"labels file {labels} is not a JSON object of image id -> "):

@@ -300,6 +300,9 @@ def voc_sources(voc_root: str | Path, split: str, labels_file: str | Path | None
     official iSeg code takes them and its published numbers use, else Annotations/*.xml. An
     image whose XML names other classes than its mask shows is reported (`labels differ`)."""
     root = Path(voc_root)
+    if not root.exists():
+        where = "" if root.is_absolute() else f" (looked for in {Path.cwd()})"
+        raise ShardingError(f"{root} does not exist{where}: pass the VOC2012 folder (VOCdevkit/VOC2012)")
     if not (root / "JPEGImages").is_dir():
         near = [folder for folder in (root.parent, root / "VOC2012", root / "VOCdevkit" / "VOC2012")
                 if (folder / "JPEGImages").is_dir()]
