@@ -355,13 +355,15 @@ def test_irn_cls_labels_npy_with_integer_ids_labels_the_split(tmp_path, capsys):
     assert "is not a dict of image id -> 20 multi-hot labels" in capsys.readouterr().err
 
 
-def test_a_deeplab_style_split_list_names_the_same_images(tmp_path):
+def test_a_deeplab_style_split_list_names_the_same_images(tmp_path, monkeypatch):
     root = _voc(tmp_path)
     ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
     deeplab = tmp_path / "train_aug.txt"
     deeplab.write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
     sources = voc_sources(root, str(deeplab), None, ShardingReport())
     assert [s.id for s in sources] == ids
+    monkeypatch.setenv("HOME", str(tmp_path))  # --split '~/train_aug.txt', quoted: the shell left the ~
+    assert [s.id for s in voc_sources(root, "~/train_aug.txt", None, ShardingReport())] == ids
 
 
 def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_first(tmp_path):

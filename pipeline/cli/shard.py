@@ -22,7 +22,7 @@ def register(sub) -> None:
     inputs = voc.add_argument_group("input")
     inputs.add_argument("--voc-root", type=user_path, required=True,
                         help="the VOC2012 folder (with JPEGImages/)")
-    inputs.add_argument("--split", type=user_path, default="train_aug",
+    inputs.add_argument("--split", default="train_aug",
                         help="train, train_aug, val, or a file of ids (default train_aug)")
     inputs.add_argument("--labels-file", type=user_path, default=None,
                         help="image-level labels: cls_labels.npy (IRN) or JSON {id: [names]} (default: the "

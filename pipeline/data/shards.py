@@ -234,8 +234,8 @@ def _split_ids(voc_root: Path, split: str) -> list[str]:
     elif split == "train_aug":
         candidates = [voc_root / "ImageSets" / "SegmentationAug" / "train_aug.txt",
                       voc_root / "ImageSets" / "Segmentation" / "train_aug.txt"]
-    else:
-        candidates = [Path(split)]
+    else:  # a file of ids; `~` expanded, as --split is also a name (not a path) in other commands
+        candidates = [Path(split).expanduser()]
     for path in candidates:
         if path.is_file():  # one id per line, or DeepLab's "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
             return [PurePosixPath(line.split()[0]).stem for line in path.read_text(encoding="utf-8-sig").splitlines()
