@@ -36,7 +36,14 @@ def test_cpu_weights_own_aligned_memory(tiny_model):
 def test_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(ModelLoadError, match="not a diffusers Stable Diffusion folder"):
         resolve_model(str(tmp_path))
-    with pytest.raises(ModelLoadError, match="neither a local folder nor a hub id"):
+    with pytest.raises(ModelLoadError, match="^model 'missing' is neither a local folder nor a hub id"):
+        resolve_model("missing")
+    # a job's workers get the folder absolute: one missing on a cluster node says where, and that every node needs it
+    import platform
+
+    with pytest.raises(ModelLoadError, match=f"^model folder {tmp_path}/missing does not exist on {platform.node()}: "
+                                             "pass a diffusers folder \\(for a job on a cluster, at that path on "
+                                             "every node: a shared file system\\)"):
         resolve_model(str(tmp_path / "missing"))
 
 

@@ -4,6 +4,7 @@ spec (`tiny`, `sd21-random`: pipeline/segment/builtin_models.py), onto one devic
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,12 @@ def resolve_model(spec: str) -> Path:
         )
     if _looks_like_hub_id(spec):
         return _hub_folder(spec)
+    if path.is_absolute() or spec.startswith((".", "~")) or "/" in spec:  # a path (a job's: absolute_model)
+        raise ModelLoadError(
+            f"model folder {os.path.expanduser(spec)} does not exist on {platform.node()}: pass a diffusers folder (for a job on a "
+            f"cluster, at that path on every node: a shared file system), a hub id such as {DEFAULT_MODEL}, "
+            "or `tiny`"
+        )
     raise ModelLoadError(
         f"model {spec!r} is neither a local folder nor a hub id: pass a diffusers folder, "
         f"a hub id such as {DEFAULT_MODEL}, or `tiny`"
