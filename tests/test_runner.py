@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -406,7 +407,7 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
     assert ledger["voc-train-000002"].error == (
         f"ShardReadError: cannot read shard pipe:cat {tmp_path}/in/voc-train-000002.tar: the command "
         f"'cat {tmp_path}/in/voc-train-000002.tar' exited with status 1; check that it is complete "
-        "(manifest.json has its sha256) and readable from this machine")
+        f"(manifest.json has its sha256) and readable from {platform.node()}, the host that read it")
 
 
 @needs_curl

@@ -1,6 +1,7 @@
 """Sharding VOC folders and labelled image folders into WebDataset tars."""
 
 import json
+import platform
 import socket
 
 import numpy as np
@@ -386,7 +387,7 @@ def test_a_failed_pipe_command_is_the_reason_even_when_its_empty_stream_is_seen_
         list(read_shard(url))
     assert str(raised.value) == (
         f"cannot read shard {url}: the command 'cat {tmp_path}/missing.tar' exited with status 1; check that it "
-        "is complete (manifest.json has its sha256) and readable from this machine")
+        f"is complete (manifest.json has its sha256) and readable from {platform.node()}, the host that read it")
     (tmp_path / "cut.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(ShardReadError, match=r"cut.tar: ReadError: "):
         list(read_shard(f"pipe:cat {tmp_path}/cut.tar"))

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import unicodedata
@@ -199,7 +200,7 @@ def read_shard(url: str, digest=None) -> Iterator[dict]:
     except Exception as exc:
         cause = _read_failure(url, exc, opened)
         error = ShardReadError(f"cannot read shard {url}: {cause}; check that it is complete (manifest.json has "
-                               "its sha256) and readable from this machine")
+                               f"its sha256) and readable from {platform.node()}, the host that read it")
         error.cause = cause
         raise error from None
     finally:
