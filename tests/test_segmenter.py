@@ -115,6 +115,24 @@ def test_head_subsets_apply_only_to_the_sd2_head_layout(tiny_model):
     assert Segmenter(tiny_model, SegmenterConfig(method="goca", head_layout=[8, 8, 8, 8])).plan.notes == ()
 
 
+def test_a_768_px_v_prediction_model_is_named_as_not_the_one_the_method_was_set_on(tiny_model):
+    """stabilityai/stable-diffusion-2-1 (768 px, v-prediction) in place of its -base: the same
+    heads and layers, so it runs, and nothing said that the constants and numbers are 2.1-base's."""
+    import dataclasses
+
+    from diffusers import DDIMScheduler
+
+    assert Segmenter(tiny_model, SegmenterConfig()).notes == ()
+    scheduler = DDIMScheduler.from_config({**tiny_model.scheduler.config, "prediction_type": "v_prediction"})
+    unet = type(tiny_model.unet).from_config({**tiny_model.unet.config, "sample_size": 96})
+    v_model = dataclasses.replace(tiny_model, scheduler=scheduler, unet=unet)
+    (note,) = Segmenter(v_model, SegmenterConfig()).notes
+    assert note.startswith("this model works at 768 px and predicts v (SD 2.1-base: 512 px, the noise; "
+                           "stabilityai/stable-diffusion-2-1 is the 768 px v-prediction one)")
+    # with a plan's own note, both are said
+    assert len(Segmenter(v_model, SegmenterConfig(head_layout=[8, 8, 8, 8])).notes) == 2
+
+
 @pytest.mark.parametrize("switch", [{"ent_self": False}, {"cat_cross": False}])
 def test_ablation_switches_change_the_maps(tiny_model, segmenter, switch):
     image = image_tensor(synthetic_image(64, 64, seed=5))

@@ -99,7 +99,7 @@ def run_segment(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
     segmenter = Segmenter(model, config)
-    for line in note_lines(segmenter.plan.notes):
+    for line in note_lines(segmenter.notes):
         print(line)
     loaded = time.perf_counter()
     scores = segmenter.segment([torch.from_numpy(image).permute(2, 0, 1)], [classes])[0]

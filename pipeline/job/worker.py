@@ -218,7 +218,7 @@ class ShardWorker:
         torch CPU threads, and the method's notes on this model (`Plan.notes`)."""
         return {"pid": os.getpid(), "device": str(self.model.device), "node": self.node_id(),
                 "malloc": startup_malloc_settings(), "batch_size": self.config.batch_size,
-                "threads": torch.get_num_threads(), "notes": list(self.segmenter.plan.notes)}
+                "threads": torch.get_num_threads(), "notes": list(self.segmenter.notes)}
 
     # What a job runner (job/runner.py) overrides to run the worker as a Ray actor.
 

@@ -172,7 +172,7 @@ def compare_methods(input_pattern: str, methods: list[str], config: SegmenterCon
         if key not in groups:
             groups[key] = (Segmenter(model, segment_config), [])
         groups[key][1].append((name, finish_config))
-    for line in note_lines(note for segmenter, _ in groups.values() for note in segmenter.plan.notes):
+    for line in note_lines(note for segmenter, _ in groups.values() for note in segmenter.notes):
         print(line)
     n_classes = len(config.classes) + 1
     tallies = {name: MethodTally(np.zeros((n_classes, n_classes + 1), dtype=np.int64)) for name, _, _ in rows}

@@ -38,6 +38,19 @@ class ModelBundle:
             heads = [heads] * len(self.unet.config.block_out_channels)
         return list(heads)
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """How this model differs from SD 2.1-base (512 px, epsilon prediction), for whose
+        attention the methods' constants and published numbers hold: one line each, or none."""
+        size = self.unet.config.sample_size * 8
+        prediction = self.scheduler.config.get("prediction_type", "epsilon")
+        if size == 512 and prediction == "epsilon":
+            return ()
+        predicts = {"epsilon": "the noise", "v_prediction": "v"}.get(prediction, prediction)
+        return (f"this model works at {size} px and predicts {predicts} (SD 2.1-base: 512 px, the noise; "
+                "stabilityai/stable-diffusion-2-1 is the 768 px v-prediction one): the methods' constants and "
+                "published numbers are 2.1-base's, so pass that model for them",)
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

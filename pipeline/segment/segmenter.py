@@ -137,6 +137,11 @@ class Segmenter:
         self.compiled = CompiledBlocks(model) if config.compile else None
 
     @property
+    def notes(self) -> tuple[str, ...]:
+        """What the user should know of this model and method (`ModelBundle.notes`, `Plan.notes`)."""
+        return self.model.notes + tuple(self.plan.notes)
+
+    @property
     def cross_specs(self) -> list[CaptureSpec]:
         return [s for s in self.plan.specs if s.kind == "cross"]
 
