@@ -914,18 +914,21 @@ def test_a_job_whose_shards_moved_resumes_with_their_new_place(ray_local, shards
 
 
 def test_a_model_folder_given_relative_is_recorded_absolute_and_a_resume_elsewhere_loads_it(ray_local, shards,
-                                                                                             tmp_path, monkeypatch):
+                                                                                             tmp_path, monkeypatch,
+                                                                                             capsys):
     """`--model mymodel` (a folder here) was recorded as given: the workers of a cluster started in
-    another folder, and a resume from another folder, could not find it."""
+    another folder, and a resume from another folder, could not find it. (Its progress bar, drawn
+    into a log, as here, is whole lines.)"""
     from pipeline.segment.builtin_models import tiny_model_path
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     shutil.copytree(tiny_model_path(), work / "mymodel")
     elsewhere.mkdir()
     monkeypatch.chdir(work)
-    run_job(str(shards / "voc-train-000000.tar"), "out", load_config(FAST_CONFIG), "mymodel", workers=1,
-            progress=False)
+    run_job(str(shards / "voc-train-000000.tar"), "out", load_config(FAST_CONFIG), "mymodel", workers=1)
     assert json.loads((work / "out" / "job.json").read_text())["model"] == str(work / "mymodel")
+    log = capsys.readouterr().err
+    assert "\r" not in log and log.splitlines()[-1].startswith("100%|") and "2/2 [" in log.splitlines()[-1]
     monkeypatch.chdir(elsewhere)
     assert main(["resume", str(work / "out"), "--no-progress"]) == 0  # the done shard is kept, nothing rerun
     assert [e.state for e in Ledger(work / "out").entries()] == ["done"]

@@ -282,6 +282,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     cpu_allocator: glibc settings of CPU workers, one of CPU_ALLOCATORS (`cpu_worker_env`)."""
     from tqdm import tqdm
 
+    from pipeline.progress import progress_stream
     from pipeline.job.worker import start_post_processing_worker
 
     cpu_env = cpu_worker_env(cpu_allocator, os.environ)  # a bad value fails before anything starts
@@ -360,6 +361,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         processing_start = time.perf_counter()
         total_images = _count_images([by_name[name] for name in todo], sample_counts)
         bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
+                   file=progress_stream(),
                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         in_flight: dict = {}
         dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
