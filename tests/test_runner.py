@@ -731,7 +731,7 @@ def test_invalid_job_numbers_are_one_line_errors(shards, tmp_path, capsys, flag,
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards, tmp_path, signum, code):
     out = tmp_path / "out"
     job = _start_cli(shards, out)
@@ -751,18 +751,19 @@ def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards
     assert _outputs(out) == _outputs(clean_run[0])
 
 
-def test_a_signal_is_recorded_and_raised_at_the_driver_loops_next_check_and_a_second_one_acts_at_once():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed
+def test_a_signal_is_recorded_and_raised_at_the_driver_loops_next_check_and_a_second_one_acts_at_once(signum):
     from pipeline.job.runner import _Stop, _stop_on_signals
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signum)
     with pytest.raises(_Stop) as stopped:
         with _stop_on_signals() as stop:
             stop.check()  # nothing came yet
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
             time.sleep(0.1)  # the handler has run and raised nothing
-            assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+            assert stop.signum == signum and signal.getsignal(signum) is before
             stop.check()
-    assert stopped.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert stopped.value.signum == signum and signal.getsignal(signum) is before
 
 
 def test_a_job_succeeds_unless_a_shard_failed_or_every_image_it_segmented_failed():

@@ -41,7 +41,7 @@ class ClusterJoinError(PipelineError, ConnectionError):
 
 
 class _Stop(BaseException):
-    """Raised in the driver loop once SIGINT or SIGTERM came (`_stop_on_signals.check`)."""
+    """Raised in the driver loop once one of STOP_SIGNALS came (`_stop_on_signals.check`)."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -459,8 +459,14 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         return summary
 
 
+# What stops a job's driver: Ctrl-C, `kill` (and `ray job stop`), and the terminal closing (an SSH
+# session that ends; without a handler the job died on the spot, its shards left in_progress and
+# its private Ray's agents left running for a minute or two).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class _stop_on_signals:
-    """Within the block, the first SIGINT or SIGTERM in the driver (main thread only) is
+    """Within the block, the first of STOP_SIGNALS in the driver (main thread only) is
     recorded, and `check()` then raises _Stop, so the job can mark its shards in flight and say
     how to resume. The handler does not raise itself: an exception raised while Ray's blocking
     calls run signal handlers comes out of them as a SystemError. After the first signal the
@@ -469,7 +475,7 @@ class _stop_on_signals:
     def __enter__(self):
         self.previous, self.signum = {}, None
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._record)
         return self
 
