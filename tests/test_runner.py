@@ -805,6 +805,16 @@ def test_status_counts_the_input_shards_not_started(shards, tmp_path, capsys):
     assert main(["status", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"2 of 3 input shard(s) not started (first: voc-train-000000): `pseudolabel resume {out}`" in printed
+    assert "left unfinished" not in printed
+    # a shard the stopped job was working on, left in_progress (it was killed): said, with the command
+    ledger.put(ShardEntry(shard="voc-train-000002", url="u", state="in_progress", config_hash="h", model="tiny"))
+    assert main(["status", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert ("1 shard(s) left unfinished by a job that stopped (interrupted, or in progress when it was killed): "
+            f"`pseudolabel resume {out}` redoes them") in printed
+    with ledger.locked():  # while a job runs, its shards in progress are its work: nothing to redo
+        assert main(["status", str(out)]) == 0
+        assert "left unfinished" not in capsys.readouterr().out
     moved = tmp_path / "moved"
     shards.rename(moved)
     try:

@@ -161,6 +161,10 @@ def run_status(args: argparse.Namespace) -> int:
           "in progress" + (f", {counts[STALE]} stale (done under an earlier config or model; redone on resume)"
                            if counts[STALE] else "")
           + (f"; a job is running here ({running})" if running else "; no job is running here"))
+    unfinished = counts[INTERRUPTED] + counts[IN_PROGRESS]
+    if unfinished and not running:  # in_progress: the job was killed, or the terminal closed before SIGHUP stopped it
+        print(f"{unfinished} shard(s) left unfinished by a job that stopped (interrupted, or in progress when it was "
+              f"killed): `pseudolabel resume {args.job}` redoes them")
     print(_not_started_line(ledger, args.job))
     changed = _changed_inputs(ledger, done)
     if changed:
