@@ -150,11 +150,16 @@ def check_model_available(spec: str) -> None:
     is neither cached nor reachable), without loading or downloading anything."""
     if spec in (TINY_MODEL, SD21_RANDOM_MODEL):
         return
-    path = Path(spec).expanduser()
-    if path.exists() or not _looks_like_hub_id(spec):
+    if _names_local_path(spec):
         resolve_model(spec)
     elif _cached_hub_folder(spec) is None:
         _require_hub(spec)
+
+
+def _names_local_path(spec: str) -> bool:
+    """Whether a model spec (not a built-in name) is a path here: one that exists, or any spec
+    that is no hub id (`org/name`)."""
+    return Path(spec).expanduser().exists() or not _looks_like_hub_id(spec)
 
 
 def _cached_hub_folder(repo_id: str) -> Path | None:
@@ -197,12 +202,9 @@ def absolute_model(spec: str) -> str:
     """spec with a local folder made absolute (`~` expanded), so that a job's workers, which
     run in other folders and on other nodes, and a resume from another folder load the same
     folder; built-in names and hub ids (`org/name` with no such folder here) unchanged."""
-    if spec in (TINY_MODEL, SD21_RANDOM_MODEL):
+    if spec in (TINY_MODEL, SD21_RANDOM_MODEL) or not _names_local_path(spec):
         return spec
-    path = Path(spec).expanduser()
-    if path.exists() or not _looks_like_hub_id(spec):
-        return os.path.abspath(path)
-    return spec
+    return os.path.abspath(os.path.expanduser(spec))
 
 
 def resolve_model(spec: str) -> Path:
@@ -227,9 +229,9 @@ def resolve_model(spec: str) -> Path:
         return _hub_folder(spec)
     if path.is_absolute() or spec.startswith((".", "~")) or "/" in spec:  # a path (a job's: absolute_model)
         raise ModelLoadError(
-            f"model folder {os.path.expanduser(spec)} does not exist on {platform.node()}: pass a diffusers folder (for a job on a "
-            f"cluster, at that path on every node: a shared file system), a hub id such as {DEFAULT_MODEL}, "
-            "or `tiny`"
+            f"model folder {os.path.expanduser(spec)} does not exist on {platform.node()}: pass a diffusers "
+            f"folder (for a job on a cluster, at that path on every node: a shared file system), a hub id such as "
+            f"{DEFAULT_MODEL}, or `tiny`"
         )
     raise ModelLoadError(
         f"model {spec!r} is neither a local folder nor a hub id: pass a diffusers folder, "
