@@ -1,7 +1,7 @@
-"""Where progress bars draw: tqdm's bar on a terminal; in a log (nohup, `ray job logs`, a batch
-scheduler's output file) a line at most every LOG_INTERVAL_S seconds, where tqdm would
-rewrite one line with carriage returns at every batch (thousands of times over a COCO job,
-read back as one line of hundreds of kilobytes)."""
+"""Progress bars (`progress_bar`), drawn where they are read: tqdm's bar on a terminal; in a
+log (nohup, `ray job logs`, a batch scheduler's output file) a line at most every
+LOG_INTERVAL_S seconds, where tqdm would rewrite one line with carriage returns at every batch
+(thousands of times over a COCO job, read back as one line of hundreds of kilobytes)."""
 
 from __future__ import annotations
 
@@ -62,3 +62,11 @@ def progress_stream(stream: TextIO | None = None) -> TextIO | LogLines:
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
     return stream if isatty is not None and isatty() else LogLines(stream)
+
+
+def progress_bar(iterable=None, **options):
+    """A tqdm bar (tqdm's options) drawn on `progress_stream()`: every progress bar of the
+    commands is made here."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, file=progress_stream(), **options)

@@ -153,12 +153,9 @@ def add_processes(group) -> None:
 
 def image_bar(job, desc: str, args: argparse.Namespace):
     """A progress bar over the job's masks (shown after half a second of work)."""
-    from tqdm import tqdm
+    from pipeline.progress import progress_bar
 
-    from pipeline.progress import progress_stream
-
-    return tqdm(total=job.masks_written(), unit="img", desc=desc, delay=0.5, disable=args.no_progress,
-                file=progress_stream())
+    return progress_bar(total=job.masks_written(), unit="img", desc=desc, delay=0.5, disable=args.no_progress)
 
 
 def process_count(args: argparse.Namespace) -> int:
@@ -254,10 +251,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pipeline.progress import progress_stream
     from pipeline.data.shards import check_shard_classes, expand_input, manifests_beside
+    from pipeline.progress import progress_bar
     from pipeline.results.compare import comparison_rows, compare_methods, format_comparison, parse_methods, parse_sweep
     from pipeline.segment.models import load_model
 
@@ -272,7 +267,7 @@ def run_compare(args: argparse.Namespace) -> int:
     check_shard_classes(manifests_beside(expand_input(args.input)), config.class_names)
     model = load_model(args.model, device=args.device)
     in_process_allocator(args, model.device)
-    with tqdm(unit="img", desc="compare", disable=args.no_progress, file=progress_stream()) as bar:
+    with progress_bar(unit="img", desc="compare", disable=args.no_progress) as bar:
         tallies = compare_methods(args.input, methods, config, model, gt_dir=args.gt, limit=args.num_images,
                                   progress=bar, sweep=sweep)
     print(format_comparison(tallies))

@@ -81,16 +81,14 @@ def _shard_outputs(parser: argparse.ArgumentParser):
 
 def _write(sources, args: argparse.Namespace, prefix: str, class_names: list[str], report) -> int:
     """Write the shards with a progress bar and print what was written and what was wrong."""
-    from tqdm import tqdm
-
-    from pipeline.progress import progress_stream
     from pipeline.data.shards import check_shard_prefix, write_image_shards
+    from pipeline.progress import progress_bar
 
     check_shard_prefix(prefix)
     Path(args.output).mkdir(parents=True, exist_ok=True)  # a path that cannot be a folder fails before the bar
     # delay: the bar shows from its first update after half a second, so a command that fails
     # before writing anything prints its error alone
-    with tqdm(total=len(sources), unit="img", desc="sharding", delay=0.5, file=progress_stream()) as bar:
+    with progress_bar(total=len(sources), unit="img", desc="sharding", delay=0.5) as bar:
         write_image_shards(sources, args.output, prefix, args.shard_size, class_names, report, bar)
     samples = sum(s["samples"] for s in report.shards)
     print(f"wrote {len(report.shards)} shard(s), {samples} images, to {args.output} (manifest.json lists them)")
@@ -124,16 +122,14 @@ def run_shard_voc(args: argparse.Namespace) -> int:
 
 
 def run_shard_coco(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pipeline.progress import progress_stream
     from pipeline.data.coco import coco_sources
     from pipeline.data.shards import ShardingReport
+    from pipeline.progress import progress_bar
 
     class_names = load_config(args.config).class_names
     report = ShardingReport()
     sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report,
-                           lambda ids: tqdm(ids, unit="img", desc="ground truth", delay=0.5, file=progress_stream()))
+                           lambda ids: progress_bar(ids, unit="img", desc="ground truth", delay=0.5))
     return _write(sources, args, f"coco-{args.split}", class_names, report)
 
 

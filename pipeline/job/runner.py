@@ -280,10 +280,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     The output folder, the input's paths and a local model folder are recorded absolute.
     cpu_threads: torch threads of each CPU worker (default: its share of the machine);
     cpu_allocator: glibc settings of CPU workers, one of CPU_ALLOCATORS (`cpu_worker_env`)."""
-    from tqdm import tqdm
-
-    from pipeline.progress import progress_stream
     from pipeline.job.worker import start_post_processing_worker
+    from pipeline.progress import progress_bar
 
     cpu_env = cpu_worker_env(cpu_allocator, os.environ)  # a bad value fails before anything starts
     if device is not None and device.startswith("cuda:"):
@@ -360,9 +358,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
 
         processing_start = time.perf_counter()
         total_images = _count_images([by_name[name] for name in todo], sample_counts)
-        bar = tqdm(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
-                   file=progress_stream(),
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+        bar = progress_bar(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
+                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         in_flight: dict = {}
         dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
         finished_images = 0  # images of shards whose results are in
