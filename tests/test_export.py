@@ -247,6 +247,20 @@ def test_status_of_a_job_of_many_shards_lists_those_not_done(tmp_path, capsys):
     assert capsys.readouterr().out.count("\nvoc-train-") == 30
 
 
+def test_status_reads_the_ledger_without_importing_torch_or_ray(tmp_path):
+    """`status` is run often (`watch pseudolabel status out/`): telling which of a job's input
+    shards exist once imported WebDataset, and with it torch, for 2-3 s of start."""
+    import subprocess
+    import sys
+
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)
+    code = (f"import sys; from pipeline.cli import main; main(['status', {str(out)!r}]); "
+            "print(sorted(m for m in ('torch', 'ray', 'webdataset', 'diffusers') if m in sys.modules))")
+    printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "4 done, 0 failed" in printed
+    assert printed.splitlines()[-1] == "[]"
+
+
 def test_a_damaged_mask_shard_holding_no_example_stops_the_report_too(tmp_path, capsys):
     from pipeline.data.outputs import JobOutput
     from pipeline.results.report import pick_examples

@@ -615,9 +615,9 @@ def _expand_pattern(pattern: str) -> list[str]:
             matches = [m for m in sorted(glob.glob(expanded)) if m.endswith(SHARD_SUFFIXES)] if globbed else [expanded]
             urls.extend(u for u in matches if u not in urls)
     missing = [u for u in urls if not is_stream(u) and not Path(u).is_file()]
-    schemes = _url_schemes()
-    unopened = next((u for u in urls if "://" in u and not u.startswith("pipe:")
-                     and u.split("://", 1)[0] not in schemes), None)
+    urls_with_scheme = [u for u in urls if "://" in u and not u.startswith("pipe:")]
+    schemes = _url_schemes() if urls_with_scheme else []  # not for local paths: it imports torch
+    unopened = next((u for u in urls_with_scheme if u.split("://", 1)[0] not in schemes), None)
     if unopened is not None:
         scheme = unopened.split("://", 1)[0]
         given = pattern if pattern.startswith(f"{scheme}://") else unopened  # a brace pattern stays one
