@@ -870,6 +870,28 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
     down = join_failure("10.0.0.5:6379", "Failed to connect to Ray cluster at 10.0.0.5:6379\nmore")
     assert "\n" not in down and "Failed to connect to Ray cluster" in down and "--address local" in down
     assert "RAY_AUTH" not in down
+    # A cluster started from another environment: Ray's message put the releases on the lines the
+    # first-line rule left out ("Version mismatch: The cluster was started with:; check the address")
+    mismatch = ("Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: {}\nThis process on "
+                "node 10.0.0.9 was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n")
+    other_minor = join_failure("10.0.0.5:6379", mismatch.format("3.12.1"))
+    assert other_minor == (
+        "cannot join the Ray cluster at 10.0.0.5:6379: it runs Ray 2.60.0 on Python 3.12.1, this environment Ray "
+        "2.60.0 on Python 3.11.7, and Ray joins only the same releases: run pseudolabel in the environment that "
+        "`ray start` ran in on the head (where the cluster's workers need it installed too), or submit it to run "
+        "there with jobs/cluster_submit.sh")
+    other_patch = join_failure("10.0.0.5:6379", mismatch.format("3.11.9"))
+    assert other_patch.startswith("cannot join the Ray cluster at 10.0.0.5:6379: it runs Ray 2.60.0 on Python 3.11.9,")
+    assert other_patch.endswith("; for another Python patch release alone, export "
+                                "RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor")
+    other_ray = join_failure("ray://10.0.0.5:10001", mismatch.format("3.11.7").replace("Ray: 2.60.0", "Ray: 2.61.0", 1))
+    assert "it runs Ray 2.61.0 on Python 3.11.7, this environment Ray 2.60.0" in other_ray
+    assert "MATCH_LEVEL" not in other_ray
+    # Ray Client's server failing to start the job's session: its traceback follows the first line
+    server = join_failure("ray://10.0.0.5:10001", "Initialization failure from server:\nTraceback (most recent call "
+                          "last):\n  File \"server.py\", line 9, in Init\nRuntimeError: runtime_env setup failed\n")
+    assert server.startswith("cannot join the Ray cluster at ray://10.0.0.5:10001: Initialization failure from server: "
+                             "RuntimeError: runtime_env setup failed; check the address")
 
 
 def test_token_mode_without_a_token_is_one_line_naming_where_the_token_goes(shards, tmp_path):

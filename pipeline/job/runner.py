@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import signal
 import threading
@@ -171,9 +172,26 @@ def join_failure(address: str, error: str) -> str:
         return (f"cannot join the Ray cluster at {address}: it uses Ray's token authentication and this shell "
                 "sent no token or another one: export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=<the token "
                 "`ray get-auth-token` prints on the head> (or copy the head's ~/.ray/auth_token here)")
-    reason = next((line.strip() for line in error.splitlines() if line.strip()), "no answer")
+    versions = _RELEASES.findall(error) if "Version mismatch" in error else []
+    if len(versions) == 2:
+        (cluster_ray, cluster_python), (own_ray, own_python) = versions
+        patch_only = cluster_ray == own_ray and cluster_python.split(".")[:2] == own_python.split(".")[:2]
+        return (f"cannot join the Ray cluster at {address}: it runs Ray {cluster_ray} on Python {cluster_python}, "
+                f"this environment Ray {own_ray} on Python {own_python}, and Ray joins only the same releases: run "
+                "pseudolabel in the environment that `ray start` ran in on the head (where the cluster's workers "
+                "need it installed too), or submit it to run there with jobs/cluster_submit.sh"
+                + ("; for another Python patch release alone, export RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor"
+                   if patch_only else ""))
+    lines = [line.strip() for line in error.splitlines() if line.strip()] or ["no answer"]
+    reason = lines[0]
+    if reason.endswith(":") and len(lines) > 1:  # an introduction ("Initialization failure from server:")
+        reason = f"{reason} {lines[-1]}"  # and what it introduces: a traceback's last line, its error
     return (f"cannot join the Ray cluster at {address}: {reason}; check the address (`ray status` on the head "
             "prints it), or pass --address local for a private Ray")
+
+
+# The releases in Ray's version mismatch error: the cluster's, then this process's.
+_RELEASES = re.compile(r"Ray: (\S+)\s+Python: (\S+)")
 
 
 def ray_address(flag: str | None, environment: str | None, local_cluster_running) -> str:
