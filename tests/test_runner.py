@@ -894,6 +894,26 @@ def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
                              "RuntimeError: runtime_env setup failed; check the address")
 
 
+def test_nodes_whose_workers_cannot_import_the_package_are_named_before_any_worker_starts(ray_local, monkeypatch):
+    """A cluster started from an environment without pseudolabel: the job printed about 120 lines
+    of Ray's import tracebacks, retries and worker stack dumps before `No module named 'pipeline'`."""
+    import site
+
+    from pipeline.job import runner
+
+    runner.check_nodes_have_this_package(ray_local)  # this environment has it: nothing raised
+    host = ray_local.nodes()[0]["NodeManagerHostname"]
+    for module in ("pipeline.job.no_such_worker", "no_such_package.job.worker"):  # None; ModuleNotFoundError
+        monkeypatch.setattr(runner, "_WORKER_MODULE", module)
+        with pytest.raises(runner.ClusterJoinError) as error:
+            runner.check_nodes_have_this_package(ray_local)
+        packages = site.getsitepackages()[0]  # one machine, one environment: the same folder on both sides
+        assert str(error.value) == (
+            f"the Ray workers on {host} cannot import pseudolabel: Ray there runs a Python with the packages of "
+            f"{packages}, where it is not installed (this shell's are in {packages}): "
+            "install pseudolabel there on every node, or start Ray from the environment pseudolabel is installed in")
+
+
 def test_token_mode_without_a_token_is_one_line_naming_where_the_token_goes(shards, tmp_path):
     """RAY_AUTH_MODE=token in a shell that has no token (another user, another machine) printed
     Ray's AuthenticationError as a traceback."""

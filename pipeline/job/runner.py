@@ -247,6 +247,45 @@ def _silent_address(address: str, timeout: float = 5.0) -> str | None:
     return _refused(target, timeout)
 
 
+def check_nodes_have_this_package(ray, timeout_s: float = 120.0) -> None:
+    """ClusterJoinError naming the first node whose Ray workers cannot import this package (a
+    cluster started from another Python environment): its segmenter workers would fail to
+    start, after a hundred lines of Ray's tracebacks and stack dumps. One task a node, asking
+    Python's import system where the package would come from (nothing of it is imported); a
+    node that does not answer within timeout_s is left to the workers."""
+    import importlib.util
+    import site
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def on(node):
+        return dict(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+
+    resources = ("CPU", "GPU")  # the nodes a worker or a post-processing task can be given
+    nodes = [node for node in ray.nodes()
+             if node.get("Alive") and any(node.get("Resources", {}).get(r, 0) > 0 for r in resources)]
+    find = ray.remote(importlib.util.find_spec)  # a standard function: every worker can load it
+    probes = [(node, find.options(**on(node)).remote(_WORKER_MODULE)) for node in nodes]
+    for node, probe in probes:
+        try:
+            found = ray.get(probe, timeout=timeout_s) is not None
+        except ray.exceptions.GetTimeoutError:
+            continue
+        except ray.exceptions.RayTaskError:  # ModuleNotFoundError: the package itself is not there
+            found = False
+        if not found:
+            theirs = ray.get(ray.remote(site.getsitepackages).options(**on(node)).remote())
+            raise ClusterJoinError(
+                f"the Ray workers on {node.get('NodeManagerHostname') or node['NodeManagerAddress']} cannot import "
+                f"pseudolabel: Ray there runs a Python with the packages of {theirs[0]}, where it is not installed "
+                f"(this shell's are in {site.getsitepackages()[0]}): install pseudolabel there on every node, or "
+                "start Ray from the environment pseudolabel is installed in")
+
+
+# The module a segmenter worker runs (`ray_shard_worker_class`).
+_WORKER_MODULE = "pipeline.job.worker"
+
+
 # Shards in flight on each worker: the next shard is queued (and its decoding under way) while
 # the last one's post-processing finishes, so the model does not wait between shards.
 SHARDS_PER_WORKER = 2
@@ -348,6 +387,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         device = worker_device(device, options)
         if private:  # its workers run this torch: a device it cannot use fails here, in one line
             resolve_device(device)
+        else:
+            check_nodes_have_this_package(ray)
         summary.workers = n_workers
         cut_line = fewer_workers_line(workers, n_workers, len(todo))
         if cut_line:
