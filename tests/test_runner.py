@@ -410,6 +410,26 @@ def test_unreadable_shards_fail_alone_with_the_reason(ray_local, shards, tmp_pat
         f"(manifest.json has its sha256) and readable from {platform.node()}, the host that read it")
 
 
+def test_a_job_with_a_failed_shard_names_the_resume_that_redoes_it_on_the_cluster_it_ran_on(ray_local, shards,
+                                                                                             tmp_path, capsys):
+    """A failed shard printed its error and the counts, and nothing of what to do once the cause
+    was fixed; a resume left without the run's --address starts a private Ray instead."""
+    (tmp_path / "in").mkdir()
+    whole = (shards / "voc-train-000000.tar").read_bytes()
+    (tmp_path / "in" / "voc-train-000000.tar").write_bytes(whole[:520])  # a copy cut inside its first file
+    (tmp_path / "in" / "voc-train-000001.tar").write_bytes((shards / "voc-train-000001.tar").read_bytes())
+    out = tmp_path / "out"
+    # The address is not joined here (the test's Ray is already up): only the printed command carries it
+    assert main(["run", "--input", str(tmp_path / "in"), "-o", str(out), "--model", "tiny", "--config", FAST_CONFIG,
+                 "--no-progress", "--address", "ray://head:10001"]) == 1
+    assert (f"1 shard(s) failed (errors above and in `pseudolabel status {out}`): once the cause is fixed, "
+            f"`pseudolabel resume {out} --address ray://head:10001` redoes them\n") in capsys.readouterr().out
+    (tmp_path / "in" / "voc-train-000000.tar").write_bytes(whole)
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    assert _states(out) == ["done", "done"]
+    assert "shards 1 done, 0 failed, 1 skipped" in capsys.readouterr().out
+
+
 @needs_curl
 def test_shards_served_over_http_are_held_to_their_manifests_checksums(ray_local, shards, tmp_path, http_folder):
     """A job over a web server's shards (`--input URL/`) hashes what it reads: a shard whose

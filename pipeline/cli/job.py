@@ -93,13 +93,22 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
         done = stop.summary
         print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "
               f"{done.images_failed} failed), {len(stop.interrupted)} in flight marked interrupted; "
-              f"resume with: pseudolabel resume {out_dir.absolute()}", file=sys.stderr)
+              f"resume with: {_resume_command(out_dir, args.address)}", file=sys.stderr)
         return 128 + stop.signum
     print(summary.line)
     for line in summary.failed_lines:
         print(line)
+    if summary.shards_failed:
+        print(f"{summary.shards_failed} shard(s) failed (errors above and in `pseudolabel status {out_dir.absolute()}`): "
+              f"once the cause is fixed, `{_resume_command(out_dir, args.address)}` redoes them")
     print(f"masks in {out_dir / 'masks'}, statistics in {out_dir / 'stats'}, ledger in {out_dir / 'ledger'}")
     return 0 if summary.succeeded else 1
+
+
+def _resume_command(out_dir: Path, address: str | None) -> str:
+    """The command that resumes the job in out_dir on the Ray this run was given (an --address
+    left out would resume on a private Ray where no RAY_ADDRESS names the cluster)."""
+    return f"pseudolabel resume {out_dir.absolute()}" + (f" --address {address}" if address else "")
 
 
 def run_run(args: argparse.Namespace) -> int:
