@@ -99,8 +99,9 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
     for line in summary.failed_lines:
         print(line)
     if summary.shards_failed:
-        print(f"{summary.shards_failed} shard(s) failed (errors above and in `pseudolabel status {out_dir.absolute()}`): "
-              f"once the cause is fixed, `{_resume_command(out_dir, args.address)}` redoes them")
+        print(f"{summary.shards_failed} shard(s) failed (errors above and in `pseudolabel status "
+              f"{out_dir.absolute()}`): once the cause is fixed, `{_resume_command(out_dir, args.address)}` "
+              "redoes them")
     print(f"masks in {out_dir / 'masks'}, statistics in {out_dir / 'stats'}, ledger in {out_dir / 'ledger'}")
     return 0 if summary.succeeded else 1
 
