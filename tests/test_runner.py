@@ -923,15 +923,17 @@ def test_nodes_whose_workers_cannot_import_the_package_are_named_before_any_work
 
     runner.check_nodes_have_this_package(ray_local)  # this environment has it: nothing raised
     host = ray_local.nodes()[0]["NodeManagerHostname"]
-    for module in ("pipeline.job.no_such_worker", "no_such_package.job.worker"):  # None; ModuleNotFoundError
+    packages = site.getsitepackages()[0]  # one machine, one environment: the same folder on both sides
+    for module, missing in [("no_such_package.job.worker", "where it is not installed"),
+                            ("pipeline.job.no_such_worker", "which holds a pseudolabel without "
+                                                            "pipeline.job.no_such_worker (another release)")]:
         monkeypatch.setattr(runner, "_WORKER_MODULE", module)
         with pytest.raises(runner.ClusterJoinError) as error:
             runner.check_nodes_have_this_package(ray_local)
-        packages = site.getsitepackages()[0]  # one machine, one environment: the same folder on both sides
         assert str(error.value) == (
             f"the Ray workers on {host} cannot import pseudolabel: Ray there runs a Python with the packages of "
-            f"{packages}, where it is not installed (this shell's are in {packages}): "
-            "install pseudolabel there on every node, or start Ray from the environment pseudolabel is installed in")
+            f"{packages}, {missing} (this shell's are in {packages}): install this pseudolabel there on every node, "
+            "or start Ray from the environment it is installed in")
 
 
 def test_token_mode_without_a_token_is_one_line_naming_where_the_token_goes(shards, tmp_path):

@@ -248,11 +248,12 @@ def _silent_address(address: str, timeout: float = 5.0) -> str | None:
 
 
 def check_nodes_have_this_package(ray, timeout_s: float = 120.0) -> None:
-    """ClusterJoinError naming the first node whose Ray workers cannot import this package (a
-    cluster started from another Python environment): its segmenter workers would fail to
-    start, after a hundred lines of Ray's tracebacks and stack dumps. One task a node, asking
-    Python's import system where the package would come from (nothing of it is imported); a
-    node that does not answer within timeout_s is left to the workers."""
+    """ClusterJoinError naming the first node whose Ray workers cannot import this package's
+    worker module (a cluster started from another Python environment): its segmenter workers
+    would fail to start, after a hundred lines of Ray's tracebacks and stack dumps. One task a
+    node, asking Python's import system where the module would come from (nothing of it is
+    imported); a node that does not answer within timeout_s, or fails otherwise, is left to the
+    workers."""
     import importlib.util
     import site
 
@@ -268,18 +269,21 @@ def check_nodes_have_this_package(ray, timeout_s: float = 120.0) -> None:
     probes = [(node, find.options(**on(node)).remote(_WORKER_MODULE)) for node in nodes]
     for node, probe in probes:
         try:
-            found = ray.get(probe, timeout=timeout_s) is not None
-        except ray.exceptions.GetTimeoutError:
+            if ray.get(probe, timeout=timeout_s) is not None:
+                continue
+            missing = f"which holds a pseudolabel without {_WORKER_MODULE} (another release)"
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, ImportError):
+                continue
+            missing = "where it is not installed"  # the package itself: No module named 'pipeline'
+        except ray.exceptions.RayError:  # timed out, the node gone
             continue
-        except ray.exceptions.RayTaskError:  # ModuleNotFoundError: the package itself is not there
-            found = False
-        if not found:
-            theirs = ray.get(ray.remote(site.getsitepackages).options(**on(node)).remote())
-            raise ClusterJoinError(
-                f"the Ray workers on {node.get('NodeManagerHostname') or node['NodeManagerAddress']} cannot import "
-                f"pseudolabel: Ray there runs a Python with the packages of {theirs[0]}, where it is not installed "
-                f"(this shell's are in {site.getsitepackages()[0]}): install pseudolabel there on every node, or "
-                "start Ray from the environment pseudolabel is installed in")
+        theirs = ray.get(ray.remote(site.getsitepackages).options(**on(node)).remote())
+        raise ClusterJoinError(
+            f"the Ray workers on {node.get('NodeManagerHostname') or node['NodeManagerAddress']} cannot import "
+            f"pseudolabel: Ray there runs a Python with the packages of {theirs[0]}, {missing} (this shell's are "
+            f"in {site.getsitepackages()[0]}): install this pseudolabel there on every node, or start Ray from the "
+            "environment it is installed in")
 
 
 # The module a segmenter worker runs (`ray_shard_worker_class`).
