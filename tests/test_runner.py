@@ -860,6 +860,30 @@ def test_joining_an_address_where_nothing_answers_fails_at_once_in_one_line(shar
     assert f"127.0.0.1:{port}" in error[0] and "nothing answers" in error[0] and "--address local" in error[0]
 
 
+@pytest.mark.parametrize("address, environment, expected", [
+    (None, "http://127.0.0.1:8265", "RAY_ADDRESS=http://127.0.0.1:8265 is a Ray dashboard's address, where `ray job "
+     "submit` sends jobs (jobs/cluster_submit.sh takes it as RAY_ADDRESS), not one a job's driver joins: pass "
+     "--address HEAD:6379 (the address `ray start --head` printed) or ray://HEAD:10001; or unset RAY_ADDRESS on the "
+     "head, where a job joins its cluster by itself"),
+    ("https://head:8265", None, "--address=https://head:8265 is a Ray dashboard's address"),
+    ("127.0.0.1", None, "cannot join the Ray cluster at 127.0.0.1: Invalid address format: 127.0.0.1; check the "
+     "address"),
+    ("head:notaport", None, "cannot join the Ray cluster at head:notaport: Unable to parse port number from notaport"),
+])
+def test_an_address_no_driver_can_join_is_one_line(shards, tmp_path, address, environment, expected):
+    """A dashboard address (RAY_ADDRESS exported for `ray job submit`, as Ray's job docs do) and
+    addresses Ray cannot parse ended in a ValueError's traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if environment:
+        env["RAY_ADDRESS"] = environment
+    job = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--input", str(shards), "--output",
+                          str(tmp_path / "out"), "--model", "tiny", "--no-progress"]
+                         + (["--address", address] if address else []),
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert job.returncode == 2, job.stdout + job.stderr
+    assert job.stderr.startswith(f"pseudolabel: error: {expected}") and job.stderr.count("\n") == 1, job.stderr
+
+
 def test_the_join_probe_tells_a_listening_address_from_a_silent_one():
     import socket
 

@@ -121,7 +121,10 @@ def _init_ray(address: str | None):
     private = False
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
+        given = "--address" if address else "RAY_ADDRESS"
         address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
+        if address.startswith(("http://", "https://")):  # as `ray job submit` takes it, exported for that
+            raise ClusterJoinError(dashboard_address_refusal(given, address))
         if address != "local":
             print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
             silence = _silent_address(address)
@@ -129,8 +132,10 @@ def _init_ray(address: str | None):
                 raise ClusterJoinError(join_failure(address, silence))
             try:
                 ray.init(address=address, **kwargs)
-            except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
-                causes, cause = [], exc  # Ray's ConnectionError hides the reason (a missing token) in its cause
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
+                # ValueError: an address Ray cannot parse; ConnectionError hides the reason (a missing token) in
+                # its cause
+                causes, cause = [], exc
                 while cause is not None:
                     causes.append(str(cause))
                     cause = cause.__cause__ or cause.__context__
@@ -194,6 +199,16 @@ def join_failure(address: str, error: str) -> str:
 _RELEASES = re.compile(r"Ray: (\S+)\s+Python: (\S+)")
 
 
+def dashboard_address_refusal(given: str, address: str) -> str:
+    """Why a job does not join an http(s) address (`given`: --address or RAY_ADDRESS): it is a
+    cluster's dashboard, where `ray job submit` sends jobs, and the fix."""
+    unset = "; or unset RAY_ADDRESS on the head, where a job joins its cluster by itself"
+    return (f"{given}={address} is a Ray dashboard's address, where `ray job submit` sends jobs "
+            "(jobs/cluster_submit.sh takes it as RAY_ADDRESS), not one a job's driver joins: pass --address "
+            "HEAD:6379 (the address `ray start --head` printed) or ray://HEAD:10001"
+            + (unset if given == "RAY_ADDRESS" else ""))
+
+
 def ray_address(flag: str | None, environment: str | None, local_cluster_running) -> str:
     """The Ray address a job uses: --address, else RAY_ADDRESS, else `auto` when a cluster
     started by `ray start` runs on this machine (local_cluster_running() says), else `local`
@@ -242,8 +257,8 @@ def _silent_address(address: str, timeout: float = 5.0) -> str | None:
             target = canonicalize_bootstrap_address(address)
         except Exception:  # a malformed address: ray.init names it
             return None
-    if not target or ":" not in target:
-        return None
+    if not target or ":" not in target or not target.rsplit(":", 1)[1].isdigit():
+        return None  # a malformed address: ray.init names it
     return _refused(target, timeout)
 
 
