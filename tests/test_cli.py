@@ -371,6 +371,19 @@ def test_segment_given_several_images_names_the_way_to_segment_a_folder(capsys):
     assert capsys.readouterr().err.endswith("error: unrecognized arguments: extra\n")
 
 
+def test_ctrl_c_outside_a_jobs_shard_loop_ends_in_one_line_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while a job waited for its workers (or during sharding, eval, export) printed
+    Python's KeyboardInterrupt traceback."""
+    from pipeline.cli import job
+
+    def waiting(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(job, "run_status", waiting)
+    assert main(["status", "out/"]) == 130
+    assert capsys.readouterr().err == "pseudolabel: status interrupted\n"
+
+
 def test_help_loads_neither_torch_nor_ray():
     code = ("import sys; from pipeline.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'ray', 'numpy', 'diffusers') if m in sys.modules))")

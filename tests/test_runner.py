@@ -430,6 +430,37 @@ def test_a_job_with_a_failed_shard_names_the_resume_that_redoes_it_on_the_cluste
     assert "shards 1 done, 0 failed, 1 skipped" in capsys.readouterr().out
 
 
+def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_are_free(ray_local, shards, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """On a cluster whose CPUs or GPUs other jobs held, a job printed `joining ...` and then
+    nothing for as long as it waited."""
+    from pipeline.job import runner
+
+    monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    other_job = ray_local.remote(num_cpus=cpus)(subprocess.run).remote(["sleep", "8"])  # holds every CPU
+    deadline = time.time() + 60
+    while ray_local.available_resources().get("CPU", 0) > 0 and time.time() < deadline:
+        time.sleep(0.2)
+    summary = run_job(str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny",
+                      workers=1, progress=False)
+    assert summary.shards_done == 1 and ray_local.get(other_job).returncode == 0  # it ran to its end first
+    assert (f"waiting for the cluster's resources: 1 of 1 segmenter worker(s) not placed yet, each asking 1 CPU (0 of "
+            f"{cpus} CPUs free; `ray status` shows what holds them): the job goes on once they are free, or Ctrl-C "
+            "stops it\n") in capsys.readouterr().out
+
+
+def test_the_waiting_line_names_what_each_worker_asks_against_what_is_free():
+    from pipeline.job.runner import waiting_for_resources_line
+
+    line = waiting_for_resources_line(2, 8, {"num_gpus": 1, "num_cpus": 1}, {"GPU": 0.0, "CPU": 3.0},
+                                      {"GPU": 8.0, "CPU": 64.0})
+    assert line.startswith("waiting for the cluster's resources: 2 of 8 segmenter worker(s) not placed yet, each "
+                           "asking 1 GPU and 1 CPU (0 of 8 GPUs free, 3 of 64 CPUs free; `ray status`")
+    fraction = waiting_for_resources_line(1, 2, {"num_cpus": 0.5}, {}, {"CPU": 2})
+    assert "each asking 0.5 CPU (0 of 2 CPUs free;" in fraction
+
+
 @needs_curl
 def test_shards_served_over_http_are_held_to_their_manifests_checksums(ray_local, shards, tmp_path, http_folder):
     """A job over a web server's shards (`--input URL/`) hashes what it reads: a shard whose

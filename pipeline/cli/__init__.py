@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"pseudolabel: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a job's shard loop (which says what it marked): no traceback
+        print(f"pseudolabel: {args.command} interrupted", file=sys.stderr)
+        return 128 + 2
     except BrokenPipeError:  # the reader of the output has gone (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 128 + 13  # a process ended by SIGPIPE

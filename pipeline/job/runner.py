@@ -420,7 +420,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         for _ in range(int(ray.cluster_resources().get("CPU", 1))):
             starter.remote()
         try:
-            started_on = ray.get([a.ready.remote() for a in actors])  # surfaces model-loading errors once, clearly
+            started_on = _wait_for_workers(ray, actors, options)  # surfaces model-loading errors once, clearly
         except ray.exceptions.RayActorError as exc:
             raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
         start_error = next((where["error"] for where in started_on if "error" in where), None)
@@ -570,6 +570,51 @@ class _stop_on_signals:
     def __exit__(self, *exc):
         self._restore()
         return False
+
+
+# Seconds the workers may take to be placed on the cluster's nodes before the job says that they wait.
+PLACEMENT_NOTICE_S = 20.0
+
+
+def _wait_for_workers(ray, actors: list, options: Mapping) -> list[dict]:
+    """The segmenter workers' `ready()` answers, once every one has loaded its model. Where
+    some are still not placed on a node after PLACEMENT_NOTICE_S (a shared cluster whose GPUs
+    or CPUs other jobs hold), says so once: the job waited with nothing printed after `joining`."""
+    answers = [actor.ready.remote() for actor in actors]
+    notice_at = time.monotonic() + PLACEMENT_NOTICE_S
+    while True:
+        _, pending = ray.wait(answers, num_returns=len(answers), timeout=1.0)
+        if not pending:
+            return ray.get(answers)
+        if notice_at is not None and time.monotonic() >= notice_at:
+            notice_at = None
+            unplaced = _unplaced(actors)
+            if unplaced:
+                print(waiting_for_resources_line(unplaced, len(actors), options, ray.available_resources(),
+                                                 ray.cluster_resources()), flush=True)
+
+
+def _unplaced(actors: list) -> int:
+    """How many of these actors Ray has not yet given a worker process on a node (waiting for
+    resources), from the cluster's actor table; 0 where that table cannot be read (Ray Client)."""
+    try:
+        from ray._private.state import actors as actor_table
+
+        return sum(not actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress") for actor in actors)
+    except Exception:  # an internal table: another Ray release, or a client without it
+        return 0
+
+
+def waiting_for_resources_line(unplaced: int, workers: int, options: Mapping, free: Mapping, total: Mapping) -> str:
+    """The line saying that `unplaced` of the job's workers wait for the cluster's resources:
+    what each asks (`options`) against what is free and what the cluster has."""
+    asked = [(options.get(key, 0), name) for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU"))]
+    each = " and ".join(f"{amount:g} {name}" for amount, name in asked if amount)
+    has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s free" for amount, name in asked
+                    if amount)
+    return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) not placed yet, each "
+            f"asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are free, or "
+            "Ctrl-C stops it")
 
 
 def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, timeout: float = 300.0):
