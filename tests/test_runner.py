@@ -450,6 +450,21 @@ def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_
             "stops it\n") in capsys.readouterr().out
 
 
+def test_workers_loading_their_model_are_not_said_to_wait_for_resources(ray_local, shards, tmp_path, capsys,
+                                                                        monkeypatch):
+    from pipeline.job import runner
+
+    monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 0.0)  # asked at once, while the worker loads its model
+    run = [str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny"]
+    assert run_job(*run, workers=1, progress=False).shards_done == 1
+    assert "waiting" not in capsys.readouterr().out  # placed: loading is not waiting
+    monkeypatch.setattr(runner, "_unplaced", lambda actors: None)  # Ray Client: the actor table cannot be read
+    shutil.rmtree(tmp_path / "out")
+    assert run_job(*run, workers=1, progress=False).shards_done == 1
+    assert ("1 of 1 segmenter worker(s) not ready after 0 s: loading the model, or waiting for the cluster's "
+            "resources (`ray status` shows them)\n") in capsys.readouterr().out
+
+
 def test_the_waiting_line_names_what_each_worker_asks_against_what_is_free():
     from pipeline.job.runner import waiting_for_resources_line
 

@@ -589,20 +589,25 @@ def _wait_for_workers(ray, actors: list, options: Mapping) -> list[dict]:
         if notice_at is not None and time.monotonic() >= notice_at:
             notice_at = None
             unplaced = _unplaced(actors)
-            if unplaced:
+            if unplaced is None:
+                print(f"{len(pending)} of {len(actors)} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: "
+                      "loading the model, or waiting for the cluster's resources (`ray status` shows them)",
+                      flush=True)
+            elif unplaced:
                 print(waiting_for_resources_line(unplaced, len(actors), options, ray.available_resources(),
                                                  ray.cluster_resources()), flush=True)
 
 
-def _unplaced(actors: list) -> int:
+def _unplaced(actors: list) -> int | None:
     """How many of these actors Ray has not yet given a worker process on a node (waiting for
-    resources), from the cluster's actor table; 0 where that table cannot be read (Ray Client)."""
+    resources), from the cluster's actor table; None where that table cannot be read (through
+    Ray Client)."""
     try:
         from ray._private.state import actors as actor_table
 
         return sum(not actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress") for actor in actors)
     except Exception:  # an internal table: another Ray release, or a client without it
-        return 0
+        return None
 
 
 def waiting_for_resources_line(unplaced: int, workers: int, options: Mapping, free: Mapping, total: Mapping) -> str:
