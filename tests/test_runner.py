@@ -450,30 +450,20 @@ def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_
             "stops it\n") in capsys.readouterr().out
 
 
-def test_workers_loading_their_model_are_not_said_to_wait_for_resources(ray_local, shards, tmp_path, capsys,
-                                                                        monkeypatch):
-    from pipeline.job import runner
+def test_the_placement_notice_says_waiting_only_where_a_workers_share_is_not_free():
+    from pipeline.job.runner import PLACEMENT_NOTICE_S, placement_notice
 
-    monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 0.0)  # asked at once, while the worker loads its model
-    run = [str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny"]
-    assert run_job(*run, workers=1, progress=False).shards_done == 1
-    assert "waiting" not in capsys.readouterr().out  # placed: loading is not waiting
-    monkeypatch.setattr(runner, "_unplaced", lambda actors: None)  # Ray Client: the actor table cannot be read
-    shutil.rmtree(tmp_path / "out")
-    assert run_job(*run, workers=1, progress=False).shards_done == 1
-    assert ("1 of 1 segmenter worker(s) not ready after 0 s: loading the model, or waiting for the cluster's "
-            "resources (`ray status` shows them)\n") in capsys.readouterr().out
-
-
-def test_the_waiting_line_names_what_each_worker_asks_against_what_is_free():
-    from pipeline.job.runner import waiting_for_resources_line
-
-    line = waiting_for_resources_line(2, 8, {"num_gpus": 1, "num_cpus": 1}, {"GPU": 0.0, "CPU": 3.0},
-                                      {"GPU": 8.0, "CPU": 64.0})
-    assert line.startswith("waiting for the cluster's resources: 2 of 8 segmenter worker(s) not placed yet, each "
-                           "asking 1 GPU and 1 CPU (0 of 8 GPUs free, 3 of 64 CPUs free; `ray status`")
-    fraction = waiting_for_resources_line(1, 2, {"num_cpus": 0.5}, {}, {"CPU": 2})
-    assert "each asking 0.5 CPU (0 of 2 CPUs free;" in fraction
+    gpu_worker, cluster = {"num_gpus": 1, "num_cpus": 1}, {"GPU": 8.0, "CPU": 64.0}
+    line = placement_notice(2, 2, 8, gpu_worker, {"GPU": 0.0, "CPU": 3.0}, cluster)
+    assert line == ("waiting for the cluster's resources: 2 of 8 segmenter worker(s) not placed yet, each asking 1 GPU "
+                    "and 1 CPU (0 of 8 GPUs free, 3 of 64 CPUs free; `ray status` shows what holds them): the job "
+                    "goes on once they are free, or Ctrl-C stops it")
+    assert "each asking 0.5 CPU (0 of 2 CPUs free;" in placement_notice(1, 1, 2, {"num_cpus": 0.5}, {}, {"CPU": 2})
+    assert placement_notice(0, 8, 8, gpu_worker, {}, cluster) is None  # all placed: loading their model
+    assert placement_notice(2, 2, 8, gpu_worker, {"GPU": 2.0, "CPU": 3.0}, cluster) is None  # processes starting
+    assert placement_notice(None, 3, 8, gpu_worker, {}, cluster) == (  # Ray Client: no actor table to read
+        f"3 of 8 segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the model, or waiting for the "
+        "cluster's resources (`ray status` shows them)")
 
 
 @needs_curl

@@ -577,49 +577,54 @@ PLACEMENT_NOTICE_S = 20.0
 
 
 def _wait_for_workers(ray, actors: list, options: Mapping) -> list[dict]:
-    """The segmenter workers' `ready()` answers, once every one has loaded its model. Where
-    some are still not placed on a node after PLACEMENT_NOTICE_S (a shared cluster whose GPUs
-    or CPUs other jobs hold), says so once: the job waited with nothing printed after `joining`."""
+    """The segmenter workers' `ready()` answers, once every one has loaded its model. From
+    PLACEMENT_NOTICE_S on, every few seconds, asks whether some wait for the cluster's
+    resources (`placement_notice`) and says so once: on a shared cluster whose GPUs or CPUs
+    other jobs held, the job printed nothing after `joining` for as long as it waited."""
     answers = [actor.ready.remote() for actor in actors]
-    notice_at = time.monotonic() + PLACEMENT_NOTICE_S
+    ask_at = time.monotonic() + PLACEMENT_NOTICE_S
     while True:
         _, pending = ray.wait(answers, num_returns=len(answers), timeout=1.0)
         if not pending:
             return ray.get(answers)
-        if notice_at is not None and time.monotonic() >= notice_at:
-            notice_at = None
-            unplaced = _unplaced(actors)
-            if unplaced is None:
-                print(f"{len(pending)} of {len(actors)} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: "
-                      "loading the model, or waiting for the cluster's resources (`ray status` shows them)",
-                      flush=True)
-            elif unplaced:
-                print(waiting_for_resources_line(unplaced, len(actors), options, ray.available_resources(),
-                                                 ray.cluster_resources()), flush=True)
+        if ask_at is not None and time.monotonic() >= ask_at:
+            notice = placement_notice(_unplaced(actors), len(pending), len(actors), options,
+                                      ray.available_resources(), ray.cluster_resources())
+            if notice:
+                print(notice, flush=True)
+            ask_at = None if notice else time.monotonic() + 5.0
 
 
-def _unplaced(actors: list) -> int | None:
-    """How many of these actors Ray has not yet given a worker process on a node (waiting for
-    resources), from the cluster's actor table; None where that table cannot be read (through
-    Ray Client)."""
-    try:
-        from ray._private.state import actors as actor_table
-
-        return sum(not actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress") for actor in actors)
-    except Exception:  # an internal table: another Ray release, or a client without it
-        return None
-
-
-def waiting_for_resources_line(unplaced: int, workers: int, options: Mapping, free: Mapping, total: Mapping) -> str:
-    """The line saying that `unplaced` of the job's workers wait for the cluster's resources:
-    what each asks (`options`) against what is free and what the cluster has."""
+def placement_notice(unplaced: int | None, pending: int, workers: int, options: Mapping, free: Mapping,
+                     total: Mapping) -> str | None:
+    """What to say of `pending` workers not ready after PLACEMENT_NOTICE_S: that `unplaced` of
+    them wait for the cluster's resources, where one worker's share (`options`) is not free;
+    where none is placed-less, or the resources are free (a worker process starting), nothing;
+    where the actor table could not be read (unplaced None), that they load or wait."""
+    if unplaced is None:
+        return (f"{pending} of {workers} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the "
+                "model, or waiting for the cluster's resources (`ray status` shows them)")
     asked = [(options.get(key, 0), name) for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU"))]
+    if not unplaced or all(free.get(name, 0) >= amount for amount, name in asked):
+        return None
     each = " and ".join(f"{amount:g} {name}" for amount, name in asked if amount)
     has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s free" for amount, name in asked
                     if amount)
     return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) not placed yet, each "
             f"asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are free, or "
             "Ctrl-C stops it")
+
+
+def _unplaced(actors: list) -> int | None:
+    """How many of these actors Ray has not yet given a worker process on a node (waiting for
+    resources, or the process starting), from the cluster's actor table; None where that table
+    cannot be read (through Ray Client)."""
+    try:
+        from ray._private.state import actors as actor_table
+
+        return sum(not actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress") for actor in actors)
+    except Exception:  # an internal table: another Ray release, or a client without it
+        return None
 
 
 def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, timeout: float = 300.0):
