@@ -450,6 +450,28 @@ def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_
             "stops it\n") in capsys.readouterr().out
 
 
+def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothing_in_flight(ray_local, shards,
+                                                                                              tmp_path):
+    """SIGTERM (`kill`, `ray job stop`) while the workers loaded their model or waited for the
+    cluster's resources met Ray's own handler, which dumped a stack and aborted the driver."""
+    import threading
+
+    from pipeline.job.summary import JobInterrupted
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    other_job = ray_local.remote(num_cpus=cpus)(subprocess.run).remote(["sleep", "6"])  # the workers wait
+    deadline = time.time() + 60
+    while ray_local.available_resources().get("CPU", 0) > 0 and time.time() < deadline:
+        time.sleep(0.2)
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(JobInterrupted) as stopped:
+        run_job(str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1,
+                progress=False)
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.interrupted == []
+    assert list(Ledger(tmp_path / "out").entries()) == []  # no shard was sent: nothing to mark
+    ray_local.get(other_job)
+
+
 def test_the_placement_notice_says_waiting_only_where_a_workers_share_is_not_free():
     from pipeline.job.runner import PLACEMENT_NOTICE_S, placement_notice
 

@@ -419,10 +419,16 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         starter = ray.remote(num_cpus=1)(start_post_processing_worker)
         for _ in range(int(ray.cluster_resources().get("CPU", 1))):
             starter.remote()
-        try:
-            started_on = _wait_for_workers(ray, actors, options)  # surfaces model-loading errors once, clearly
-        except ray.exceptions.RayActorError as exc:
-            raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+        # Ctrl-C, `kill` or `ray job stop` while the workers start ends as in the shard loop, with nothing in
+        # flight (without this handler Ray's own dumped a stack and aborted the driver on SIGTERM)
+        with _stop_on_signals() as stop:
+            try:
+                started_on = _wait_for_workers(ray, actors, options, stop)  # model-loading errors once, clearly
+            except ray.exceptions.RayActorError as exc:
+                raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+            except _Stop as stopped:
+                summary.seconds = time.perf_counter() - started
+                raise JobInterrupted(stopped.signum, summary, []) from None
         start_error = next((where["error"] for where in started_on if "error" in where), None)
         if start_error is not None:
             raise WorkerStartError(f"segmenter workers could not start: {start_error}")
@@ -576,15 +582,17 @@ class _stop_on_signals:
 PLACEMENT_NOTICE_S = 20.0
 
 
-def _wait_for_workers(ray, actors: list, options: Mapping) -> list[dict]:
-    """The segmenter workers' `ready()` answers, once every one has loaded its model. From
-    PLACEMENT_NOTICE_S on, every few seconds, asks whether some wait for the cluster's
-    resources (`placement_notice`) and says so once: on a shared cluster whose GPUs or CPUs
-    other jobs held, the job printed nothing after `joining` for as long as it waited."""
+def _wait_for_workers(ray, actors: list, options: Mapping, stop: "_stop_on_signals") -> list[dict]:
+    """The segmenter workers' `ready()` answers, once every one has loaded its model; a stop
+    signal is acted on within a second (`stop.check`). From PLACEMENT_NOTICE_S on, every few
+    seconds, asks whether some wait for the cluster's resources (`placement_notice`) and says
+    so once: on a shared cluster whose GPUs or CPUs other jobs held, the job printed nothing
+    after `joining` for as long as it waited."""
     answers = [actor.ready.remote() for actor in actors]
     ask_at = time.monotonic() + PLACEMENT_NOTICE_S
     while True:
         _, pending = ray.wait(answers, num_returns=len(answers), timeout=1.0)
+        stop.check()
         if not pending:
             return ray.get(answers)
         if ask_at is not None and time.monotonic() >= ask_at:
