@@ -430,6 +430,16 @@ def test_a_job_with_a_failed_shard_names_the_resume_that_redoes_it_on_the_cluste
     assert "shards 1 done, 0 failed, 1 skipped" in capsys.readouterr().out
 
 
+def _hold_every_cpu(ray, seconds: int):
+    """The ObjectRef of a task, as of another job, that holds every CPU of the test's Ray for
+    `seconds` (running once this returns)."""
+    other_job = ray.remote(num_cpus=int(ray.cluster_resources()["CPU"]))(subprocess.run).remote(["sleep", str(seconds)])
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) > 0 and time.time() < deadline:
+        time.sleep(0.2)
+    return other_job
+
+
 def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_are_free(ray_local, shards, tmp_path,
                                                                                         capsys, monkeypatch):
     """On a cluster whose CPUs or GPUs other jobs held, a job printed `joining ...` and then
@@ -438,10 +448,7 @@ def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_
 
     monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
     cpus = int(ray_local.cluster_resources()["CPU"])
-    other_job = ray_local.remote(num_cpus=cpus)(subprocess.run).remote(["sleep", "8"])  # holds every CPU
-    deadline = time.time() + 60
-    while ray_local.available_resources().get("CPU", 0) > 0 and time.time() < deadline:
-        time.sleep(0.2)
+    other_job = _hold_every_cpu(ray_local, seconds=8)
     summary = run_job(str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny",
                       workers=1, progress=False)
     assert summary.shards_done == 1 and ray_local.get(other_job).returncode == 0  # it ran to its end first
@@ -458,11 +465,7 @@ def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothi
 
     from pipeline.job.summary import JobInterrupted
 
-    cpus = int(ray_local.cluster_resources()["CPU"])
-    other_job = ray_local.remote(num_cpus=cpus)(subprocess.run).remote(["sleep", "6"])  # the workers wait
-    deadline = time.time() + 60
-    while ray_local.available_resources().get("CPU", 0) > 0 and time.time() < deadline:
-        time.sleep(0.2)
+    other_job = _hold_every_cpu(ray_local, seconds=6)  # the workers wait
     threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     with pytest.raises(JobInterrupted) as stopped:
         run_job(str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny", workers=1,

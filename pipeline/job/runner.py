@@ -401,28 +401,30 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             return summary
 
         ray, private = _init_ray(address)
-        n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
-                                                     shards=len(todo))
-        device = worker_device(device, options)
-        if private:  # its workers run this torch: a device it cannot use fails here, in one line
-            resolve_device(device)
-        else:
-            check_nodes_have_this_package(ray)
-        summary.workers = n_workers
-        cut_line = fewer_workers_line(workers, n_workers, len(todo))
-        if cut_line:
-            print(cut_line)
-        config_json = config.model_dump_json()
-        actor_class = ray.remote(ray_shard_worker_class())
-        actors = [actor_class.options(**options).remote(model, config_json, device, threads) for _ in range(n_workers)]
-        # Post-processing workers import torch while the model loads (not waited for).
-        starter = ray.remote(num_cpus=1)(start_post_processing_worker)
-        for _ in range(int(ray.cluster_resources().get("CPU", 1))):
-            starter.remote()
-        # Ctrl-C, `kill` or `ray job stop` while the workers start ends as in the shard loop, with nothing in
-        # flight (without this handler Ray's own dumped a stack and aborted the driver on SIGTERM)
+        # Ctrl-C, `kill` or `ray job stop` from here until the workers are ready ends as in the shard loop, with
+        # nothing in flight (Ray's own handler dumped a stack and aborted the driver on SIGTERM); a signal that
+        # comes while the nodes are checked is acted on after
         with _stop_on_signals() as stop:
             try:
+                n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
+                                                             shards=len(todo))
+                device = worker_device(device, options)
+                if private:  # its workers run this torch: a device it cannot use fails here, in one line
+                    resolve_device(device)
+                else:
+                    check_nodes_have_this_package(ray)
+                summary.workers = n_workers
+                cut_line = fewer_workers_line(workers, n_workers, len(todo))
+                if cut_line:
+                    print(cut_line)
+                config_json = config.model_dump_json()
+                actor_class = ray.remote(ray_shard_worker_class())
+                actors = [actor_class.options(**options).remote(model, config_json, device, threads)
+                          for _ in range(n_workers)]
+                # Post-processing workers import torch while the model loads (not waited for).
+                starter = ray.remote(num_cpus=1)(start_post_processing_worker)
+                for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+                    starter.remote()
                 started_on = _wait_for_workers(ray, actors, options, stop)  # model-loading errors once, clearly
             except ray.exceptions.RayActorError as exc:
                 raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
@@ -607,8 +609,9 @@ def placement_notice(unplaced: int | None, pending: int, workers: int, options: 
                      total: Mapping) -> str | None:
     """What to say of `pending` workers not ready after PLACEMENT_NOTICE_S: that `unplaced` of
     them wait for the cluster's resources, where one worker's share (`options`) is not free;
-    where none is placed-less, or the resources are free (a worker process starting), nothing;
-    where the actor table could not be read (unplaced None), that they load or wait."""
+    nothing where each has a process on a node (loading its model) or a share is free (a
+    process starting); where the actor table could not be read (unplaced None), that they load
+    or wait."""
     if unplaced is None:
         return (f"{pending} of {workers} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the "
                 "model, or waiting for the cluster's resources (`ray status` shows them)")
