@@ -8,6 +8,7 @@ new process (`max_task_retries`); past that the shard is marked failed and the j
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -401,51 +402,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             return summary
 
         ray, private = _init_ray(address)
-        # Ctrl-C, `kill` or `ray job stop` from here until the workers are ready ends as in the shard loop, with
-        # nothing in flight (Ray's own handler dumped a stack and aborted the driver on SIGTERM); a signal that
-        # comes while the nodes are checked is acted on after
-        with _stop_on_signals() as stop:
-            try:
-                n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
-                                                             shards=len(todo))
-                device = worker_device(device, options)
-                if private:  # its workers run this torch: a device it cannot use fails here, in one line
-                    resolve_device(device)
-                else:
-                    check_nodes_have_this_package(ray)
-                summary.workers = n_workers
-                cut_line = fewer_workers_line(workers, n_workers, len(todo))
-                if cut_line:
-                    print(cut_line)
-                config_json = config.model_dump_json()
-                actor_class = ray.remote(ray_shard_worker_class())
-                actors = [actor_class.options(**options).remote(model, config_json, device, threads)
-                          for _ in range(n_workers)]
-                # Post-processing workers import torch while the model loads (not waited for).
-                starter = ray.remote(num_cpus=1)(start_post_processing_worker)
-                for _ in range(int(ray.cluster_resources().get("CPU", 1))):
-                    starter.remote()
-                started_on = _wait_for_workers(ray, actors, options, stop)  # model-loading errors once, clearly
-            except ray.exceptions.RayActorError as exc:
-                raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
-            except _Stop as stopped:
-                summary.seconds = time.perf_counter() - started
-                raise JobInterrupted(stopped.signum, summary, []) from None
-        start_error = next((where["error"] for where in started_on if "error" in where), None)
-        if start_error is not None:
-            raise WorkerStartError(f"segmenter workers could not start: {start_error}")
-        summary.worker_nodes = len({where["node"] for where in started_on})
-        print(workers_line(started_on, config.batch_size))
-        for line in note_lines(note for where in started_on for note in where["notes"]):
-            print(line)
-        allocator_line = cpu_allocator_line(cpu_env, started_on)
-        if allocator_line:
-            print(allocator_line)
-
-        processing_start = time.perf_counter()
-        total_images = _count_images([by_name[name] for name in todo], sample_counts)
-        bar = progress_bar(total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
-                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         in_flight: dict = {}
         dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
         finished_images = 0  # images of shards whose results are in
@@ -476,8 +432,50 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             ref = actors[slot].process_shard.remote(by_name[name], name)
             in_flight[ref] = (entry, slot, time.perf_counter())
 
-        with _stop_on_signals() as stop:
+        # Ctrl-C, `kill` or `ray job stop` from here on marks the shards in flight and says how to resume, also
+        # while the workers start (Ray's own handler dumped a stack and aborted the driver on SIGTERM); a signal
+        # that comes while the nodes are checked is acted on after
+        with _stop_on_signals() as stop, contextlib.ExitStack() as closing:
             try:
+                n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
+                                                             shards=len(todo))
+                device = worker_device(device, options)
+                if private:  # its workers run this torch: a device it cannot use fails here, in one line
+                    resolve_device(device)
+                else:
+                    check_nodes_have_this_package(ray)
+                summary.workers = n_workers
+                cut_line = fewer_workers_line(workers, n_workers, len(todo))
+                if cut_line:
+                    print(cut_line)
+                config_json = config.model_dump_json()
+                actor_class = ray.remote(ray_shard_worker_class())
+                actors = [actor_class.options(**options).remote(model, config_json, device, threads)
+                          for _ in range(n_workers)]
+                # Post-processing workers import torch while the model loads (not waited for).
+                starter = ray.remote(num_cpus=1)(start_post_processing_worker)
+                for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+                    starter.remote()
+                try:
+                    started_on = _wait_for_workers(ray, actors, options, stop)  # model-loading errors once
+                except ray.exceptions.RayActorError as exc:
+                    raise WorkerStartError(f"segmenter workers could not start: {_start_error(exc)}") from exc
+                start_error = next((where["error"] for where in started_on if "error" in where), None)
+                if start_error is not None:
+                    raise WorkerStartError(f"segmenter workers could not start: {start_error}")
+                summary.worker_nodes = len({where["node"] for where in started_on})
+                print(workers_line(started_on, config.batch_size))
+                for line in note_lines(note for where in started_on for note in where["notes"]):
+                    print(line)
+                allocator_line = cpu_allocator_line(cpu_env, started_on)
+                if allocator_line:
+                    print(allocator_line)
+
+                processing_start = time.perf_counter()
+                total_images = _count_images([by_name[name] for name in todo], sample_counts)
+                bar = closing.enter_context(progress_bar(
+                    total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"))
                 for _ in range(SHARDS_PER_WORKER):
                     for slot in range(len(actors)):
                         dispatch(slot)
@@ -535,8 +533,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                 # The job's workers end with this driver (Ray ends a job's actors when it leaves).
                 summary.seconds = time.perf_counter() - started
                 raise JobInterrupted(stop.signum, summary, interrupted) from None
-            finally:
-                bar.close()
         summary.processing_seconds = time.perf_counter() - processing_start
         summary.seconds = time.perf_counter() - started
         return summary
