@@ -832,6 +832,29 @@ def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards
     assert _outputs(out) == _outputs(clean_run[0])
 
 
+@pytest.mark.faults
+def test_a_sigterm_while_ray_starts_ends_the_job_as_interrupted(shards, tmp_path):
+    """ray.init sets Ray's own SIGTERM handler, which exited the job with status 15 and printed
+    nothing: a `kill` in the first seconds of a job left no word of what happened."""
+    import psutil
+
+    out = tmp_path / "out"
+    job = _start_cli(shards, out)
+
+    def ray_starting():  # the private Ray's first process is up: ray.init is under way
+        return [child for child in psutil.Process(job.pid).children() if "gcs_server" in " ".join(child.cmdline())]
+
+    _wait_for(ray_starting, job)
+    gcs = ray_starting()[0]
+    job.send_signal(signal.SIGTERM)
+    log = job.communicate(timeout=120)[0]
+    assert job.returncode == 143, log
+    assert (f"interrupted: 0 shard(s) done this run (0 images ok, 0 failed), 0 in flight marked interrupted; "
+            f"resume with: pseudolabel resume {out}") in log.splitlines(), log
+    assert "Traceback" not in log and Ledger(out).entries() == []
+    gcs.wait(timeout=60)  # the private Ray it had begun to start ends with it
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal closed
 def test_a_signal_is_recorded_and_raised_at_the_driver_loops_next_check_and_a_second_one_acts_at_once(signum):
     from pipeline.job.runner import _Stop, _stop_on_signals
@@ -845,6 +868,39 @@ def test_a_signal_is_recorded_and_raised_at_the_driver_loops_next_check_and_a_se
             assert stop.signum == signum and signal.getsignal(signum) is before
             stop.check()
     assert stopped.value.signum == signum and signal.getsignal(signum) is before
+
+
+def test_a_sigterm_that_meets_rays_handler_while_ray_starts_is_taken_as_the_jobs_own():
+    """ray.init puts in a SIGTERM handler of Ray's that exits with status 15: one that came while
+    Ray started is the job's stop, the job's handler is back once Ray is up, and Ray's after."""
+    from pipeline.job.runner import _Stop, _stop_on_signals
+
+    def rays_handler(signum, frame):  # what ray.init sets in the driver
+        sys.exit(signum)
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with _stop_on_signals() as stop:
+            with stop.around_ray_init():
+                signal.signal(signal.SIGTERM, rays_handler)
+            assert signal.getsignal(signal.SIGTERM) == stop._record
+        assert signal.getsignal(signal.SIGTERM) is rays_handler
+        signal.signal(signal.SIGTERM, before)
+        with _stop_on_signals() as stop, stop.around_ray_init():
+            pass  # a Ray that set no handler (Ray Client)
+        assert signal.getsignal(signal.SIGTERM) is before
+        with pytest.raises(_Stop) as stopped:
+            with _stop_on_signals() as stop:
+                with stop.around_ray_init():
+                    signal.signal(signal.SIGTERM, rays_handler)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.1)
+        assert stopped.value.signum == signal.SIGTERM
+        with pytest.raises(SystemExit):  # another exit inside ray.init is left as it is
+            with _stop_on_signals() as stop, stop.around_ray_init():
+                sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_job_succeeds_unless_a_shard_failed_or_every_image_it_segmented_failed():

@@ -401,7 +401,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             summary.seconds = time.perf_counter() - started
             return summary
 
-        ray, private = _init_ray(address)
         in_flight: dict = {}
         dispatched: dict[str, int] = {}  # shard sent to a worker and not yet recorded -> attempt
         finished_images = 0  # images of shards whose results are in
@@ -433,10 +432,13 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             in_flight[ref] = (entry, slot, time.perf_counter())
 
         # Ctrl-C, `kill` or `ray job stop` from here on marks the shards in flight and says how to resume, also
-        # while the workers start (Ray's own handler dumped a stack and aborted the driver on SIGTERM); a signal
-        # that comes while the nodes are checked is acted on after
+        # while Ray and the workers start (Ray's own handler exited silently, or dumped a stack and aborted the
+        # driver); a signal that comes while Ray starts or the nodes are checked is acted on after
         with _stop_on_signals() as stop, contextlib.ExitStack() as closing:
             try:
+                with stop.around_ray_init():
+                    ray, private = _init_ray(address)
+                stop.check()
                 n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
                                                              shards=len(todo))
                 device = worker_device(device, options)
@@ -557,6 +559,21 @@ class _stop_on_signals:
             for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._record)
         return self
+
+    @contextmanager
+    def around_ray_init(self):
+        """Around `ray.init`, which sets Ray's own SIGTERM handler (it exits with status 15, saying
+        nothing): a SIGTERM that met it is taken as this block's, and this block's handler is put
+        back after, with Ray's as the one restored on exit."""
+        try:
+            yield
+        except SystemExit as exc:
+            if exc.code != signal.SIGTERM:
+                raise
+            raise _Stop(signal.SIGTERM) from None
+        rays = signal.getsignal(signal.SIGTERM)
+        if self.signum is None and signal.SIGTERM in self.previous and rays != self._record:  # Ray Client sets none
+            self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._record)
 
     def _record(self, signum, frame):
         self.signum = signum
