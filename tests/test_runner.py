@@ -430,6 +430,51 @@ def test_a_job_with_a_failed_shard_names_the_resume_that_redoes_it_on_the_cluste
     assert "shards 1 done, 0 failed, 1 skipped" in capsys.readouterr().out
 
 
+def test_a_resume_given_no_address_rejoins_the_cluster_its_last_run_was_given(shards, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A job run on a cluster (--address) and resumed without it, in a shell without RAY_ADDRESS,
+    ran on a private Ray of the machine it was resumed on (on a head without GPUs: on its CPU),
+    and `status` said nothing of the cluster."""
+    from pipeline.job import runner
+
+    class Joining(Exception):
+        """Where the job would start or join Ray: this test stops it there."""
+
+    given = []
+
+    def init_ray(address, source):
+        given.append((address, source))
+        raise Joining
+
+    monkeypatch.setattr(runner, "_init_ray", init_ray)
+    monkeypatch.delenv("RAY_ADDRESS")  # as in a user's shell (the tests set it to `local`)
+    out = tmp_path / "out"
+    run = ["run", "--input", str(shards / "voc-train-000000.tar"), "-o", str(out), "--model", "tiny", "--config",
+           FAST_CONFIG, "--no-progress"]
+    with pytest.raises(Joining):
+        main([*run, "--address", "ray://head:10001"])
+    assert json.loads((out / "job.json").read_text())["ray_address"] == "ray://head:10001"
+    assert main(["status", str(out)]) == 0
+    assert ", Ray at ray://head:10001 (resume joins it again)\n" in capsys.readouterr().out
+    with pytest.raises(Joining):
+        main(["resume", str(out), "--no-progress"])
+    with pytest.raises(Joining):
+        main([*run, "--address", "h:6379"])
+    monkeypatch.setenv("RAY_ADDRESS", "e:6379")
+    with pytest.raises(Joining):
+        main(["resume", str(out), "--no-progress"])  # RAY_ADDRESS before the last run's
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(Joining):
+        main(["resume", str(out), "--no-progress", "--address", "local"])
+    assert json.loads((out / "job.json").read_text())["ray_address"] is None
+    with pytest.raises(Joining):
+        main([*run, "--address", "h:6379"])
+    with pytest.raises(Joining):
+        main(run)  # `run` takes no address from the folder
+    assert given == [("ray://head:10001", "--address"), ("ray://head:10001", runner.LAST_RUN), ("h:6379", "--address"),
+                     ("e:6379", "RAY_ADDRESS"), ("local", "--address"), ("h:6379", "--address"), (None, None)]
+
+
 def _hold_every_cpu(ray, seconds: int):
     """The ObjectRef of a task, as of another job, that holds every CPU of the test's Ray for
     `seconds` (running once this returns)."""
@@ -729,15 +774,18 @@ def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_p
     assert {r["id"] for r in rows if r["status"] == "failed"} >= set(BAD_KEYS[:4])
 
 
-def test_ray_address_follows_rays_convention():
-    from pipeline.job.runner import ray_address
+def test_ray_address_follows_rays_convention_and_a_resume_takes_its_last_runs():
+    from pipeline.job.runner import LAST_RUN, given_address, ray_address
 
+    assert given_address("ray://head:10001", "local", "h:6379") == ("ray://head:10001", "--address")  # --address wins
+    assert given_address(None, "head:6379", "h:6379") == ("head:6379", "RAY_ADDRESS")  # then RAY_ADDRESS
+    assert given_address(None, None, "h:6379") == ("h:6379", LAST_RUN)  # then, on resume, its last run's
+    assert given_address(None, None) == (None, None)
     running, idle = (lambda: True), (lambda: False)
-    assert ray_address("ray://head:10001", "local", running) == "ray://head:10001"  # --address wins
-    assert ray_address(None, "head:6379", idle) == "head:6379"  # then RAY_ADDRESS
-    assert ray_address(None, None, running) == "auto"  # then the cluster `ray start` left here
-    assert ray_address(None, None, idle) == "local"  # else a private instance
-    assert ray_address("local", None, running) == "local"
+    assert ray_address("ray://head:10001", running) == "ray://head:10001"
+    assert ray_address(None, running) == "auto"  # then the cluster `ray start` left here
+    assert ray_address(None, idle) == "local"  # else a private instance
+    assert ray_address("local", running) == "local"
 
 
 def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkeypatch):
@@ -999,6 +1047,8 @@ def test_an_address_no_driver_can_join_is_one_line(shards, tmp_path, address, en
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert job.returncode == 2, job.stdout + job.stderr
     assert job.stderr.startswith(f"pseudolabel: error: {expected}") and job.stderr.count("\n") == 1, job.stderr
+    if "dashboard" in expected:  # refused before the job is recorded
+        assert not (tmp_path / "out" / "job.json").exists()
 
 
 def test_the_join_probe_tells_a_listening_address_from_a_silent_one():

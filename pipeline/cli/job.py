@@ -75,7 +75,7 @@ def register(sub) -> None:
 
 
 def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config: SegmenterConfig, model: str,
-             retry_failed: bool, force: bool) -> int:
+             retry_failed: bool, force: bool, rejoin: bool = False) -> int:
     from pipeline.job.runner import run_job
     from pipeline.job.summary import JobInterrupted
 
@@ -88,7 +88,7 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
         summary = run_job(input_pattern, out_dir, config, model, address=args.address, workers=args.workers,
                           retry_failed=retry_failed, force=force, retries=args.retries, device=args.device,
                           progress=not args.no_progress, cpu_threads=args.cpu_threads,
-                          cpu_allocator=args.cpu_allocator)
+                          cpu_allocator=args.cpu_allocator, rejoin=rejoin)
     except JobInterrupted as stop:
         done = stop.summary
         print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "
@@ -128,7 +128,7 @@ def run_resume(args: argparse.Namespace) -> int:
     config = recorded_config(job["config"])
     try:
         return _run_job(args, args.input or job["input"], Path(args.job), config, job["model"], retry_failed=True,
-                        force=False)
+                        force=False, rejoin=True)
     except MissingInputError as exc:
         if args.input:
             raise
@@ -151,7 +151,8 @@ def run_status(args: argparse.Namespace) -> int:
     ledger = Ledger(args.job)
     job = ledger.recorded_job()
     entries = ledger.entries()
-    print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {describe_input(job['input'])}")
+    print(f"job: model {job['model']}, config {job['config_hash'][:12]}, input {describe_input(job['input'])}"
+          + (f", Ray at {job['ray_address']} (resume joins it again)" if job.get("ray_address") else ""))
     states = ledger.states()
     listed = [e for e in entries if args.all or len(entries) <= LISTED_SHARDS or states[e.shard] != DONE]
     if listed:

@@ -215,8 +215,8 @@ def add_job_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray job")
     group.add_argument("--address", default=None,
                        help="Ray cluster to join: auto, host:6379 or ray://host:10001; local starts a private "
-                            "Ray (default: RAY_ADDRESS, else the cluster `ray start` runs on this machine, "
-                            "else a private Ray)")
+                            "Ray (default: RAY_ADDRESS, else for resume the address the job's last run was given, "
+                            "else the cluster `ray start` runs on this machine, else a private Ray)")
     group.add_argument("--workers", type=int, default=None,
                        help="segmenter actors (default: one per GPU, or 1 on a CPU-only cluster)")
     group.add_argument("--batch-size", type=_batch_size, default=None,

@@ -112,22 +112,20 @@ def ray_shard_worker_class():
     return ShardWorker
 
 
-def _init_ray(address: str | None):
+def _init_ray(address: str | None, source: str | None = None):
     """(ray, whether this call started a private instance). Ray's own convention: `address`
-    (auto, host:port, ray://...; `local` for a new private instance), else RAY_ADDRESS, else a
-    cluster already running on this machine (`ray start`), else a new private instance sized to
-    this machine."""
+    (auto, host:port, ray://...; `local` for a new private instance; `given_address` says which
+    and its `source`), else a cluster already running on this machine (`ray start`), else a new
+    private instance sized to this machine."""
     import ray
 
     private = False
     if not ray.is_initialized():
         kwargs = dict(include_dashboard=False, logging_level="WARNING", configure_logging=True)
-        given = "--address" if address else "RAY_ADDRESS"
-        address = ray_address(address, os.environ.get("RAY_ADDRESS"), _local_cluster_running)
-        if address.startswith(("http://", "https://")):  # as `ray job submit` takes it, exported for that
-            raise ClusterJoinError(dashboard_address_refusal(given, address))
+        address = ray_address(address, _local_cluster_running)
         if address != "local":
-            print(f"joining the Ray cluster at {address} (pass --address local for a private Ray instead)")
+            rejoined = ", the address this job's last run was given" if source == LAST_RUN else ""
+            print(f"joining the Ray cluster at {address}{rejoined} (pass --address local for a private Ray instead)")
             silence = _silent_address(address)
             if silence:  # ray.init would retry for about 14 minutes, hearing Ctrl-C only between attempts
                 raise ClusterJoinError(join_failure(address, silence))
@@ -210,14 +208,26 @@ def dashboard_address_refusal(given: str, address: str) -> str:
             + (unset if given == "RAY_ADDRESS" else ""))
 
 
-def ray_address(flag: str | None, environment: str | None, local_cluster_running) -> str:
-    """The Ray address a job uses: --address, else RAY_ADDRESS, else `auto` when a cluster
-    started by `ray start` runs on this machine (local_cluster_running() says), else `local`
-    (a new private instance)."""
-    if flag:
-        return flag
-    if environment:
-        return environment
+# The source of an address that a resumed job takes from its last run (job.json's `ray_address`).
+LAST_RUN = "the job's last run"
+
+
+def given_address(flag: str | None, environment: str | None, last_run: str | None = None
+                  ) -> tuple[str | None, str | None]:
+    """The Ray address a job is given and where from: --address, else RAY_ADDRESS, else (on
+    resume) the one its last run was given (`last_run`, LAST_RUN); (None, None) where none is."""
+    for address, source in ((flag, "--address"), (environment, "RAY_ADDRESS"), (last_run, LAST_RUN)):
+        if address:
+            return address, source
+    return None, None
+
+
+def ray_address(given: str | None, local_cluster_running) -> str:
+    """The Ray address a job joins: the one it was given, else `auto` when a cluster started by
+    `ray start` runs on this machine (local_cluster_running() says), else `local` (a new
+    private instance)."""
+    if given:
+        return given
     return "auto" if local_cluster_running() else "local"
 
 
@@ -352,9 +362,11 @@ def worker_device(device: str | None, options: Mapping) -> str | None:
 def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, model: str,
             address: str | None = None, workers: int | None = None, retry_failed: bool = False,
             force: bool = False, retries: int = 2, device: str | None = None, progress: bool = True,
-            cpu_threads: int | None = None, cpu_allocator: str = "keep-freed") -> JobSummary:
+            cpu_threads: int | None = None, cpu_allocator: str = "keep-freed", rejoin: bool = False) -> JobSummary:
     """Run (or resume) a job: every shard of input_pattern not yet done under this config.
-    The output folder, the input's paths and a local model folder are recorded absolute.
+    The output folder, the input's paths and a local model folder are recorded absolute, and
+    so is the Ray address it was given (--address or RAY_ADDRESS), which a resume (`rejoin`)
+    given neither joins again.
     cpu_threads: torch threads of each CPU worker (default: its share of the machine);
     cpu_allocator: glibc settings of CPU workers, one of CPU_ALLOCATORS (`cpu_worker_env`)."""
     from pipeline.job.worker import start_post_processing_worker
@@ -384,8 +396,12 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     digest = config_hash(config, model)
     ledger = Ledger(out_dir)
     with ledger.locked():  # one running job per output folder
+        last_run = (ledger.job() or {}).get("ray_address") if rejoin else None
+        address, address_source = given_address(address, os.environ.get("RAY_ADDRESS"), last_run)
+        if address and address.startswith(("http://", "https://")):  # as `ray job submit` takes it, exported for it
+            raise ClusterJoinError(dashboard_address_refusal(address_source, address))
         ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
-                      "input": input_pattern}, force=force)
+                      "input": input_pattern, "ray_address": None if address == "local" else address}, force=force)
         by_name = dict(zip(names, urls))
         sample_counts = manifest_listing(manifests, "samples", int)
         checksums = manifest_listing(manifests, "sha256", str)
@@ -437,7 +453,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         with _stop_on_signals() as stop, contextlib.ExitStack() as closing:
             try:
                 with stop.around_ray_init():
-                    ray, private = _init_ray(address)
+                    ray, private = _init_ray(address, address_source)
                 stop.check()
                 n_workers, options, threads = _actor_options(ray, workers, retries, cpu_threads, device, cpu_env,
                                                              shards=len(todo))
