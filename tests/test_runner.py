@@ -1127,6 +1127,42 @@ def test_nodes_whose_workers_cannot_import_the_package_are_named_before_any_work
             "or start Ray from the environment it is installed in")
 
 
+def test_a_node_holding_other_code_of_the_package_is_said_with_the_files_that_differ(ray_local, capsys):
+    """A node whose pseudolabel was an older release, or a checkout not updated, but still held
+    the worker module, ran its segmenter workers on that code, and nothing said so."""
+    from types import SimpleNamespace
+
+    import ray as real_ray
+
+    from pipeline.job import node_probe, runner
+
+    runner.check_nodes_have_this_package(ray_local)  # the same environment on the test's Ray: nothing said
+    assert "another pseudolabel" not in capsys.readouterr().out
+    here = node_probe.package_on_this_node(runner._WORKER_MODULE)
+    assert here["has_module"] and "job/worker.py" in here["sources"] and "job/node_probe.py" in here["sources"]
+    there = dict(here, package="/srv/old/pipeline", sources=dict(here["sources"]))
+    there["sources"]["segment/maps.py"] = "0" * 64  # edited there
+    del there["sources"]["job/node_probe.py"]  # newer here
+    node = {"Alive": True, "Resources": {"GPU": 1.0}, "NodeID": "ab" * 28, "NodeManagerHostname": "gpu-7"}
+    remote = SimpleNamespace(options=lambda **options: SimpleNamespace(remote=lambda module: there))
+    cluster = SimpleNamespace(nodes=lambda: [node], remote=lambda function: remote, get=lambda answer, timeout: answer,
+                              exceptions=real_ray.exceptions)
+    runner.check_nodes_have_this_package(cluster)
+    assert capsys.readouterr().out == (
+        f"the Ray workers on gpu-7 hold another pseudolabel than this shell's (/srv/old/pipeline there, "
+        f"{here['package']} here; 2 file(s) differ: job/node_probe.py, segment/maps.py): their masks can differ "
+        "from this copy's; install this one on every node, or start Ray from its environment\n")
+
+
+def test_differing_sources_counts_other_bytes_and_missing_files_but_not_extra_files_or_package_markers():
+    from pipeline.job.runner import differing_sources
+
+    here = {"a.py": "1", "b.py": "2", "c.py": "3", "configs/__init__.py": "4", "job/__init__.py": "5"}
+    node = {"a.py": "1", "b.py": "9", "extra.py": "7", "job/__init__.py": "6"}
+    assert differing_sources(node, here) == ["b.py", "c.py", "job/__init__.py"]
+    assert differing_sources(here, here) == []
+
+
 def test_token_mode_without_a_token_is_one_line_naming_where_the_token_goes(shards, tmp_path):
     """RAY_AUTH_MODE=token in a shell that has no token (another user, another machine) printed
     Ray's AuthenticationError as a traceback."""

@@ -274,42 +274,56 @@ def _silent_address(address: str, timeout: float = 5.0) -> str | None:
 
 
 def check_nodes_have_this_package(ray, timeout_s: float = 120.0) -> None:
-    """ClusterJoinError naming the first node whose Ray workers cannot import this package's
-    worker module (a cluster started from another Python environment): its segmenter workers
-    would fail to start, after a hundred lines of Ray's tracebacks and stack dumps. One task a
-    node, asking Python's import system where the module would come from (nothing of it is
-    imported); a node that does not answer within timeout_s, or fails otherwise, is left to the
-    workers."""
-    import importlib.util
-    import site
-
+    """Before any worker starts, ask each node what its Ray workers would import of this package
+    (`node_probe.package_on_this_node`, one task a node). A node that cannot import the
+    worker module (a cluster started from another Python environment) is a ClusterJoinError
+    naming it: its segmenter workers would fail to start, after a hundred lines of Ray's
+    tracebacks and stack dumps. A node whose copy of the package holds other code than this
+    one's (an older release, a checkout not updated) is said in a line, with the files that
+    differ: its workers would make masks with that code. A node that does not answer within
+    timeout_s, or fails otherwise, is left to the workers."""
+    from ray import cloudpickle
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def on(node):
-        return dict(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+    from pipeline.job import node_probe
 
+    cloudpickle.register_pickle_by_value(node_probe)  # sent whole: a node without the package runs it too
+    here = node_probe.package_on_this_node(_WORKER_MODULE)
     resources = ("CPU", "GPU")  # the nodes a worker or a post-processing task can be given
     nodes = [node for node in ray.nodes()
              if node.get("Alive") and any(node.get("Resources", {}).get(r, 0) > 0 for r in resources)]
-    find = ray.remote(importlib.util.find_spec)  # a standard function: every worker can load it
-    probes = [(node, find.options(**on(node)).remote(_WORKER_MODULE)) for node in nodes]
-    for node, probe in probes:
+    probe = ray.remote(node_probe.package_on_this_node)
+    probes = [(node, probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote(_WORKER_MODULE)) for node in nodes]
+    for node, answer in probes:
         try:
-            if ray.get(probe, timeout=timeout_s) is not None:
-                continue
-            missing = f"which holds a pseudolabel without {_WORKER_MODULE} (another release)"
-        except ray.exceptions.RayTaskError as exc:
-            if not isinstance(exc.cause, ImportError):
-                continue
-            missing = "where it is not installed"  # the package itself: No module named 'pipeline'
+            there = ray.get(answer, timeout=timeout_s)
         except ray.exceptions.RayError:  # timed out, the node gone
             continue
-        theirs = ray.get(ray.remote(site.getsitepackages).options(**on(node)).remote())
-        raise ClusterJoinError(
-            f"the Ray workers on {node.get('NodeManagerHostname') or node['NodeManagerAddress']} cannot import "
-            f"pseudolabel: Ray there runs a Python with the packages of {theirs[0]}, {missing} (this shell's are "
-            f"in {site.getsitepackages()[0]}): install this pseudolabel there on every node, or start Ray from the "
-            "environment it is installed in")
+        host = node.get("NodeManagerHostname") or node["NodeManagerAddress"]
+        if not there["has_module"]:
+            missing = ("where it is not installed" if there["package"] is None
+                       else f"which holds a pseudolabel without {_WORKER_MODULE} (another release)")
+            raise ClusterJoinError(
+                f"the Ray workers on {host} cannot import pseudolabel: Ray there runs a Python with the packages of "
+                f"{there['packages']}, {missing} (this shell's are in {here['packages']}): install this pseudolabel "
+                "there on every node, or start Ray from the environment it is installed in")
+        differing = differing_sources(there["sources"], here["sources"])
+        if differing:
+            first = ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+            print(f"the Ray workers on {host} hold another pseudolabel than this shell's ({there['package']} there, "
+                  f"{here['package']} here; {len(differing)} file(s) differ: {first}): their "
+                  "masks can differ from this copy's; install this one on every node, or start Ray from its "
+                  "environment", flush=True)
+
+
+def differing_sources(node: Mapping[str, str], here: Mapping[str, str]) -> list[str]:
+    """The package's .py files ({path: sha256}) that a node holds with other bytes than this
+    copy's, or lacks; files only the node holds are not counted (no code here imports them),
+    nor a missing __init__.py (a package's marker, which an editable install of a mapped
+    folder such as pipeline.configs places elsewhere)."""
+    return [path for path, digest in here.items()
+            if node.get(path, digest if path.endswith("__init__.py") else None) != digest]
 
 
 # The module a segmenter worker runs (`ray_shard_worker_class`).
