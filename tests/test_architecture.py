@@ -78,9 +78,9 @@ def test_segment_and_mask_know_nothing_of_files_jobs_or_results():
             assert not bad, f"{module} imports {bad}"
 
 
-def test_only_the_runner_imports_ray():
+def test_only_the_runner_and_the_cluster_join_import_ray():
     importers = sorted(module for module, targets in _imports().items() if "ray" in targets)
-    assert importers == ["pipeline.job.runner"]
+    assert importers == ["pipeline.job.cluster", "pipeline.job.runner"]
 
 
 def test_no_import_cycles():

@@ -435,7 +435,7 @@ def test_a_resume_given_no_address_rejoins_the_cluster_its_last_run_was_given(sh
     """A job run on a cluster (--address) and resumed without it, in a shell without RAY_ADDRESS,
     ran on a private Ray of the machine it was resumed on (on a head without GPUs: on its CPU),
     and `status` said nothing of the cluster."""
-    from pipeline.job import runner
+    from pipeline.job import cluster, runner
 
     class Joining(Exception):
         """Where the job would start or join Ray: this test stops it there."""
@@ -446,7 +446,7 @@ def test_a_resume_given_no_address_rejoins_the_cluster_its_last_run_was_given(sh
         given.append((address, source))
         raise Joining
 
-    monkeypatch.setattr(runner, "_init_ray", init_ray)
+    monkeypatch.setattr(runner, "init_ray", init_ray)
     monkeypatch.delenv("RAY_ADDRESS")  # as in a user's shell (the tests set it to `local`)
     out = tmp_path / "out"
     run = ["run", "--input", str(shards / "voc-train-000000.tar"), "-o", str(out), "--model", "tiny", "--config",
@@ -471,7 +471,7 @@ def test_a_resume_given_no_address_rejoins_the_cluster_its_last_run_was_given(sh
         main([*run, "--address", "h:6379"])
     with pytest.raises(Joining):
         main(run)  # `run` takes no address from the folder
-    assert given == [("ray://head:10001", "--address"), ("ray://head:10001", runner.LAST_RUN), ("h:6379", "--address"),
+    assert given == [("ray://head:10001", "--address"), ("ray://head:10001", cluster.LAST_RUN), ("h:6379", "--address"),
                      ("e:6379", "RAY_ADDRESS"), ("local", "--address"), ("h:6379", "--address"), (None, None)]
 
 
@@ -775,7 +775,7 @@ def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_p
 
 
 def test_ray_address_follows_rays_convention_and_a_resume_takes_its_last_runs():
-    from pipeline.job.runner import LAST_RUN, given_address, ray_address
+    from pipeline.job.cluster import LAST_RUN, given_address, ray_address
 
     assert given_address("ray://head:10001", "local", "h:6379") == ("ray://head:10001", "--address")  # --address wins
     assert given_address(None, "head:6379", "h:6379") == ("head:6379", "RAY_ADDRESS")  # then RAY_ADDRESS
@@ -793,7 +793,7 @@ def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkey
 
     import ray
 
-    from pipeline.job.runner import _init_ray
+    from pipeline.job.cluster import init_ray
 
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
     monkeypatch.setattr(logger, "disabled", False)  # as Ray's logging setup in an earlier test may leave it
@@ -811,7 +811,7 @@ def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkey
     monkeypatch.setattr(ray, "init", init)
     logger.addHandler(handler)
     try:
-        assert _init_ray("local") == (ray, True)
+        assert init_ray("local") == (ray, True)
     finally:
         logger.removeHandler(handler)
     assert printed == ["another warning"]
@@ -1054,22 +1054,22 @@ def test_an_address_no_driver_can_join_is_one_line(shards, tmp_path, address, en
 def test_the_join_probe_tells_a_listening_address_from_a_silent_one():
     import socket
 
-    from pipeline.job.runner import _silent_address
+    from pipeline.job.cluster import silent_address
 
     with socket.socket() as listener:  # on every interface: Ray turns 127.0.0.1 into this node's IP
         listener.bind(("", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert _silent_address(f"127.0.0.1:{port}") is None
-        assert _silent_address(f"ray://127.0.0.1:{port}") is None
-    assert "nothing answers" in _silent_address(f"127.0.0.1:{port}")
-    assert f"127.0.0.1:{port}" in _silent_address(f"ray://127.0.0.1:{port}")
-    assert "nothing answers at nohost.invalid:6379" in _silent_address("nohost.invalid:6379")
-    assert _silent_address("not an address") is None  # left to ray.init, which names it
+        assert silent_address(f"127.0.0.1:{port}") is None
+        assert silent_address(f"ray://127.0.0.1:{port}") is None
+    assert "nothing answers" in silent_address(f"127.0.0.1:{port}")
+    assert f"127.0.0.1:{port}" in silent_address(f"ray://127.0.0.1:{port}")
+    assert "nothing answers at nohost.invalid:6379" in silent_address("nohost.invalid:6379")
+    assert silent_address("not an address") is None  # left to ray.init, which names it
 
 
 def test_a_cluster_that_cannot_be_joined_is_one_line_naming_the_fix():
-    from pipeline.job.runner import join_failure
+    from pipeline.job.cluster import join_failure
 
     auth = join_failure("10.0.0.5:6379", "Failed to connect to GCS. Last connection error: Traceback ...\n"
                                          "RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
@@ -1110,17 +1110,17 @@ def test_nodes_whose_workers_cannot_import_the_package_are_named_before_any_work
     of Ray's import tracebacks, retries and worker stack dumps before `No module named 'pipeline'`."""
     import site
 
-    from pipeline.job import runner
+    from pipeline.job import cluster
 
-    runner.check_nodes_have_this_package(ray_local)  # this environment has it: nothing raised
+    cluster.check_nodes_have_this_package(ray_local)  # this environment has it: nothing raised
     host = ray_local.nodes()[0]["NodeManagerHostname"]
     packages = site.getsitepackages()[0]  # one machine, one environment: the same folder on both sides
     for module, missing in [("no_such_package.job.worker", "where it is not installed"),
                             ("pipeline.job.no_such_worker", "which holds a pseudolabel without "
                                                             "pipeline.job.no_such_worker (another release)")]:
-        monkeypatch.setattr(runner, "_WORKER_MODULE", module)
-        with pytest.raises(runner.ClusterJoinError) as error:
-            runner.check_nodes_have_this_package(ray_local)
+        monkeypatch.setattr(cluster, "WORKER_MODULE", module)
+        with pytest.raises(cluster.ClusterJoinError) as error:
+            cluster.check_nodes_have_this_package(ray_local)
         assert str(error.value) == (
             f"the Ray workers on {host} cannot import pseudolabel: Ray there runs a Python with the packages of "
             f"{packages}, {missing} (this shell's are in {packages}): install this pseudolabel there on every node, "
@@ -1134,20 +1134,20 @@ def test_a_node_holding_other_code_of_the_package_is_said_with_the_files_that_di
 
     import ray as real_ray
 
-    from pipeline.job import node_probe, runner
+    from pipeline.job import cluster, node_probe
 
-    runner.check_nodes_have_this_package(ray_local)  # the same environment on the test's Ray: nothing said
+    cluster.check_nodes_have_this_package(ray_local)  # the same environment on the test's Ray: nothing said
     assert "another pseudolabel" not in capsys.readouterr().out
-    here = node_probe.package_on_this_node(runner._WORKER_MODULE)
+    here = node_probe.package_on_this_node(cluster.WORKER_MODULE)
     assert here["has_module"] and "job/worker.py" in here["sources"] and "job/node_probe.py" in here["sources"]
     there = dict(here, package="/srv/old/pipeline", sources=dict(here["sources"]))
     there["sources"]["segment/maps.py"] = "0" * 64  # edited there
     del there["sources"]["job/node_probe.py"]  # newer here
     node = {"Alive": True, "Resources": {"GPU": 1.0}, "NodeID": "ab" * 28, "NodeManagerHostname": "gpu-7"}
     remote = SimpleNamespace(options=lambda **options: SimpleNamespace(remote=lambda module: there))
-    cluster = SimpleNamespace(nodes=lambda: [node], remote=lambda function: remote, get=lambda answer, timeout: answer,
-                              exceptions=real_ray.exceptions)
-    runner.check_nodes_have_this_package(cluster)
+    one_node_ray = SimpleNamespace(nodes=lambda: [node], remote=lambda function: remote,
+                                   get=lambda answer, timeout: answer, exceptions=real_ray.exceptions)
+    cluster.check_nodes_have_this_package(one_node_ray)
     assert capsys.readouterr().out == (
         f"the Ray workers on gpu-7 hold another pseudolabel than this shell's (/srv/old/pipeline there, "
         f"{here['package']} here; 2 file(s) differ: job/node_probe.py, segment/maps.py): their masks can differ "
@@ -1155,7 +1155,7 @@ def test_a_node_holding_other_code_of_the_package_is_said_with_the_files_that_di
 
 
 def test_differing_sources_counts_other_bytes_and_missing_files_but_not_extra_files_or_package_markers():
-    from pipeline.job.runner import differing_sources
+    from pipeline.job.cluster import differing_sources
 
     here = {"a.py": "1", "b.py": "2", "c.py": "3", "configs/__init__.py": "4", "job/__init__.py": "5"}
     node = {"a.py": "1", "b.py": "9", "extra.py": "7", "job/__init__.py": "6"}
