@@ -15,13 +15,16 @@ LOG_INTERVAL_S = 30.0
 class LogLines:
     """A text stream for tqdm's `file` in a log. Each status tqdm draws (`\\r` + text) is held
     and written as a line once interval_s has passed since the last one written, and the last
-    one when the bar closes; other text passes through."""
+    one when the bar closes, unless the last line written showed the same count (a bar done in
+    one step wrote two lines at 100% that differed only in their rate); other text passes
+    through."""
 
     def __init__(self, stream: TextIO, interval_s: float = LOG_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic):
         self.stream, self.interval_s, self.clock = stream, interval_s, clock
         self.held: str | None = None  # the newest status not yet written
-        self.written_at: float | None = None  # when the last status line was written
+        self.written: str | None = None  # the last status line written
+        self.written_at: float | None = None  # when it was written
         self.in_text = False  # passed-through text without its line end yet
 
     @property
@@ -40,7 +43,7 @@ class LogLines:
                 if self.written_at is None or now - self.written_at >= self.interval_s:
                     self._write_held(now)
         elif text == "\n" and not self.in_text:  # tqdm closing its bar: the final status
-            if self.held is not None:
+            if self.held is not None and _count(self.held) != _count(self.written):
                 self._write_held(self.clock())
         elif text:
             self.stream.write(text)
@@ -50,7 +53,12 @@ class LogLines:
     def _write_held(self, now: float) -> None:
         self.stream.write(self.held + "\n")
         self.stream.flush()
-        self.held, self.written_at = None, now
+        self.held, self.written, self.written_at = None, self.held, now
+
+
+def _count(status: str | None) -> str | None:
+    """A bar's status up to its times and rate (`sharding: 100%|##| 48/48`, before ` [00:01<...`)."""
+    return status.split(" [", 1)[0] if status is not None else None
 
     def flush(self) -> None:
         self.stream.flush()

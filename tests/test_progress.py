@@ -34,6 +34,18 @@ def test_a_bar_in_a_log_writes_a_line_every_interval_and_its_last_state():
     assert lines[-2] == "shard 3 failed: a message" and lines[-1].startswith("100%") and "100/100" in lines[-1]
 
 
+def test_a_bar_done_in_one_step_writes_one_line():
+    """Sharding one shard under `ray job logs` wrote `sharding: 100%|...| 48/48 [00:01<00:00,
+    33.29img/s]` and again with 33.26img/s: the first state and the closing one, the same count."""
+    log, clock = io.StringIO(), _Clock()
+    # a delay, as the commands' bars have: the first state drawn is the first update's
+    with tqdm(total=48, unit="img", desc="sharding", file=LogLines(log, clock=clock), mininterval=0,
+              delay=1e-6) as bar:
+        clock.now += 1.0
+        bar.update(48)
+    assert [line.split(" [")[0] for line in log.getvalue().splitlines()] == ["sharding: 100%|██████████| 48/48"]
+
+
 def test_a_bar_on_a_terminal_draws_as_tqdm_does():
     class Terminal(io.StringIO):
         def isatty(self):
