@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Redo the failed and interrupted shards of a job with its recorded input, config and model.
-# Usage: bash jobs/resume.sh OUT/job [--address auto]
+# Redo the failed and interrupted shards of a job with its recorded input, config and model, on
+# the Ray its last run was given (--address or RAY_ADDRESS; `pseudolabel status OUT/job` shows it).
+# Usage: bash jobs/resume.sh OUT/job [--address HEAD:6379 | --address local]
 set -euo pipefail
 pseudolabel resume "$@"
 pseudolabel status "$1"
