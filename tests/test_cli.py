@@ -389,3 +389,22 @@ def test_help_loads_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray', 'numpy', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_demo_runs_on_a_private_ray_whatever_cluster_runs_here(tmp_path, monkeypatch):
+    """A cluster `ray start` left on this machine was joined by the demo (`auto`), whose shards
+    are in a folder of this machine only, and RAY_ADDRESS left set to a dashboard for `ray job
+    submit` refused it, naming an --address the demo does not take."""
+    from pipeline.job import runner
+
+    class Started(Exception):
+        """Where the demo's job starts: this test stops it there."""
+
+    def run_job(*args, **options):
+        raise Started(options.get("address"))
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(Started) as started:
+        main(["demo", "--model", "tiny", "-o", str(tmp_path / "demo"), "--no-progress"])
+    assert started.value.args == ("local",)

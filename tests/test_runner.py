@@ -788,8 +788,12 @@ def test_ray_address_follows_rays_convention_and_a_resume_takes_its_last_runs():
     assert ray_address("local", running) == "local"
 
 
-def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkeypatch):
+def test_a_private_ray_starts_and_a_cluster_is_joined_without_rays_line_on_its_default_token_auth(monkeypatch,
+                                                                                                    capsys):
+    """On a join (a cluster `ray start` left on this machine, Ray's default auth mode) the line
+    told the job's driver to opt out of the cluster's authentication."""
     import logging
+    import socket
 
     import ray
 
@@ -812,9 +816,14 @@ def test_a_private_ray_starts_without_rays_line_on_its_default_token_auth(monkey
     logger.addHandler(handler)
     try:
         assert init_ray("local") == (ray, True)
+        with socket.socket() as listener:  # something answers where the join goes
+            listener.bind(("", 0))
+            listener.listen()
+            assert init_ray(f"127.0.0.1:{listener.getsockname()[1]}") == (ray, False)
     finally:
         logger.removeHandler(handler)
-    assert printed == ["another warning"]
+    assert printed == ["another warning", "another warning"]
+    assert capsys.readouterr().out.startswith("joining the Ray cluster at 127.0.0.1:")
 
 
 @pytest.mark.faults  # several jobs: with the fault tests, as in the fault table of docs/architecture.md

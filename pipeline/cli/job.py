@@ -235,8 +235,10 @@ def run_demo(args: argparse.Namespace) -> int:
     write_image_shards(sources, shards, "voc-sample", 2, list(VOC_CLASS_NAMES), report)
     print(f"1. sharded {len(sources)} PASCAL VOC sample images into {shards}")
     config = load_config(args.config)
-    summary = run_job(str(shards), dest / "out", config, args.model, workers=1, device=args.device,
-                      force=True, progress=not args.no_progress)
+    # on a private Ray always: the sample's shards are in a folder of this machine only, and a cluster running
+    # here (or one RAY_ADDRESS names) is the user's own
+    summary = run_job(str(shards), dest / "out", config, args.model, address="local", workers=1,
+                      device=args.device, force=True, progress=not args.no_progress)
     print(f"2. ran the job: {summary.line}")
     print(f"   masks: {dest / 'out' / 'masks'}  statistics: {dest / 'out' / 'stats'}  ledger: {dest / 'out' / 'ledger'}")
     job = JobOutput(dest / "out")

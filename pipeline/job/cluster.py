@@ -38,7 +38,8 @@ def init_ray(address: str | None, source: str | None = None):
             if silence:  # ray.init would retry for about 14 minutes, hearing Ctrl-C only between attempts
                 raise ClusterJoinError(join_failure(address, silence))
             try:
-                ray.init(address=address, **kwargs)
+                with _without_default_auth_warning():
+                    ray.init(address=address, **kwargs)
             except (ConnectionError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
                 # ValueError: an address Ray cannot parse; ConnectionError hides the reason (a missing token) in
                 # its cause
@@ -54,16 +55,18 @@ def init_ray(address: str | None, source: str | None = None):
     return ray, private
 
 
-# Ray turns its token authentication on for every new local instance and logs this, with how
-# to opt out, as a WARNING: it would be the first line of every job on a private Ray.
+# Ray turns its token authentication on for every new local instance, and for a client that joins a
+# cluster in Ray's default mode, and logs this, with how to opt out, as a WARNING: it would be the
+# first line of every job on a private Ray, and on a cluster it tells the client to opt out of the
+# cluster's own authentication.
 _DEFAULT_AUTH_WARNING = "Token authentication is enabled for this Ray cluster"
 
 
 @contextmanager
 def _without_default_auth_warning():
-    """Leave out Ray's _DEFAULT_AUTH_WARNING while starting a private instance (the
-    authentication stays on; setting RAY_AUTH_MODE here instead would not reach Ray's
-    already-read config)."""
+    """Leave out Ray's _DEFAULT_AUTH_WARNING while starting a private instance or joining a
+    cluster (the authentication stays on; setting RAY_AUTH_MODE here instead would not reach
+    Ray's already-read config)."""
     import logging
 
     logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
