@@ -92,3 +92,16 @@ def test_bench_rounds_print_each_round_and_medians(capsys):
     assert abs(median - sum(seg) / 2) <= 0.0011  # the median of two rounds (printed rounded)
     assert main(["bench", "--model", "tiny", "--device", "cpu", "--rounds", "0"]) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_the_benchmarks_pipeline_runs_on_a_private_ray(monkeypatch, tmp_path):
+    """With a cluster `ray start` left on this machine, the pipeline figure joined it (`auto`):
+    it timed other machines, which could not read the benchmark's shards in a temporary folder."""
+    from pipeline.config import load_config
+    from pipeline.job import runner
+    from pipeline.results.bench import pipeline_path
+
+    given = []
+    monkeypatch.setattr(runner, "run_job", lambda *args, **options: given.append(options["address"]))
+    pipeline_path("tiny", load_config(FAST_CONFIG), str(tmp_path / "*.tar"), tmp_path / "out", None, crf=False)
+    assert given == ["local"]

@@ -235,11 +235,13 @@ def stage_seconds(segmenter: Segmenter, images: list[torch.Tensor], labels: list
 def pipeline_path(model_spec: str, config: SegmenterConfig, pattern: str, out_dir: Path, device: str | None,
                   crf: bool, workers: int | None = None, cpu_threads: int | None = None,
                   cpu_allocator: str = "keep-freed"):
-    """JobSummary of `run` over the shards of pattern into out_dir (CRF on or off)."""
+    """JobSummary of `run` over the shards of pattern into out_dir (CRF on or off), on a private
+    Ray of this machine: a cluster running here would time other machines, and could not read
+    the benchmark's shards."""
     from pipeline.job.runner import run_job
 
-    return run_job(pattern, out_dir, config.with_crf(crf), model_spec, workers=workers, device=device,
-                   progress=False, cpu_threads=cpu_threads, cpu_allocator=cpu_allocator)
+    return run_job(pattern, out_dir, config.with_crf(crf), model_spec, address="local", workers=workers,
+                   device=device, progress=False, cpu_threads=cpu_threads, cpu_allocator=cpu_allocator)
 
 
 def run_benchmark(model: ModelBundle, model_spec: str, config: SegmenterConfig, n_images: int,
