@@ -775,12 +775,14 @@ def test_crafted_keys_fail_alone_and_nothing_is_written_outside(ray_local, tmp_p
 
 
 def test_ray_address_follows_rays_convention_and_a_resume_takes_its_last_runs():
-    from pipeline.job.cluster import LAST_RUN, given_address, ray_address
+    from pipeline.job.cluster import LAST_RUN, ClusterJoinError, given_address, ray_address
 
     assert given_address("ray://head:10001", "local", "h:6379") == ("ray://head:10001", "--address")  # --address wins
     assert given_address(None, "head:6379", "h:6379") == ("head:6379", "RAY_ADDRESS")  # then RAY_ADDRESS
     assert given_address(None, None, "h:6379") == ("h:6379", LAST_RUN)  # then, on resume, its last run's
     assert given_address(None, None) == (None, None)
+    with pytest.raises(ClusterJoinError, match="RAY_ADDRESS=http://head:8265 is a Ray dashboard's address"):
+        given_address(None, "http://head:8265", "h:6379")
     running, idle = (lambda: True), (lambda: False)
     assert ray_address("ray://head:10001", running) == "ray://head:10001"
     assert ray_address(None, running) == "auto"  # then the cluster `ray start` left here

@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 
 
 class ClusterJoinError(PipelineError, ConnectionError):
-    """The Ray cluster named by --address or RAY_ADDRESS could not be joined."""
+    """The Ray cluster a job was given cannot be joined, or its nodes cannot run the job."""
 
 
 def init_ray(address: str | None, source: str | None = None):
@@ -126,8 +126,12 @@ LAST_RUN = "the job's last run"
 def given_address(flag: str | None, environment: str | None, last_run: str | None = None
                   ) -> tuple[str | None, str | None]:
     """The Ray address a job is given and where from: --address, else RAY_ADDRESS, else (on
-    resume) the one its last run was given (`last_run`, LAST_RUN); (None, None) where none is."""
+    resume) the one its last run was given (`last_run`, LAST_RUN); (None, None) where none is.
+    A dashboard's http(s) address (as `ray job submit` takes it, exported for it) is a
+    ClusterJoinError."""
     for address, source in ((flag, "--address"), (environment, "RAY_ADDRESS"), (last_run, LAST_RUN)):
+        if address and address.startswith(("http://", "https://")):
+            raise ClusterJoinError(dashboard_address_refusal(source, address))
         if address:
             return address, source
     return None, None

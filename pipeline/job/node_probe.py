@@ -1,8 +1,8 @@
 """What a Ray node's Python holds of this package, asked before a job's workers start.
 
-Ray sends this module's function by value (`ray.cloudpickle.register_pickle_by_value` in the
-runner), so it runs on a node that has no copy of the package, or another copy: it uses the
-standard library only."""
+Ray sends this module's function by value (`ray.cloudpickle.register_pickle_by_value` in
+`cluster.check_nodes_have_this_package`), so it runs on a node that has no copy of the package,
+or another copy: it uses the standard library only."""
 
 import hashlib
 import importlib.util

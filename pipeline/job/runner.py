@@ -30,8 +30,7 @@ from pipeline.data.shards import (INPUT_SEPARATOR, InputError, check_shard_class
                                   is_stream, manifest_listing, manifests_beside, sample_count_problem, shard_name)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
-from pipeline.job.cluster import (ClusterJoinError, check_nodes_have_this_package, dashboard_address_refusal,
-                                   given_address, init_ray)
+from pipeline.job.cluster import check_nodes_have_this_package, given_address, init_ray
 from pipeline.job.summary import JobInterrupted, JobSummary, fewer_workers_line, name_first, workers_line
 
 
@@ -191,8 +190,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     with ledger.locked():  # one running job per output folder
         last_run = (ledger.job() or {}).get("ray_address") if rejoin else None
         address, address_source = given_address(address, os.environ.get("RAY_ADDRESS"), last_run)
-        if address and address.startswith(("http://", "https://")):  # as `ray job submit` takes it, exported for it
-            raise ClusterJoinError(dashboard_address_refusal(address_source, address))
         ledger.claim({"config": config.model_dump(mode="json"), "config_hash": digest, "model": model,
                       "input": input_pattern, "ray_address": None if address == "local" else address}, force=force)
         by_name = dict(zip(names, urls))
