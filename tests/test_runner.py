@@ -1154,15 +1154,21 @@ def test_a_node_holding_other_code_of_the_package_is_said_with_the_files_that_di
     there = dict(here, package="/srv/old/pipeline", sources=dict(here["sources"]))
     there["sources"]["segment/maps.py"] = "0" * 64  # edited there
     del there["sources"]["job/node_probe.py"]  # newer here
-    node = {"Alive": True, "Resources": {"GPU": 1.0}, "NodeID": "ab" * 28, "NodeManagerHostname": "gpu-7"}
-    remote = SimpleNamespace(options=lambda **options: SimpleNamespace(remote=lambda module: there))
-    one_node_ray = SimpleNamespace(nodes=lambda: [node], remote=lambda function: remote,
-                                   get=lambda answer, timeout: answer, exceptions=real_ray.exceptions)
-    cluster.check_nodes_have_this_package(one_node_ray)
-    assert capsys.readouterr().out == (
-        f"the Ray workers on gpu-7 hold another pseudolabel than this shell's (/srv/old/pipeline there, "
-        f"{here['package']} here; 2 file(s) differ: job/node_probe.py, segment/maps.py): their masks can differ "
-        "from this copy's; install this one on every node, or start Ray from its environment\n")
+    nodes = [{"Alive": True, "Resources": {"GPU": 1.0}, "NodeID": f"{n:02d}" * 28, "NodeManagerHostname": f"gpu-{n}"}
+             for n in range(6)]
+    answers = {node["NodeID"]: there for node in nodes[1:]} | {nodes[0]["NodeID"]: here}  # gpu-0 is up to date
+
+    def on_node(**options):
+        return SimpleNamespace(remote=lambda module: answers[options["scheduling_strategy"].node_id])
+
+    fake_ray = SimpleNamespace(nodes=lambda: nodes, remote=lambda function: SimpleNamespace(options=on_node),
+                               get=lambda answer, timeout: answer, exceptions=real_ray.exceptions)
+    cluster.check_nodes_have_this_package(fake_ray)
+    assert capsys.readouterr().out == (  # one line for the five nodes holding that copy
+        f"the Ray workers on gpu-1, gpu-2, gpu-3 and 2 more hold another pseudolabel than this shell's "
+        f"(/srv/old/pipeline there, {here['package']} here; 2 file(s) differ: job/node_probe.py, segment/maps.py): "
+        "their masks can differ from this copy's; install this one on every node, or start Ray from its "
+        "environment\n")
 
 
 def test_differing_sources_counts_other_bytes_and_missing_files_but_not_extra_files_or_package_markers():

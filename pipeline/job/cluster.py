@@ -210,6 +210,7 @@ def check_nodes_have_this_package(ray, timeout_s: float = 120.0) -> None:
     probe = ray.remote(node_probe.package_on_this_node)
     probes = [(node, probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
         node["NodeID"], soft=False)).remote(WORKER_MODULE)) for node in nodes]
+    other_code: dict[tuple, list[str]] = {}  # (their folder, files that differ) -> the nodes holding that copy
     for node, answer in probes:
         try:
             there = ray.get(answer, timeout=timeout_s)
@@ -225,11 +226,17 @@ def check_nodes_have_this_package(ray, timeout_s: float = 120.0) -> None:
                 "there on every node, or start Ray from the environment it is installed in")
         differing = differing_sources(there["sources"], here["sources"])
         if differing:
-            first = ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
-            print(f"the Ray workers on {host} hold another pseudolabel than this shell's ({there['package']} there, "
-                  f"{here['package']} here; {len(differing)} file(s) differ: {first}): their "
-                  "masks can differ from this copy's; install this one on every node, or start Ray from its "
-                  "environment", flush=True)
+            other_code.setdefault((there["package"], tuple(differing)), []).append(host)
+    for (folder, differing), hosts in other_code.items():  # one line for the nodes of one copy
+        print(f"the Ray workers on {_first_of(hosts)} hold another pseudolabel than this shell's ({folder} there, "
+              f"{here['package']} here; {len(differing)} file(s) differ: {_first_of(differing)}): their masks can "
+              "differ from this copy's; install this one on every node, or start Ray from its environment",
+              flush=True)
+
+
+def _first_of(names: list[str] | tuple[str, ...], shown: int = 3) -> str:
+    """`a, b, c and 4 more`: the first `shown` names."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def differing_sources(node: Mapping[str, str], here: Mapping[str, str]) -> list[str]:
