@@ -1,1 +1,1 @@
-"""The batch job: the shard worker, and the Ray runner (the only module that imports Ray)."""
+"""The batch job: the shard worker, the Ray runner and the cluster it joins (the two modules that import Ray)."""
