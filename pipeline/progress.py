@@ -55,13 +55,13 @@ class LogLines:
         self.stream.flush()
         self.held, self.written, self.written_at = None, self.held, now
 
+    def flush(self) -> None:
+        self.stream.flush()
+
 
 def _count(status: str | None) -> str | None:
     """A bar's status up to its times and rate (`sharding: 100%|##| 48/48`, before ` [00:01<...`)."""
     return status.split(" [", 1)[0] if status is not None else None
-
-    def flush(self) -> None:
-        self.stream.flush()
 
 
 def progress_stream(stream: TextIO | None = None) -> TextIO | LogLines:

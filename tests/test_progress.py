@@ -54,3 +54,17 @@ def test_a_bar_on_a_terminal_draws_as_tqdm_does():
     terminal, log = Terminal(), io.StringIO()
     assert progress_stream(terminal) is terminal
     assert isinstance(progress_stream(log), LogLines)
+
+
+def test_a_log_stream_flushes_the_stream_under_it():
+    """tqdm flushes its file after each status; LogLines passes that on (a helper once written
+    inside the class body had left LogLines without its flush)."""
+    class Counted(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            self.flushes += 1
+
+    log = Counted()
+    LogLines(log).flush()
+    assert log.flushes == 1
