@@ -2,7 +2,8 @@
 and RAY_AUTH_TOKEN): a Ray test cluster of a head and two worker nodes on this machine, the job
 over SHARDS into OUT with two workers, and a worker node that runs one of them removed once a
 shard is in progress. Prints one JSON line: whether a node was removed, how many nodes ran
-workers at the start, and (shards done, shards failed, images ok)."""
+workers at the start, (shards done, shards failed, images ok), and what the remover met: the
+errors it read the cluster's state through and the nodes the workers were on when it looked."""
 
 import json
 import sys
@@ -25,6 +26,7 @@ def main(shards: str, out: str, config: str) -> None:
         workers = [head.add_node(num_cpus=1) for _ in range(2)]
         head.wait_for_nodes()
         removed: list[str] = []
+        seen = {"errors": [], "worker_nodes": []}  # why no node was removed, where that happens
 
         def worker_nodes() -> set[str]:
             """Nodes running an alive ShardWorker actor (read from the GCS)."""
@@ -34,12 +36,18 @@ def main(shards: str, out: str, config: str) -> None:
         def remove_a_busy_node():
             deadline = time.time() + 600
             while time.time() < deadline:
-                if ray.is_initialized() and any(e.state == "in_progress" for e in Ledger(out).entries()):
-                    busy = [node for node in workers if node.node_id in worker_nodes()]
-                    if busy:
-                        head.remove_node(busy[0])
-                        removed.append(busy[0].node_id)
-                        return
+                try:  # the GCS or a ledger file read at the wrong moment: look again, do not end the remover
+                    if ray.is_initialized() and any(e.state == "in_progress" for e in Ledger(out).entries()):
+                        running = worker_nodes()
+                        if running not in seen["worker_nodes"]:
+                            seen["worker_nodes"].append(running)
+                        busy = [node for node in workers if node.node_id in running]
+                        if busy:
+                            head.remove_node(busy[0])
+                            removed.append(busy[0].node_id)
+                            return
+                except Exception as error:  # noqa: BLE001 - reported in the JSON line
+                    seen["errors"] = (seen["errors"] + [repr(error)])[-3:]
                 time.sleep(0.1)
 
         remover = threading.Thread(target=remove_a_busy_node, daemon=True)
@@ -47,7 +55,10 @@ def main(shards: str, out: str, config: str) -> None:
         summary = run_job(shards, out, load_config(config), "tiny", address=head.address, workers=2, progress=False)
         remover.join(timeout=5)
         print(json.dumps({"removed": bool(removed), "nodes_used": summary.worker_nodes,
-                          "summary": [summary.shards_done, summary.shards_failed, summary.images_ok]}))
+                          "summary": [summary.shards_done, summary.shards_failed, summary.images_ok],
+                          "head": head.head_node.node_id, "remover_saw": {
+                              "errors": seen["errors"],
+                              "worker_nodes": [sorted(nodes) for nodes in seen["worker_nodes"]]}}))
     finally:
         ray.shutdown()
         head.shutdown()

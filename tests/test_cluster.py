@@ -69,7 +69,7 @@ def test_a_job_spreads_over_the_nodes_and_survives_losing_one(shards, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["removed"], "no worker node was removed while the job ran"
+    assert report["removed"], f"no worker node was removed while the job ran: {report}"
     assert report["nodes_used"] == 2, "the two workers did not run on two nodes"
     # the cluster's 4 CPUs shared by its 2 workers
     assert "2 segmenter worker(s) on cpu over 2 nodes (2 torch threads each); 2 image(s) per batch\n" in run.stdout
