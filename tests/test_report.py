@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_job_output
 from pipeline.cli import main
-from pipeline.results.report import pick_examples
+from pipeline.results.report import _strip, pick_examples
 
 
 def test_report_is_one_self_contained_page(tmp_path, capsys):
@@ -55,3 +55,23 @@ def test_a_job_whose_every_image_failed_reports_that_and_the_reasons(tmp_path):
     assert "4 images: 0 ok, 4 failed" in page and "<h3>" not in page  # no empty example headings
     assert "No image got a mask: every image failed (the reasons are below)." in page
     assert page.count("failed on purpose") == 4
+
+
+@pytest.mark.parametrize("height, width, strip_size", [
+    (375, 500, (2 * 213, 160)),  # a VOC photo: 160 pixels high, its aspect kept
+    (8, 4000, (2 * 320, 16)),  # a panorama strip: not 2 x 80,000 pixels wide
+    (2000, 3, (2 * 16, 160)),  # a sliver: each panel still 16 pixels wide, not the whole strip 1
+    (1, 1, (2 * 160, 160)),
+])
+def test_report_strips_fit_a_panel_box_whatever_the_image_shape(height, width, strip_size):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[: max(1, height // 2)] = 15  # person (192, 128, 128) over the top half
+    strip = _strip(image, mask, None)
+    assert strip.size == strip_size
+    panel = np.asarray(strip)[:, strip_size[0] // 2:]
+    assert (panel[0, 0] == (192, 128, 128)).all()  # the label map scaled by nearest neighbour: no blended colours
+    assert set(map(tuple, panel.reshape(-1, 3))) <= {(192, 128, 128), (0, 0, 0)}
+    with_gt = _strip(image, mask, mask)
+    assert with_gt.size == (strip_size[0] * 3 // 2, strip_size[1])

@@ -46,10 +46,26 @@ def pick_examples(rows: list[dict], per_group: int) -> dict[str, list[dict]]:
     return {"worst": ok[:size], "median": ok[start : start + size], "best": ok[-size:][::-1]}
 
 
-def _strip(image: np.ndarray, mask: np.ndarray, gt: np.ndarray | None, height: int = 160) -> Image.Image:
-    """The overlay (image with mask | mask | ground truth), scaled to `height` pixels."""
-    strip = overlay(image, mask, gt)
-    return strip.resize((max(1, strip.width * height // strip.height), height), Image.NEAREST)
+def panel_size(width: int, height: int, box_height: int = 160, max_width: int = 320,
+               min_side: int = 16) -> tuple[int, int]:
+    """(width, height) in pixels of one panel of a report strip: the image's aspect kept,
+    `box_height` high unless that makes it wider than `max_width` (a panorama); neither side
+    under `min_side`, so that a 3 x 2,000 image still shows (stretched) and a 4,000 x 8 one
+    does not make a strip 80,000 pixels wide."""
+    scale = min(box_height / height, max_width / width)
+    return max(min_side, round(width * scale)), max(min_side, round(height * scale))
+
+
+def _strip(image: np.ndarray, mask: np.ndarray, gt: np.ndarray | None) -> Image.Image:
+    """The overlay (image with mask | mask | ground truth), each panel scaled to `panel_size`
+    (the image smoothly, the label maps by nearest neighbour)."""
+    size = panel_size(image.shape[1], image.shape[0])
+
+    def labels(values: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(values.astype(np.uint8)).resize(size, Image.NEAREST))
+
+    return overlay(np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)), labels(mask),
+                   None if gt is None else labels(gt))
 
 
 def _plots(rows: list[dict]) -> dict[str, str]:
