@@ -79,6 +79,36 @@ def test_two_ranks_of_two_workers_see_each_image_once(tmp_path, monkeypatch):
     assert sorted(seen) == sorted(gts) and lengths == [2, 2]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_ranks_holding_unequal_images_run_the_same_number_of_batches(tmp_path, monkeypatch, num_workers):
+    # 4 mask shards of one image, the last image failed: rank 0's shards hold 2 images, rank 1's 1.
+    # Under DDP a rank with fewer batches leaves the others waiting in a gradient exchange.
+    out, gts = make_job_output(tmp_path, lambda gt, i: None if i == 3 else gt, per_shard=1)
+    batches, seen = [], []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dataset = PseudoMaskShards(out, with_keys=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=num_workers)
+        keys = [batch_keys for batch_keys, _, _ in loader]  # one tuple of keys a batch
+        assert len(dataset) == len(keys) == 2
+        batches.append(len(keys))
+        seen.append([key for batch_keys in keys for key in batch_keys])
+    assert batches[0] == batches[1]
+    assert sorted(seen[0]) == ["2011_000000", "2011_000002"]
+    assert seen[1] == ["2011_000001", "2011_000001"]  # its one image twice, as DistributedSampler pads
+
+
+def test_a_rank_without_a_shard_of_its_own_still_yields_its_share(tmp_path, monkeypatch):
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt, per_shard=2)  # 2 mask shards, 3 ranks
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    dataset = PseudoMaskShards(out, with_keys=True)
+    keys = [key for key, _, _ in dataset]
+    assert len(dataset) == len(keys) == 2 and set(keys) <= set(gts)
+
+
 def test_voc_train_transform_scales_pads_crops_and_normalises():
     torch.manual_seed(0)
     transform = VocTrainTransform(crop_size=64, scale_range=(0.5, 0.5))

@@ -116,12 +116,16 @@ class PseudoMaskShards(IterableDataset):
     (no export needed); failed images are skipped.
 
     Shards are split with WebDataset's own splitters: first by distributed rank
-    (`torch.distributed`, or the RANK and WORLD_SIZE variables), then by DataLoader worker, so
-    each image is seen once per epoch across a DDP job (give it at least ranks x workers mask
-    shards). shuffle: WebDataset's sample buffer of that size (0: in shard order); the shard
-    order is shuffled too, the same on every rank, per `set_epoch(epoch)`. len() is the number
-    of images of this rank's shards, from the job's statistics. with_keys: yield (id, image,
-    mask).
+    (`torch.distributed`, or the RANK and WORLD_SIZE variables), then by DataLoader worker.
+    In one process each image is seen once per epoch. Under DDP every rank yields the same
+    number of images per epoch, that of the rank whose shards hold the most (a rank with fewer
+    goes round its shards again, as DistributedSampler pads), and its DataLoader workers take
+    every num_workers-th of them: ranks then run the same number of batches, where ranks
+    holding unequal shards would leave one waiting at the epoch's end for a gradient exchange
+    that never comes. Every image is seen at least once per epoch. shuffle: WebDataset's sample
+    buffer of that size (0: in shard order); the shard order is shuffled too, the same on every
+    rank, per `set_epoch(epoch)`. len() is the number of images a rank yields per epoch, from
+    the job's statistics. with_keys: yield (id, image, mask).
     """
 
     def __init__(self, job_output: str | Path, transform: Transform | None = None, shuffle: int = 0,
@@ -148,10 +152,15 @@ class PseudoMaskShards(IterableDataset):
             random.Random(self.seed + self.epoch).shuffle(shards)  # the same order on every rank
         return shards
 
+    def _images_in(self, urls: list[str]) -> int:
+        return sum(self._images_per_shard[Path(url).stem] for url in urls)
+
     def __len__(self) -> int:
         rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-        mine = self._shard_order()[rank::world_size]
-        return sum(self._images_per_shard[Path(url).stem] for url in mine)
+        order = self._shard_order()
+        if world_size == 1:
+            return self._images_in(order)
+        return max(self._images_in(order[r::world_size]) for r in range(world_size))
 
     def _joined(self, urls):
         """Mask shard urls -> (id, image, mask) tensors: each mask joined with its image."""
@@ -160,13 +169,42 @@ class PseudoMaskShards(IterableDataset):
                 if sample is not None:
                     yield record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
 
+    def _rank_joined(self, urls):
+        """Under DDP: this rank's mask shard urls -> the (id, image, mask) tensors of this
+        DataLoader worker, len() of them over the rank's workers: the rank's images in shard
+        order, round again until that count, every num_workers-th one (the others are skipped
+        before decoding). A rank without a shard of its own (more ranks than shards) goes round
+        every shard."""
+        _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        count = len(self)
+        mine = [url["url"] for url in urls] or self._shard_order()
+        index = 0
+        while index < count:
+            start = index
+            for record, sample in self.job.joined([Path(url) for url in mine]):
+                if sample is None:
+                    continue
+                if index % num_workers == worker:
+                    yield record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
+                index += 1
+                if index == count:
+                    return
+            if index == start:  # shards whose every image failed: pad from the whole job's
+                if mine == self._shard_order():
+                    return
+                mine = self._shard_order()
+
     def _finished(self, samples):
         for key, image, mask in samples:
             image, mask = self.transform(image, mask) if self.transform else (image, mask)
             yield (key, image, mask) if self.with_keys else (image, mask)
 
     def __iter__(self):
-        stages = [wds.SimpleShardList(self._shard_order()), wds.split_by_node, wds.split_by_worker, self._joined]
+        _, world_size, _, _ = wds.utils.pytorch_worker_info()
+        if world_size == 1:
+            stages = [wds.SimpleShardList(self._shard_order()), wds.split_by_node, wds.split_by_worker, self._joined]
+        else:
+            stages = [wds.SimpleShardList(self._shard_order()), wds.split_by_node, self._rank_joined]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle))
         stages.append(self._finished)
