@@ -109,6 +109,27 @@ def test_a_rank_without_a_shard_of_its_own_still_yields_its_share(tmp_path, monk
     assert len(dataset) == len(keys) == 2 and set(keys) <= set(gts)
 
 
+def test_persistent_workers_take_a_new_shard_order_each_epoch(tmp_path):
+    # A DataLoader's persistent workers keep the copy of the dataset they started with, which set_epoch does not reach.
+    out, _ = make_job_output(tmp_path, lambda gt, i: gt, per_shard=1)
+
+    def order(epoch, **loader_args):
+        reference = PseudoMaskShards(out, with_keys=True, shuffle=1, seed=5)
+        reference.set_epoch(epoch)
+        return [key for key, _, _ in torch.utils.data.DataLoader(reference, batch_size=None, **loader_args)]
+
+    expected = [order(epoch) for epoch in range(3)]
+    assert len({tuple(keys) for keys in expected}) > 1  # the seed gives the epochs different orders
+    assert [order(epoch, num_workers=1) for epoch in range(3)] == expected
+    dataset = PseudoMaskShards(out, with_keys=True, shuffle=1, seed=5)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1, persistent_workers=True)
+    seen = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        seen.append([key for key, _, _ in loader])
+    assert seen == expected
+
+
 def test_voc_train_transform_scales_pads_crops_and_normalises():
     torch.manual_seed(0)
     transform = VocTrainTransform(crop_size=64, scale_range=(0.5, 0.5))

@@ -124,8 +124,10 @@ class PseudoMaskShards(IterableDataset):
     holding unequal shards would leave one waiting at the epoch's end for a gradient exchange
     that never comes. Every image is seen at least once per epoch. shuffle: WebDataset's sample
     buffer of that size (0: in shard order); the shard order is shuffled too, the same on every
-    rank, per `set_epoch(epoch)`. len() is the number of images a rank yields per epoch, from
-    the job's statistics. with_keys: yield (id, image, mask).
+    rank, per `set_epoch(epoch)`, and each pass after it counts as the next epoch (a
+    DataLoader's persistent workers keep their own copy of the dataset, which `set_epoch`
+    does not reach). len() is the number of images a rank yields in the next pass, from the
+    job's statistics. with_keys: yield (id, image, mask).
     """
 
     def __init__(self, job_output: str | Path, transform: Transform | None = None, shuffle: int = 0,
@@ -137,6 +139,7 @@ class PseudoMaskShards(IterableDataset):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self._passes = 0  # passes begun since set_epoch: the epoch of the next one is epoch + _passes
         self.with_keys = with_keys
         self.shards = [str(path) for path in self.job.mask_shards()]
         rows = self.job.stats().select(["shard", "status"]).to_pylist()
@@ -145,19 +148,24 @@ class PseudoMaskShards(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the shards for this epoch (call it on every rank, as DistributedSampler's)."""
         self.epoch = epoch
+        self._passes = 0
 
     def _shard_order(self) -> list[str]:
+        """The shards in the next pass's order."""
         shards = list(self.shards)
         if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(shards)  # the same order on every rank
+            random.Random(self.seed + self.epoch + self._passes).shuffle(shards)  # the same order on every rank
         return shards
 
     def _images_in(self, urls: list[str]) -> int:
         return sum(self._images_per_shard[Path(url).stem] for url in urls)
 
     def __len__(self) -> int:
-        rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-        order = self._shard_order()
+        return self._rank_images(self._shard_order())
+
+    def _rank_images(self, order: list[str]) -> int:
+        """The images a rank yields in a pass over the shards in this order."""
+        _, world_size, _, _ = wds.utils.pytorch_worker_info()
         if world_size == 1:
             return self._images_in(order)
         return max(self._images_in(order[r::world_size]) for r in range(world_size))
@@ -169,15 +177,15 @@ class PseudoMaskShards(IterableDataset):
                 if sample is not None:
                     yield record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
 
-    def _rank_joined(self, urls):
-        """Under DDP: this rank's mask shard urls -> the (id, image, mask) tensors of this
-        DataLoader worker, len() of them over the rank's workers: the rank's images in shard
-        order, round again until that count, every num_workers-th one (the others are skipped
-        before decoding). A rank without a shard of its own (more ranks than shards) goes round
-        every shard."""
+    def _rank_joined(self, urls, order: list[str]):
+        """Under DDP: this rank's mask shard urls (of the pass over `order`) -> the (id, image,
+        mask) tensors of this DataLoader worker, `_rank_images(order)` of them over the rank's
+        workers: the rank's images in shard order, round again until that count, every
+        num_workers-th one (the others are skipped before decoding). A rank without a shard of
+        its own (more ranks than shards) goes round every shard."""
         _, _, worker, num_workers = wds.utils.pytorch_worker_info()
-        count = len(self)
-        mine = [url["url"] for url in urls] or self._shard_order()
+        count = self._rank_images(order)
+        mine = [url["url"] for url in urls] or order
         index = 0
         while index < count:
             start = index
@@ -190,9 +198,9 @@ class PseudoMaskShards(IterableDataset):
                 if index == count:
                     return
             if index == start:  # shards whose every image failed: pad from the whole job's
-                if mine == self._shard_order():
+                if mine == order:
                     return
-                mine = self._shard_order()
+                mine = order
 
     def _finished(self, samples):
         for key, image, mask in samples:
@@ -201,10 +209,12 @@ class PseudoMaskShards(IterableDataset):
 
     def __iter__(self):
         _, world_size, _, _ = wds.utils.pytorch_worker_info()
+        order = self._shard_order()
+        self._passes += 1
         if world_size == 1:
-            stages = [wds.SimpleShardList(self._shard_order()), wds.split_by_node, wds.split_by_worker, self._joined]
+            stages = [wds.SimpleShardList(order), wds.split_by_node, wds.split_by_worker, self._joined]
         else:
-            stages = [wds.SimpleShardList(self._shard_order()), wds.split_by_node, self._rank_joined]
+            stages = [wds.SimpleShardList(order), wds.split_by_node, lambda urls: self._rank_joined(urls, order)]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle))
         stages.append(self._finished)
