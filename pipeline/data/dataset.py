@@ -170,12 +170,17 @@ class PseudoMaskShards(IterableDataset):
             return self._images_in(order)
         return max(self._images_in(order[r::world_size]) for r in range(world_size))
 
+    @staticmethod
+    def _decoded(record, sample: dict) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """A mask record and its input sample -> (id, image, mask) tensors."""
+        return record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
+
     def _joined(self, urls):
         """Mask shard urls -> (id, image, mask) tensors: each mask joined with its image."""
         for url in urls:
             for record, sample in self.job.joined([Path(url["url"])]):
                 if sample is not None:
-                    yield record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
+                    yield self._decoded(record, sample)
 
     def _rank_joined(self, urls, order: list[str]):
         """Under DDP: this rank's mask shard urls (of the pass over `order`) -> the (id, image,
@@ -193,7 +198,7 @@ class PseudoMaskShards(IterableDataset):
                 if sample is None:
                     continue
                 if index % num_workers == worker:
-                    yield record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
+                    yield self._decoded(record, sample)
                 index += 1
                 if index == count:
                     return
