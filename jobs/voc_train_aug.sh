@@ -19,6 +19,10 @@ NAME=$(basename "$SPLIT" .txt)  # SPLIT may be a file of ids: its name names the
 if [ ! -f "$OUT/shards-$NAME/manifest.json" ]; then
     pseudolabel shard-voc --voc-root "$VOC" --split "$SPLIT" -o "$OUT/shards-$NAME" --shard-size 256
 fi
+status=0
 pseudolabel run --config "$CONFIG" --input "$OUT/shards-$NAME" --output "$OUT/job-$NAME" --model "$MODEL" \
-    ${ADDRESS:+--address "$ADDRESS"} "$@"
-pseudolabel status "$OUT/job-$NAME"
+    ${ADDRESS:+--address "$ADDRESS"} "$@" || status=$?
+if [ "$status" -le 1 ]; then  # the job ran (1: a shard failed): its ledger, with the failed shards' errors
+    pseudolabel status "$OUT/job-$NAME"
+fi
+exit "$status"

