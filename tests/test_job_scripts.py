@@ -11,13 +11,14 @@ import pytest
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-def _recorder(folder: Path, name: str, run_exits: int = 0) -> None:
+def _recorder(folder: Path, name: str, exits: dict[str, int] | None = None) -> None:
     """An executable `name` in folder that adds its arguments, one a line, then `--end--`, to
-    folder/name.args; called with `run` first, it exits with run_exits."""
+    folder/name.args; called with a key of `exits` first, it exits with its value."""
     folder.mkdir(exist_ok=True)
     path = folder / name
-    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" --end-- >> "{folder / (name + ".args")}"\n'
-                    f'[ "$1" = run ] && exit {run_exits}\nexit 0\n')
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" --end-- >> "{folder / (name + ".args")}"\n' +
+                    "".join(f'[ "$1" = {command} ] && exit {code}\n' for command, code in (exits or {}).items()) +
+                    "exit 0\n")
     path.chmod(0o755)
 
 
@@ -94,7 +95,7 @@ def test_voc_script_keeps_the_runs_exit_status_and_shows_the_ledger_of_a_job_tha
     """A shard that failed (run's exit 1) stopped the script under `set -e` before its ledger was
     shown; a refused command (2) or a stopped job (143) has said what to do, with no ledger after."""
     bin_dir = tmp_path / "bin"
-    _recorder(bin_dir, "pseudolabel", run_exits=run_exits)
+    _recorder(bin_dir, "pseudolabel", exits={"run": run_exits})
     (tmp_path / "out" / "shards-train_aug").mkdir(parents=True)
     (tmp_path / "out" / "shards-train_aug" / "manifest.json").write_text("{}")
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "VOC": "voc", "OUT": "out"}
@@ -102,3 +103,14 @@ def test_voc_script_keeps_the_runs_exit_status_and_shows_the_ledger_of_a_job_tha
                           text=True, timeout=60)
     assert done.returncode == run_exits
     assert [call[0] for call in _calls(bin_dir, "pseudolabel")] == ["run"] + (["status"] if status_shown else [])
+
+
+@pytest.mark.parametrize("resume_exits, status_shown", [(0, True), (1, True), (2, False)])
+def test_resume_script_shows_the_ledger_of_a_job_that_ran_and_keeps_the_exit_status(tmp_path, resume_exits,
+                                                                                    status_shown):
+    bin_dir = tmp_path / "bin"
+    _recorder(bin_dir, "pseudolabel", exits={"resume": resume_exits})
+    done = subprocess.run(["bash", str(JOBS / "resume.sh"), "out/job"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == resume_exits
+    assert _calls(bin_dir, "pseudolabel") == [["resume", "out/job"]] + ([["status", "out/job"]] if status_shown else [])
