@@ -41,7 +41,7 @@ def test_every_snippet_runs_in_order(job_folder):
             continue  # the DeepLabV3 block: test_deeplabv3_snippet says why it is skipped
         outputs.append(_run(language, code, job_folder))
     assert "exported 4 masks" in outputs[0]
-    assert "4 images in this rank's shards; 4 exported" in outputs[1]
+    assert "4 images an epoch on this rank; 4 exported" in outputs[1]
     assert (job_folder / "report" / "index.html").is_file() and (job_folder / "out" / "eval.json").is_file()
 
 
