@@ -505,6 +505,28 @@ def test_without_config_shards_of_a_built_in_configs_classes_run_with_it(tmp_pat
     assert capsys.readouterr().out == ""
 
 
+def test_without_config_or_classes_shards_of_classes_of_their_own_run_with_those(tmp_path, capsys):
+    """shard-folder --classes shards run with no --classes were refused, naming the --classes to
+    pass: the manifest's names are the only ones their labels can mean."""
+    from pipeline.cli.options import input_config
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "images-000000.tar").write_bytes(b"")
+    names = ["red plane", "person", "monitor", "dog, small", "a", "b"]  # one name --classes could not give
+    (own / "manifest.json").write_text(json.dumps({"classes": names,
+                                                   "shards": [{"url": "images-000000.tar", "samples": 0}]}))
+    config = input_config(None, str(own), method="diffseg")
+    assert config.class_names == names and config.method == "diffseg"
+    assert [c.prompt for c in config.classes][:2] == ["red plane", "person"]  # each name its own prompt
+    assert capsys.readouterr().out == (
+        "classes: the 6 the shards' manifest.json lists (red plane, person, monitor, dog, small, a, ...), each its "
+        "own prompt, with the voc config's settings (--classes or --config to choose others)\n")
+    assert input_config("voc", str(own)).class_names == load_config("voc").class_names  # refused later, naming the fix
+    assert input_config(None, str(own), "cat,dog").class_names == ["cat", "dog"]
+    assert capsys.readouterr().out == ""
+
+
 def test_a_labels_file_finds_images_whose_accents_are_composed_otherwise_than_it_writes_them(tmp_path):
     """macOS stores `café.jpg` decomposed (e + combining accent), and copies keep it so; a labels
     file typed elsewhere has it composed (é), or the other way round."""

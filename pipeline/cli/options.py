@@ -116,16 +116,25 @@ def add_input_shards(group, required: bool = True, help: str | None = None) -> N
 
 def input_config(config: str | None, inputs: str, classes: str | None = None, method: str | None = None):
     """The SegmenterConfig of --config with --classes (comma-separated names, each its own
-    prompt) as its classes and --method as its method where given; without --config and
-    --classes, the built-in config whose classes the input shards' manifest.json lists (COCO
-    shards: coco, said in a line), else the default (voc)."""
-    from pipeline.data.shards import built_in_config_listed, expand_input, manifests_beside
+    prompt) as its classes and --method as its method where given. Without --config and
+    --classes: the built-in config whose classes the input shards' manifest.json lists (COCO
+    shards: coco, said in a line); for shards of classes of their own (`shard-folder
+    --classes`), the default config with the manifest's classes, as --classes would give them
+    (said in a line); else the default (voc)."""
+    from pipeline.data.shards import built_in_config_listed, classes_listed, expand_input, manifests_beside
 
     if config is None and classes is None:
-        config = built_in_config_listed(manifests_beside(expand_input(inputs)))
+        manifests = manifests_beside(expand_input(inputs))
+        config = built_in_config_listed(manifests)
         if config is not None and config != BUILT_IN_CONFIGS[0]:
             print(f"config: {config}, the built-in config of the classes the shards' manifest.json lists "
                   "(--config to choose another)")
+        listed = classes_listed(manifests) if config is None else None
+        if listed is not None:
+            shown = ", ".join(listed[:5]) + (", ..." if len(listed) > 5 else "")
+            print(f"classes: the {len(listed)} the shards' manifest.json lists ({shown}), each its own prompt, with "
+                  f"the {BUILT_IN_CONFIGS[0]} config's settings (--classes or --config to choose others)")
+            return with_method_option(load_config(None).with_classes(listed, "the shards' manifest.json"), method)
     return with_method_option(with_classes_option(load_config(config), classes), method)
 
 
@@ -166,7 +175,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
     if with_config:
         group.add_argument("--config", default=None, type=user_path,
                            help="YAML config file, or a built-in name: voc or coco (default: voc; for shards "
-                                "whose manifest.json lists COCO's classes, coco)")
+                                "whose manifest.json lists COCO's classes, coco; for shards of classes of their "
+                                "own, voc with the classes their manifest.json lists)")
     if with_method:
         add_method(group)
     add_device(group)

@@ -853,15 +853,24 @@ def check_shard_classes(manifests: dict[str, dict], class_names: list[str]) -> N
                          f"has {len(class_names)} ({first[1]}): {fix}")
 
 
+def classes_listed(manifests: dict[str, dict]) -> list[str] | None:
+    """The class names, in label order, that every manifest beside the shards lists
+    (`manifests_beside`); None where there is no manifest, one lists none, or two differ."""
+    listed = [manifest.get("classes") for manifest in manifests.values()]
+    if not listed or not all(is_name_list(names) and names and names == listed[0] for names in listed):
+        return None
+    return listed[0]
+
+
 def built_in_config_listed(manifests: dict[str, dict]) -> str | None:
     """The built-in config (BUILT_IN_CONFIGS) whose classes, in its order, every manifest beside
-    the shards lists (`manifests_beside`); None where there is no manifest or none matches."""
+    the shards lists (`classes_listed`); None where there is no manifest or none matches."""
     from pipeline.config import BUILT_IN_CONFIGS, built_in_config, load_config
 
-    listed = [manifest.get("classes") for manifest in manifests.values()]
-    if not listed or not all(is_name_list(names) and names == listed[0] for names in listed):
+    listed = classes_listed(manifests)
+    if listed is None:
         return None
-    keys = list(map(name_key, listed[0]))
+    keys = list(map(name_key, listed))
     return next((name for name in BUILT_IN_CONFIGS
                  if list(map(name_key, load_config(built_in_config(name)).class_names)) == keys), None)
 
