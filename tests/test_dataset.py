@@ -7,7 +7,7 @@ import torch
 from conftest import make_job_output, synthetic_image
 from pipeline.data.dataset import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, PseudoMaskFolder, PseudoMaskShards, VocTrainTransform
 from pipeline.results.export import export_voc
-from pipeline.data.outputs import JobOutput
+from pipeline.data.outputs import JobOutput, MaskFilter
 
 
 def test_folder_and_shard_datasets_agree(tmp_path):
@@ -26,6 +26,27 @@ def test_folder_and_shard_datasets_agree(tmp_path):
     for (img_a, mask_a), index in zip(streamed, range(4)):
         img_b, mask_b = folder[index]
         assert torch.equal(img_a, img_b) and torch.equal(mask_a, mask_b)
+
+
+@pytest.mark.parametrize("filters", [dict(min_confidence=0.5), dict(ignore_below=0.5), dict(require_all_labels=True),
+                                     dict(min_confidence=0.3, ignore_below=0.7)])
+def test_the_streamed_masks_take_the_exports_filters(tmp_path, filters):
+    # confidence 0.2, 0.4, 0.6, 0.8 by image; image 1 predicted without its second class (a missed label)
+    out, gts = make_job_output(tmp_path, lambda gt, i: np.where(gt == 12, 0, gt) if i == 1 else gt)
+    keep = MaskFilter(min_mean_confidence=filters.get("min_confidence"),
+                      require_all_labels=filters.get("require_all_labels", False), ignore_below=filters.get("ignore_below"))
+    export_voc(JobOutput(out), tmp_path / "export", with_images=True, keep=keep)
+    exported = PseudoMaskFolder(tmp_path / "export")
+    streamed = PseudoMaskShards(out, with_keys=True, **filters)
+    samples = list(streamed)
+    assert [key for key, _, _ in samples] == exported.ids and len(streamed) == len(exported) < 4 + ("ignore_below" in
+                                                                                                   filters)
+    for (_, image, mask), index in zip(samples, range(len(exported))):
+        assert torch.equal(image, exported[index][0]) and torch.equal(mask, exported[index][1])
+    if "ignore_below" in filters:
+        assert (samples[0][2] == IGNORE_INDEX).all() and not (samples[-1][2] == IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match=r"min_confidence=50: a winning score, from 0 to 1"):
+        PseudoMaskShards(out, min_confidence=50)
 
 
 def test_the_folder_dataset_reads_one_id_a_line_spaces_and_all(tmp_path):

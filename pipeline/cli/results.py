@@ -193,11 +193,12 @@ def finished_part(job_dir: str):
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.results.export import ExportFilter, export_voc
+    from pipeline.data.outputs import MaskFilter
+    from pipeline.results.export import export_voc
 
     require_fraction(args, "min_confidence", "ignore_below")
-    keep = ExportFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
-                        ignore_below=args.ignore_below)
+    keep = MaskFilter(min_mean_confidence=args.min_confidence, require_all_labels=args.require_all_labels,
+                      ignore_below=args.ignore_below)
     job = finished_part(args.job)
     with image_bar(job, "export", args) as bar:
         summary = export_voc(job, args.output, split=args.split, keep=keep, with_images=args.with_images,

@@ -127,13 +127,22 @@ class PseudoMaskShards(IterableDataset):
     rank, per `set_epoch(epoch)`, and each pass after it counts as the next epoch (a
     DataLoader's persistent workers keep their own copy of the dataset, which `set_epoch`
     does not reach). len() is the number of images a rank yields in the next pass, from the
-    job's statistics. with_keys: yield (id, image, mask).
+    job's statistics. with_keys: yield (id, image, mask). min_confidence, require_all_labels
+    and ignore_below filter the masks as `pseudolabel export`'s options of those names do:
+    images whose mean winning score (0 to 1) is lower, or where a labelled class got no pixel,
+    are left out; pixels scoring lower than ignore_below become IGNORE_INDEX.
     """
 
     def __init__(self, job_output: str | Path, transform: Transform | None = None, shuffle: int = 0,
-                 seed: int = 0, with_keys: bool = False):
-        from pipeline.data.outputs import JobOutput
+                 seed: int = 0, with_keys: bool = False, min_confidence: float | None = None,
+                 require_all_labels: bool = False, ignore_below: float | None = None):
+        from pipeline.data.outputs import JobOutput, MaskFilter
 
+        for name, value in (("min_confidence", min_confidence), ("ignore_below", ignore_below)):
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{name}={value}: a winning score, from 0 to 1")
+        self.keep = MaskFilter(min_mean_confidence=min_confidence, require_all_labels=require_all_labels,
+                               ignore_below=ignore_below)
         self.job = JobOutput(job_output)
         self.transform = transform
         self.shuffle = shuffle
@@ -142,8 +151,9 @@ class PseudoMaskShards(IterableDataset):
         self._passes = 0  # passes begun since set_epoch: the epoch of the next one is epoch + _passes
         self.with_keys = with_keys
         self.shards = [str(path) for path in self.job.mask_shards()]
-        rows = self.job.stats().select(["shard", "status"]).to_pylist()
-        self._images_per_shard = Counter(row["shard"] for row in rows if row["status"] == "ok")
+        rows = self.job.stats().select(["shard", "status", "mean_confidence", "missed_labels"]).to_pylist()
+        self._images_per_shard = Counter(row["shard"] for row in rows
+                                         if row["status"] == "ok" and self.keep.rejects(row) is None)
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle the shards for this epoch (call it on every rank, as DistributedSampler's)."""
@@ -170,17 +180,23 @@ class PseudoMaskShards(IterableDataset):
             return self._images_in(order)
         return max(self._images_in(order[r::world_size]) for r in range(world_size))
 
-    @staticmethod
-    def _decoded(record, sample: dict) -> tuple[str, torch.Tensor, torch.Tensor]:
-        """A mask record and its input sample -> (id, image, mask) tensors."""
-        return record.id, *_to_tensors(decode_image(sample_image(sample), record.id), record.labels)
+    def _decoded(self, record, sample: dict) -> tuple[str, torch.Tensor, torch.Tensor]:
+        """A mask record and its input sample -> (id, image, mask) tensors, the mask's pixels
+        filtered."""
+        return record.id, *_to_tensors(decode_image(sample_image(sample), record.id), self.keep.labels(record))
+
+    def _kept(self, urls: list[str]):
+        """(record, input sample) of the masks in these mask shards that the filters keep and
+        whose image their input shard holds."""
+        for record, sample in self.job.joined([Path(url) for url in urls]):
+            if sample is not None and self.keep.rejects(record.stats) is None:
+                yield record, sample
 
     def _joined(self, urls):
         """Mask shard urls -> (id, image, mask) tensors: each mask joined with its image."""
         for url in urls:
-            for record, sample in self.job.joined([Path(url["url"])]):
-                if sample is not None:
-                    yield self._decoded(record, sample)
+            for record, sample in self._kept([url["url"]]):
+                yield self._decoded(record, sample)
 
     def _rank_joined(self, urls, order: list[str]):
         """Under DDP: this rank's mask shard urls (of the pass over `order`) -> the (id, image,
@@ -194,9 +210,7 @@ class PseudoMaskShards(IterableDataset):
         index = 0
         while index < count:
             start = index
-            for record, sample in self.job.joined([Path(url) for url in mine]):
-                if sample is None:
-                    continue
+            for record, sample in self._kept(mine):
                 if index % num_workers == worker:
                     yield self._decoded(record, sample)
                 index += 1

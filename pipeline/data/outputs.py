@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +18,8 @@ import pyarrow as pa
 from pipeline.config import VOC_CLASS_NAMES
 from pipeline.data.atomic import atomic_write_bytes, file_sha256
 from pipeline.data.ledger import Ledger, no_job_reason
-from pipeline.mask.codec import decode_confidence, decode_mask
+from pipeline.errors import PipelineError
+from pipeline.mask.codec import apply_ignore, decode_confidence, decode_mask
 from pipeline.data.shards import InputError, ShardReadError, expand_input, read_shard, shard_name, tar_bytes
 from pipeline.mask.stats import STATS_SCHEMA, rows_to_table
 
@@ -110,6 +112,42 @@ class MaskRecord:
     @cached_property
     def stats(self) -> dict:
         return json.loads(self.sample["json"])
+
+
+class NoConfidenceMapError(PipelineError, ValueError):
+    """Pixels are to be left out by their score, and a mask has no confidence map."""
+
+
+@dataclass
+class MaskFilter:
+    """Which of a job's masks to train on, and which of their pixels (the export's and the
+    streamed dataset's filters). min_mean_confidence drops images whose mean winning score is
+    lower; require_all_labels drops images where a labelled class got no pixel; ignore_below
+    turns pixels with a lower winning score into 255."""
+
+    min_mean_confidence: float | None = None
+    require_all_labels: bool = False
+    ignore_below: float | None = None
+
+    def rejects(self, stats: dict) -> str | None:
+        """Why an image is dropped, by its statistics (a mask's json, or its row of the job's
+        statistics), or None."""
+        mean = stats.get("mean_confidence")
+        if self.min_mean_confidence is not None and (mean is None or math.isnan(mean) or mean < self.min_mean_confidence):
+            return "mean confidence"
+        if self.require_all_labels and stats.get("missed_labels"):
+            return "missed label"
+        return None
+
+    def labels(self, record: MaskRecord) -> np.ndarray:
+        """uint8 [H, W]: the record's labels, pixels scoring below ignore_below set to 255."""
+        if self.ignore_below is None:
+            return record.labels
+        if record.confidence is None:
+            raise NoConfidenceMapError(f"{record.id} has no confidence map (a job from before pseudolabel 0.1 wrote "
+                                       "them): rerun the job into a new output folder to leave pixels out by score "
+                                       "(--ignore-below)")
+        return apply_ignore(record.labels, record.confidence, self.ignore_below)
 
 
 class JobOutput:

@@ -7,7 +7,6 @@ DEST/JPEGImages/<id>.jpg               the original images, with --with-images
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -18,8 +17,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.data.atomic import write_staged_bytes
-from pipeline.mask.codec import apply_ignore, encode_mask
-from pipeline.data.outputs import MASK_FOLDER, failed_image_ids
+from pipeline.mask.codec import encode_mask
+from pipeline.data.outputs import MASK_FOLDER, MaskFilter, failed_image_ids
 from pipeline.data.safe_paths import file_in, key_problem
 from pipeline.data.shards import sample_image
 
@@ -29,26 +28,6 @@ EXPORT_ENTRIES = (MASK_FOLDER, "ImageSets", "JPEGImages")
 
 class ExportError(PipelineError, ValueError):
     """The job's outputs cannot be exported as asked; the message says why and what to do."""
-
-
-@dataclass
-class ExportFilter:
-    """Which images to keep and how: min_mean_confidence drops images whose mean winning score
-    is lower; require_all_labels drops images where a labelled class got no pixel;
-    ignore_below turns pixels with a lower winning score into 255."""
-
-    min_mean_confidence: float | None = None
-    require_all_labels: bool = False
-    ignore_below: float | None = None
-
-    def rejects(self, stats: dict) -> str | None:
-        """Why an image is dropped, or None."""
-        mean = stats.get("mean_confidence")
-        if self.min_mean_confidence is not None and (mean is None or math.isnan(mean) or mean < self.min_mean_confidence):
-            return "mean confidence"
-        if self.require_all_labels and stats.get("missed_labels"):
-            return "missed label"
-        return None
 
 
 @dataclass
@@ -63,7 +42,7 @@ class ExportSummary:
         return ", ".join(f"{n} for {why}" for why, n in self.dropped.items()) or None
 
 
-def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilter | None = None,
+def export_voc(job, dest: str | Path, split: str = "train_aug", keep: MaskFilter | None = None,
                with_images: bool = False, replace: bool = False, progress=None) -> ExportSummary:
     """Write the job's ok masks (those passing `keep`) in the VOC layout under dest.
 
@@ -93,7 +72,7 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
-        summary = _export_into(job, staging, split, keep or ExportFilter(), with_images, progress)
+        summary = _export_into(job, staging, split, keep or MaskFilter(), with_images, progress)
         os.sync()  # every file of the export on disk before it takes its name
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -109,19 +88,16 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: ExportFilt
     return summary
 
 
-def _mask_png(record, ignore_below: float | None) -> bytes:
+def _mask_png(record, keep: MaskFilter) -> bytes:
     """The mask's PNG as the job wrote it (the same encoder, so the same bytes a decode and
-    encode would give, in a fifth of the time), or re-encoded with the pixels scoring below
-    ignore_below set to 255."""
-    if ignore_below is None:
+    encode would give, in a fifth of the time), or re-encoded with the pixels `keep` leaves
+    out set to 255."""
+    if keep.ignore_below is None:
         return record.sample["png"]
-    if record.confidence is None:
-        raise ExportError(f"{record.id} has no confidence map (a job from before pseudolabel 0.1 wrote "
-                          "them): rerun the job into a new output folder to use --ignore-below")
-    return encode_mask(np.asarray(apply_ignore(record.labels, record.confidence, ignore_below), np.uint8))
+    return encode_mask(np.asarray(keep.labels(record), np.uint8))
 
 
-def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: bool, progress) -> ExportSummary:
+def _export_into(job, dest: Path, split: str, keep: MaskFilter, with_images: bool, progress) -> ExportSummary:
     summary = ExportSummary()
     ids: list[str] = []
     for record, sample in job.joined() if with_images else ((r, None) for r in job.masks()):
@@ -133,7 +109,7 @@ def _export_into(job, dest: Path, split: str, keep: ExportFilter, with_images: b
         if reason:
             summary.dropped[reason] = summary.dropped.get(reason, 0) + 1
             continue
-        write_staged_bytes(file_in(dest / MASK_FOLDER, record.id, ".png"), _mask_png(record, keep.ignore_below))
+        write_staged_bytes(file_in(dest / MASK_FOLDER, record.id, ".png"), _mask_png(record, keep))
         if sample is not None:
             write_staged_bytes(file_in(dest / "JPEGImages", record.id, ".jpg"), sample_image(sample))
         ids.append(record.id)
