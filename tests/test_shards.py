@@ -505,25 +505,55 @@ def test_without_config_shards_of_a_built_in_configs_classes_run_with_it(tmp_pat
     assert capsys.readouterr().out == ""
 
 
-def test_without_config_or_classes_shards_of_classes_of_their_own_run_with_those(tmp_path, capsys):
+def test_without_config_or_classes_shards_run_with_the_classes_or_config_they_were_made_with(tmp_path, capsys):
     """shard-folder --classes shards run with no --classes were refused, naming the --classes to
-    pass: the manifest's names are the only ones their labels can mean."""
-    from pipeline.cli.options import input_config
+    pass, though the manifest's names are the only ones their labels can mean. A config file
+    the shards were made with is the run's; shards whose class list has no recorded source
+    (another tool's, an older manifest) are still refused, as a config of their classes may
+    hold prompts and settings of its own."""
+    from PIL import Image
 
-    own = tmp_path / "own"
-    own.mkdir()
-    (own / "images-000000.tar").write_bytes(b"")
-    names = ["red plane", "person", "monitor", "dog, small", "a", "b"]  # one name --classes could not give
-    (own / "manifest.json").write_text(json.dumps({"classes": names,
-                                                   "shards": [{"url": "images-000000.tar", "samples": 0}]}))
-    config = input_config(None, str(own), method="diffseg")
+    from pipeline.cli.options import input_config
+    from pipeline.data.shards import InputError, check_shard_classes, expand_input, manifests_beside
+
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(synthetic_image(20, 20, seed=1)).save(tmp_path / "imgs" / "a.jpg")
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,person\n")
+    names = ["red plane", "person", "monitor", "dog", "a", "b"]
+    (tmp_path / "mine.yaml").write_text("classes: [{name: red plane, prompt: aeroplane}, person, monitor, dog, a, b]\n"
+                                        "ent: 0.02\n")
+
+    def shard(folder, *classes):
+        assert main(["shard-folder", "--image-dir", str(tmp_path / "imgs"), "--labels-file",
+                     str(tmp_path / "labels.csv"), *classes, "-o", str(tmp_path / folder)]) == 0
+        capsys.readouterr()
+        return str(tmp_path / folder)
+
+    given = shard("given", "--classes", ",".join(names))
+    config = input_config(None, given, method="diffseg")
     assert config.class_names == names and config.method == "diffseg"
     assert [c.prompt for c in config.classes][:2] == ["red plane", "person"]  # each name its own prompt
     assert capsys.readouterr().out == (
-        "classes: the 6 the shards' manifest.json lists (red plane, person, monitor, dog, small, a, ...), each its "
-        "own prompt, with the voc config's settings (--classes or --config to choose others)\n")
-    assert input_config("voc", str(own)).class_names == load_config("voc").class_names  # refused later, naming the fix
-    assert input_config(None, str(own), "cat,dog").class_names == ["cat", "dog"]
+        "classes: the 6 the shards' manifest.json lists (red plane, person, monitor, dog, a, ...), given to "
+        "shard-folder as --classes, each its own prompt, with the voc config's settings (--classes or --config to "
+        "choose others)\n")
+    assert input_config("voc", given).class_names == load_config("voc").class_names  # refused later, naming the fix
+    assert input_config(None, given, "cat,dog").class_names == ["cat", "dog"] and capsys.readouterr().out == ""
+
+    made = shard("made", "--config", str(tmp_path / "mine.yaml"))
+    config = input_config(None, made)
+    assert config.classes[0].prompt == "aeroplane" and config.ent == 0.02  # the file's prompts and settings
+    assert capsys.readouterr().out == (f"config: {tmp_path / 'mine.yaml'}, the config the shards were made with "
+                                       "(their manifest.json; --config to choose another)\n")
+    (tmp_path / "mine.yaml").unlink()  # gone since: the default, refused with the file to pass
+    assert input_config(None, made).class_names == load_config("voc").class_names
+    with pytest.raises(InputError, match=rf"pass --config {tmp_path / 'mine.yaml'}, the config they were made with$"):
+        check_shard_classes(manifests_beside(expand_input(made)), load_config("voc").class_names)
+
+    manifest = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    del manifest["classes_from"]  # a manifest that does not say where its classes came from
+    (tmp_path / "given" / "manifest.json").write_text(json.dumps(manifest))
+    assert input_config(None, given).class_names == load_config("voc").class_names
     assert capsys.readouterr().out == ""
 
 

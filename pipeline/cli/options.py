@@ -117,11 +117,13 @@ def add_input_shards(group, required: bool = True, help: str | None = None) -> N
 def input_config(config: str | None, inputs: str, classes: str | None = None, method: str | None = None):
     """The SegmenterConfig of --config with --classes (comma-separated names, each its own
     prompt) as its classes and --method as its method where given. Without --config and
-    --classes: the built-in config whose classes the input shards' manifest.json lists (COCO
-    shards: coco, said in a line); for shards of classes of their own (`shard-folder
-    --classes`), the default config with the manifest's classes, as --classes would give them
-    (said in a line); else the default (voc)."""
-    from pipeline.data.shards import built_in_config_listed, classes_listed, expand_input, manifests_beside
+    --classes, from the input shards' manifest.json (each said in a line): the built-in config
+    of the classes it lists (COCO shards: coco); the config file the shards were made with
+    (`shard-folder --config my.yaml`), where it still lists those classes; for shards of classes
+    given as `shard-folder --classes`, the default config with those classes, as --classes
+    gives them; else the default (voc), which check_shard_classes then holds against them."""
+    from pipeline.data.shards import (CLASSES_OPTION, built_in_config_listed, classes_listed, expand_input,
+                                      manifests_beside)
 
     if config is None and classes is None:
         manifests = manifests_beside(expand_input(inputs))
@@ -129,12 +131,17 @@ def input_config(config: str | None, inputs: str, classes: str | None = None, me
         if config is not None and config != BUILT_IN_CONFIGS[0]:
             print(f"config: {config}, the built-in config of the classes the shards' manifest.json lists "
                   "(--config to choose another)")
-        listed = classes_listed(manifests) if config is None else None
-        if listed is not None:
-            shown = ", ".join(listed[:5]) + (", ..." if len(listed) > 5 else "")
-            print(f"classes: the {len(listed)} the shards' manifest.json lists ({shown}), each its own prompt, with "
-                  f"the {BUILT_IN_CONFIGS[0]} config's settings (--classes or --config to choose others)")
-            return with_method_option(load_config(None).with_classes(listed, "the shards' manifest.json"), method)
+        names, made_with = (classes_listed(manifests) if config is None else None) or (None, None)
+        if made_with == CLASSES_OPTION:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            print(f"classes: the {len(names)} the shards' manifest.json lists ({shown}), given to shard-folder as "
+                  f"--classes, each its own prompt, with the {BUILT_IN_CONFIGS[0]} config's settings (--classes or "
+                  "--config to choose others)")
+            return with_method_option(load_config(None).with_classes(names, "the shards' manifest.json"), method)
+        if made_with is not None and Path(made_with).is_file() and load_config(made_with).class_names == names:
+            print(f"config: {made_with}, the config the shards were made with (their manifest.json; --config to "
+                  "choose another)")
+            config = made_with
     return with_method_option(with_classes_option(load_config(config), classes), method)
 
 
@@ -175,8 +182,8 @@ def add_model_options(parser: argparse.ArgumentParser, default_model: str = DEFA
     if with_config:
         group.add_argument("--config", default=None, type=user_path,
                            help="YAML config file, or a built-in name: voc or coco (default: voc; for shards "
-                                "whose manifest.json lists COCO's classes, coco; for shards of classes of their "
-                                "own, voc with the classes their manifest.json lists)")
+                                "whose manifest.json lists COCO's classes, coco; for shard-folder shards, the "
+                                "--classes or config they were made with)")
     if with_method:
         add_method(group)
     add_device(group)

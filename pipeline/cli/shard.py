@@ -123,24 +123,24 @@ def run_shard_voc(args: argparse.Namespace) -> int:
 
 def run_shard_coco(args: argparse.Namespace) -> int:
     from pipeline.data.coco import coco_sources
-    from pipeline.data.shards import ShardingReport
+    from pipeline.data.shards import ShardingReport, config_source
     from pipeline.progress import progress_bar
 
     class_names = load_config(args.config).class_names
-    report = ShardingReport()
+    report = ShardingReport(classes_from=config_source(args.config))
     sources = coco_sources(args.coco_root, args.split, args.annotations, class_names, report,
                            lambda ids: progress_bar(ids, unit="img", desc="ground truth", delay=0.5))
     return _write(sources, args, f"coco-{args.split}", class_names, report)
 
 
 def run_shard_folder(args: argparse.Namespace) -> int:
-    from pipeline.data.shards import ShardingReport, folder_sources
+    from pipeline.data.shards import CLASSES_OPTION, ShardingReport, config_source, folder_sources
 
     if args.config is not None:
         classes = load_config(args.config).class_names
     else:
         classes = _class_list(args.classes)
-    report = ShardingReport()
+    report = ShardingReport(classes_from=CLASSES_OPTION if args.config is None else config_source(args.config))
     sources = folder_sources(args.image_dir, args.labels_file, report)
     return _write(sources, args, args.prefix, classes, report)
 

@@ -133,7 +133,8 @@ class MaskFilter:
         """Why an image is dropped, by its statistics (a mask's json, or its row of the job's
         statistics), or None."""
         mean = stats.get("mean_confidence")
-        if self.min_mean_confidence is not None and (mean is None or math.isnan(mean) or mean < self.min_mean_confidence):
+        if self.min_mean_confidence is not None and (mean is None or math.isnan(mean)
+                                                     or mean < self.min_mean_confidence):
             return "mean confidence"
         if self.require_all_labels and stats.get("missed_labels"):
             return "missed label"

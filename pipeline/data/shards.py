@@ -71,6 +71,7 @@ class ShardingReport:
     turned_upright: list[dict] = field(default_factory=list)  # {id, exif_orientation} per image
     label_sources: dict[str, int] = field(default_factory=dict)  # images sharded per label source
     replaced: list[str] = field(default_factory=list)  # shards of the folder's previous manifest, now removed
+    classes_from: str | None = None  # CLASSES_OPTION, or the config the class list came from (`config_source`)
 
     def problem(self, sample_id: str, kind: str, detail: str) -> None:
         self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
@@ -527,8 +528,9 @@ def write_image_shards(sources: list[SourceImage], out_dir: str | Path, prefix: 
             progress.update(len(chunk))
     report.replaced = _previous_shards(out_dir, {shard["url"] for shard in report.shards})
     atomic_write_json(out_dir / "manifest.json",
-                      {"shards": report.shards, "classes": class_names, "label_sources": report.label_sources,
-                       "problems": report.problems, "turned_upright": report.turned_upright})
+                      {"shards": report.shards, "classes": class_names, "classes_from": report.classes_from,
+                       "label_sources": report.label_sources, "problems": report.problems,
+                       "turned_upright": report.turned_upright})
     for name in report.replaced:  # after the new manifest: a crash between the two leaves extra files only
         (out_dir / name).unlink(missing_ok=True)
     return report
@@ -844,7 +846,10 @@ def check_shard_classes(manifests: dict[str, dict], class_names: list[str]) -> N
         if not is_name_list(listed) or not listed or list(map(name_key, listed)) == list(map(name_key, class_names)):
             continue
         match = built_in_config_listed({folder: manifest})
+        made_with = manifest.get("classes_from")
         fix = (f"pass --config {match}" if match
+               else f"pass --config {made_with}, the config they were made with" if isinstance(made_with, str)
+               and made_with != CLASSES_OPTION
                else f"pass --classes '{','.join(listed)}'" if not any("," in name or "'" in name for name in listed)
                else f"pass a config whose classes are the manifest's, in its order: a YAML file holding the line "
                     f"classes: {json.dumps(listed)}")
@@ -853,13 +858,29 @@ def check_shard_classes(manifests: dict[str, dict], class_names: list[str]) -> N
                          f"has {len(class_names)} ({first[1]}): {fix}")
 
 
-def classes_listed(manifests: dict[str, dict]) -> list[str] | None:
-    """The class names, in label order, that every manifest beside the shards lists
-    (`manifests_beside`); None where there is no manifest, one lists none, or two differ."""
+# A manifest's `classes_from` where shard-folder was given the class list as --classes (else the
+# config it was given, `config_source`).
+CLASSES_OPTION = "--classes"
+
+
+def config_source(config: str) -> str:
+    """How a manifest records the --config a class list came from: a built-in name as it is,
+    a file by its absolute path."""
+    from pipeline.config import BUILT_IN_CONFIGS
+
+    return config if config in BUILT_IN_CONFIGS and not Path(config).is_file() else os.path.abspath(config)
+
+
+def classes_listed(manifests: dict[str, dict]) -> tuple[list[str], str | None] | None:
+    """(class names in label order, where they came from: CLASSES_OPTION, a config, or None
+    where unrecorded or not the same in every manifest) that every manifest beside the shards
+    lists (`manifests_beside`); None where there is no manifest, one lists none, or two differ."""
     listed = [manifest.get("classes") for manifest in manifests.values()]
     if not listed or not all(is_name_list(names) and names and names == listed[0] for names in listed):
         return None
-    return listed[0]
+    sources = {manifest.get("classes_from") for manifest in manifests.values()}
+    source = sources.pop() if len(sources) == 1 else None
+    return listed[0], source if isinstance(source, str) else None
 
 
 def built_in_config_listed(manifests: dict[str, dict]) -> str | None:
@@ -870,7 +891,7 @@ def built_in_config_listed(manifests: dict[str, dict]) -> str | None:
     listed = classes_listed(manifests)
     if listed is None:
         return None
-    keys = list(map(name_key, listed))
+    keys = list(map(name_key, listed[0]))
     return next((name for name in BUILT_IN_CONFIGS
                  if list(map(name_key, load_config(built_in_config(name)).class_names)) == keys), None)
 
