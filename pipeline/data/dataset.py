@@ -216,7 +216,7 @@ class PseudoMaskShards(IterableDataset):
                 index += 1
                 if index == count:
                     return
-            if index == start:  # shards whose every image failed: pad from the whole job's
+            if index == start:  # shards with no image kept (failed, or filtered out): pad from the whole job's
                 if mine == order:
                     return
                 mine = order
