@@ -542,12 +542,18 @@ def built_in_config(name: str) -> Path:
     return Path(str(files("pipeline.configs") / f"{name}.yaml"))
 
 
+def is_built_in_name(config: str | Path) -> bool:
+    """Whether a --config value names a built-in config (`voc`, `coco`) rather than a file: a
+    file or folder of that name here is no config (a folder coco/, the dataset)."""
+    return str(config) in BUILT_IN_CONFIGS and not Path(config).is_file()
+
+
 def load_config(path: str | Path | None) -> SegmenterConfig:
     """Read and validate a YAML config; None gives the built-in VOC defaults, and a built-in
     name (`voc`, `coco`) the config shipped with the package, from any folder."""
     if path is None:
         return SegmenterConfig()
-    if str(path) in BUILT_IN_CONFIGS and not Path(path).is_file():  # a folder coco/ (the dataset) is no config
+    if is_built_in_name(path):
         path = built_in_config(str(path))
     path = Path(path)
     if not path.is_file():

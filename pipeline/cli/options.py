@@ -123,7 +123,7 @@ def input_config(config: str | None, inputs: str, classes: str | None = None, me
     given as `shard-folder --classes`, the default config with those classes, as --classes
     gives them; else the default (voc), which check_shard_classes then holds against them."""
     from pipeline.data.shards import (CLASSES_OPTION, built_in_config_listed, classes_listed, expand_input,
-                                      manifests_beside)
+                                      first_names, manifests_beside)
 
     if config is None and classes is None:
         manifests = manifests_beside(expand_input(inputs))
@@ -131,17 +131,19 @@ def input_config(config: str | None, inputs: str, classes: str | None = None, me
         if config is not None and config != BUILT_IN_CONFIGS[0]:
             print(f"config: {config}, the built-in config of the classes the shards' manifest.json lists "
                   "(--config to choose another)")
-        names, made_with = (classes_listed(manifests) if config is None else None) or (None, None)
-        if made_with == CLASSES_OPTION:
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            print(f"classes: the {len(names)} the shards' manifest.json lists ({shown}), given to shard-folder as "
-                  f"--classes, each its own prompt, with the {BUILT_IN_CONFIGS[0]} config's settings (--classes or "
-                  "--config to choose others)")
-            return with_method_option(load_config(None).with_classes(names, "the shards' manifest.json"), method)
-        if made_with is not None and Path(made_with).is_file() and load_config(made_with).class_names == names:
-            print(f"config: {made_with}, the config the shards were made with (their manifest.json; --config to "
-                  "choose another)")
-            config = made_with
+        listed = classes_listed(manifests) if config is None else None
+        if listed is not None:
+            names, made_with = listed
+            if made_with == CLASSES_OPTION:
+                print(f"classes: the {len(names)} the shards' manifest.json lists ({first_names(names, 5)}), given "
+                      f"to shard-folder as --classes, each its own prompt, with the {BUILT_IN_CONFIGS[0]} config's "
+                      "settings (--classes or --config to choose others)")
+                return with_method_option(load_config(None).with_classes(names, "the shards' manifest.json"), method)
+            made = load_config(made_with) if made_with is not None and Path(made_with).is_file() else None
+            if made is not None and made.class_names == names:
+                print(f"config: {made_with}, the config the shards were made with (their manifest.json; --config "
+                      "to choose another)")
+                return with_method_option(made, method)
     return with_method_option(with_classes_option(load_config(config), classes), method)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.config import match_class
 from pipeline.mask.codec import encode_mask
 from pipeline.data.safe_paths import key_problem
-from pipeline.data.shards import ShardingError, ShardingReport, SourceImage, sample_key, split_folders
+from pipeline.data.shards import ShardingError, ShardingReport, SourceImage, first_names, sample_key, split_folders
 
 SPLITS = ("train2014", "val2014", "train2017", "val2017")
 
@@ -82,7 +82,7 @@ def category_indices(coco, class_names: list[str]) -> dict[int, int]:
     for category in categories:
         index = match_class(category["name"], spellings)
         if index is None:
-            names = ", ".join(c["name"] for c in categories[:8]) + (", ..." if len(categories) > 8 else "")
+            names = first_names([c["name"] for c in categories], 8)
             raise ShardingError(f"COCO category {category['id']} {category['name']!r} is not a class of the config "
                                 f"(COCO's 80 unless --config names another): pass --config, a YAML whose classes "
                                 f"are the annotation file's categories ({names})")

@@ -194,9 +194,8 @@ class PseudoMaskShards(IterableDataset):
 
     def _joined(self, urls):
         """Mask shard urls -> (id, image, mask) tensors: each mask joined with its image."""
-        for url in urls:
-            for record, sample in self._kept([url["url"]]):
-                yield self._decoded(record, sample)
+        for record, sample in self._kept([url["url"] for url in urls]):
+            yield self._decoded(record, sample)
 
     def _rank_joined(self, urls, order: list[str]):
         """Under DDP: this rank's mask shard urls (of the pass over `order`) -> the (id, image,

@@ -77,6 +77,11 @@ class ShardingReport:
         self.problems.append({"id": sample_id, "problem": kind, "detail": detail})
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """`a, b, c, ...`: the first `shown` names of a class list, for a line that cannot hold 80."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def is_name_list(value) -> bool:
     """Whether value is a list of class names (strings), as labels files and samples give them."""
     return isinstance(value, list) and all(isinstance(name, str) for name in value)
@@ -853,7 +858,7 @@ def check_shard_classes(manifests: dict[str, dict], class_names: list[str]) -> N
                else f"pass --classes '{','.join(listed)}'" if not any("," in name or "'" in name for name in listed)
                else f"pass a config whose classes are the manifest's, in its order: a YAML file holding the line "
                     f"classes: {json.dumps(listed)}")
-        first = [", ".join(names[:3]) + (", ..." if len(names) > 3 else "") for names in (listed, class_names)]
+        first = [first_names(names) for names in (listed, class_names)]
         raise InputError(f"the shards in {folder} were written for {len(listed)} classes ({first[0]}) but the config "
                          f"has {len(class_names)} ({first[1]}): {fix}")
 
@@ -866,9 +871,9 @@ CLASSES_OPTION = "--classes"
 def config_source(config: str) -> str:
     """How a manifest records the --config a class list came from: a built-in name as it is,
     a file by its absolute path."""
-    from pipeline.config import BUILT_IN_CONFIGS
+    from pipeline.config import is_built_in_name
 
-    return config if config in BUILT_IN_CONFIGS and not Path(config).is_file() else os.path.abspath(config)
+    return config if is_built_in_name(config) else os.path.abspath(config)
 
 
 def classes_listed(manifests: dict[str, dict]) -> tuple[list[str], str | None] | None:
