@@ -488,15 +488,27 @@ def _hold_every_cpu(ray, seconds: int):
 def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_are_free(ray_local, shards, tmp_path,
                                                                                         capsys, monkeypatch):
     """On a cluster whose CPUs or GPUs other jobs held, a job printed `joining ...` and then
-    nothing for as long as it waited."""
+    nothing for as long as it waited. Its post-processing workers start once its segmenter
+    workers are placed: started with them, they held CPUs the segmenter workers were to be
+    spread over, and the job's two workers on a three-node cluster started on one node now
+    and then (test_cluster.py)."""
     from pipeline.job import runner
 
     monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
     cpus = int(ray_local.cluster_resources()["CPU"])
     other_job = _hold_every_cpu(ray_local, seconds=8)
+    other_job_done_at_post_processing_start = []
+
+    def start_post_processing_workers(ray):
+        other_job_done_at_post_processing_start.append(bool(ray.wait([other_job], timeout=0)[0]))
+        start(ray)
+
+    start = runner.start_post_processing_workers
+    monkeypatch.setattr(runner, "start_post_processing_workers", start_post_processing_workers)
     summary = run_job(str(shards / "voc-train-000000.tar"), tmp_path / "out", load_config(FAST_CONFIG), "tiny",
                       workers=1, progress=False)
     assert summary.shards_done == 1 and ray_local.get(other_job).returncode == 0  # it ran to its end first
+    assert other_job_done_at_post_processing_start == [True]  # started once, after the worker had its CPU
     assert (f"waiting for the cluster's resources: 1 of 1 segmenter worker(s) not placed yet, each asking 1 CPU (0 of "
             f"{cpus} CPUs free; `ray status` shows what holds them): the job goes on once they are free, or Ctrl-C "
             "stops it\n") in capsys.readouterr().out

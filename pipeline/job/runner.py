@@ -161,7 +161,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
     given neither joins again.
     cpu_threads: torch threads of each CPU worker (default: its share of the machine);
     cpu_allocator: glibc settings of CPU workers, one of CPU_ALLOCATORS (`cpu_worker_env`)."""
-    from pipeline.job.worker import start_post_processing_worker
     from pipeline.progress import progress_bar
 
     cpu_env = cpu_worker_env(cpu_allocator, os.environ)  # a bad value fails before anything starts
@@ -260,10 +259,6 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                 actor_class = ray.remote(ray_shard_worker_class())
                 actors = [actor_class.options(**options).remote(model, config_json, device, threads)
                           for _ in range(n_workers)]
-                # Post-processing workers import torch while the model loads (not waited for).
-                starter = ray.remote(num_cpus=1)(start_post_processing_worker)
-                for _ in range(int(ray.cluster_resources().get("CPU", 1))):
-                    starter.remote()
                 try:
                     started_on = _wait_for_workers(ray, actors, options, stop)  # model-loading errors once
                 except ray.exceptions.RayActorError as exc:
@@ -403,19 +398,37 @@ class _stop_on_signals:
 PLACEMENT_NOTICE_S = 20.0
 
 
+def start_post_processing_workers(ray) -> None:
+    """One task a cluster CPU (`start_post_processing_worker`, not waited for), so that the Ray
+    workers that will post-process the images import torch now. Only once the segmenter workers
+    are placed: submitted with them, these tasks held the CPUs of the nodes the workers were to
+    spread over, and both workers of a three-node cluster started on one node now and then."""
+    from pipeline.job.worker import start_post_processing_worker
+
+    starter = ray.remote(num_cpus=1)(start_post_processing_worker)
+    for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+        starter.remote()
+
+
 def _wait_for_workers(ray, actors: list, options: Mapping, stop: "_stop_on_signals") -> list[dict]:
     """The segmenter workers' `ready()` answers, once every one has loaded its model; a stop
     signal is acted on within a second (`stop.check`). From PLACEMENT_NOTICE_S on, every few
     seconds, asks whether some wait for the cluster's resources (`placement_notice`) and says
     so once: on a shared cluster whose GPUs or CPUs other jobs held, the job printed nothing
-    after `joining` for as long as it waited."""
+    after `joining` for as long as it waited. Once every worker is placed on a node (or at once
+    where the actor table cannot be read), starts the post-processing workers
+    (`start_post_processing_workers`), so that they import torch while the models load."""
     answers = [actor.ready.remote() for actor in actors]
     ask_at = time.monotonic() + PLACEMENT_NOTICE_S
+    pending, post_processing_started = answers, False
     while True:
-        _, pending = ray.wait(answers, num_returns=len(answers), timeout=1.0)
-        stop.check()
+        if not post_processing_started and (not pending or not _unplaced(actors)):
+            start_post_processing_workers(ray)
+            post_processing_started = True
         if not pending:
             return ray.get(answers)
+        _, pending = ray.wait(answers, num_returns=len(answers), timeout=1.0 if post_processing_started else 0.1)
+        stop.check()
         if ask_at is not None and time.monotonic() >= ask_at:
             notice = placement_notice(_unplaced(actors), len(pending), len(actors), options,
                                       ray.available_resources(), ray.cluster_resources())
