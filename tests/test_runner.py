@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -640,11 +641,18 @@ def test_device_failures_are_recognised():
 
 
 class _Cluster:
-    def __init__(self, **resources):
+    """Ray's cluster tables for _actor_options: one node, or nodes of the CPUs `node_cpus` lists."""
+
+    def __init__(self, node_cpus: tuple = (), **resources):
         self.resources = resources
+        self.node_cpus = node_cpus or (resources.get("CPU", 0),)
 
     def cluster_resources(self):
         return self.resources
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": cpus} if cpus else {}} for cpus in self.node_cpus] + [
+            {"Alive": False, "Resources": {"CPU": 64.0}}]  # a node lost earlier
 
 
 @pytest.mark.parametrize("cpus,workers,threads", [(2, 1, None), (2, 2, None), (2, 2, 1), (16, 2, 4), (16, 3, None),
@@ -660,6 +668,22 @@ def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threa
         assert options["num_cpus"] <= threads
     # fewer shards to do than workers asked: as many start, sharing the CPUs among themselves
     assert _actor_options(_Cluster(CPU=cpus), workers + 1, 2, shards=1)[::2] == (1, cpus)
+
+
+@pytest.mark.parametrize("node_cpus,workers", [((8, 3), 2), ((16, 4, 4), 3), ((32, 8), 2), ((0, 8, 8), 2),
+                                               ((2, 1, 1), 2), ((4, 4, 4, 4), 4), ((3,), 2)])
+def test_cpu_workers_ask_for_shares_the_nodes_can_hold_all_at_once(node_cpus, workers):
+    """Workers asked for a share of the cluster's total CPUs, 4.5 each on nodes of 8 and 3: one
+    started, and the job waited for the other for ever, saying nothing."""
+    from pipeline.job.runner import _actor_options
+
+    cpus = sum(node_cpus)
+    n, options, threads = _actor_options(_Cluster(node_cpus, CPU=cpus), workers, 2)
+    share = options["num_cpus"]
+    assert n == workers and sum(int(node // share) for node in node_cpus) >= workers  # all placed at once
+    assert cpus - n * share >= 1 and threads <= share + 1
+    if len(set(node for node in node_cpus if node)) == 1:  # equal nodes: all but a CPU a worker, as on one node
+        assert share == math.floor((cpus - n) / n * 100) / 100 and threads == cpus // n
 
 
 def test_cpu_workers_start_with_the_allocator_settings_unless_the_shell_sets_them_or_asks_unchanged():

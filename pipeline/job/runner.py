@@ -119,8 +119,9 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
     """(workers, actor options, torch threads per actor): one GPU each where the cluster has
     GPUs (unless device is "cpu"), else CPU slots; no more workers than `shards` to do, as a
     worker takes a shard at a time. CPU workers together reserve all but at
-    least one CPU (fractions allowed), so post-processing tasks can always be scheduled; the
-    reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
+    least one CPU (fractions allowed), so post-processing tasks can always be scheduled, and
+    each no more than lets all of them be placed on the nodes as they are (`_placeable_share`);
+    the reservation schedules Ray tasks, it does not pin cores. A CPU worker runs torch on
     cpu_threads threads, by default on its whole share of the CPUs: the model is idle while
     its results are post-processed. CPU workers start with the environment variables cpu_env
     (`cpu_worker_env`); a GPU worker's large tensors live on the GPU."""
@@ -135,13 +136,33 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
                              f"use --workers {gpus} or fewer, or --device cpu for CPU workers")
         return n, dict(num_gpus=1, num_cpus=1, **fault), 0
     n = min(workers or 1, shards or math.inf)
-    share = max(cpus - n, 1) / n  # leaves one CPU per worker, and at least one, for post-processing
+    share = min(max(cpus - n, 1) / n,  # leaves one CPU per worker, and at least one, for post-processing
+                _placeable_share(_node_cpus(ray) or [cpus], n))
     reserved = min(cpu_threads, share) if cpu_threads else share
     # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
     options = dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault)
     if cpu_env:
         options["runtime_env"] = {"env_vars": dict(cpu_env)}
-    return n, options, cpu_threads or max(1, cpus // n)
+    return n, options, cpu_threads or max(1, min(cpus // n, math.floor(share) + 1))
+
+
+def _node_cpus(ray) -> list[float]:
+    """The CPUs of each live node that has some (a head started with --num-cpus 0 has none)."""
+    try:
+        return [cpus for node in ray.nodes() if node.get("Alive") and (cpus := node.get("Resources", {}).get("CPU", 0))]
+    except Exception:  # a client without the node table: the caller takes the cluster's total
+        return []
+
+
+def _placeable_share(node_cpus: list[float], n: int) -> float:
+    """The most CPUs each of n workers can ask for with all n placed at once, each on one node:
+    the largest of a node's CPUs over k workers (k <= n) at which the nodes hold n. Asking for a
+    share of the cluster's total, two workers on nodes of 8 and 3 CPUs asked for 4.5 each: one
+    started on the first node, and the other waited, silently, for ever."""
+    def holds(share: float) -> int:
+        return sum(math.floor(cpus / share + 1e-9) for cpus in node_cpus)
+
+    return max(cpus / k for cpus in node_cpus for k in range(1, n + 1) if holds(cpus / k) >= n)
 
 
 def worker_device(device: str | None, options: Mapping) -> str | None:
