@@ -544,6 +544,12 @@ def test_the_placement_notice_says_waiting_only_where_a_workers_share_is_not_fre
     assert "each asking 0.5 CPU (0 of 2 CPUs free;" in placement_notice(1, 1, 2, {"num_cpus": 0.5}, {}, {"CPU": 2})
     assert placement_notice(0, 8, 8, gpu_worker, {}, cluster) is None  # all placed: loading their model
     assert placement_notice(2, 2, 8, gpu_worker, {"GPU": 2.0, "CPU": 3.0}, cluster) is None  # processes starting
+    # free on the cluster, but not together on one node (CPUs held on the GPU node by other jobs): waiting, said
+    apart = [{"GPU": 2.0, "CPU": 0.0}, {"CPU": 3.0}]
+    assert "(2 of 8 GPUs free, 3 of 64 CPUs free, but not a share on one node; `ray status`" in placement_notice(
+        2, 2, 8, gpu_worker, {"GPU": 2.0, "CPU": 3.0}, cluster, apart)
+    assert placement_notice(2, 2, 8, gpu_worker, {"GPU": 2.0, "CPU": 3.0}, cluster, [*apart, {"GPU": 1, "CPU": 1}]) \
+        is None
     assert placement_notice(None, 3, 8, gpu_worker, {}, cluster) == (  # Ray Client: no actor table to read
         f"3 of 8 segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the model, or waiting for the "
         "cluster's resources (`ray status` shows them)")

@@ -452,31 +452,46 @@ def _wait_for_workers(ray, actors: list, options: Mapping, stop: "_stop_on_signa
         stop.check()
         if ask_at is not None and time.monotonic() >= ask_at:
             notice = placement_notice(_unplaced(actors), len(pending), len(actors), options,
-                                      ray.available_resources(), ray.cluster_resources())
+                                      ray.available_resources(), ray.cluster_resources(), _free_by_node())
             if notice:
                 print(notice, flush=True)
             ask_at = None if notice else time.monotonic() + 5.0
 
 
 def placement_notice(unplaced: int | None, pending: int, workers: int, options: Mapping, free: Mapping,
-                     total: Mapping) -> str | None:
+                     total: Mapping, free_by_node: list[Mapping] | None = None) -> str | None:
     """What to say of `pending` workers not ready after PLACEMENT_NOTICE_S: that `unplaced` of
-    them wait for the cluster's resources, where one worker's share (`options`) is not free;
-    nothing where each has a process on a node (loading its model) or a share is free (a
-    process starting); where the actor table could not be read (unplaced None), that they load
-    or wait."""
+    them wait for the cluster's resources, where one worker's share (`options`) is not free on
+    one node (`free_by_node`; the cluster's `free` where that is not known); nothing where each
+    has a process on a node (loading its model) or a share is free (a process starting); where
+    the actor table could not be read (unplaced None), that they load or wait."""
     if unplaced is None:
         return (f"{pending} of {workers} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the "
                 "model, or waiting for the cluster's resources (`ray status` shows them)")
     asked = [(options.get(key, 0), name) for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU"))]
-    if not unplaced or all(free.get(name, 0) >= amount for amount, name in asked):
+
+    def holds_a_share(resources: Mapping) -> bool:
+        return all(resources.get(name, 0) >= amount for amount, name in asked)
+
+    if not unplaced or any(holds_a_share(node) for node in (free_by_node or [free])):
         return None
     each = " and ".join(f"{amount:g} {name}" for amount, name in asked if amount)
     has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s free" for amount, name in asked
-                    if amount)
+                    if amount) + (", but not a share on one node" if holds_a_share(free) else "")
     return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) not placed yet, each "
             f"asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are free, or "
             "Ctrl-C stops it")
+
+
+def _free_by_node() -> list[Mapping] | None:
+    """The resources free on each node, from the cluster's resource table; None where that
+    cannot be read (through Ray Client)."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return list(available_resources_per_node().values())
+    except Exception:  # an internal table: another Ray release, or a client without it
+        return None
 
 
 def _unplaced(actors: list) -> int | None:
