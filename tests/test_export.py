@@ -28,6 +28,22 @@ def test_export_writes_masks_split_list_and_images(tmp_path, capsys):
         assert Image.open(dest / "JPEGImages" / f"{image_id}.jpg").size == (45, 30)
 
 
+def test_a_pairs_list_reads_like_deeplabs_train_aug(tmp_path, capsys):
+    """DeepLab-style loaders read a list of `/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`
+    lines, each path under the dataset's root: an id list left them to be rewritten by hand."""
+    out, gts = make_job_output(tmp_path, lambda gt, i: gt)
+    dest = tmp_path / "export"
+    assert main(["export", str(out), "-o", str(dest), "--with-images", "--list", "pairs", "--split", "train"]) == 0
+    assert capsys.readouterr().out.endswith(f"split list {dest / 'ImageSets/Segmentation/train.txt'}\n")
+    lines = (dest / "ImageSets/Segmentation/train.txt").read_text().splitlines()
+    assert len(lines) == len(gts)
+    for line, image_id in zip(lines, sorted(gts)):
+        image_path, mask_path = line.split()  # read as DeepLab loaders do: the root, then the path without its "/"
+        assert (image_path, mask_path) == (f"/JPEGImages/{image_id}.jpg", f"/SegmentationClassPseudo/{image_id}.png")
+        mask = _read_like_mmseg(dest / mask_path[1:])
+        assert (mask == gts[image_id]).all() and Image.open(dest / image_path[1:]).size == mask.shape[::-1]
+
+
 def test_export_filters_and_ignore(tmp_path, capsys):
     # image i has confidence 0.2 + 0.2 i; image 1's prediction drops its labelled class 12.
     out, gts = make_job_output(tmp_path, lambda gt, i: np.where(gt == 12, 0, gt) if i == 1 else gt)

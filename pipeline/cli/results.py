@@ -27,13 +27,18 @@ def _register_export(sub) -> None:
         description="Write OUTPUT/SegmentationClassPseudo/<id>.png and a split list, as mmsegmentation's "
                     "PascalVOCDataset and DeepLab-style loaders read them.",
         examples=["pseudolabel export out/ -o pseudo-voc/ --with-images",
-                  "pseudolabel export out/ -o pseudo-voc/ --min-confidence 0.5 --ignore-below 0.3 --force"])
+                  "pseudolabel export out/ -o pseudo-voc/ --min-confidence 0.5 --ignore-below 0.3 --force",
+                  "pseudolabel export out/ -o pseudo-voc/ --with-images --list pairs"])
     add_job_folder(export.add_argument_group("input"))
     outputs = export.add_argument_group("output")
     add_output(outputs, "the folder to write the VOC layout into")
     outputs.add_argument("--format", choices=["voc"], default="voc", help="layout (voc)")
     outputs.add_argument("--split", default="train_aug",
                          help="the split the list names: ImageSets/Segmentation/<split>.txt (default train_aug)")
+    outputs.add_argument("--list", choices=["ids", "pairs"], default="ids", dest="list_lines",
+                         help="what a line of the split list holds: ids (<id>, as mmsegmentation reads it) or pairs "
+                              "(/JPEGImages/<id>.jpg /SegmentationClassPseudo/<id>.png, as DeepLab-style loaders "
+                              "read train_aug.txt); default ids")
     outputs.add_argument("--with-images", action="store_true", help="also write JPEGImages/ from the input shards")
     outputs.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     add_no_progress(outputs)
@@ -202,7 +207,7 @@ def run_export(args: argparse.Namespace) -> int:
     job = finished_part(args.job)
     with image_bar(job, "export", args) as bar:
         summary = export_voc(job, args.output, split=args.split, keep=keep, with_images=args.with_images,
-                             replace=args.force, progress=bar)
+                             replace=args.force, progress=bar, list_lines=args.list_lines)
     print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
           f"(dropped: {summary.dropped_text() or 'none'}); split list {summary.split_file}")
     return 0

@@ -1,7 +1,9 @@
 """Export a job's masks in the PASCAL VOC layout that mmsegmentation and DeepLab-style loaders read.
 
 DEST/SegmentationClassPseudo/<id>.png  8-bit palette PNG, indices 0..20, 255 ignore
-DEST/ImageSets/Segmentation/<split>.txt ids exported, one per line
+DEST/ImageSets/Segmentation/<split>.txt ids exported, one per line (`ids`), or a line
+                                       `/JPEGImages/<id>.jpg /SegmentationClassPseudo/<id>.png`
+                                       each (`pairs`, as DeepLab's train_aug.txt)
 DEST/JPEGImages/<id>.jpg               the original images, with --with-images
 """
 
@@ -24,6 +26,8 @@ from pipeline.data.shards import sample_image
 
 # What an export writes into its folder: all that --force may replace.
 EXPORT_ENTRIES = (MASK_FOLDER, "ImageSets", "JPEGImages")
+# What a line of the split list holds, for an image id.
+LIST_LINES = {"ids": "{id}", "pairs": "/JPEGImages/{id}.jpg /" + MASK_FOLDER + "/{id}.png"}
 
 
 class ExportError(PipelineError, ValueError):
@@ -43,14 +47,17 @@ class ExportSummary:
 
 
 def export_voc(job, dest: str | Path, split: str = "train_aug", keep: MaskFilter | None = None,
-               with_images: bool = False, replace: bool = False, progress=None) -> ExportSummary:
-    """Write the job's ok masks (those passing `keep`) in the VOC layout under dest.
+               with_images: bool = False, replace: bool = False, progress=None,
+               list_lines: str = "ids") -> ExportSummary:
+    """Write the job's ok masks (those passing `keep`) in the VOC layout under dest, the split
+    list's lines of the form LIST_LINES[list_lines].
 
     All or nothing: the export is written into a hidden folder beside dest and renamed to dest
     when complete, so a failure leaves no half-written dest. An existing non-empty dest is an
     error unless replace, and replace takes only a folder holding nothing but EXPORT_ENTRIES
     (never a job's folder, a dataset or a home folder given by mistake). Everything the export
-    needs (the input shards, with_images) is found before anything is written. `progress` (a tqdm bar) moves by one for each mask read."""
+    needs (the input shards, with_images) is found before anything is written. `progress` (a
+    tqdm bar) moves by one for each mask read."""
     split_problem = key_problem(split)
     if split_problem is not None:
         raise ExportError(f"--split {split!r}: {split_problem}; the split names the file ImageSets/Segmentation/"
@@ -72,7 +79,8 @@ def export_voc(job, dest: str | Path, split: str = "train_aug", keep: MaskFilter
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
-        summary = _export_into(job, staging, split, keep or MaskFilter(), with_images, progress)
+        summary = _export_into(job, staging, split, keep or MaskFilter(), with_images, progress,
+                               LIST_LINES[list_lines])
         os.sync()  # every file of the export on disk before it takes its name
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -97,7 +105,8 @@ def _mask_png(record, keep: MaskFilter) -> bytes:
     return encode_mask(np.asarray(keep.labels(record), np.uint8))
 
 
-def _export_into(job, dest: Path, split: str, keep: MaskFilter, with_images: bool, progress) -> ExportSummary:
+def _export_into(job, dest: Path, split: str, keep: MaskFilter, with_images: bool, progress,
+                 list_line: str) -> ExportSummary:
     summary = ExportSummary()
     ids: list[str] = []
     for record, sample in job.joined() if with_images else ((r, None) for r in job.masks()):
@@ -122,5 +131,5 @@ def _export_into(job, dest: Path, split: str, keep: MaskFilter, with_images: boo
                           "at -o/--output is left as it was")
     summary.exported = len(ids)
     summary.split_file = file_in(dest / "ImageSets" / "Segmentation", split, ".txt")
-    write_staged_bytes(summary.split_file, "".join(f"{i}\n" for i in ids).encode())
+    write_staged_bytes(summary.split_file, "".join(list_line.format(id=i) + "\n" for i in ids).encode())
     return summary
