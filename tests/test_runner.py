@@ -515,6 +515,45 @@ def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_
             "stops it\n") in capsys.readouterr().out
 
 
+def test_a_worker_lost_mid_job_and_not_placeable_again_is_said_and_its_shard_done_once_it_is(ray_local, shards,
+                                                                                            tmp_path, capsys,
+                                                                                            monkeypatch):
+    """A job whose worker Ray restarted (its node or process lost) while no node had the
+    worker's share free, as a cluster that lost a GPU node, waited as long as that lasted, at
+    its end, saying nothing."""
+    import threading
+
+    from ray._private.state import actors as actor_table
+
+    from pipeline.job import runner
+
+    monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
+    out, other_job = tmp_path / "out", []
+
+    def lose_the_worker_while_another_job_waits_for_every_cpu():
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "ledger").is_dir() or not any(
+                entry.state == "in_progress" for entry in Ledger(out).entries()):
+            time.sleep(0.05)
+        # Another job takes the CPU the worker leaves free, and waits for the worker's: queued first, it takes
+        # them before Ray can restart the worker.
+        cpus, hold = int(ray_local.cluster_resources()["CPU"]), ray_local.remote(subprocess.run)
+        other_job.extend(hold.options(num_cpus=n).remote(["sleep", "6"]) for n in (1, cpus - 1))
+        time.sleep(0.5)
+        worker = max((actor for actor in actor_table().values()
+                      if actor["ActorClassName"] == "ShardWorker" and actor["State"] == "ALIVE"),
+                     key=lambda actor: actor["StartTime"])
+        os.kill(worker["Pid"], signal.SIGKILL)
+
+    threading.Thread(target=lose_the_worker_while_another_job_waits_for_every_cpu, daemon=True).start()
+    summary = run_job(str(shards / "voc-train-000000.tar"), out, load_config(FAST_CONFIG), "tiny", workers=1,
+                      progress=False)
+    assert (summary.shards_done, summary.images_ok) == (1, 2)
+    assert [run.returncode for run in ray_local.get(other_job)] == [0, 0]
+    assert ("waiting for the cluster's resources: 1 of 1 segmenter worker(s) restarting (a node or process was lost), "
+            "not placed yet, each asking 1 CPU (") in capsys.readouterr().out
+
+
 def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothing_in_flight(ray_local, shards,
                                                                                               tmp_path):
     """SIGTERM (`kill`, `ray job stop`) while the workers loaded their model or waited for the

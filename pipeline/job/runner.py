@@ -303,6 +303,9 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                 for _ in range(SHARDS_PER_WORKER):
                     for slot in range(len(actors)):
                         dispatch(slot)
+                # When no shard has come back for PLACEMENT_NOTICE_S, every few seconds: do workers holding
+                # shards wait to be restarted where no node has their share free? (said once a stall)
+                ask_at: float | None = time.monotonic() + PLACEMENT_NOTICE_S
                 while in_flight:
                     ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                     stop.check()  # a signal is acted on within a second
@@ -310,7 +313,14 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         if progress:
                             poll_workers()
                             show_progress()
+                        if ask_at is not None and time.monotonic() >= ask_at:
+                            holding = list({slot: actors[slot] for _, slot, _ in in_flight.values()}.values())
+                            notice = restart_notice(ray, holding, len(actors), options)
+                            if notice:
+                                bar.write(notice)
+                            ask_at = None if notice else time.monotonic() + 5.0
                         continue
+                    ask_at = time.monotonic() + PLACEMENT_NOTICE_S
                     ref = ready[0]
                     entry, slot, shard_start = in_flight.pop(ref)
                     seen_in_flight.pop(entry.shard, None)
@@ -459,12 +469,14 @@ def _wait_for_workers(ray, actors: list, options: Mapping, stop: "_stop_on_signa
 
 
 def placement_notice(unplaced: int | None, pending: int, workers: int, options: Mapping, free: Mapping,
-                     total: Mapping, free_by_node: list[Mapping] | None = None) -> str | None:
+                     total: Mapping, free_by_node: list[Mapping] | None = None,
+                     restarting: bool = False) -> str | None:
     """What to say of `pending` workers not ready after PLACEMENT_NOTICE_S: that `unplaced` of
     them wait for the cluster's resources, where one worker's share (`options`) is not free on
     one node (`free_by_node`; the cluster's `free` where that is not known); nothing where each
     has a process on a node (loading its model) or a share is free (a process starting); where
-    the actor table could not be read (unplaced None), that they load or wait."""
+    the actor table could not be read (unplaced None), that they load or wait. `restarting`:
+    they are workers Ray restarts, their node or process lost."""
     if unplaced is None:
         return (f"{pending} of {workers} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the "
                 "model, or waiting for the cluster's resources (`ray status` shows them)")
@@ -478,9 +490,22 @@ def placement_notice(unplaced: int | None, pending: int, workers: int, options: 
     each = " and ".join(f"{amount:g} {name}" for amount, name in asked if amount)
     has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s free" for amount, name in asked
                     if amount) + (", but not a share on one node" if holds_a_share(free) else "")
-    return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) not placed yet, each "
-            f"asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are free, or "
-            "Ctrl-C stops it")
+    restart = "restarting (a node or process was lost), " if restarting else ""
+    return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) {restart}not placed "
+            f"yet, each asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are "
+            "free, or Ctrl-C stops it")
+
+
+def restart_notice(ray, holding: list, workers: int, options: Mapping) -> str | None:
+    """The line to say where workers `holding` shards wait to be restarted (by Ray, their node
+    or process lost) and no node has their share free: a job on a cluster that lost a GPU node
+    waited at its end for a GPU, for ever where none came back, saying nothing. None where
+    none waits so, or the actor table cannot be read."""
+    unplaced = _unplaced(holding)
+    if not unplaced:
+        return None
+    return placement_notice(unplaced, unplaced, workers, options, ray.available_resources(),
+                            ray.cluster_resources(), _free_by_node(), restarting=True)
 
 
 def _free_by_node() -> list[Mapping] | None:
