@@ -42,6 +42,11 @@ def test_a_pairs_list_reads_like_deeplabs_train_aug(tmp_path, capsys):
         assert (image_path, mask_path) == (f"/JPEGImages/{image_id}.jpg", f"/SegmentationClassPseudo/{image_id}.png")
         mask = _read_like_mmseg(dest / mask_path[1:])
         assert (mask == gts[image_id]).all() and Image.open(dest / image_path[1:]).size == mask.shape[::-1]
+    # without the images, the list names files the export does not hold: said, with the two ways to have them
+    assert main(["export", str(out), "-o", str(dest), "--list", "pairs", "--force"]) == 0
+    assert capsys.readouterr().out.endswith(f"its lines name /JPEGImages/<id>.jpg under {dest}, which holds no "
+                                            "images: export with --with-images, or link the dataset's JPEGImages "
+                                            "folder there\n")
 
 
 def test_export_filters_and_ignore(tmp_path, capsys):

@@ -210,6 +210,9 @@ def run_export(args: argparse.Namespace) -> int:
                              replace=args.force, progress=bar, list_lines=args.list_lines)
     print(f"exported {summary.exported} masks to {Path(args.output) / 'SegmentationClassPseudo'} "
           f"(dropped: {summary.dropped_text() or 'none'}); split list {summary.split_file}")
+    if args.list_lines == "pairs" and not args.with_images:
+        print(f"its lines name /JPEGImages/<id>.jpg under {Path(args.output)}, which holds no images: export with "
+              "--with-images, or link the dataset's JPEGImages folder there")
     return 0
 
 
