@@ -530,10 +530,12 @@ def test_a_worker_lost_mid_job_and_not_placeable_again_is_said_and_its_shard_don
     monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
     out, other_job = tmp_path / "out", []
 
+    def a_shard_in_progress() -> bool:
+        return (out / "ledger").is_dir() and any(entry.state == "in_progress" for entry in Ledger(out).entries())
+
     def lose_the_worker_while_another_job_waits_for_every_cpu():
         deadline = time.time() + 120
-        while time.time() < deadline and not (out / "ledger").is_dir() or not any(
-                entry.state == "in_progress" for entry in Ledger(out).entries()):
+        while time.time() < deadline and not a_shard_in_progress():
             time.sleep(0.05)
         # Another job takes the CPU the worker leaves free, and waits for the worker's: queued first, it takes
         # them before Ray can restart the worker.
