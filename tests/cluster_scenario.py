@@ -1,9 +1,12 @@
 """Driver of test_cluster.py, in a process of its own (the environment sets RAY_AUTH_MODE=token
 and RAY_AUTH_TOKEN): a Ray test cluster of a head and two worker nodes on this machine, the job
 over SHARDS into OUT with two workers, and a worker node that runs one of them removed once a
-shard is in progress. Prints one JSON line: whether a node was removed, how many nodes ran
-workers at the start, (shards done, shards failed, images ok), and what the remover met: the
-errors it read the cluster's state through and the nodes the workers were on when it looked."""
+shard is in progress. LAYOUT `spare`: a head of 2 CPUs and nodes of 1, so the lost worker
+restarts on the head; `tight`: a head of 1 CPU and nodes of 2, so no node has its share free
+again, and its shards go to the other worker (the job's looks for lost workers made quick).
+Prints one JSON line: whether a node was removed, how many nodes ran workers at the start,
+(shards done, shards failed, images ok), and what the remover met: the errors it read the
+cluster's state through and the nodes the workers were on when it looked."""
 
 import json
 import sys
@@ -15,15 +18,20 @@ from ray.cluster_utils import Cluster
 
 from pipeline.config import load_config
 from pipeline.data.ledger import Ledger
+from pipeline.job import runner
 from pipeline.job.runner import run_job
 
 
-def main(shards: str, out: str, config: str) -> None:
-    # Head 2 CPUs, worker nodes 1 each: after a worker node is lost, its worker restarts on the
-    # head and a CPU is still left for post-processing.
-    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+LAYOUTS = {"spare": (2, 1), "tight": (1, 2)}  # CPUs of (the head, each worker node)
+
+
+def main(shards: str, out: str, config: str, layout: str = "spare") -> None:
+    head_cpus, node_cpus = LAYOUTS[layout]
+    if layout == "tight":
+        runner.PLACEMENT_NOTICE_S, runner.LOST_WORKER_LOOK_S = 3.0, 0.5
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
     try:
-        workers = [head.add_node(num_cpus=1) for _ in range(2)]
+        workers = [head.add_node(num_cpus=node_cpus) for _ in range(2)]
         head.wait_for_nodes()
         removed: list[str] = []
         seen = {"errors": [], "worker_nodes": []}  # why no node was removed, where that happens
@@ -65,4 +73,4 @@ def main(shards: str, out: str, config: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

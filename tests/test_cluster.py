@@ -52,10 +52,9 @@ def _one_node_masks(shards):
     return masks
 
 
-def test_a_job_spreads_over_the_nodes_and_survives_losing_one(shards, tmp_path):
-    # In a process of its own: Ray reads RAY_AUTH_MODE once per process, and the other tests'
-    # private Ray runs without a token.
-    out = tmp_path / "out"
+def _run_scenario(shards, out, layout: str) -> tuple[dict, str]:
+    """cluster_scenario.py's JSON line and its whole output, in a process of its own: Ray reads
+    RAY_AUTH_MODE once per process, and the other tests' private Ray runs without a token."""
     # Its own Ray temp folder: a test cluster records its address in RAY_TMPDIR/ray, where
     # `ray start` clusters of the user's are recorded by default.
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit
@@ -64,19 +63,45 @@ def test_a_job_spreads_over_the_nodes_and_survives_losing_one(shards, tmp_path):
     env.pop("RAY_ADDRESS")
     try:
         run = subprocess.run([sys.executable, str(Path(__file__).with_name("cluster_scenario.py")), str(shards),
-                              str(out), FAST_CONFIG], capture_output=True, text=True, env=env, timeout=600)
+                              str(out), FAST_CONFIG, layout], capture_output=True, text=True, env=env, timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
-    assert report["removed"], f"no worker node was removed while the job ran: {report}"
-    assert report["nodes_used"] == 2, "the two workers did not run on two nodes"
-    # the cluster's 4 CPUs shared by its 2 workers
-    assert "2 segmenter worker(s) on cpu over 2 nodes (2 torch threads each); 2 image(s) per batch\n" in run.stdout
-    assert report["summary"] == [4, 0, len(LABELS)]  # shards done, shards failed, images ok
+    return json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1]), run.stdout
+
+
+def _assert_every_image_once_as_on_one_node(out, shards):
     entries = Ledger(out).entries()
     assert [e.state for e in entries] == ["done"] * 4
     assert all(Ledger(out).outputs_intact(e) for e in entries)
     masks = _masks(out)
     assert sorted(masks) == sorted(f"2012_00000{i}" for i in range(len(LABELS)))  # each image once
     assert masks == _one_node_masks(shards)
+
+
+def test_a_job_spreads_over_the_nodes_and_survives_losing_one(shards, tmp_path):
+    out = tmp_path / "out"
+    report, stdout = _run_scenario(shards, out, "spare")
+    assert report["removed"], f"no worker node was removed while the job ran: {report}"
+    assert report["nodes_used"] == 2, "the two workers did not run on two nodes"
+    # the cluster's 4 CPUs shared by its 2 workers
+    assert "2 segmenter worker(s) on cpu over 2 nodes (2 torch threads each); 2 image(s) per batch\n" in stdout
+    assert report["summary"] == [4, 0, len(LABELS)]  # shards done, shards failed, images ok
+    _assert_every_image_once_as_on_one_node(out, shards)
+
+
+def test_the_shards_of_a_worker_lost_with_its_node_and_placeable_nowhere_go_to_the_other_worker(shards, tmp_path):
+    """A head of 1 CPU and two nodes of 2: each worker asks 1.5 CPUs, so the worker of the node
+    removed fits on no node left. The job waited for it at its end, saying nothing, for as long
+    as no node came back (for ever here); its shards now go to the other worker."""
+    out = tmp_path / "out"
+    report, stdout = _run_scenario(shards, out, "tight")
+    assert report["removed"], f"no worker node was removed while the job ran: {report}"
+    assert "2 segmenter worker(s) on cpu over 2 nodes (2 torch threads each); 2 image(s) per batch\n" in stdout
+    lost = [line for line in stdout.splitlines() if "restarting (a node or process was lost)" in line]
+    assert len(lost) == 1 and lost[0].startswith(
+        "1 of 2 segmenter worker(s) restarting (a node or process was lost) not ready after 3 s, and no node has the "
+        "1.5 CPU each asks free ("), stdout
+    assert lost[0].endswith("): its 2 shard(s) go to the other 1 worker(s), and it takes shards again once ready")
+    assert report["summary"] == [4, 0, len(LABELS)]
+    _assert_every_image_once_as_on_one_node(out, shards)

@@ -528,6 +528,7 @@ def test_a_worker_lost_mid_job_and_not_placeable_again_is_said_and_its_shard_don
     from pipeline.job import runner
 
     monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
+    monkeypatch.setattr(runner, "LOST_WORKER_LOOK_S", 0.5)
     out, other_job = tmp_path / "out", []
 
     def a_shard_in_progress() -> bool:
@@ -552,8 +553,8 @@ def test_a_worker_lost_mid_job_and_not_placeable_again_is_said_and_its_shard_don
                       progress=False)
     assert (summary.shards_done, summary.images_ok) == (1, 2)
     assert [run.returncode for run in ray_local.get(other_job)] == [0, 0]
-    assert ("waiting for the cluster's resources: 1 of 1 segmenter worker(s) restarting (a node or process was lost), "
-            "not placed yet, each asking 1 CPU (") in capsys.readouterr().out
+    assert ("1 of 1 segmenter worker(s) restarting (a node or process was lost) not ready after 1 s, and no node has "
+            "the 1 CPU each asks free (") in capsys.readouterr().out
 
 
 def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothing_in_flight(ray_local, shards,
@@ -572,6 +573,43 @@ def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothi
     assert stopped.value.signum == signal.SIGTERM and stopped.value.interrupted == []
     assert list(Ledger(tmp_path / "out").entries()) == []  # no shard was sent: nothing to mark
     ray_local.get(other_job)
+
+
+def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_and_taken_back_once_ready(monkeypatch):
+    """Which workers' shards go to the others (`LostWorkers`): a restarting worker not ready for
+    PLACEMENT_NOTICE_S while no node has its share free, once, where another is ready (else
+    the job says once that it waits); ready again, it takes shards again."""
+    from pipeline.job import runner
+
+    class Ray:
+        def available_resources(self):
+            return {"CPU": 0.0}
+
+    ready, free_by_node, clock = {0: True, 1: True, 2: True}, [{"CPU": 0.5}, {"CPU": 0.0}], [100.0]
+    monkeypatch.setattr(runner, "_ready", lambda actor: ready[actor])
+    monkeypatch.setattr(runner, "_free_by_node", lambda: free_by_node)
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    share, actors, lost = {"num_cpus": 1.5}, [0, 1, 2], runner.LostWorkers()
+    assert lost.look(Ray(), actors, [0, 1], share) == ([], [])
+    ready[0] = False
+    assert lost.look(Ray(), actors, [0, 1], share) == ([], [])  # not yet for PLACEMENT_NOTICE_S
+    clock[0] += runner.PLACEMENT_NOTICE_S
+    free_by_node[0] = {"CPU": 1.5}
+    assert lost.look(Ray(), actors, [0, 1], share) == ([], [])  # a share free: placed soon, the time starts again
+    free_by_node[0] = {"CPU": 0.5}
+    assert lost.look(Ray(), actors, [0, 1], share) == ([], [])
+    clock[0] += runner.PLACEMENT_NOTICE_S
+    assert lost.look(Ray(), actors, [0, 1], share) == ([0], [1, 2])  # its shards go to workers 1 and 2
+    assert lost.look(Ray(), actors, [1], share) == ([], []) and lost.ready_again(actors) == []
+    ready[0] = True
+    assert lost.ready_again(actors) == [0] and lost.handed_off == set()
+    # every worker lost: nobody to take the shards, said once
+    ready.update({0: False, 1: False, 2: False})
+    assert lost.look(Ray(), actors, [0, 1, 2], share) == ([], [])
+    clock[0] += runner.PLACEMENT_NOTICE_S
+    assert lost.look(Ray(), actors, [0, 1, 2], share) == ([0, 1, 2], [])
+    assert lost.look(Ray(), actors, [0, 1, 2], share) == ([], [])
+    assert lost.handed_off == set()  # they keep their shards
 
 
 def test_the_placement_notice_says_waiting_only_where_a_workers_share_is_not_free():

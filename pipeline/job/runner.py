@@ -239,7 +239,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
 
         def poll_workers() -> None:
             try:
-                for report in ray.get([actor.progress.remote() for actor in actors], timeout=5.0):
+                live = [actor for slot, actor in enumerate(actors) if slot not in lost.handed_off]
+                for report in ray.get([actor.progress.remote() for actor in live], timeout=5.0):
                     seen_in_flight.update(report)
             except (ray.exceptions.RayError, TimeoutError):
                 pass  # a worker restarting: the bar catches up at its next report
@@ -256,6 +257,31 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             ledger.put(entry)
             ref = actors[slot].process_shard.remote(by_name[name], name)
             in_flight[ref] = (entry, slot, time.perf_counter())
+
+        lost = LostWorkers()
+
+        def look_for_lost_workers() -> None:
+            """Workers Ray restarts where no node has their share free (`LostWorkers`): their shards go
+            to the workers that are ready, if any (else the job says that it waits); ready again, they
+            take shards again."""
+            for slot in lost.ready_again(actors):
+                bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and takes shards")
+                for _ in range(SHARDS_PER_WORKER):
+                    dispatch(slot)
+            newly_lost, ready = lost.look(ray, actors, sorted({slot for _, slot, _ in in_flight.values()}), options)
+            if not newly_lost:
+                return
+            moved = [ref for ref, (_, slot, _) in in_flight.items() if slot in newly_lost] if ready else []
+            for ref in moved:
+                entry, _, _ = in_flight.pop(ref)
+                seen_in_flight.pop(entry.shard, None)
+                todo.insert(0, entry.shard)
+                with contextlib.suppress(Exception):  # a call that ended meanwhile: its result is dropped
+                    ray.cancel(ref)
+            bar.write(lost.notice(ray, newly_lost, len(actors), options, len(moved), len(ready)))
+            for slot in ready:
+                while todo and sum(held == slot for _, held, _ in in_flight.values()) < SHARDS_PER_WORKER:
+                    dispatch(slot)
 
         # Ctrl-C, `kill` or `ray job stop` from here on marks the shards in flight and says how to resume, also
         # while Ray and the workers start (Ray's own handler exited silently, or dumped a stack and aborted the
@@ -303,24 +329,18 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                 for _ in range(SHARDS_PER_WORKER):
                     for slot in range(len(actors)):
                         dispatch(slot)
-                # When no shard has come back for PLACEMENT_NOTICE_S, every few seconds: do workers holding
-                # shards wait to be restarted where no node has their share free? (said once a stall)
-                ask_at: float | None = time.monotonic() + PLACEMENT_NOTICE_S
+                next_look = time.monotonic() + LOST_WORKER_LOOK_S
                 while in_flight:
+                    if time.monotonic() >= next_look:
+                        look_for_lost_workers()
+                        next_look = time.monotonic() + LOST_WORKER_LOOK_S
                     ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                     stop.check()  # a signal is acted on within a second
                     if not ready:
                         if progress:
                             poll_workers()
                             show_progress()
-                        if ask_at is not None and time.monotonic() >= ask_at:
-                            holding = list({slot: actors[slot] for _, slot, _ in in_flight.values()}.values())
-                            notice = restart_notice(ray, holding, len(actors), options)
-                            if notice:
-                                bar.write(notice)
-                            ask_at = None if notice else time.monotonic() + 5.0
                         continue
-                    ask_at = time.monotonic() + PLACEMENT_NOTICE_S
                     ref = ready[0]
                     entry, slot, shard_start = in_flight.pop(ref)
                     seen_in_flight.pop(entry.shard, None)
@@ -425,8 +445,11 @@ class _stop_on_signals:
         return False
 
 
-# Seconds the workers may take to be placed on the cluster's nodes before the job says that they wait.
+# Seconds the workers may take to be placed on the cluster's nodes before the job says that they wait
+# (and, for workers Ray restarts, hands their shards to the others: `LostWorkers`).
 PLACEMENT_NOTICE_S = 20.0
+# Seconds between two looks at the actor table for lost workers during a job.
+LOST_WORKER_LOOK_S = 5.0
 
 
 def start_post_processing_workers(ray) -> None:
@@ -470,42 +493,101 @@ def _wait_for_workers(ray, actors: list, options: Mapping, stop: "_stop_on_signa
 
 def placement_notice(unplaced: int | None, pending: int, workers: int, options: Mapping, free: Mapping,
                      total: Mapping, free_by_node: list[Mapping] | None = None,
-                     restarting: bool = False) -> str | None:
+                     restarting: bool = False, then: str | None = None) -> str | None:
     """What to say of `pending` workers not ready after PLACEMENT_NOTICE_S: that `unplaced` of
     them wait for the cluster's resources, where one worker's share (`options`) is not free on
     one node (`free_by_node`; the cluster's `free` where that is not known); nothing where each
     has a process on a node (loading its model) or a share is free (a process starting); where
     the actor table could not be read (unplaced None), that they load or wait. `restarting`:
-    they are workers Ray restarts, their node or process lost."""
+    they are workers Ray restarts, their node or process lost, and `then` what the job does
+    meanwhile (default: it waits)."""
     if unplaced is None:
         return (f"{pending} of {workers} segmenter worker(s) not ready after {PLACEMENT_NOTICE_S:g} s: loading the "
                 "model, or waiting for the cluster's resources (`ray status` shows them)")
-    asked = [(options.get(key, 0), name) for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU"))]
-
-    def holds_a_share(resources: Mapping) -> bool:
-        return all(resources.get(name, 0) >= amount for amount, name in asked)
-
-    if not unplaced or any(holds_a_share(node) for node in (free_by_node or [free])):
+    if not unplaced or any(_holds_a_share(node, options) for node in (free_by_node or [free])):
         return None
+    asked = _share(options)
     each = " and ".join(f"{amount:g} {name}" for amount, name in asked if amount)
     has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}s free" for amount, name in asked
-                    if amount) + (", but not a share on one node" if holds_a_share(free) else "")
-    restart = "restarting (a node or process was lost), " if restarting else ""
-    return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) {restart}not placed "
-            f"yet, each asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are "
-            "free, or Ctrl-C stops it")
+                    if amount) + (", but not a share on one node" if _holds_a_share(free, options) else "")
+    if restarting:
+        return (f"{unplaced} of {workers} segmenter worker(s) restarting (a node or process was lost) not ready after "
+                f"{PLACEMENT_NOTICE_S:g} s, and no node has the {each} each asks free ({has}; `ray status` shows what "
+                "holds them): " + (then or "the job waits for them, or Ctrl-C stops it"))
+    return (f"waiting for the cluster's resources: {unplaced} of {workers} segmenter worker(s) not placed yet, each "
+            f"asking {each} ({has}; `ray status` shows what holds them): the job goes on once they are free, or "
+            "Ctrl-C stops it")
 
 
-def restart_notice(ray, holding: list, workers: int, options: Mapping) -> str | None:
-    """The line to say where workers `holding` shards wait to be restarted (by Ray, their node
-    or process lost) and no node has their share free: a job on a cluster that lost a GPU node
-    waited at its end for a GPU, for ever where none came back, saying nothing. None where
-    none waits so, or the actor table cannot be read."""
-    unplaced = _unplaced(holding)
-    if not unplaced:
-        return None
-    return placement_notice(unplaced, unplaced, workers, options, ray.available_resources(),
-                            ray.cluster_resources(), _free_by_node(), restarting=True)
+def _share(options: Mapping) -> list[tuple[float, str]]:
+    """What one worker asks of a node: [(amount, resource name)] for GPUs and CPUs."""
+    return [(options.get(key, 0), name) for key, name in (("num_gpus", "GPU"), ("num_cpus", "CPU"))]
+
+
+def _holds_a_share(resources: Mapping, options: Mapping) -> bool:
+    """Whether these free resources (a node's, or the cluster's) hold one worker's share."""
+    return all(resources.get(name, 0) >= amount for amount, name in _share(options))
+
+
+class LostWorkers:
+    """Segmenter workers that Ray restarts (their node or process lost) and that are not ready
+    for PLACEMENT_NOTICE_S while no node has their share free. A job on a cluster that lost a
+    GPU node (or the CPUs a worker's share needs) waited at its end, saying nothing, for as long
+    as that lasted: for ever where no node came back. Their shards go to the workers that are
+    ready; `handed_off` holds the workers whose shards went so, until they are ready again.
+    Reads the cluster's actor table (a restarting actor's address there is its last one, so
+    its state is what tells): through Ray Client, which has none, it sees none."""
+
+    def __init__(self):
+        self.unplaceable_since: dict[int, float] = {}  # slot -> when first seen so (time.monotonic)
+        self.handed_off: set[int] = set()
+        self.said: set[int] = set()  # lost with no worker ready to take their shards: said once
+
+    def look(self, ray, actors: list, holding: list[int], options: Mapping) -> tuple[list[int], list[int]]:
+        """(slots of `holding` lost and not seen lost before, the other slots whose worker is
+        ready); the second is looked up only where the first is not empty."""
+        now, free_by_node = time.monotonic(), None
+        for slot in holding:
+            if slot in self.handed_off:
+                continue
+            if _ready(actors[slot]) is not False:
+                self.unplaceable_since.pop(slot, None)
+                self.said.discard(slot)
+                continue
+            if free_by_node is None:
+                free_by_node = _free_by_node() or [ray.available_resources()]
+            if any(_holds_a_share(node, options) for node in free_by_node):
+                self.unplaceable_since.pop(slot, None)  # placed soon, or its process starting
+            else:
+                self.unplaceable_since.setdefault(slot, now)
+        lost = [slot for slot, since in self.unplaceable_since.items()
+                if now - since >= PLACEMENT_NOTICE_S and slot not in self.said and slot not in self.handed_off]
+        if not lost:
+            return [], []
+        ready = [slot for slot in range(len(actors)) if slot not in self.unplaceable_since
+                 and slot not in self.handed_off and _ready(actors[slot])]
+        (self.handed_off if ready else self.said).update(lost)
+        return lost, ready
+
+    def ready_again(self, actors: list) -> list[int]:
+        """Slots whose shards were handed off and whose worker is ready again."""
+        again = [slot for slot in sorted(self.handed_off) if _ready(actors[slot])]
+        for slot in again:
+            self.handed_off.discard(slot)
+            self.unplaceable_since.pop(slot, None)
+        return again
+
+    @staticmethod
+    def notice(ray, lost: list[int], workers: int, options: Mapping, moved: int, ready: int) -> str:
+        """The line that says `lost` workers wait to be restarted, and where their `moved`
+        shards went (to the `ready` others), or that the job waits for them."""
+        whose, they = ("its", "it takes") if len(lost) == 1 else ("their", "they take")
+        then = (f"{whose} {moved} shard(s) go to the other {ready} worker(s), and {they} shards again once ready"
+                if ready else None)
+        line = placement_notice(len(lost), len(lost), workers, options, ray.available_resources(),
+                                ray.cluster_resources(), _free_by_node(), restarting=True, then=then)
+        return line or (f"{len(lost)} of {workers} segmenter worker(s) restarting (a node or process was lost) not "
+                        f"ready after {PLACEMENT_NOTICE_S:g} s: " + (then or "the job waits for them"))
 
 
 def _free_by_node() -> list[Mapping] | None:
@@ -523,10 +605,28 @@ def _unplaced(actors: list) -> int | None:
     """How many of these actors Ray has not yet given a worker process on a node (waiting for
     resources, or the process starting), from the cluster's actor table; None where that table
     cannot be read (through Ray Client)."""
+    placed = [_placed(actor) for actor in actors]
+    return None if None in placed else placed.count(False)
+
+
+def _ready(actor) -> bool | None:
+    """Whether this actor is alive (placed, its constructor run), from the cluster's actor
+    table; None where that table cannot be read (through Ray Client)."""
     try:
         from ray._private.state import actors as actor_table
 
-        return sum(not actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress") for actor in actors)
+        return actor_table(actor._actor_id.hex()).get("State") == "ALIVE"
+    except Exception:  # an internal table: another Ray release, or a client without it
+        return None
+
+
+def _placed(actor) -> bool | None:
+    """Whether Ray has given this actor a worker process on a node, from the cluster's actor
+    table; None where that table cannot be read (through Ray Client)."""
+    try:
+        from ray._private.state import actors as actor_table
+
+        return bool(actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress"))
     except Exception:  # an internal table: another Ray release, or a client without it
         return None
 
