@@ -183,6 +183,7 @@ def http_folder():
     """serve(folder) -> the base URL (no trailing /) of a local HTTP server over folder, as shards
     on a web server or an object store's HTTP endpoint are read; stopped after the test."""
     import functools
+    import socket
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -192,11 +193,19 @@ def http_folder():
 
     servers = []
 
-    def serve(folder) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    class IPv6Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    def serve(folder, host: str = "127.0.0.1") -> str:
+        """host "::1": served on IPv6, the URL's host in brackets (skips the test where it has none)."""
+        server_class, url_host = (IPv6Server, f"[{host}]") if ":" in host else (ThreadingHTTPServer, host)
+        try:
+            server = server_class((host, 0), functools.partial(QuietHandler, directory=str(folder)))
+        except OSError as exc:
+            pytest.skip(f"cannot serve on {host}: {exc}")
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return f"http://{url_host}:{server.server_address[1]}"
 
     yield serve
     for server in servers:

@@ -618,6 +618,26 @@ def test_a_shard_prefix_that_is_not_a_plain_name_is_refused(tmp_path, capsys):
 
 
 @needs_curl
+def test_shards_on_a_server_named_by_its_ipv6_address_are_one_input_beside_others(tmp_path, http_folder):
+    """`http://[::1]:PORT/shards/` was split at its `::` as several inputs are (WebDataset's
+    separator), into `http://[` and the rest, and `run` stopped with a traceback."""
+    from pipeline.cli import build_parser
+    from pipeline.data.shards import expand_input, split_inputs
+
+    assert main(["shard-voc", "--voc-root", str(_voc(tmp_path)), "--split", "train", "-o", str(tmp_path / "s"),
+                 "--shard-size", "2"]) == 0
+    base = http_folder(tmp_path, host="::1")
+    assert base.startswith("http://[::1]:")
+    local = str(tmp_path / "s" / "voc-train-000002.tar")
+    args = build_parser().parse_args(["run", "--input", f"{base}/s/", local, "-o", str(tmp_path / "out")])
+    assert split_inputs(args.input) == [f"{base}/s/", local]
+    assert expand_input(args.input) == [f"{base}/s/voc-train-00000{i}.tar" for i in range(3)] + [local]
+    assert [s["__key__"] for s in read_shard(f"{base}/s/voc-train-000001.tar")] == ["2008_000002", "2008_000003"]
+    assert split_inputs("a/::http://[fe80::1:2]:80/x-{0..3}.tar::pipe:cat b.tar") == [
+        "a/", "http://[fe80::1:2]:80/x-{0..3}.tar", "pipe:cat b.tar"]
+
+
+@needs_curl
 def test_shards_served_over_http_are_listed_checked_and_hashed_by_the_manifest_beside_them(tmp_path, http_folder,
                                                                                            monkeypatch):
     """Shards on a web server (an object store's HTTP endpoint) get a local folder's guards:

@@ -84,9 +84,9 @@ def job_after_input(args: argparse.Namespace) -> None:
         return
     if args.input is None:
         raise ConfigError("JOB is missing: the job's folder, e.g. pseudolabel resume out/")
-    from pipeline.data.shards import INPUT_SEPARATOR, join_inputs
+    from pipeline.data.shards import join_inputs, split_inputs
 
-    *inputs, last = args.input.split(INPUT_SEPARATOR)
+    *inputs, last = split_inputs(args.input)
     if not inputs or not (Path(last) / "job.json").is_file():
         raise ConfigError("JOB is missing: name the job's folder before --input, which takes every word after it "
                           "(pseudolabel resume out/ --input NEW_PATTERN)")
@@ -99,9 +99,9 @@ class _ShardInputs(argparse.Action):
     `~` expanded (`user_path`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from pipeline.data.shards import INPUT_SEPARATOR, join_inputs
+        from pipeline.data.shards import join_inputs, split_inputs
 
-        patterns = [user_path(pattern) for value in values for pattern in value.split(INPUT_SEPARATOR)]
+        patterns = [user_path(pattern) for value in values for pattern in split_inputs(value)]
         previous = getattr(namespace, self.dest)
         setattr(namespace, self.dest, join_inputs(([previous] if previous else []) + patterns))
 

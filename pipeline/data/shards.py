@@ -578,9 +578,16 @@ def join_inputs(patterns: list[str]) -> str:
     return INPUT_SEPARATOR.join(patterns)
 
 
+def split_inputs(inputs: str) -> list[str]:
+    """The patterns of one input string (`join_inputs`): split at INPUT_SEPARATOR, but not
+    inside a URL's bracketed IPv6 host (`http://[::1]:8000/shards/`), which split as WebDataset
+    splits gave `http://[` and a traceback."""
+    return re.split(r"::(?![^\[/]*\])", inputs)
+
+
 def describe_input(inputs: str, shown: int = 3) -> str:
     """An input (`join_inputs`) for a line of text: its first `shown` patterns, then how many more."""
-    patterns = inputs.split(INPUT_SEPARATOR)
+    patterns = split_inputs(inputs)
     more = f" and {len(patterns) - shown} more" if len(patterns) > shown else ""
     return INPUT_SEPARATOR.join(patterns[:shown]) + more
 
@@ -592,7 +599,7 @@ def expand_input(inputs: str) -> list[str]:
     lists, or a folder without one (another tool's shards): its SHARD_SUFFIXES files; in order,
     without duplicates."""
     urls: list[str] = []
-    for pattern in inputs.split(INPUT_SEPARATOR):
+    for pattern in split_inputs(inputs):
         urls.extend(url for url in _expand_pattern(pattern) if url not in urls)
     return urls
 

@@ -27,7 +27,8 @@ from pipeline.segment.plan import note_lines
 from pipeline.data.ledger import DONE, FAILED, IN_PROGRESS, INTERRUPTED, Ledger, ShardEntry
 from pipeline.data.outputs import write_shard_outputs
 from pipeline.data.shards import (INPUT_SEPARATOR, InputError, check_shard_classes, checksum_problem, expand_input,
-                                  is_stream, manifest_listing, manifests_beside, sample_count_problem, shard_name)
+                                  is_stream, manifest_listing, manifests_beside, sample_count_problem, shard_name,
+                                  split_inputs)
 from pipeline.mask.crf import densecrf_modules
 from pipeline.job.allocator import cpu_allocator_line, cpu_worker_env
 from pipeline.job.cluster import check_nodes_have_this_package, given_address, init_ray
@@ -65,7 +66,7 @@ def absolute_input(inputs: str) -> str:
     folder, `..` resolved (URLs and pipes unchanged), so that a job's recorded input works from
     any folder."""
     return INPUT_SEPARATOR.join(pattern if is_stream(pattern) else os.path.abspath(pattern)
-                                for pattern in inputs.split(INPUT_SEPARATOR))
+                                for pattern in split_inputs(inputs))
 
 
 def ray_shard_worker_class():
