@@ -603,6 +603,15 @@ def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_an
     assert lost.look(Ray(), actors, [1], share) == ([], []) and lost.ready_again(actors) == []
     ready[0] = True
     assert lost.ready_again(actors) == [0] and lost.handed_off == set()
+    ready[2] = False  # not ready for a while, then ready again, its shards done: it takes shards when 1 is lost
+    assert lost.look(Ray(), actors, [1, 2], share) == ([], [])
+    ready.update({1: False, 2: True})
+    clock[0] += runner.PLACEMENT_NOTICE_S
+    assert lost.look(Ray(), actors, [1], share) == ([], [])
+    clock[0] += runner.PLACEMENT_NOTICE_S
+    assert lost.look(Ray(), actors, [1], share) == ([1], [0, 2])
+    ready[1] = True
+    assert lost.ready_again(actors) == [1]
     # every worker lost: nobody to take the shards, said once
     ready.update({0: False, 1: False, 2: False})
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([], [])

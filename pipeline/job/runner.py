@@ -548,6 +548,7 @@ class LostWorkers:
         """(slots of `holding` lost and not seen lost before, the other slots whose worker is
         ready); the second is looked up only where the first is not empty."""
         now, free_by_node = time.monotonic(), None
+        self.unplaceable_since = {slot: since for slot, since in self.unplaceable_since.items() if slot in holding}
         for slot in holding:
             if slot in self.handed_off:
                 continue
