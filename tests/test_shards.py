@@ -618,6 +618,24 @@ def test_a_shard_prefix_that_is_not_a_plain_name_is_refused(tmp_path, capsys):
 
 
 @needs_curl
+def test_urls_with_a_query_and_commands_with_glob_characters_are_taken_as_they_are(tmp_path, http_folder):
+    """WebDataset globs no URL or command, but the input was globbed as a local path where it
+    held `*`, `?` or `[`: a presigned URL (`...tar?X-Amz-Signature=...`) matched no shard."""
+    from pipeline.data.shards import expand_input, shard_name
+
+    assert main(["shard-voc", "--voc-root", str(_voc(tmp_path)), "--split", "train", "-o", str(tmp_path / "s"),
+                 "--shard-size", "2"]) == 0
+    signed = f"{http_folder(tmp_path)}/s/voc-train-000000.tar?X-Amz-Expires=3600&X-Amz-Signature=0a1b"
+    assert expand_input(signed) == [signed] and shard_name(signed) == "voc-train-000000"
+    assert [s["__key__"] for s in read_shard(signed)] == ["2008_000000", "2008_000001"]
+    command = f"pipe:cat {tmp_path}/s/voc-train-00000?.tar"
+    assert expand_input(command) == [command]
+    assert [s["__key__"] for s in read_shard(f"pipe:cat {tmp_path}/s/*000002.tar")] == ["2008_000004"]
+    assert expand_input(str(tmp_path / "s" / "voc-train-00000?.tar")) == [  # a local glob still is one
+        str(tmp_path / "s" / f"voc-train-00000{i}.tar") for i in range(3)]
+
+
+@needs_curl
 def test_shards_on_a_server_named_by_its_ipv6_address_are_one_input_beside_others(tmp_path, http_folder):
     """`http://[::1]:PORT/shards/` was split at its `::` as several inputs are (WebDataset's
     separator), into `http://[` and the rest, and `run` stopped with a traceback."""
@@ -633,6 +651,8 @@ def test_shards_on_a_server_named_by_its_ipv6_address_are_one_input_beside_other
     assert split_inputs(args.input) == [f"{base}/s/", local]
     assert expand_input(args.input) == [f"{base}/s/voc-train-00000{i}.tar" for i in range(3)] + [local]
     assert [s["__key__"] for s in read_shard(f"{base}/s/voc-train-000001.tar")] == ["2008_000002", "2008_000003"]
+    assert expand_input(f"{base}/s/voc-train-{{000000..000001}}.tar") == [f"{base}/s/voc-train-00000{i}.tar"
+                                                                          for i in range(2)]
     assert split_inputs("a/::http://[fe80::1:2]:80/x-{0..3}.tar::pipe:cat b.tar") == [
         "a/", "http://[fe80::1:2]:80/x-{0..3}.tar", "pipe:cat b.tar"]
 

@@ -625,7 +625,8 @@ def _expand_pattern(pattern: str) -> list[str]:
     else:
         urls = []
         for expanded in braceexpand(pattern):
-            globbed = any(c in expanded for c in "*?[")
+            # WebDataset globs nothing: a URL's `?query` (a presigned URL), `[host]` or a command's `*` is its own
+            globbed = not is_stream(expanded) and any(c in expanded for c in "*?[")
             matches = [m for m in sorted(glob.glob(expanded)) if m.endswith(SHARD_SUFFIXES)] if globbed else [expanded]
             urls.extend(u for u in matches if u not in urls)
     missing = [u for u in urls if not is_stream(u) and not Path(u).is_file()]
