@@ -576,22 +576,30 @@ def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothi
 
 
 def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_and_taken_back_once_ready(monkeypatch):
-    """Which workers' shards go to the others (`LostWorkers`): a restarting worker not ready for
-    PLACEMENT_NOTICE_S while no node has its share free, once, where another is ready (else
-    the job says once that it waits); ready again, it takes shards again."""
+    """Which workers' shards go to the others (`LostWorkers`): a restarting worker with no new
+    process for PLACEMENT_NOTICE_S while no node has its share free, once, where another is
+    ready (else the job says once that it waits); ready again, it takes shards again. One with
+    a new process (its model loading) is not lost."""
     from pipeline.job import runner
 
     class Ray:
         def available_resources(self):
             return {"CPU": 0.0}
 
-    ready, free_by_node, clock = {0: True, 1: True, 2: True}, [{"CPU": 0.5}, {"CPU": 0.0}], [100.0]
-    monkeypatch.setattr(runner, "_ready", lambda actor: ready[actor])
+    table = {slot: ("ALIVE", 0, 100 + slot) for slot in range(3)}  # the actor table: (state, restarts, pid)
+
+    def set_ready(**slots):
+        for name, is_ready in slots.items():  # not ready: restarting (one more restart), the pid its last one
+            _, restarts, pid = table[int(name[1:])]
+            table[int(name[1:])] = ("ALIVE", restarts, pid) if is_ready else ("RESTARTING", restarts + 1, pid)
+
+    free_by_node, clock = [{"CPU": 0.5}, {"CPU": 0.0}], [100.0]
+    monkeypatch.setattr(runner, "_actor_state", lambda actor: table[actor])
     monkeypatch.setattr(runner, "_free_by_node", lambda: free_by_node)
     monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
     share, actors, lost = {"num_cpus": 1.5}, [0, 1, 2], runner.LostWorkers()
-    assert lost.look(Ray(), actors, [0, 1], share) == ([], [])
-    ready[0] = False
+    lost.note_alive(actors)
+    set_ready(w0=False)
     assert lost.look(Ray(), actors, [0, 1], share) == ([], [])  # not yet for PLACEMENT_NOTICE_S
     clock[0] += runner.PLACEMENT_NOTICE_S
     free_by_node[0] = {"CPU": 1.5}
@@ -601,19 +609,25 @@ def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_an
     clock[0] += runner.PLACEMENT_NOTICE_S
     assert lost.look(Ray(), actors, [0, 1], share) == ([0], [1, 2])  # its shards go to workers 1 and 2
     assert lost.look(Ray(), actors, [1], share) == ([], []) and lost.ready_again(actors) == []
-    ready[0] = True
+    table[0] = ("ALIVE", 1, 200)  # restarted on a node that joined
     assert lost.ready_again(actors) == [0] and lost.handed_off == set()
-    ready[2] = False  # not ready for a while, then ready again, its shards done: it takes shards when 1 is lost
+    set_ready(w2=False)  # not ready for a while, then ready again, its shards done: it takes shards when 1 is lost
     assert lost.look(Ray(), actors, [1, 2], share) == ([], [])
-    ready.update({1: False, 2: True})
+    set_ready(w1=False, w2=True)
     clock[0] += runner.PLACEMENT_NOTICE_S
     assert lost.look(Ray(), actors, [1], share) == ([], [])
     clock[0] += runner.PLACEMENT_NOTICE_S
     assert lost.look(Ray(), actors, [1], share) == ([1], [0, 2])
-    ready[1] = True
+    set_ready(w1=True)
     assert lost.ready_again(actors) == [1]
+    # restarting with a new process, loading its model for long, on a cluster with no share free: not lost
+    table[2] = ("RESTARTING", 2, 300)
+    assert lost.look(Ray(), actors, [1, 2], share) == ([], [])
+    clock[0] += 3 * runner.PLACEMENT_NOTICE_S
+    assert lost.look(Ray(), actors, [1, 2], share) == ([], [])
+    table[2] = ("ALIVE", 2, 300)
     # every worker lost: nobody to take the shards, said once
-    ready.update({0: False, 1: False, 2: False})
+    set_ready(w0=False, w1=False, w2=False)
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([], [])
     clock[0] += runner.PLACEMENT_NOTICE_S
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([0, 1, 2], [])

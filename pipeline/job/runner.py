@@ -327,6 +327,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                 bar = closing.enter_context(progress_bar(
                     total=total_images, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True,
                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"))
+                lost.note_alive(actors)
                 for _ in range(SHARDS_PER_WORKER):
                     for slot in range(len(actors)):
                         dispatch(slot)
@@ -531,16 +532,19 @@ def _holds_a_share(resources: Mapping, options: Mapping) -> bool:
 
 
 class LostWorkers:
-    """Segmenter workers that Ray restarts (their node or process lost) and that are not ready
-    for PLACEMENT_NOTICE_S while no node has their share free. A job on a cluster that lost a
-    GPU node (or the CPUs a worker's share needs) waited at its end, saying nothing, for as long
-    as that lasted: for ever where no node came back. Their shards go to the workers that are
-    ready; `handed_off` holds the workers whose shards went so, until they are ready again.
-    Reads the cluster's actor table (a restarting actor's address there is its last one, so
-    its state is what tells): through Ray Client, which has none, it sees none."""
+    """Segmenter workers that Ray restarts (their node or process lost) and that have no new
+    process for PLACEMENT_NOTICE_S while no node has their share free. A job on a cluster that
+    lost a GPU node (or the CPUs a worker's share needs) waited at its end, saying nothing, for
+    as long as that lasted: for ever where no node came back. Their shards go to the workers
+    that are ready; `handed_off` holds the workers whose shards went so, until they are ready
+    again. Reads the cluster's actor table, where a restarting actor (its restart counted) keeps
+    the pid it had alive until Ray gives it a new process, which then loads its model: a worker
+    whose last life the job did not see is taken as one without a process. Through Ray Client,
+    which has no such table, it sees none."""
 
     def __init__(self):
         self.unplaceable_since: dict[int, float] = {}  # slot -> when first seen so (time.monotonic)
+        self.alive: dict[int, tuple[int, int]] = {}  # slot -> (restarts, pid) of its worker last seen alive
         self.handed_off: set[int] = set()
         self.said: set[int] = set()  # lost with no worker ready to take their shards: said once
 
@@ -552,14 +556,16 @@ class LostWorkers:
         for slot in holding:
             if slot in self.handed_off:
                 continue
-            if _ready(actors[slot]) is not False:
+            state = self._state(actors, slot)
+            if state is None or state[0] == "ALIVE" or self._has_a_new_process(slot, state):
+                # the table unread, alive, or a new process loading its model
                 self.unplaceable_since.pop(slot, None)
                 self.said.discard(slot)
                 continue
             if free_by_node is None:
                 free_by_node = _free_by_node() or [ray.available_resources()]
             if any(_holds_a_share(node, options) for node in free_by_node):
-                self.unplaceable_since.pop(slot, None)  # placed soon, or its process starting
+                self.unplaceable_since.pop(slot, None)  # placed soon
             else:
                 self.unplaceable_since.setdefault(slot, now)
         lost = [slot for slot, since in self.unplaceable_since.items()
@@ -567,17 +573,40 @@ class LostWorkers:
         if not lost:
             return [], []
         ready = [slot for slot in range(len(actors)) if slot not in self.unplaceable_since
-                 and slot not in self.handed_off and _ready(actors[slot])]
+                 and slot not in self.handed_off and self._ready(actors, slot)]
         (self.handed_off if ready else self.said).update(lost)
         return lost, ready
 
+    def note_alive(self, actors: list) -> None:
+        """Records the pid of each worker alive now (at the job's start, so that a worker lost
+        before the first look is told from one loading its model too)."""
+        for slot in range(len(actors)):
+            self._state(actors, slot)
+
     def ready_again(self, actors: list) -> list[int]:
         """Slots whose shards were handed off and whose worker is ready again."""
-        again = [slot for slot in sorted(self.handed_off) if _ready(actors[slot])]
+        again = [slot for slot in sorted(self.handed_off) if self._ready(actors, slot)]
         for slot in again:
             self.handed_off.discard(slot)
             self.unplaceable_since.pop(slot, None)
         return again
+
+    def _state(self, actors: list, slot: int) -> tuple[str, int, int] | None:
+        """`_actor_state` of a slot's worker, its restarts and pid recorded where it is alive."""
+        state = _actor_state(actors[slot])
+        if state is not None and state[0] == "ALIVE":
+            self.alive[slot] = state[1:]
+        return state
+
+    def _has_a_new_process(self, slot: int, state: tuple[str, int, int]) -> bool:
+        """Whether a restarting worker has a process other than its last life's (seen alive)."""
+        _, restarts, pid = state
+        seen = self.alive.get(slot)
+        return seen is not None and seen[0] == restarts - 1 and seen[1] != pid
+
+    def _ready(self, actors: list, slot: int) -> bool:
+        state = self._state(actors, slot)
+        return state is not None and state[0] == "ALIVE"
 
     @staticmethod
     def notice(ray, lost: list[int], workers: int, options: Mapping, moved: int, ready: int) -> str:
@@ -611,13 +640,15 @@ def _unplaced(actors: list) -> int | None:
     return None if None in placed else placed.count(False)
 
 
-def _ready(actor) -> bool | None:
-    """Whether this actor is alive (placed, its constructor run), from the cluster's actor
-    table; None where that table cannot be read (through Ray Client)."""
+def _actor_state(actor) -> tuple[str, int, int] | None:
+    """(state, restarts, pid) of this actor in the cluster's actor table (ALIVE, RESTARTING,
+    ...; the restarts counted from its process's death on; the pid of its process, or of its
+    last one while Ray has given it none); None where that table cannot be read (Ray Client)."""
     try:
         from ray._private.state import actors as actor_table
 
-        return actor_table(actor._actor_id.hex()).get("State") == "ALIVE"
+        info = actor_table(actor._actor_id.hex())
+        return info["State"], info.get("NumRestarts", 0), info.get("Pid")
     except Exception:  # an internal table: another Ray release, or a client without it
         return None
 
