@@ -515,48 +515,6 @@ def test_a_job_waiting_for_the_clusters_resources_says_so_and_goes_on_once_they_
             "stops it\n") in capsys.readouterr().out
 
 
-def test_a_worker_lost_mid_job_and_not_placeable_again_is_said_and_its_shard_done_once_it_is(ray_local, shards,
-                                                                                            tmp_path, capsys,
-                                                                                            monkeypatch):
-    """A job whose worker Ray restarted (its node or process lost) while no node had the
-    worker's share free, as a cluster that lost a GPU node, waited as long as that lasted, at
-    its end, saying nothing."""
-    import threading
-
-    from ray._private.state import actors as actor_table
-
-    from pipeline.job import runner
-
-    monkeypatch.setattr(runner, "PLACEMENT_NOTICE_S", 1.0)
-    monkeypatch.setattr(runner, "LOST_WORKER_LOOK_S", 0.5)
-    out, other_job = tmp_path / "out", []
-
-    def a_shard_in_progress() -> bool:
-        return (out / "ledger").is_dir() and any(entry.state == "in_progress" for entry in Ledger(out).entries())
-
-    def lose_the_worker_while_another_job_waits_for_every_cpu():
-        deadline = time.time() + 120
-        while time.time() < deadline and not a_shard_in_progress():
-            time.sleep(0.05)
-        # Another job takes the CPU the worker leaves free, and waits for the worker's: queued first, it takes
-        # them before Ray can restart the worker.
-        cpus, hold = int(ray_local.cluster_resources()["CPU"]), ray_local.remote(subprocess.run)
-        other_job.extend(hold.options(num_cpus=n).remote(["sleep", "6"]) for n in (1, cpus - 1))
-        time.sleep(0.5)
-        worker = max((actor for actor in actor_table().values()
-                      if actor["ActorClassName"] == "ShardWorker" and actor["State"] == "ALIVE"),
-                     key=lambda actor: actor["StartTime"])
-        os.kill(worker["Pid"], signal.SIGKILL)
-
-    threading.Thread(target=lose_the_worker_while_another_job_waits_for_every_cpu, daemon=True).start()
-    summary = run_job(str(shards / "voc-train-000000.tar"), out, load_config(FAST_CONFIG), "tiny", workers=1,
-                      progress=False)
-    assert (summary.shards_done, summary.images_ok) == (1, 2)
-    assert [run.returncode for run in ray_local.get(other_job)] == [0, 0]
-    assert ("1 of 1 segmenter worker(s) restarting (a node or process was lost) not ready after 1 s, and no node has "
-            "the 1 CPU each asks free (") in capsys.readouterr().out
-
-
 def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothing_in_flight(ray_local, shards,
                                                                                               tmp_path):
     """SIGTERM (`kill`, `ray job stop`) while the workers loaded their model or waited for the
@@ -633,6 +591,28 @@ def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_an
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([0, 1, 2], [])
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([], [])
     assert lost.handed_off == set()  # they keep their shards
+
+
+def test_the_lost_worker_line_says_where_their_shards_go_or_that_the_job_waits(monkeypatch):
+    """`LostWorkers.notice`: a job whose lost workers had no other worker to take their shards
+    waited at its end saying nothing; with one, where their shards went."""
+    from pipeline.job import runner
+
+    class Ray:
+        def available_resources(self):
+            return {"CPU": 1.0}
+
+        def cluster_resources(self):
+            return {"CPU": 3.0}
+
+    monkeypatch.setattr(runner, "_free_by_node", lambda: [{"CPU": 1.0}, {"CPU": 0.0}])
+    share = {"num_cpus": 2.0}
+    assert runner.LostWorkers.notice(Ray(), [0], 1, share, 0, 0) == (
+        f"1 of 1 segmenter worker(s) restarting (a node or process was lost) not ready after "
+        f"{runner.PLACEMENT_NOTICE_S:g} s, and no node has the 2 CPU each asks free (1 of 3 CPUs free; `ray status` "
+        "shows what holds them): the job waits for them, or Ctrl-C stops it")
+    assert runner.LostWorkers.notice(Ray(), [0, 2], 3, share, 3, 1).endswith(
+        "): their 3 shard(s) go to the other 1 worker(s), and they take shards again once ready")
 
 
 def test_the_placement_notice_says_waiting_only_where_a_workers_share_is_not_free():
