@@ -636,30 +636,29 @@ def _unplaced(actors: list) -> int | None:
     """How many of these actors Ray has not yet given a worker process on a node (waiting for
     resources, or the process starting), from the cluster's actor table; None where that table
     cannot be read (through Ray Client)."""
-    placed = [_placed(actor) for actor in actors]
-    return None if None in placed else placed.count(False)
+    rows = [_actor_row(actor) for actor in actors]
+    if None in rows:
+        return None
+    return sum(not row.get("Address", {}).get("IPAddress") for row in rows)
 
 
 def _actor_state(actor) -> tuple[str, int, int] | None:
     """(state, restarts, pid) of this actor in the cluster's actor table (ALIVE, RESTARTING,
     ...; the restarts counted from its process's death on; the pid of its process, or of its
     last one while Ray has given it none); None where that table cannot be read (Ray Client)."""
-    try:
-        from ray._private.state import actors as actor_table
-
-        info = actor_table(actor._actor_id.hex())
-        return info["State"], info.get("NumRestarts", 0), info.get("Pid")
-    except Exception:  # an internal table: another Ray release, or a client without it
+    row = _actor_row(actor)
+    if row is None or "State" not in row:
         return None
+    return row["State"], row.get("NumRestarts", 0), row.get("Pid")
 
 
-def _placed(actor) -> bool | None:
-    """Whether Ray has given this actor a worker process on a node, from the cluster's actor
-    table; None where that table cannot be read (through Ray Client)."""
+def _actor_row(actor) -> Mapping | None:
+    """This actor's row in the cluster's actor table (State, NumRestarts, Pid, Address, ...);
+    None where that table cannot be read (through Ray Client)."""
     try:
         from ray._private.state import actors as actor_table
 
-        return bool(actor_table(actor._actor_id.hex()).get("Address", {}).get("IPAddress"))
+        return actor_table(actor._actor_id.hex())
     except Exception:  # an internal table: another Ray release, or a client without it
         return None
 
