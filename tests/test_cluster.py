@@ -42,9 +42,10 @@ def _masks(out):
     return masks
 
 
-def _one_node_masks(shards):
-    """The same shards through one in-process worker, no Ray."""
-    worker = ShardWorker("tiny", load_config(FAST_CONFIG).model_dump_json(), device="cpu")
+def _one_node_masks(shards, threads: int):
+    """The same shards through one in-process worker on as many torch threads, no Ray (another
+    count sums in another order: a few pixels of the tiny model's near-even maps change)."""
+    worker = ShardWorker("tiny", load_config(FAST_CONFIG).model_dump_json(), device="cpu", threads=threads)
     masks = {}
     for tar in sorted(shards.glob("*.tar")):
         for sample in worker.process_shard(str(tar), tar.stem).mask_samples:
@@ -70,13 +71,13 @@ def _run_scenario(shards, out, layout: str) -> tuple[dict, str]:
     return json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1]), run.stdout
 
 
-def _assert_every_image_once_as_on_one_node(out, shards):
+def _assert_every_image_once_as_on_one_node(out, shards, threads: int = 2):
     entries = Ledger(out).entries()
     assert [e.state for e in entries] == ["done"] * 4
     assert all(Ledger(out).outputs_intact(e) for e in entries)
     masks = _masks(out)
     assert sorted(masks) == sorted(f"2012_00000{i}" for i in range(len(LABELS)))  # each image once
-    assert masks == _one_node_masks(shards)
+    assert masks == _one_node_masks(shards, threads)
 
 
 def test_a_job_spreads_over_the_nodes_and_survives_losing_one(shards, tmp_path):
@@ -105,3 +106,23 @@ def test_the_shards_of_a_worker_lost_with_its_node_and_placeable_nowhere_go_to_t
     assert lost[0].endswith("): its 2 shard(s) go to the other 1 worker(s), and it takes shards again once ready")
     assert report["summary"] == [4, 0, len(LABELS)]
     _assert_every_image_once_as_on_one_node(out, shards)
+
+
+def test_a_job_whose_only_worker_lost_its_node_says_that_it_waits_and_goes_on_once_a_node_joins(shards, tmp_path):
+    """A head of 1 CPU and one node of 2, the only worker asking 2 CPUs: its node removed, the
+    job says once that it waits; a node joins (`ray start --address`), Ray restarts the worker
+    there, and the job says it goes on and ends with every image once, as on one node."""
+    out = tmp_path / "out"
+    report, stdout = _run_scenario(shards, out, "alone")
+    assert report["removed"], f"no worker node was removed while the job ran: {report}"
+    assert "1 segmenter worker(s) on cpu (3 torch threads each); 2 image(s) per batch\n" in stdout
+    lines = stdout.splitlines()
+    waits = [i for i, line in enumerate(lines) if "restarting (a node or process was lost)" in line]
+    assert len(waits) == 1 and lines[waits[0]].startswith(
+        "1 of 1 segmenter worker(s) restarting (a node or process was lost) not ready after 3 s, and no node has the "
+        "2 CPU each asks free (1 of 1 CPUs free; "), stdout
+    assert lines[waits[0]].endswith("): the job waits for them, or Ctrl-C stops it")
+    back = lines.index("segmenter worker 1 of 1 is ready again and goes on with its shards")
+    assert back > waits[0]
+    assert report["summary"] == [4, 0, len(LABELS)]
+    _assert_every_image_once_as_on_one_node(out, shards, threads=3)

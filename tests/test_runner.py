@@ -536,8 +536,8 @@ def test_a_signal_while_the_workers_start_ends_the_job_as_interrupted_with_nothi
 def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_and_taken_back_once_ready(monkeypatch):
     """Which workers' shards go to the others (`LostWorkers`): a restarting worker with no new
     process for PLACEMENT_NOTICE_S while no node has its share free, once, where another is
-    ready (else the job says once that it waits); ready again, it takes shards again. One with
-    a new process (its model loading) is not lost."""
+    ready (else the job says once that it waits, until one is); ready again, it takes shards
+    again. One with a new process (its model loading) is not lost."""
     from pipeline.job import runner
 
     class Ray:
@@ -566,9 +566,9 @@ def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_an
     assert lost.look(Ray(), actors, [0, 1], share) == ([], [])
     clock[0] += runner.PLACEMENT_NOTICE_S
     assert lost.look(Ray(), actors, [0, 1], share) == ([0], [1, 2])  # its shards go to workers 1 and 2
-    assert lost.look(Ray(), actors, [1], share) == ([], []) and lost.ready_again(actors) == []
+    assert lost.look(Ray(), actors, [1], share) == ([], []) and lost.ready_again(actors) == ([], [])
     table[0] = ("ALIVE", 1, 200)  # restarted on a node that joined
-    assert lost.ready_again(actors) == [0] and lost.handed_off == set()
+    assert lost.ready_again(actors) == ([0], []) and lost.handed_off == set()
     set_ready(w2=False)  # not ready for a while, then ready again, its shards done: it takes shards when 1 is lost
     assert lost.look(Ray(), actors, [1, 2], share) == ([], [])
     set_ready(w1=False, w2=True)
@@ -577,7 +577,7 @@ def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_an
     clock[0] += runner.PLACEMENT_NOTICE_S
     assert lost.look(Ray(), actors, [1], share) == ([1], [0, 2])
     set_ready(w1=True)
-    assert lost.ready_again(actors) == [1]
+    assert lost.ready_again(actors) == ([1], [])
     # restarting with a new process, loading its model for long, on a cluster with no share free: not lost
     table[2] = ("RESTARTING", 2, 300)
     assert lost.look(Ray(), actors, [1, 2], share) == ([], [])
@@ -591,6 +591,11 @@ def test_a_restarting_worker_is_lost_after_the_notice_time_with_no_share_free_an
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([0, 1, 2], [])
     assert lost.look(Ray(), actors, [0, 1, 2], share) == ([], [])
     assert lost.handed_off == set()  # they keep their shards
+    # one back: it goes on with its own shards, and the others' go to it
+    set_ready(w1=True)
+    assert lost.ready_again(actors) == ([], [1])
+    assert lost.look(Ray(), actors, [0, 1, 2], share) == ([0, 2], [1])
+    assert lost.handed_off == {0, 2} and lost.said == set()
 
 
 def test_the_lost_worker_line_says_where_their_shards_go_or_that_the_job_waits(monkeypatch):

@@ -265,7 +265,10 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             """Workers Ray restarts where no node has their share free (`LostWorkers`): their shards go
             to the workers that are ready, if any (else the job says that it waits); ready again, they
             take shards again."""
-            for slot in lost.ready_again(actors):
+            handed, waited = lost.ready_again(actors)
+            for slot in waited:
+                bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and goes on with its shards")
+            for slot in handed:
                 bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and takes shards")
                 for _ in range(SHARDS_PER_WORKER):
                     dispatch(slot)
@@ -546,11 +549,12 @@ class LostWorkers:
         self.unplaceable_since: dict[int, float] = {}  # slot -> when first seen so (time.monotonic)
         self.alive: dict[int, tuple[int, int]] = {}  # slot -> (restarts, pid) of its worker last seen alive
         self.handed_off: set[int] = set()
-        self.said: set[int] = set()  # lost with no worker ready to take their shards: said once
+        self.said: set[int] = set()  # lost with no worker ready to take their shards: said once, until one is
 
     def look(self, ray, actors: list, holding: list[int], options: Mapping) -> tuple[list[int], list[int]]:
-        """(slots of `holding` lost and not seen lost before, the other slots whose worker is
-        ready); the second is looked up only where the first is not empty."""
+        """(slots of `holding` lost, the other slots whose worker is ready): the lost ones whose
+        shards go to those ready now, which includes any the job said it waits for; with none
+        ready, the lost ones not said so before. Ready ones are looked up only where some are lost."""
         now, free_by_node = time.monotonic(), None
         self.unplaceable_since = {slot: since for slot, since in self.unplaceable_since.items() if slot in holding}
         for slot in holding:
@@ -560,7 +564,6 @@ class LostWorkers:
             if state is None or state[0] == "ALIVE" or self._has_a_new_process(slot, state):
                 # the table unread, alive, or a new process loading its model
                 self.unplaceable_since.pop(slot, None)
-                self.said.discard(slot)
                 continue
             if free_by_node is None:
                 free_by_node = _free_by_node() or [ray.available_resources()]
@@ -569,13 +572,18 @@ class LostWorkers:
             else:
                 self.unplaceable_since.setdefault(slot, now)
         lost = [slot for slot, since in self.unplaceable_since.items()
-                if now - since >= PLACEMENT_NOTICE_S and slot not in self.said and slot not in self.handed_off]
+                if now - since >= PLACEMENT_NOTICE_S and slot not in self.handed_off]
         if not lost:
             return [], []
         ready = [slot for slot in range(len(actors)) if slot not in self.unplaceable_since
                  and slot not in self.handed_off and self._ready(actors, slot)]
-        (self.handed_off if ready else self.said).update(lost)
-        return lost, ready
+        if ready:
+            self.handed_off.update(lost)
+            self.said.difference_update(lost)
+            return lost, ready
+        lost = [slot for slot in lost if slot not in self.said]
+        self.said.update(lost)
+        return lost, []
 
     def note_alive(self, actors: list) -> None:
         """Records the pid of each worker alive now (at the job's start, so that a worker lost
@@ -583,13 +591,16 @@ class LostWorkers:
         for slot in range(len(actors)):
             self._state(actors, slot)
 
-    def ready_again(self, actors: list) -> list[int]:
-        """Slots whose shards were handed off and whose worker is ready again."""
-        again = [slot for slot in sorted(self.handed_off) if self._ready(actors, slot)]
-        for slot in again:
+    def ready_again(self, actors: list) -> tuple[list[int], list[int]]:
+        """Lost workers ready again: (slots whose shards were handed off, which take shards again;
+        slots the job said it waits for, which go on with their own)."""
+        handed = [slot for slot in sorted(self.handed_off) if self._ready(actors, slot)]
+        waited = [slot for slot in sorted(self.said) if self._ready(actors, slot)]
+        for slot in handed + waited:
             self.handed_off.discard(slot)
+            self.said.discard(slot)
             self.unplaceable_since.pop(slot, None)
-        return again
+        return handed, waited
 
     def _state(self, actors: list, slot: int) -> tuple[str, int, int] | None:
         """`_actor_state` of a slot's worker, its restarts and pid recorded where it is alive."""
