@@ -115,7 +115,7 @@ def test_a_job_whose_only_worker_lost_its_node_says_that_it_waits_and_goes_on_on
     out = tmp_path / "out"
     report, stdout = _run_scenario(shards, out, "alone")
     assert report["removed"], f"no worker node was removed while the job ran: {report}"
-    assert "1 segmenter worker(s) on cpu (3 torch threads each); 2 image(s) per batch\n" in stdout
+    assert "1 segmenter worker(s) on cpu (2 torch threads each); 2 image(s) per batch\n" in stdout
     lines = stdout.splitlines()
     waits = [i for i, line in enumerate(lines) if "restarting (a node or process was lost)" in line]
     assert len(waits) == 1 and lines[waits[0]].startswith(
@@ -125,4 +125,4 @@ def test_a_job_whose_only_worker_lost_its_node_says_that_it_waits_and_goes_on_on
     back = lines.index("segmenter worker 1 of 1 is ready again and goes on with its shards")
     assert back > waits[0]
     assert report["summary"] == [4, 0, len(LABELS)]
-    _assert_every_image_once_as_on_one_node(out, shards, threads=3)
+    _assert_every_image_once_as_on_one_node(out, shards)

@@ -764,18 +764,21 @@ def test_cpu_workers_always_leave_a_cpu_for_post_processing(cpus, workers, threa
 
 
 @pytest.mark.parametrize("node_cpus,workers", [((8, 3), 2), ((16, 4, 4), 3), ((32, 8), 2), ((0, 8, 8), 2),
-                                               ((2, 1, 1), 2), ((4, 4, 4, 4), 4), ((3,), 2)])
+                                               ((2, 1, 1), 2), ((4, 4, 4, 4), 4), ((3,), 2), ((8, 8, 8), 2),
+                                               ((1, 2), 1)])
 def test_cpu_workers_ask_for_shares_the_nodes_can_hold_all_at_once(node_cpus, workers):
     """Workers asked for a share of the cluster's total CPUs, 4.5 each on nodes of 8 and 3: one
-    started, and the job waited for the other for ever, saying nothing."""
+    started, and the job waited for the other for ever, saying nothing. Nor does a worker run
+    more torch threads than a node has CPUs (9 on nodes of 8, where a node was spare)."""
     from pipeline.job.runner import _actor_options
 
     cpus = sum(node_cpus)
     n, options, threads = _actor_options(_Cluster(node_cpus, CPU=cpus), workers, 2)
     share = options["num_cpus"]
     assert n == workers and sum(int(node // share) for node in node_cpus) >= workers  # all placed at once
-    assert cpus - n * share >= 1 and threads <= share + 1
-    if len(set(node for node in node_cpus if node)) == 1:  # equal nodes: all but a CPU a worker, as on one node
+    assert cpus - n * share >= 1 and threads <= share + 1 and threads <= max(node_cpus)
+    nodes = [node for node in node_cpus if node]
+    if len(set(nodes)) == 1 and workers >= len(nodes):  # equal nodes, none spare: all but a CPU a worker
         assert share == math.floor((cpus - n) / n * 100) / 100 and threads == cpus // n
 
 

@@ -137,14 +137,17 @@ def _actor_options(ray, workers: int | None, retries: int, cpu_threads: int | No
                              f"use --workers {gpus} or fewer, or --device cpu for CPU workers")
         return n, dict(num_gpus=1, num_cpus=1, **fault), 0
     n = min(workers or 1, shards or math.inf)
+    node_cpus = _node_cpus(ray) or [cpus]
     share = min(max(cpus - n, 1) / n,  # leaves one CPU per worker, and at least one, for post-processing
-                _placeable_share(_node_cpus(ray) or [cpus], n))
+                _placeable_share(node_cpus, n))
     reserved = min(cpu_threads, share) if cpu_threads else share
     # Spread over the nodes: each worker gets a machine's memory bandwidth and cores of its own.
     options = dict(num_cpus=math.floor(reserved * 100) / 100, scheduling_strategy="SPREAD", **fault)
     if cpu_env:
         options["runtime_env"] = {"env_vars": dict(cpu_env)}
-    return n, options, cpu_threads or max(1, min(cpus // n, math.floor(share) + 1))
+    # Threads: the share and one more (the model idles while its results are post-processed), no
+    # more than a node has CPUs, nor than n workers on the cluster's CPUs each have.
+    return n, options, cpu_threads or max(1, min(cpus // n, int(max(node_cpus)), math.floor(share) + 1))
 
 
 def _node_cpus(ray) -> list[float]:
