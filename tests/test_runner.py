@@ -1,5 +1,6 @@
 """The batch job on a local Ray: full run, rerun, bad samples, kills and resume (CPU, tiny model)."""
 
+import contextlib
 import io
 import json
 import math
@@ -1021,6 +1022,35 @@ def test_a_stopped_job_marks_its_shards_and_says_how_to_resume(clean_run, shards
     assert main(["resume", str(out), "--no-progress"]) == 0  # in this process, on the test's own Ray
     assert _states(out) == ["done"] * 3
     assert _outputs(out) == _outputs(clean_run[0])
+
+
+@pytest.mark.faults
+def test_a_job_whose_terminal_hangs_up_marks_its_shards_and_ends_as_stopped_by_sighup(shards, tmp_path):
+    """The job on a pseudo-terminal that closes (an SSH session that ends): the kernel sends
+    SIGHUP, and the line saying what was marked cannot be written (EIO). That write's error
+    ended the job with a traceback and status 1, as a failure."""
+    import pty
+    import select
+
+    out = tmp_path / "out"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the job, leading a session whose terminal is the pty
+        try:
+            os.environ["PYTHONUNBUFFERED"] = "1"
+            os.execv(sys.executable, [sys.executable, "-m", "pipeline.cli", *_run_args(shards, out)])
+        finally:
+            os._exit(127)  # never back into pytest
+    deadline, said = time.time() + 240, b""
+    while "in_progress" not in _states(out) and time.time() < deadline:
+        if select.select([terminal], [], [], 0.1)[0]:  # drained, so that the job's writes never block
+            with contextlib.suppress(OSError):
+                said += os.read(terminal, 65536)
+    os.close(terminal)  # the terminal hangs up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP, said.decode(errors="replace")
+    states = _states(out)
+    assert "interrupted" in states and "in_progress" not in states
+    assert {e.error for e in Ledger(out).entries() if e.state == "interrupted"} == {"interrupted by signal 1"}
 
 
 @pytest.mark.faults

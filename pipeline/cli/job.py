@@ -4,6 +4,7 @@ whole path on the bundled sample images."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -91,9 +92,10 @@ def _run_job(args: argparse.Namespace, input_pattern: str, out_dir: Path, config
                           cpu_allocator=args.cpu_allocator, rejoin=rejoin)
     except JobInterrupted as stop:
         done = stop.summary
-        print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "
-              f"{done.images_failed} failed), {len(stop.interrupted)} in flight marked interrupted; "
-              f"resume with: {_resume_command(out_dir, args.address)}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # a terminal that hung up (SIGHUP): none to tell, the ledger says it
+            print(f"interrupted: {done.shards_done} shard(s) done this run ({done.images_ok} images ok, "
+                  f"{done.images_failed} failed), {len(stop.interrupted)} in flight marked interrupted; "
+                  f"resume with: {_resume_command(out_dir, args.address)}", file=sys.stderr)
         return 128 + stop.signum
     print(summary.line)
     for line in summary.failed_lines:
