@@ -33,7 +33,7 @@ from pipeline.job.runner import run_job
 LAYOUTS = {"spare": (2, 1, 2), "tight": (1, 2, 2), "alone": (1, 2, 1)}
 
 
-def main(shards: str, out: str, config: str, layout: str = "spare") -> None:
+def main(shards: str, out: str, config: str, layout: str = "spare", retries: str = "2") -> None:
     head_cpus, node_cpus, nodes = LAYOUTS[layout]
     if layout != "spare":
         runner.PLACEMENT_NOTICE_S, runner.LOST_WORKER_LOOK_S = 3.0, 0.5
@@ -76,7 +76,7 @@ def main(shards: str, out: str, config: str, layout: str = "spare") -> None:
         remover = threading.Thread(target=remove_a_busy_node, daemon=True)
         remover.start()
         summary = run_job(shards, out, load_config(config), "tiny", address=head.address, workers=nodes,
-                          progress=False)
+                          retries=int(retries), progress=False)
         remover.join(timeout=5)
         print(json.dumps({"removed": bool(removed), "nodes_used": summary.worker_nodes,
                           "summary": [summary.shards_done, summary.shards_failed, summary.images_ok],
@@ -110,4 +110,4 @@ def leave(node: subprocess.Popen) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

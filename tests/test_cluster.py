@@ -53,7 +53,7 @@ def _one_node_masks(shards, threads: int):
     return masks
 
 
-def _run_scenario(shards, out, layout: str) -> tuple[dict, str]:
+def _run_scenario(shards, out, layout: str, retries: int = 2) -> tuple[dict, str]:
     """cluster_scenario.py's JSON line and its whole output, in a process of its own: Ray reads
     RAY_AUTH_MODE once per process, and the other tests' private Ray runs without a token."""
     # Its own Ray temp folder: a test cluster records its address in RAY_TMPDIR/ray, where
@@ -64,7 +64,8 @@ def _run_scenario(shards, out, layout: str) -> tuple[dict, str]:
     env.pop("RAY_ADDRESS")
     try:
         run = subprocess.run([sys.executable, str(Path(__file__).with_name("cluster_scenario.py")), str(shards),
-                              str(out), FAST_CONFIG, layout], capture_output=True, text=True, env=env, timeout=600)
+                              str(out), FAST_CONFIG, layout, str(retries)], capture_output=True, text=True, env=env,
+                             timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -126,3 +127,24 @@ def test_a_job_whose_only_worker_lost_its_node_says_that_it_waits_and_goes_on_on
     assert back > waits[0]
     assert report["summary"] == [4, 0, len(LABELS)]
     _assert_every_image_once_as_on_one_node(out, shards)
+
+
+def test_a_worker_that_died_with_no_retries_left_and_fits_on_no_node_is_waited_for_saying_so(shards, tmp_path):
+    """The same with --retries 0: the shards the worker held fail, and the job waited for the
+    worker to come back in place, reading nothing else and deaf to Ctrl-C, for ever where no
+    node came back (here: saying nothing, so no node joined). It now says that it waits and
+    gives the worker shards once Ray has restarted it."""
+    out = tmp_path / "out"
+    report, stdout = _run_scenario(shards, out, "alone", retries=0)
+    assert report["removed"], f"no worker node was removed while the job ran: {report}"
+    lines = stdout.splitlines()
+    waits = [i for i, line in enumerate(lines) if "restarting (a node or process was lost)" in line]
+    assert len(waits) == 1 and lines[waits[0]].endswith("): the job waits for them, or Ctrl-C stops it"), stdout
+    back = [i for i, line in enumerate(lines) if line.startswith("segmenter worker 1 of 1 is ready again and ")]
+    assert back and back[0] > waits[0], stdout
+    done, failed, images_ok = report["summary"]
+    assert done + failed == 4 and failed >= 1 and images_ok == 2 * done
+    entries = Ledger(out).entries()
+    assert all(e.error.startswith("worker died once on this shard: ") for e in entries if e.state == "failed")
+    masks, one_node = _masks(out), _one_node_masks(shards, 2)
+    assert masks and masks == {key: one_node[key] for key in masks}

@@ -619,6 +619,9 @@ def test_the_lost_worker_line_says_where_their_shards_go_or_that_the_job_waits(m
         "shows what holds them): the job waits for them, or Ctrl-C stops it")
     assert runner.LostWorkers.notice(Ray(), [0, 2], 3, share, 3, 1).endswith(
         "): their 3 shard(s) go to the other 1 worker(s), and they take shards again once ready")
+    # a worker that died on its shards (their retries spent) and holds none: the others take the shards meanwhile
+    assert runner.LostWorkers.notice(Ray(), [1], 2, share, 0, 1).endswith(
+        "): the shards go to the other 1 worker(s), and it takes shards again once ready")
 
 
 def test_the_placement_notice_says_waiting_only_where_a_workers_share_is_not_free():

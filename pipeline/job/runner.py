@@ -243,7 +243,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
 
         def poll_workers() -> None:
             try:
-                live = [actor for slot, actor in enumerate(actors) if slot not in lost.handed_off]
+                live = [actor for slot, actor in enumerate(actors)
+                        if slot not in lost.handed_off and slot not in restarting.values()]
                 for report in ray.get([actor.progress.remote() for actor in live], timeout=5.0):
                     seen_in_flight.update(report)
             except (ray.exceptions.RayError, TimeoutError):
@@ -262,20 +263,52 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             ref = actors[slot].process_shard.remote(by_name[name], name)
             in_flight[ref] = (entry, slot, time.perf_counter())
 
+        def fill(slot: int) -> None:
+            """Shards to this worker until it holds SHARDS_PER_WORKER."""
+            while todo and sum(held == slot for _, held, _ in in_flight.values()) < SHARDS_PER_WORKER:
+                dispatch(slot)
+
+        # Workers that died on a shard with its retries spent: the ready() call that says Ray has
+        # restarted them (or a new one where a worker is gone for good), by ref -> slot; they take
+        # shards once it answers. Not waited for in place: where the worker fits on no node, the
+        # job looked at nothing else and took no Ctrl-C, for ever.
+        restarting: dict = {}
+        ask_again: set[int] = set()  # workers whose ready() found them restarting: asked at the next look
+
+        def restarted(slot: int, ref) -> None:
+            """A restarting worker's ready() answered: it takes shards, or is asked again."""
+            try:
+                where = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # still restarting
+                ask_again.add(slot)
+                return
+            except ray.exceptions.RayActorError:  # gone for good: a new worker in its place
+                actors[slot] = actor_class.options(**options).remote(model, config_json, device, threads)
+                restarting[actors[slot].ready.remote()] = slot
+                return
+            if "error" in where:
+                raise WorkerStartError(f"a restarted segmenter worker could not start: {where['error']}")
+            fill(slot)
+
         lost = LostWorkers()
 
         def look_for_lost_workers() -> None:
             """Workers Ray restarts where no node has their share free (`LostWorkers`): their shards go
             to the workers that are ready, if any (else the job says that it waits); ready again, they
             take shards again."""
+            for slot in ask_again:
+                restarting[actors[slot].ready.remote()] = slot
+            ask_again.clear()
             handed, waited = lost.ready_again(actors)
             for slot in waited:
-                bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and goes on with its shards")
+                goes_on = "goes on with its shards" if any(held == slot for _, held, _ in in_flight.values()) else \
+                    "takes shards"
+                bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and {goes_on}")
             for slot in handed:
                 bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and takes shards")
-                for _ in range(SHARDS_PER_WORKER):
-                    dispatch(slot)
-            newly_lost, ready = lost.look(ray, actors, sorted({slot for _, slot, _ in in_flight.values()}), options)
+                fill(slot)
+            holding = {slot for _, slot, _ in in_flight.values()} | set(restarting.values())
+            newly_lost, ready = lost.look(ray, actors, sorted(holding), options)
             if not newly_lost:
                 return
             moved = [ref for ref, (_, slot, _) in in_flight.items() if slot in newly_lost] if ready else []
@@ -287,8 +320,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                     ray.cancel(ref)
             bar.write(lost.notice(ray, newly_lost, len(actors), options, len(moved), len(ready)))
             for slot in ready:
-                while todo and sum(held == slot for _, held, _ in in_flight.values()) < SHARDS_PER_WORKER:
-                    dispatch(slot)
+                fill(slot)
 
         # Ctrl-C, `kill` or `ray job stop` from here on marks the shards in flight and says how to resume, also
         # while Ray and the workers start (Ray's own handler exited silently, or dumped a stack and aborted the
@@ -338,11 +370,11 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                     for slot in range(len(actors)):
                         dispatch(slot)
                 next_look = time.monotonic() + LOST_WORKER_LOOK_S
-                while in_flight:
+                while in_flight or (todo and (restarting or ask_again)):
                     if time.monotonic() >= next_look:
                         look_for_lost_workers()
                         next_look = time.monotonic() + LOST_WORKER_LOOK_S
-                    ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                    ready, _ = ray.wait(list(in_flight) + list(restarting), num_returns=1, timeout=1.0)
                     stop.check()  # a signal is acted on within a second
                     if not ready:
                         if progress:
@@ -350,17 +382,21 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                             show_progress()
                         continue
                     ref = ready[0]
+                    if ref in restarting:
+                        restarted(restarting.pop(ref), ref)
+                        continue
                     entry, slot, shard_start = in_flight.pop(ref)
                     seen_in_flight.pop(entry.shard, None)
                     entry.state, entry.seconds = FAILED, time.perf_counter() - shard_start
                     try:
                         result = ray.get(ref)
                     except ray.exceptions.RayActorError as exc:  # includes ActorUnavailableError
-                        # Ray already re-ran the shard `retries` times on restarted workers. Wait for the
-                        # restarted worker before sending it more: a call sent mid-restart would fail too.
-                        entry.error = f"worker died {retries + 1} times on this shard: {str(exc).splitlines()[0]}"
-                        actors[slot] = _wait_until_ready(ray, actors[slot], actor_class, options,
-                                                         (model, config_json, device, threads))
+                        # Ray already re-ran the shard `retries` times on restarted workers. The worker takes
+                        # more once restarted: a call sent mid-restart would fail too.
+                        died = "once" if retries == 0 else f"{retries + 1} times"
+                        entry.error = f"worker died {died} on this shard: {str(exc).splitlines()[0]}"
+                        if slot not in restarting.values() and slot not in ask_again:
+                            restarting[actors[slot].ready.remote()] = slot
                     except ray.exceptions.RayTaskError as exc:
                         entry.error = _first_line(exc)
                     else:
@@ -386,7 +422,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         summary.shards_failed += 1
                         bar.write(f"shard {entry.shard} failed: {entry.error}")
                     show_progress()
-                    dispatch(slot)
+                    if slot not in restarting.values() and slot not in ask_again:
+                        dispatch(slot)
             except _Stop as stop:
                 interrupted = sorted(dispatched)
                 for name, attempts in dispatched.items():
@@ -627,8 +664,8 @@ class LostWorkers:
         """The line that says `lost` workers wait to be restarted, and where their `moved`
         shards went (to the `ready` others), or that the job waits for them."""
         whose, they = ("its", "it takes") if len(lost) == 1 else ("their", "they take")
-        then = (f"{whose} {moved} shard(s) go to the other {ready} worker(s), and {they} shards again once ready"
-                if ready else None)
+        gone = f"{whose} {moved} shard(s) go to" if moved else "the shards go to"
+        then = f"{gone} the other {ready} worker(s), and {they} shards again once ready" if ready else None
         line = placement_notice(len(lost), len(lost), workers, options, ray.available_resources(),
                                 ray.cluster_resources(), _free_by_node(), restarting=True, then=then)
         return line or (f"{len(lost)} of {workers} segmenter worker(s) restarting (a node or process was lost) not "
@@ -675,26 +712,6 @@ def _actor_row(actor) -> Mapping | None:
         return actor_table(actor._actor_id.hex())
     except Exception:  # an internal table: another Ray release, or a client without it
         return None
-
-
-def _wait_until_ready(ray, actor, actor_class, options: dict, init_args: tuple, timeout: float = 300.0):
-    """The same actor once Ray has restarted it, or a new one if it is dead for good."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            where = ray.get(actor.ready.remote())
-            if "error" in where:
-                raise WorkerStartError(f"a restarted segmenter worker could not start: {where['error']}")
-            return actor
-        except ray.exceptions.ActorUnavailableError:
-            time.sleep(1.0)
-        except ray.exceptions.RayActorError:
-            break
-    actor = actor_class.options(**options).remote(*init_args)
-    where = ray.get(actor.ready.remote())
-    if "error" in where:
-        raise WorkerStartError(f"a new segmenter worker could not start: {where['error']}")
-    return actor
 
 
 def _first_line(exc: Exception) -> str:
