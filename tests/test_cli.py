@@ -408,3 +408,13 @@ def test_the_demo_runs_on_a_private_ray_whatever_cluster_runs_here(tmp_path, mon
     with pytest.raises(Started) as started:
         main(["demo", "--model", "tiny", "-o", str(tmp_path / "demo"), "--no-progress"])
     assert started.value.args == ("local",)
+
+
+def test_resume_given_a_run_option_says_what_resume_redoes_and_with_what(capsys):
+    """`resume --retry-failed` (run's flag) was refused with argparse's bare line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["resume", "out/", "--retry-failed"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "error: unrecognized arguments: --retry-failed; resume redoes the job's failed and interrupted shards with the "
+        "config and model it recorded (for others: pseudolabel run with --force)\n")

@@ -64,7 +64,9 @@ def register(sub) -> None:
                           "recorded); done shards are recognised by name")
     add_device(resume.add_argument_group("model"))
     add_job_options(resume)
-    resume.set_defaults(func=run_resume)
+    resume.set_defaults(func=run_resume,
+                        unrecognized_hint="resume redoes the job's failed and interrupted shards with the config and "
+                                          "model it recorded (for others: pseudolabel run with --force)")
 
     status = add_command(sub, "status", help="print a job's ledger",
                          description=f"Print a job's per-shard state: every shard of a job of up to {LISTED_SHARDS} "
