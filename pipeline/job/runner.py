@@ -690,7 +690,7 @@ def _unplaced(actors: list) -> int | None:
     rows = [_actor_row(actor) for actor in actors]
     if None in rows:
         return None
-    return sum(not row.get("Address", {}).get("IPAddress") for row in rows)
+    return sum(not (row.get("Address") or {}).get("IPAddress") for row in rows)
 
 
 def _actor_state(actor) -> tuple[str, int, int] | None:
