@@ -1158,7 +1158,8 @@ def test_status_summary_and_export_name_the_failed_images(clean_run, capsys, tmp
 
 
 def test_status_counts_the_input_shards_not_started(shards, tmp_path, capsys):
-    """A job stopped with shards still to run (here 2 of 3) counts them and names the command that runs them."""
+    """A job stopped with shards still to run (here 2 of 3) counts them and names the command that runs them; so
+    for the shards left in progress, and for failed ones (their errors listed, no command given before)."""
     out = tmp_path / "job"
     ledger = Ledger(out)
     ledger.claim({"config": {}, "config_hash": "h", "model": "tiny", "input": str(shards / "*.tar")}, force=False)
@@ -1173,9 +1174,17 @@ def test_status_counts_the_input_shards_not_started(shards, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert ("1 shard(s) left unfinished by a job that stopped (interrupted, or in progress when it was killed): "
             f"`pseudolabel resume {out}` redoes them") in printed
+    # a failed shard: the command that redoes it once its cause is fixed
+    assert "failed (their errors above)" not in printed
+    ledger.put(ShardEntry(shard="voc-train-000000", url="u", state="failed", config_hash="h", model="tiny",
+                          error="worker died once on this shard: ..."))
+    assert main(["status", str(out)]) == 0
+    assert (f"1 shard(s) failed (their errors above): once the cause is fixed, `pseudolabel resume {out}` redoes "
+            "them") in capsys.readouterr().out
     with ledger.locked():  # while a job runs, its shards in progress are its work: nothing to redo
         assert main(["status", str(out)]) == 0
-        assert "left unfinished" not in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "left unfinished" not in printed and "failed (their errors above)" not in printed
     moved = tmp_path / "moved"
     shards.rename(moved)
     try:

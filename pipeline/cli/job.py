@@ -180,6 +180,9 @@ def run_status(args: argparse.Namespace) -> int:
     if unfinished and not running:  # in_progress: the job was killed, or the terminal closed before SIGHUP stopped it
         print(f"{unfinished} shard(s) left unfinished by a job that stopped (interrupted, or in progress when it was "
               f"killed): `pseudolabel resume {args.job}` redoes them")
+    if counts[FAILED] and not running:
+        print(f"{counts[FAILED]} shard(s) failed (their errors above): once the cause is fixed, "
+              f"`pseudolabel resume {args.job}` redoes them")
     print(_not_started_line(ledger, args.job))
     changed = _changed_inputs(ledger, done)
     if changed:
