@@ -5,7 +5,8 @@ shard is in progress. LAYOUT `spare`: a head of 2 CPUs and nodes of 1, so the lo
 restarts on the head; `tight`: a head of 1 CPU and nodes of 2, so no node has its share free
 again, and its shards go to the other worker (the job's looks for lost workers made quick);
 `alone`: a head of 1 CPU and one node of 2, one worker, so the job waits for it, and a node of
-2 CPUs joins once the job has said so.
+2 CPUs joins once the job has said so; `both`: as `tight`, both worker nodes removed, so the job
+waits for both, and one node of 2 CPUs joins once it has said so.
 Prints one JSON line: whether a node was removed, how many nodes ran workers at the start,
 (shards done, shards failed, images ok), and what the remover met: the errors it read the
 cluster's state through and the nodes the workers were on when it looked."""
@@ -30,7 +31,8 @@ from pipeline.job.runner import run_job
 
 
 # CPUs of the head, CPUs of each worker node, worker nodes (and segmenter workers)
-LAYOUTS = {"spare": (2, 1, 2), "tight": (1, 2, 2), "alone": (1, 2, 1)}
+LAYOUTS = {"spare": (2, 1, 2), "tight": (1, 2, 2), "alone": (1, 2, 1), "both": (1, 2, 2)}
+JOINS_AFTER_THE_WAIT = ("alone", "both")  # a node joins once the job has said that it waits
 
 
 def main(shards: str, out: str, config: str, layout: str = "spare", retries: str = "2") -> None:
@@ -38,7 +40,7 @@ def main(shards: str, out: str, config: str, layout: str = "spare", retries: str
     if layout != "spare":
         runner.PLACEMENT_NOTICE_S, runner.LOST_WORKER_LOOK_S = 3.0, 0.5
     said_lost = threading.Event()
-    if layout == "alone":  # a node like the lost one joins once the job has said that it waits
+    if layout in JOINS_AFTER_THE_WAIT:
         notice = runner.LostWorkers.notice
         runner.LostWorkers.notice = staticmethod(lambda *args: (said_lost.set(), notice(*args))[1])
     head = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
@@ -63,10 +65,11 @@ def main(shards: str, out: str, config: str, layout: str = "spare", retries: str
                         if running not in seen["worker_nodes"]:
                             seen["worker_nodes"].append(running)
                         busy = [node for node in workers if node.node_id in running]
-                        if busy:
-                            head.remove_node(busy[0])
-                            removed.append(busy[0].node_id)
-                            if layout == "alone" and said_lost.wait(timeout=120):
+                        if busy and (layout != "both" or len(busy) == len(workers)):
+                            for node in busy if layout == "both" else busy[:1]:
+                                head.remove_node(node)
+                                removed.append(node.node_id)
+                            if layout in JOINS_AFTER_THE_WAIT and said_lost.wait(timeout=120):
                                 joined.append(join_a_node(head.address, node_cpus))
                             return
                 except Exception as error:  # noqa: BLE001 - reported in the JSON line

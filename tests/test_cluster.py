@@ -5,6 +5,7 @@ the nodes, and a worker node removed mid-job loses and duplicates nothing (CPU, 
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -148,3 +149,25 @@ def test_a_worker_that_died_with_no_retries_left_and_fits_on_no_node_is_waited_f
     assert all(e.error.startswith("worker died once on this shard: ") for e in entries if e.state == "failed")
     masks, one_node = _masks(out), _one_node_masks(shards, 2)
     assert masks and masks == {key: one_node[key] for key in masks}
+
+
+def test_a_job_that_waits_for_all_its_lost_workers_gives_the_first_one_back_the_shards_of_the_others(shards, tmp_path):
+    """As `tight`, both worker nodes removed: the job says once that it waits for the two; a node
+    joins that holds one of them. That worker says it is back and goes on, and then takes the
+    other's shards: they stayed with the worker still lost, and the job waited for it for ever."""
+    out = tmp_path / "out"
+    report, stdout = _run_scenario(shards, out, "both")
+    assert report["removed"], f"no worker node was removed while the job ran: {report}"
+    lines = stdout.splitlines()
+
+    def where(pattern: str) -> list[int]:
+        return [i for i, line in enumerate(lines) if re.fullmatch(pattern, line)]
+
+    waits = where(r"2 of 2 segmenter worker\(s\) restarting .*: the job waits for them, or Ctrl-C stops it")
+    back = where(r"segmenter worker [12] of 2 is ready again and goes on with its shards")
+    handed = where(r"1 of 2 segmenter worker\(s\) restarting .*: its [12] shard\(s\) go to the other 1 "
+                   r"worker\(s\), and it takes shards again once ready")
+    assert len(waits) == 1 and len(back) == 1 and len(handed) == 1, stdout
+    assert waits[0] < back[0] < handed[0], stdout
+    assert report["summary"] == [4, 0, len(LABELS)]
+    _assert_every_image_once_as_on_one_node(out, shards)
