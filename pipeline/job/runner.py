@@ -244,7 +244,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
         def poll_workers() -> None:
             try:
                 live = [actor for slot, actor in enumerate(actors)
-                        if slot not in lost.handed_off and slot not in restarting.values()]
+                        if slot not in lost.handed_off and slot not in restarting]
                 for report in ray.get([actor.progress.remote() for actor in live], timeout=5.0):
                     seen_in_flight.update(report)
             except (ray.exceptions.RayError, TimeoutError):
@@ -263,29 +263,33 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             ref = actors[slot].process_shard.remote(by_name[name], name)
             in_flight[ref] = (entry, slot, time.perf_counter())
 
+        def shards_held(slot: int) -> int:
+            return sum(held == slot for _, held, _ in in_flight.values())
+
         def fill(slot: int) -> None:
             """Shards to this worker until it holds SHARDS_PER_WORKER."""
-            while todo and sum(held == slot for _, held, _ in in_flight.values()) < SHARDS_PER_WORKER:
+            while todo and shards_held(slot) < SHARDS_PER_WORKER:
                 dispatch(slot)
 
-        # Workers that died on a shard with its retries spent: the ready() call that says Ray has
-        # restarted them (or a new one where a worker is gone for good), by ref -> slot; they take
-        # shards once it answers. Not waited for in place: where the worker fits on no node, the
-        # job looked at nothing else and took no Ctrl-C, for ever.
-        restarting: dict = {}
-        ask_again: set[int] = set()  # workers whose ready() found them restarting: asked at the next look
+        # Workers that died on a shard with its retries spent, by slot: the ready() call that says
+        # Ray has restarted them (or a new one where a worker is gone for good), or None where it
+        # found them still restarting (asked again at the next look); they take shards once it
+        # answers. Not waited for in place: where the worker fits on no node, the job looked at
+        # nothing else and took no Ctrl-C, for ever.
+        restarting: dict[int, object | None] = {}
 
-        def restarted(slot: int, ref) -> None:
+        def restarted(slot: int) -> None:
             """A restarting worker's ready() answered: it takes shards, or is asked again."""
             try:
-                where = ray.get(ref)
+                where = ray.get(restarting[slot])
             except ray.exceptions.ActorUnavailableError:  # still restarting
-                ask_again.add(slot)
+                restarting[slot] = None
                 return
             except ray.exceptions.RayActorError:  # gone for good: a new worker in its place
                 actors[slot] = actor_class.options(**options).remote(model, config_json, device, threads)
-                restarting[actors[slot].ready.remote()] = slot
+                restarting[slot] = actors[slot].ready.remote()
                 return
+            del restarting[slot]
             if "error" in where:
                 raise WorkerStartError(f"a restarted segmenter worker could not start: {where['error']}")
             fill(slot)
@@ -296,18 +300,17 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
             """Workers Ray restarts where no node has their share free (`LostWorkers`): their shards go
             to the workers that are ready, if any (else the job says that it waits); ready again, they
             take shards again."""
-            for slot in ask_again:
-                restarting[actors[slot].ready.remote()] = slot
-            ask_again.clear()
+            for slot, asked in restarting.items():
+                if asked is None:
+                    restarting[slot] = actors[slot].ready.remote()
             handed, waited = lost.ready_again(actors)
             for slot in waited:
-                goes_on = "goes on with its shards" if any(held == slot for _, held, _ in in_flight.values()) else \
-                    "takes shards"
+                goes_on = "goes on with its shards" if shards_held(slot) else "takes shards"
                 bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and {goes_on}")
             for slot in handed:
                 bar.write(f"segmenter worker {slot + 1} of {len(actors)} is ready again and takes shards")
                 fill(slot)
-            holding = {slot for _, slot, _ in in_flight.values()} | set(restarting.values())
+            holding = {slot for _, slot, _ in in_flight.values()} | set(restarting)
             newly_lost, ready = lost.look(ray, actors, sorted(holding), options)
             if not newly_lost:
                 return
@@ -370,11 +373,12 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                     for slot in range(len(actors)):
                         dispatch(slot)
                 next_look = time.monotonic() + LOST_WORKER_LOOK_S
-                while in_flight or (todo and (restarting or ask_again)):
+                while in_flight or (todo and restarting):
                     if time.monotonic() >= next_look:
                         look_for_lost_workers()
                         next_look = time.monotonic() + LOST_WORKER_LOOK_S
-                    ready, _ = ray.wait(list(in_flight) + list(restarting), num_returns=1, timeout=1.0)
+                    asked = {ref: slot for slot, ref in restarting.items() if ref is not None}
+                    ready, _ = ray.wait(list(in_flight) + list(asked), num_returns=1, timeout=1.0)
                     stop.check()  # a signal is acted on within a second
                     if not ready:
                         if progress:
@@ -382,8 +386,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                             show_progress()
                         continue
                     ref = ready[0]
-                    if ref in restarting:
-                        restarted(restarting.pop(ref), ref)
+                    if ref in asked:
+                        restarted(asked[ref])
                         continue
                     entry, slot, shard_start = in_flight.pop(ref)
                     seen_in_flight.pop(entry.shard, None)
@@ -395,8 +399,8 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         # more once restarted: a call sent mid-restart would fail too.
                         died = "once" if retries == 0 else f"{retries + 1} times"
                         entry.error = f"worker died {died} on this shard: {str(exc).splitlines()[0]}"
-                        if slot not in restarting.values() and slot not in ask_again:
-                            restarting[actors[slot].ready.remote()] = slot
+                        if slot not in restarting:
+                            restarting[slot] = actors[slot].ready.remote()
                     except ray.exceptions.RayTaskError as exc:
                         entry.error = _first_line(exc)
                     else:
@@ -422,7 +426,7 @@ def run_job(input_pattern: str, out_dir: str | Path, config: SegmenterConfig, mo
                         summary.shards_failed += 1
                         bar.write(f"shard {entry.shard} failed: {entry.error}")
                     show_progress()
-                    if slot not in restarting.values() and slot not in ask_again:
+                    if slot not in restarting:
                         dispatch(slot)
             except _Stop as stop:
                 interrupted = sorted(dispatched)
